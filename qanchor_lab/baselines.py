@@ -1,0 +1,386 @@
+"""Downstream scorers that are not Q-Anchor itself: the oracle, hand-crafted features with GBDT or
+logistic regression, a general-purpose text embedding of the serialised behaviour, and the linear
+probe that turns any user embedding (static, untrained or Q-Anchor) into task scores.
+
+Every scorer fits on the TUNE users' labels only and scores the TEST users; nothing here reads a
+test user's label. Output is always the long table `user_id, task_id, score` (higher = more likely
+positive), one row per (test user, task), in tasks-table order then test-user order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+
+FeatureModel = Literal["gbdt", "logreg"]
+FEATURE_MODELS: tuple[str, ...] = get_args(FeatureModel)
+ClassWeight = Literal["none", "balanced"]
+CLASS_WEIGHTS: tuple[str, ...] = get_args(ClassWeight)
+SCORE_COLUMNS = ("user_id", "task_id", "score")
+# embed_fn(user_ids, task_query or None) -> (n, d) array
+EmbedFn = Callable[[Sequence[str], "str | None"], np.ndarray]
+
+
+@dataclass
+class ProbeConfig:
+    """Logistic-regression probe fitted per task on the tune split (StandardScaler, then L2 logistic
+    regression whose C is chosen by stratified CV on the tune users, scored by ROC AUC)."""
+
+    Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried by CV on the TUNE split only
+    cv: int = 3  # stratified folds; each task needs at least this many positives and negatives in tune
+    # "none" keeps predict_proba calibrated; AUC/KS are rank metrics, so weighting rarely changes them
+    class_weight: ClassWeight = "none"
+    max_iter: int = 2000  # lbfgs iterations; standardised inputs converge well inside this
+    seed: int = 0  # shuffles the CV folds
+
+    def __post_init__(self) -> None:
+        self.Cs = tuple(float(c) for c in self.Cs)
+        if not self.Cs or any(not np.isfinite(c) or c <= 0 for c in self.Cs):
+            raise ValueError(f"ProbeConfig.Cs must be a non-empty tuple of positive numbers; got {self.Cs!r}")
+        if self.cv < 2:
+            raise ValueError(f"ProbeConfig.cv must be >= 2 folds; got {self.cv}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"ProbeConfig.class_weight {self.class_weight!r} is not valid; choices: {', '.join(CLASS_WEIGHTS)}")
+        if self.max_iter < 1:
+            raise ValueError(f"ProbeConfig.max_iter must be >= 1; got {self.max_iter}")
+
+
+@dataclass
+class GBDTConfig:
+    """HistGradientBoostingClassifier settings for the feature baseline: modest and fixed (no search),
+    with early stopping on a held-out share of the TUNE users."""
+
+    learning_rate: float = 0.05  # shrinkage per tree
+    max_iter: int = 400  # most boosting rounds; early stopping usually ends far sooner
+    max_leaf_nodes: int = 15  # small trees: a few hundred positives per task do not support deep ones
+    min_samples_leaf: int = 20  # users per leaf
+    l2_regularization: float = 1.0  # on leaf values
+    validation_fraction: float = 0.2  # share of tune users held out (stratified) for early stopping
+    n_iter_no_change: int = 30  # rounds without validation-loss gain before stopping
+
+    def __post_init__(self) -> None:
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"GBDTConfig.learning_rate must lie in (0, 1]; got {self.learning_rate}")
+        for name in ("max_iter", "n_iter_no_change", "min_samples_leaf"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GBDTConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_leaf_nodes < 2:
+            raise ValueError(f"GBDTConfig.max_leaf_nodes must be >= 2; got {self.max_leaf_nodes}")
+        if self.l2_regularization < 0:
+            raise ValueError(f"GBDTConfig.l2_regularization must be >= 0; got {self.l2_regularization}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"GBDTConfig.validation_fraction must lie in (0, 1); got {self.validation_fraction}")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared checks
+
+
+def _ids(users: Sequence[str], what: str) -> list[str]:
+    if isinstance(users, str):
+        raise ValueError(f"{what} must be a sequence of user ids, not the single string {users!r}")
+    ids = [str(u) for u in users]
+    if not ids:
+        raise ValueError(f"{what} is empty")
+    dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
+    if dup:
+        raise ValueError(f"{what} repeats user id(s) {dup[:5]}")
+    return ids
+
+
+def _split_ids(tune_users: Sequence[str], test_users: Sequence[str]) -> tuple[list[str], list[str]]:
+    tune, test = _ids(tune_users, "tune_users"), _ids(test_users, "test_users")
+    both = sorted(set(tune) & set(test))
+    if both:
+        raise ValueError(f"tune_users and test_users overlap in {len(both)} user(s), e.g. {both[:5]}; a probe must not fit on test users")
+    return tune, test
+
+
+def _check_matrix(X: Any, n_rows: int, what: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] != n_rows:
+        raise ValueError(f"{what}: expected a 2-d array with {n_rows} rows; got shape {X.shape}")
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: {int(bad.sum())} row(s) hold NaN or infinite values, e.g. row(s) {np.flatnonzero(bad)[:5].tolist()}")
+    return X
+
+
+def _tune_targets(labels: pd.DataFrame, task_id: str, tune: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions (into `tune`) of the tune users labelled for `task_id`, and their labels."""
+    sub = labels[labels["task_id"] == task_id]
+    y_by_user = dict(zip(sub["user_id"], sub["label"]))
+    pos = np.array([i for i, u in enumerate(tune) if u in y_by_user], dtype=np.int64)
+    y = np.array([y_by_user[tune[i]] for i in pos], dtype=np.int64)
+    return pos, y
+
+
+def _check_classes(y: np.ndarray, where: str, min_per_class: int) -> None:
+    n_pos = int(y.sum())
+    n_neg = int(len(y) - n_pos)
+    if min(n_pos, n_neg) < min_per_class:
+        raise DataValidationError(
+            f"{where}: the training rows hold {n_pos} positive and {n_neg} negative labels; "
+            f"fitting needs at least {min_per_class} of each"
+        )
+
+
+def _long(task_ids: list[str], test: list[str], per_task: list[np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": np.tile(np.asarray(test, dtype=object), len(task_ids)),
+            "task_id": np.repeat(np.asarray(task_ids, dtype=object), len(test)),
+            "score": np.concatenate(per_task) if per_task else np.zeros(0),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the probe
+
+
+def probe_scores(train_X, train_y, test_X, config: ProbeConfig | None = None) -> np.ndarray:
+    """Fit StandardScaler + CV-tuned L2 logistic regression on (train_X, train_y); P(y=1) for test_X.
+
+    C is chosen among config.Cs by stratified `config.cv`-fold CV on the training rows (ROC AUC), then
+    refitted on all of them. Returns an (n_test,) float64 array."""
+    config = config or ProbeConfig()
+    y = np.asarray(train_y)
+    X = _check_matrix(train_X, len(y), "probe train_X")
+    Xt = np.asarray(test_X, dtype=np.float64)
+    Xt = _check_matrix(Xt, Xt.shape[0] if Xt.ndim == 2 else -1, "probe test_X")
+    if Xt.shape[1] != X.shape[1]:
+        raise ValueError(f"probe: train_X has {X.shape[1]} columns but test_X has {Xt.shape[1]}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"probe train_y must hold 0/1 labels; found {sorted(set(y.tolist()))[:5]}")
+    y = y.astype(np.int64)
+    _check_classes(y, "probe", config.cv)
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(
+            Cs=list(config.Cs),
+            l1_ratios=(0.0,),
+            cv=StratifiedKFold(config.cv, shuffle=True, random_state=config.seed),
+            scoring="roc_auc",
+            class_weight=None if config.class_weight == "none" else "balanced",
+            max_iter=config.max_iter,
+            use_legacy_attributes=False,
+        ),
+    )
+    model.fit(X, y)
+    return model.predict_proba(Xt)[:, 1].astype(np.float64)
+
+
+def embedding_probe_scores(
+    embed_fn: EmbedFn,
+    tune_users: Sequence[str],
+    test_users: Sequence[str],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    config: ProbeConfig | None = None,
+    *,
+    query_dependent: bool = True,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """One logistic probe per task on tune users' embeddings; scores for every test user.
+
+    With query_dependent (Q-Anchor), embed_fn(tune + test users, task query) is called once per task;
+    without it (static embeddings, text embeddings), embed_fn(tune + test users, None) is called once
+    and reused for every task. Only tune users' labels are read."""
+    config = config or ProbeConfig()
+    tune, test = _split_ids(tune_users, test_users)
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    users = tune + test
+    static = None
+    if not query_dependent:
+        static = _check_matrix(embed_fn(users, None), len(users), "embed_fn(users, None)")
+    task_ids = tasks_v["task_id"].tolist()
+    per_task = []
+    for task_id, query in tqdm(
+        list(zip(task_ids, tasks_v["query"])), desc="probing tasks", unit="task", disable=not show_progress
+    ):
+        pos, y = _tune_targets(labels_v, task_id, tune)
+        _check_classes(y, f"task {task_id!r} (tune split)", config.cv)
+        if static is None:
+            emb = _check_matrix(embed_fn(users, query), len(users), f"task {task_id!r}: embed_fn(users, query)")
+        else:
+            emb = static
+        try:
+            per_task.append(probe_scores(emb[pos], y, emb[len(tune):], config))
+        except ValueError as exc:
+            raise DataValidationError(f"task {task_id!r}: {exc}") from None
+    return _long(task_ids, test, per_task)
+
+
+# ----------------------------------------------------------------------------------------------
+# oracle, features, text embedding
+
+
+def oracle_scores(labels: pd.DataFrame, test_users: Sequence[str]) -> pd.DataFrame:
+    """The synthetic world's true P(label=1) as the score: the best any model could rank."""
+    test = _ids(test_users, "test_users")
+    labels_v = validate_labels(labels)
+    sub = labels_v[labels_v["user_id"].isin(set(test))]
+    if sub.empty:
+        raise DataValidationError(f"labels: none of the {len(test)} test users has a label")
+    nan = sub["oracle_prob"].isna().to_numpy()
+    if nan.any():
+        bad_tasks = list(dict.fromkeys(sub.loc[nan, "task_id"]))
+        raise DataValidationError(
+            f"labels: oracle_prob is missing for task(s) {bad_tasks[:5]} ({int(nan.sum())} test rows); "
+            "an oracle needs the synthetic world's known probabilities"
+        )
+    return sub[["user_id", "task_id", "oracle_prob"]].rename(columns={"oracle_prob": "score"}).reset_index(drop=True)
+
+
+def _world_tables(world: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    for name in ("events", "profiles", "tasks", "labels"):
+        if not isinstance(getattr(world, name, None), pd.DataFrame):
+            raise TypeError(f"world must carry a DataFrame `{name}` (a schema.World); got {type(world).__name__}")
+    tasks_v = validate_tasks(world.tasks)
+    return world.events, tasks_v, validate_labels(world.labels, tasks=tasks_v)
+
+
+def _fit_gbdt(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, gbdt: GBDTConfig, seed: int) -> np.ndarray:
+    model = HistGradientBoostingClassifier(
+        learning_rate=gbdt.learning_rate,
+        max_iter=gbdt.max_iter,
+        max_leaf_nodes=gbdt.max_leaf_nodes,
+        min_samples_leaf=gbdt.min_samples_leaf,
+        l2_regularization=gbdt.l2_regularization,
+        early_stopping=True,
+        validation_fraction=gbdt.validation_fraction,
+        n_iter_no_change=gbdt.n_iter_no_change,
+        scoring="loss",
+        random_state=seed,
+    )
+    model.fit(X, y)
+    return model.predict_proba(Xt)[:, 1].astype(np.float64)
+
+
+def feature_scores(
+    world: Any,
+    tune_users: Sequence[str],
+    test_users: Sequence[str],
+    *,
+    model: FeatureModel,
+    seed: int = 0,
+    feature_spec: Any = None,
+    probe: ProbeConfig | None = None,
+    gbdt: GBDTConfig | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Hand-crafted features (features.FeatureSpec, fitted on the world's pre-training users unless
+    `feature_spec` is given) -> one model per task: GBDT (`gbdt` settings, random_state=seed) or the
+    logistic probe (`probe` settings, CV folds shuffled by seed)."""
+    from qanchor_lab.features import FeatureSpec
+
+    if model not in FEATURE_MODELS:
+        raise ValueError(f"unknown feature model {model!r}; valid choices: {', '.join(FEATURE_MODELS)}")
+    tune, test = _split_ids(tune_users, test_users)
+    events, tasks_v, labels_v = _world_tables(world)
+    if feature_spec is None:
+        ref = world.users_in("pretrain")
+        if not ref:
+            raise DataValidationError("world has no 'pretrain' users to fit the feature spec on; pass feature_spec")
+        feature_spec = FeatureSpec.fit(events, world.profiles, user_ids=ref)
+    X_all = feature_spec.transform(events, world.profiles, tune + test, standardize=True).astype(np.float64)
+    X_tune, X_test = X_all[: len(tune)], X_all[len(tune):]
+    probe = probe or ProbeConfig(seed=seed)
+    gbdt = gbdt or GBDTConfig()
+    task_ids = tasks_v["task_id"].tolist()
+    per_task = []
+    for task_id in tqdm(task_ids, desc=f"features + {model}", unit="task", disable=not show_progress):
+        pos, y = _tune_targets(labels_v, task_id, tune)
+        try:
+            if model == "gbdt":
+                # early stopping holds out a stratified share: both classes must survive the split
+                _check_classes(y, f"task {task_id!r} (tune split)", max(2, int(np.ceil(1 / gbdt.validation_fraction))))
+                per_task.append(_fit_gbdt(X_tune[pos], y, X_test, gbdt, seed))
+            else:
+                _check_classes(y, f"task {task_id!r} (tune split)", probe.cv)
+                per_task.append(probe_scores(X_tune[pos], y, X_test, probe))
+        except ValueError as exc:
+            if isinstance(exc, DataValidationError) and str(exc).startswith(f"task {task_id!r}"):
+                raise
+            raise DataValidationError(f"task {task_id!r} ({model}): {exc}") from None
+    return _long(task_ids, test, per_task)
+
+
+def _uncached(encoder: Any) -> Any:
+    """The encoder itself, minus any on-disk text cache: serialised users are unique texts, so
+    caching them only fills the disk."""
+    from qanchor_lab.event_encoder import CachedTextEncoder, MiniLMEncoder
+
+    if encoder is None:
+        return MiniLMEncoder()
+    if isinstance(encoder, CachedTextEncoder):
+        return encoder.encoder
+    if not callable(getattr(encoder, "encode", None)):
+        raise TypeError(f"encoder must have an encode(texts) -> (n, d) array method; got {type(encoder).__name__}")
+    return encoder
+
+
+def encode_texts(
+    encoder: Any, texts: Sequence[str], *, batch_size: int = 256, desc: str = "encoding users", show_progress: bool = True
+) -> np.ndarray:
+    """encoder.encode over `texts` in batches with a tqdm bar; (n, d) float32."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    out = []
+    with tqdm(total=len(texts), desc=desc, unit="user", disable=not show_progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            vecs = np.asarray(encoder.encode(chunk), dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape[0] != len(chunk):
+                raise ValueError(f"encoder {getattr(encoder, 'name', type(encoder).__name__)!r} returned shape {vecs.shape} for {len(chunk)} texts")
+            out.append(vecs)
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def text_embedding_scores(
+    world: Any,
+    tune_users: Sequence[str],
+    test_users: Sequence[str],
+    *,
+    encoder: Any = None,
+    seed: int = 0,
+    probe: ProbeConfig | None = None,
+    batch_size: int = 256,
+    serialize_kw: Mapping[str, Any] | None = None,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """The paper's general-purpose text-embedding baseline: each user's behaviour serialised as text
+    (features.serialize_users), embedded by MiniLM (or `encoder`, without its disk cache), then the
+    logistic probe per task. `serialize_kw` goes to serialize_users (max_events_per_modality, max_chars)."""
+    from qanchor_lab.features import serialize_users
+
+    tune, test = _split_ids(tune_users, test_users)
+    _, tasks_v, labels_v = _world_tables(world)
+    users = tune + test
+    texts = serialize_users(world.events, world.profiles, users, **(serialize_kw or {}))
+    vectors = encode_texts(
+        _uncached(encoder), texts, batch_size=batch_size, desc="text-embedding users", show_progress=show_progress
+    )
+
+    def embed(user_ids: Sequence[str], query: str | None) -> np.ndarray:
+        if list(user_ids) != users:
+            raise ValueError("text embedding: embed_fn was called with users other than tune + test")
+        return vectors
+
+    return embedding_probe_scores(
+        embed, tune, test, labels_v, tasks_v, probe or ProbeConfig(seed=seed), query_dependent=False
+    )

@@ -1,0 +1,180 @@
+"""Benchmarks that report measured ratios side by side in one run (these machines are noisy).
+
+- `kv`: cached-prefix encoding vs full recomputation for 10 queries per user: speedup, the ideal
+  speedup from token counts, and the largest embedding difference between the two paths.
+- `prompt`: one soft-prompt tuning step over cached prefixes vs over full sequences: loss difference
+  and speedup per step.
+- `pretrain`: pre-training tokens/s against a bare backbone forward+backward on the same sequences.
+Timings alternate the two contenders and take medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from qanchor_lab.backbone import BackboneConfig
+from qanchor_lab.model import QAnchorConfig, QAnchorModel
+from qanchor_lab.world import WorldConfig, generate_world
+
+Bench = Literal["kv", "prompt", "pretrain"]
+QUERIES = [
+    "Is this user likely to repay the credit bill late next month?",
+    "Will this user respond to a phone call about a cash reserve product?",
+    "Is this user going to book a hotel abroad?",
+    "Will this user stop using the app next month?",
+    "Is this user interested in buying an index fund?",
+    "Will this user redeem a travel coupon?",
+    "Is this user short of cash this month?",
+    "Will this user buy insurance?",
+    "Does this user open mini-programs every day?",
+    "Will this user take a cash advance?",
+]
+
+
+def _setup(fast: bool, tiny_size: str = "s", max_events: int = 16):
+    world = generate_world(WorldConfig(n_users=1000 if fast else 2000, seed=1))
+    cfg = QAnchorConfig(backbone=BackboneConfig(name="tiny", tiny_size=tiny_size), max_events=max_events,
+                        text_encoder="hashing" if fast else "minilm")
+    model = QAnchorModel.from_data(cfg, world.events, world.profiles, world.users_in("pretrain")).eval()
+    users = world.users_in("test")
+    store = model.behaviour(world.events, world.profiles, users)
+    return world, model, store, users
+
+
+def _alternate(a: Callable[[], None], b: Callable[[], None], repeats: int) -> tuple[float, float]:
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        t = time.perf_counter(); a(); ta.append(time.perf_counter() - t)
+        t = time.perf_counter(); b(); tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+@torch.no_grad()
+def bench_kv(fast: bool = False, n_users: int = 64, queries: list[str] = QUERIES) -> dict:
+    from qanchor_lab.embedder import CachedEmbedder
+
+    _, model, store, users = _setup(fast)
+    users = users[:n_users]
+    embedder = CachedEmbedder(model, store)
+    batch = store.batch(store.indices(users))
+
+    def full() -> np.ndarray:
+        return np.stack([model.embed(batch, [q] * len(users)).numpy() for q in queries], 1)   # (U, Q, d)
+
+    def cached() -> np.ndarray:
+        return embedder.encode(users, queries, batch_size=len(users) * len(queries))
+
+    t_full, t_cached = _alternate(full, cached, repeats=2 if fast else 3)
+    diff = float(np.abs(full() - cached()).max())
+    prefix_tokens = int(model.encode_prefix(batch).lengths.sum())
+    suffix_tokens = int(model.make_suffix(queries).mask.sum()) * len(users)
+    full_tokens = prefix_tokens * len(queries) + suffix_tokens
+    return {"queries_per_user": len(queries), "users": len(users), "speedup": t_full / t_cached,
+            "ideal_speedup": full_tokens / (prefix_tokens + suffix_tokens),
+            "efficiency": (t_full / t_cached) / (full_tokens / (prefix_tokens + suffix_tokens)),
+            "max_abs_diff": diff, "seconds_full": t_full, "seconds_cached": t_cached,
+            "mean_prefix_tokens": prefix_tokens / len(users), "mean_suffix_tokens": suffix_tokens / len(users) / len(queries)}
+
+
+def bench_prompt(fast: bool = False, batch_size: int = 64) -> dict:
+    """One prompt-tuning step (forward + backward) over cached prefixes vs full sequences."""
+    from qanchor_lab.embedder import build_prefix_cache, run_cached
+    from qanchor_lab.losses import prototype_loss
+    from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter
+
+    _, model, store, users = _setup(fast)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    users = users[:batch_size]
+    batch = store.batch(store.indices(users))
+    cfg = PromptTuningConfig()
+    H = model.llm.get_input_embeddings().weight.shape[1]
+    adapter = TaskAdapter(cfg.n_prompt, H, model.config.embed_dim, 2, cfg.prototypes_per_class, QUERIES[0], cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        adapter.prompt.copy_(torch.randn(cfg.n_prompt, H, generator=g) * float(model.encoder.embed_scale))
+        adapter.prototypes.copy_(torch.randn(adapter.prototypes.shape, generator=g))
+    labels = torch.as_tensor(np.arange(len(users)) % 2)
+    cache = build_prefix_cache(model, batch)
+    suffix = model.make_suffix([QUERIES[0]] * len(users), n_prompt=cfg.n_prompt)
+    losses = {}
+
+    def step(kind: str) -> None:
+        adapter.zero_grad()
+        if kind == "cached":
+            emb = run_cached(model, cache, suffix, adapter.prompt)
+        else:
+            prefix = model.encode_prefix(batch)
+            hidden = model.run_full(prefix, model.suffix_embeddings(suffix, adapter.prompt), suffix.mask)
+            emb = model.pool(hidden, suffix)
+        loss = prototype_loss(emb, adapter.prototypes, labels, temperature=cfg.temperature,
+                              prototype_class=adapter.prototype_class)
+        loss.backward()
+        losses[kind] = float(loss)
+
+    t_full, t_cached = _alternate(lambda: step("full"), lambda: step("cached"), repeats=3 if fast else 5)
+    return {"batch_size": len(users), "n_prompt": cfg.n_prompt, "loss_full": losses["full"], "loss_cached": losses["cached"],
+            "loss_abs_diff": abs(losses["full"] - losses["cached"]), "speedup": t_full / t_cached,
+            "seconds_full": t_full, "seconds_cached": t_cached,
+            "prefix_tokens": float(cache.lengths.float().mean()), "suffix_tokens": float(suffix.mask.sum(1).float().mean())}
+
+
+def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> dict:
+    """Our pre-training step vs a bare causal-LM step of the backbone on the same token sequences."""
+    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
+    from qanchor_lab.sequence import position_ids
+
+    world, model, _, _ = _setup(fast)
+    model.train()
+    store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
+    pairs = make_pairs(world.qa, store)
+    module = PretrainStep(model, PretrainConfig(batch_size=batch_size))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
+    counts = {}
+
+    def ours() -> None:
+        n = 0
+        for r in rows:
+            loss, _, _, n_tok = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
+                                       [pairs.answers[i] for i in r], torch.as_tensor(pairs.user_index[r]),
+                                       torch.as_tensor(pairs.answer_ids[r]), None)
+            loss.backward(); opt.step(); opt.zero_grad()
+            n += int(n_tok)
+        counts["ours"] = n
+
+    # the same anchor sequences, fed to the bare backbone as a plain causal LM (loss on every position)
+    seqs = []
+    with torch.no_grad():
+        for r in rows:
+            prefix = model.encode_prefix(store.batch(pairs.user_index[r]))
+            suffix = model.make_suffix([pairs.queries[i] for i in r], answers=[pairs.answers[i] for i in r])
+            embeds = torch.cat([prefix.embeds, model.suffix_embeddings(suffix)], 1).detach()
+            mask = torch.cat([prefix.mask, suffix.mask], 1)
+            labels = torch.randint(0, model.tokenizer.vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
+            seqs.append((embeds, mask, labels))
+
+    def bare() -> None:
+        n = 0
+        for embeds, mask, labels in seqs:
+            out = model.llm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids(mask))
+            loss = torch.nn.functional.cross_entropy(out.logits[mask], labels[mask])
+            loss.backward(); opt.step(); opt.zero_grad()
+            n += int(mask.sum())
+        counts["bare"] = n
+
+    t_ours, t_bare = _alternate(ours, bare, repeats=2 if fast else 3)
+    ours_tps, bare_tps = counts["ours"] / t_ours, counts["bare"] / t_bare
+    return {"batch_size": batch_size, "steps": steps, "tokens_per_second": ours_tps, "bare_tokens_per_second": bare_tps,
+            "ratio": ours_tps / bare_tps, "tokens_per_step": counts["ours"] / steps}
+
+
+def run(what: Bench, fast: bool = False) -> dict:
+    torch.manual_seed(0)
+    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain}[what](fast=fast)

@@ -1,0 +1,107 @@
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench} ...` (also installed as `qanchor`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_data(args) -> int:
+    from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
+
+    t0 = time.perf_counter()
+    world = generate_world(WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty), show_progress=True)
+    save_world(world, args.out)
+    seconds = time.perf_counter() - t0
+    counts = world.manifest.get("counts", {})
+    print(f"wrote {args.out} in {seconds:.1f} s: {len(world.users)} users, {len(world.events)} events, {len(world.qa)} QA pairs")
+    print(json.dumps(counts, indent=2))
+    print(world_summary(world).to_markdown(index=False, floatfmt=".3f") if _has_tabulate()
+          else world_summary(world).to_string(index=False, float_format="%.3f"))
+    drop = world.manifest.get("self_reflection", {}).get("drop_share")
+    if drop is not None:
+        print(f"self-reflection verifier dropped {drop:.1%} of synthesised answers")
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cmd_pretrain(args) -> int:
+    from qanchor_lab.pipeline import DemoConfig, pretrain_run
+
+    cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    cfg.backbone = args.backbone
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from qanchor_lab.pipeline import DemoConfig, run_demo
+
+    cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    if args.backbone:
+        cfg.backbone = args.backbone
+    run_demo(args.out, cfg)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from qanchor_lab import bench
+
+    result = bench.run(args.what, fast=args.fast)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qanchor", description="Query-as-Anchor user representations: data, pre-training, demo, benchmarks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="generate the synthetic UserU world as Parquet tables + manifest.json")
+    d.add_argument("--users", type=int, default=6000, help="number of users (default 6000)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--difficulty", type=float, default=1.0, help="label noise scale (1.0 = default)")
+    d.add_argument("--out", required=True, help="output directory")
+    d.set_defaults(func=_cmd_data)
+
+    t = sub.add_parser("pretrain", help="joint contrastive-generative pre-training")
+    t.add_argument("--data", required=True, help="a world directory (made by `data` or ensure_world)")
+    t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl)")
+    t.add_argument("--backbone", default="tiny", help="tiny | smollm2 | a Hugging Face id or local directory")
+    t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    t.add_argument("--fast", action="store_true", help="a quick small run (CI / smoke test)")
+    t.set_defaults(func=_cmd_pretrain)
+
+    m = sub.add_parser("demo", help="the main job: data -> pre-training -> evaluation -> report")
+    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--backbone", default=None)
+    m.add_argument("--fast", action="store_true")
+    m.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: kv (cached-prefix speedup), prompt (tuning step cached vs full), pretrain (tokens/s vs bare backbone)")
+    b.add_argument("what", choices=["kv", "prompt", "pretrain"])
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--fast", action="store_true")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

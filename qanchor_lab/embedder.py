@@ -1,0 +1,125 @@
+"""Cached-prefix inference: encode each user's behaviour prefix once, run any number of queries on top.
+
+The prefix (behaviour tokens) goes through the LLM once into per-layer key/value tensors. A query (or a
+soft prompt plus query) then costs only its own tokens: for each (user, query) pair a fresh DynamicCache
+is built from that user's rows of the stored tensors, the suffix is run with an attention mask covering
+the padded prefix and the suffix, and positions continue from the user's real prefix length. The result
+equals full recomputation (prefix equivalence, DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from qanchor_lab.behaviour import BehaviourStore, UserBatch
+from qanchor_lab.sequence import Suffix, position_ids
+
+
+@dataclass
+class PrefixCache:
+    """Key/value tensors of B users' behaviour prefixes."""
+
+    keys: list[torch.Tensor]    # per layer (B, kv_heads, P, head_dim)
+    values: list[torch.Tensor]  # per layer (B, kv_heads, P, head_dim)
+    mask: torch.Tensor          # (B, P) bool
+    lengths: torch.Tensor       # (B,) real prefix tokens
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "PrefixCache":
+        """Rows (possibly repeated: one per query) as a new cache; trims padding no selected row needs."""
+        width = int(self.lengths[rows].max().item())
+        return PrefixCache([k[rows, :, :width] for k in self.keys], [v[rows, :, :width] for v in self.values],
+                           self.mask[rows, :width], self.lengths[rows])
+
+    def dynamic_cache(self) -> DynamicCache:
+        # A forward call grows a DynamicCache in place, so every call gets a fresh one.
+        return DynamicCache(list(zip(self.keys, self.values)))
+
+
+@torch.no_grad()
+def build_prefix_cache(model, users: UserBatch) -> PrefixCache:
+    prefix = model.encode_prefix(users.to(model.device))
+    cache = DynamicCache()
+    model.decoder(inputs_embeds=prefix.embeds, attention_mask=prefix.mask.long(),
+                  position_ids=position_ids(prefix.mask), past_key_values=cache, use_cache=True)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return PrefixCache(keys, values, prefix.mask, prefix.lengths)
+
+
+def run_cached(model, cache: PrefixCache, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled embeddings (B, d) for one suffix row per cache row. Differentiable w.r.t. `prompt`."""
+    embeds = model.suffix_embeddings(suffix, prompt)                              # (B, S, H)
+    smask = suffix.mask.to(model.device)
+    mask = torch.cat([cache.mask, smask], 1)                                     # (B, P+S)
+    pos = position_ids(smask, offset=cache.lengths)                              # (B, S)
+    out = model.decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos,
+                        past_key_values=cache.dynamic_cache(), use_cache=True)
+    return model.pool(out.last_hidden_state, suffix)                             # (B, d)
+
+
+class CachedEmbedder:
+    """`encode(users, queries)` -> (users, queries, dim) array, computing each prefix once.
+
+    Prefix caches are kept in memory (per user id) when `keep_cache=True`, for interactive use.
+    """
+
+    def __init__(self, model, store: BehaviourStore, *, keep_cache: bool = False):
+        self.model = model
+        self.store = store
+        self.keep_cache = keep_cache
+        self._cache: dict[str, PrefixCache] = {}
+
+    def prefix_cache(self, user_ids: Sequence[str]) -> PrefixCache:
+        if not self.keep_cache:
+            return build_prefix_cache(self.model, self.store.batch(self.store.indices(user_ids)))
+        todo = [u for u in user_ids if u not in self._cache]
+        if todo:
+            built = build_prefix_cache(self.model, self.store.batch(self.store.indices(todo)))
+            for i, u in enumerate(todo):
+                self._cache[u] = built.select(torch.tensor([i]))
+        parts = [self._cache[u] for u in user_ids]
+        return _concat(parts)
+
+    @torch.no_grad()
+    def encode(self, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
+               prompt: torch.Tensor | None = None, show_progress_bar: bool = False) -> np.ndarray:
+        self.model.eval()
+        user_ids, queries = list(user_ids), list(queries)
+        n_q = len(queries)
+        out = np.zeros((len(user_ids), n_q, self.model.config.embed_dim), np.float32)
+        users_per_batch = max(1, batch_size // max(n_q, 1))
+        n_prompt = 0 if prompt is None else prompt.shape[-2]
+        for start in tqdm(range(0, len(user_ids), users_per_batch), desc="encode", disable=not show_progress_bar):
+            chunk = user_ids[start:start + users_per_batch]
+            cache = self.prefix_cache(chunk)
+            rows = torch.arange(len(chunk)).repeat_interleave(n_q)               # user-major: (u0,q0),(u0,q1),...
+            suffix = self.model.make_suffix(queries * len(chunk), n_prompt=n_prompt)
+            emb = run_cached(self.model, cache.select(rows), suffix, prompt)      # (b*Q, d)
+            out[start:start + len(chunk)] = emb.view(len(chunk), n_q, -1).cpu().numpy()
+        return out
+
+
+def _concat(parts: list[PrefixCache]) -> PrefixCache:
+    width = max(p.mask.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        extra = width - t.shape[dim]
+        if extra == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = extra
+        return torch.cat([t, t.new_zeros(shape)], dim)
+
+    n_layers = len(parts[0].keys)
+    keys = [torch.cat([pad(p.keys[i], 2) for p in parts]) for i in range(n_layers)]
+    values = [torch.cat([pad(p.values[i], 2) for p in parts]) for i in range(n_layers)]
+    return PrefixCache(keys, values, torch.cat([pad(p.mask, 1) for p in parts]), torch.cat([p.lengths for p in parts]))

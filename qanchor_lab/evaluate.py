@@ -1,0 +1,313 @@
+"""Score every method on the test users: AUC/KS per task and domain, user-level bootstrap CIs, and
+paired differences against a reference method (Q-Anchor by default).
+
+A method's scores are a long table `user_id, task_id, score` (higher = more likely positive) with one
+row per (user, task). Only test users count: rows for other users are ignored, and a test user with a
+label but no score for a task is an error, never silently dropped. `evaluate_methods` returns the
+metrics.json contract (DESIGN §1.8): `{"methods": {name: {"avg_auc", "avg_ks", "domains", "tasks",
+...}}}`; the CI and `vs_reference` keys are extras that the report and the results table read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qanchor_lab import metrics as M
+from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+
+# Every method the demo knows, in display order: the oracle, the feature and text baselines, then the
+# LLM variants from weakest to strongest. Other names are allowed and listed after these.
+METHODS: tuple[str, ...] = (
+    "oracle",
+    "gbdt_features",
+    "logreg_features",
+    "text_embedding",
+    "static_embedding",
+    "untrained",
+    "qanchor_base",
+    "qanchor_prompt_tuned",
+)
+METHOD_LABELS: dict[str, str] = {
+    "oracle": "oracle (true probability)",
+    "gbdt_features": "features + GBDT",
+    "logreg_features": "features + logistic regression",
+    "text_embedding": "text embedding (MiniLM) + probe",
+    "static_embedding": "static embedding + probe",
+    "untrained": "untrained model + probe",
+    "qanchor_base": "Q-Anchor (task query) + probe",
+    "qanchor_prompt_tuned": "Q-Anchor (prompt tuned)",
+}
+DIFF_KEYS = ("auc_diff", "auc_low", "auc_high", "ks_diff", "ks_low", "ks_high")
+MAX_SHOWN = 5
+
+
+def method_order(names: Sequence[str]) -> list[str]:
+    """Known METHODS first in their canonical order, then any other names in the order given."""
+    names = list(dict.fromkeys(names))
+    return [m for m in METHODS if m in names] + [m for m in names if m not in METHODS]
+
+
+def method_label(name: str) -> str:
+    """A readable name for tables and plots (the raw name for methods outside METHODS)."""
+    return METHOD_LABELS.get(name, name)
+
+
+def _shown(values: Sequence[Any]) -> str:
+    values = list(values)
+    head = ", ".join(repr(v) for v in values[:MAX_SHOWN])
+    return head + (f" and {len(values) - MAX_SHOWN} more" if len(values) > MAX_SHOWN else "")
+
+
+def _test_scores(method: str, table: pd.DataFrame, test_labels: pd.DataFrame) -> pd.DataFrame:
+    """The method's scores for exactly the labelled (test user, task) pairs; errors name method and task."""
+    if not isinstance(table, pd.DataFrame):
+        raise DataValidationError(f"method {method!r}: scores must be a pandas DataFrame, got {type(table).__name__}")
+    absent = [c for c in M.SCORE_COLUMNS if c not in table.columns]
+    if absent:
+        raise DataValidationError(
+            f"method {method!r}: scores lack column(s) {_shown(absent)}; "
+            f"found {_shown([str(c) for c in table.columns]) or '(none)'}"
+        )
+    sc = pd.DataFrame(
+        {
+            "user_id": table["user_id"].astype("str").to_numpy(),
+            "task_id": table["task_id"].astype("str").to_numpy(),
+            "score": pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64),
+        }
+    )
+    sc = sc[sc["user_id"].isin(set(test_labels["user_id"]))]
+    dup = sc.duplicated(subset=["user_id", "task_id"], keep=False).to_numpy()
+    if dup.any():
+        first = sc.loc[dup].iloc[0]
+        raise DataValidationError(
+            f"method {method!r}, task {first['task_id']!r}: more than one score for test user(s) "
+            f"{_shown(sc.loc[dup & (sc['task_id'] == first['task_id']).to_numpy(), 'user_id'].unique().tolist())}"
+        )
+    merged = test_labels[["user_id", "task_id"]].merge(sc, on=["user_id", "task_id"], how="left", validate="one_to_one")
+    bad = ~np.isfinite(merged["score"].to_numpy())
+    if bad.any():
+        problems = []
+        for task_id, group in merged.loc[bad].groupby("task_id", sort=False):
+            problems.append(f"task {task_id!r}: {len(group)} test user(s), e.g. {_shown(group['user_id'].tolist())}")
+        raise DataValidationError(
+            f"method {method!r}: missing, NaN or infinite score for labelled test users in "
+            f"{len(problems)} task(s): " + "; ".join(problems)
+        )
+    return merged
+
+
+def evaluate_methods(
+    scores: Mapping[str, pd.DataFrame],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    test_users: Sequence[str],
+    *,
+    reference: str | None = "qanchor_prompt_tuned",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict:
+    """AUC/KS of each method on the test users, with bootstrap CIs and paired differences to `reference`.
+
+    Returns {"methods": {name: {"avg_auc", "avg_ks", "avg_auc_ci": [lo, hi], "avg_ks_ci": [lo, hi],
+    "vs_reference": {"auc_diff", "auc_low", "auc_high", "ks_diff", "ks_low", "ks_high"},
+    "domains": {domain: {"auc", "ks"}}, "tasks": {task_id: {"auc", "ks"}}}}, "reference",
+    "n_test_users", "n_tasks", "bootstrap": {"n_boot", "seed", "ci"}}.
+
+    Methods come in `method_order`. `vs_reference` is (method - reference) on the average over tasks,
+    from a paired bootstrap that resamples test users (same draws for every method and both metrics);
+    it is absent when `reference` is None or not among `scores` (then "reference" is None).
+    """
+    if not scores:
+        raise ValueError(f"scores is empty; give at least one method (known methods: {', '.join(METHODS)})")
+    test = pd.Index(pd.Series(list(test_users), dtype="str").unique())
+    if len(test) == 0:
+        raise ValueError("test_users is empty")
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    test_labels = labels_v[labels_v["user_id"].isin(test)][["user_id", "task_id", "label"]].reset_index(drop=True)
+    if test_labels.empty:
+        raise DataValidationError(
+            f"labels: none of the {len(test)} test users has a label (e.g. {_shown(test[:MAX_SHOWN].tolist())})"
+        )
+    unlabelled = test.difference(pd.Index(test_labels["user_id"].unique()))
+    if len(unlabelled):
+        raise DataValidationError(
+            f"labels: {len(unlabelled)} test user(s) have no label for any task, e.g. {_shown(unlabelled.tolist())}"
+        )
+
+    order = method_order(list(scores))
+    table = {name: _test_scores(name, scores[name], test_labels) for name in order}
+    ref = reference if reference in table else None
+    boot = dict(n_boot=n_boot, seed=seed, ci=ci)
+
+    methods: dict[str, dict] = {}
+    for name in order:
+        try:
+            summary = M.summarize(M.task_metrics(test_labels, table[name], tasks_v))
+            auc_ci = M.bootstrap_ci(test_labels, table[name], tasks_v, metric="auc", **boot)
+            ks_ci = M.bootstrap_ci(test_labels, table[name], tasks_v, metric="ks", **boot)
+        except DataValidationError as exc:
+            raise DataValidationError(f"method {name!r}: {exc}") from None
+        entry: dict[str, Any] = {
+            "avg_auc": summary["avg_auc"],
+            "avg_ks": summary["avg_ks"],
+            "avg_auc_ci": [auc_ci["low"], auc_ci["high"]],
+            "avg_ks_ci": [ks_ci["low"], ks_ci["high"]],
+        }
+        if ref is not None:
+            if name == ref:
+                entry["vs_reference"] = {k: 0.0 for k in DIFF_KEYS}
+            else:
+                pair = {
+                    metric: M.paired_bootstrap(
+                        test_labels, table[name], table[ref], tasks_v, metric=metric, alternative="two-sided", **boot
+                    )
+                    for metric in M.METRICS
+                }
+                entry["vs_reference"] = {
+                    f"{metric}_{key}": pair[metric][src]
+                    for metric in M.METRICS
+                    for key, src in (("diff", "diff"), ("low", "low"), ("high", "high"))
+                }
+        entry["domains"] = summary["domains"]
+        entry["tasks"] = summary["tasks"]
+        methods[name] = entry
+    return {
+        "methods": methods,
+        "reference": ref,
+        "n_test_users": int(test_labels["user_id"].nunique()),
+        "n_tasks": int(test_labels["task_id"].nunique()),
+        "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "ci": float(ci)},
+    }
+
+
+def _check_metrics(metrics: Mapping) -> Mapping[str, dict]:
+    methods = metrics.get("methods") if isinstance(metrics, Mapping) else None
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError("metrics: expected a dict with a non-empty 'methods' entry (as evaluate_methods returns)")
+    for name, entry in methods.items():
+        missing = [k for k in ("avg_auc", "avg_ks", "domains", "tasks") if k not in entry]
+        if missing:
+            raise ValueError(f"metrics: method {name!r} lacks key(s) {_shown(missing)}")
+    return methods
+
+
+def _domains_of(methods: Mapping[str, dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for entry in methods.values():
+        seen.update(dict.fromkeys(entry["domains"]))
+    return list(seen)
+
+
+def results_table(metrics: Mapping) -> pd.DataFrame:
+    """One row per method (index `method`, in method_order): avg AUC and KS with CI bounds, the AUC of
+    each domain (`auc_<domain>`), and the paired AUC difference to the reference with its CI (NaN
+    where the metrics hold no such value)."""
+    methods = _check_metrics(metrics)
+    domains = _domains_of(methods)
+    rows = []
+    for name in method_order(list(methods)):
+        e = methods[name]
+        auc_ci = e.get("avg_auc_ci") or [math.nan, math.nan]
+        ks_ci = e.get("avg_ks_ci") or [math.nan, math.nan]
+        vs = e.get("vs_reference") or {}
+        row = {
+            "method": name,
+            "avg_auc": e["avg_auc"],
+            "avg_auc_low": auc_ci[0],
+            "avg_auc_high": auc_ci[1],
+            "avg_ks": e["avg_ks"],
+            "avg_ks_low": ks_ci[0],
+            "avg_ks_high": ks_ci[1],
+        }
+        for d in domains:
+            row[f"auc_{d}"] = e["domains"].get(d, {}).get("auc", math.nan)
+        row.update({k: vs.get(k, math.nan) for k in ("auc_diff", "auc_low", "auc_high")})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method").rename(
+        columns={"auc_low": "auc_diff_low", "auc_high": "auc_diff_high"}
+    ).astype(float)
+
+
+def _fmt(value: float, low: float = math.nan, high: float = math.nan, *, signed: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "–"
+    spec = "+.3f" if signed else ".3f"
+    text = format(value, spec)
+    if np.isfinite(low) and np.isfinite(high):
+        text += f" [{format(low, spec)}, {format(high, spec)}]"
+    return text
+
+
+def formatted_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of strings ("0.812 [0.801, 0.823]") for markdown and HTML renderings."""
+    table = results_table(metrics)
+    reference = metrics.get("reference")
+    level = metrics.get("bootstrap", {}).get("ci")
+    ci = f"{round(100 * level)}% CI" if level else "CI"
+    domains = [c[len("auc_"):] for c in table.columns if c.startswith("auc_") and not c.startswith("auc_diff")]
+    header = ["method", f"avg AUC [{ci}]", f"avg KS [{ci}]"] + [f"AUC {d}" for d in domains]
+    if reference is not None:
+        header.append(f"AUC − {reference} [{ci}]")
+    rows = []
+    for name, r in table.iterrows():
+        row = [
+            str(name),
+            _fmt(r["avg_auc"], r["avg_auc_low"], r["avg_auc_high"]),
+            _fmt(r["avg_ks"], r["avg_ks_low"], r["avg_ks_high"]),
+        ] + [_fmt(r[f"auc_{d}"]) for d in domains]
+        if reference is not None:
+            row.append("reference" if name == reference else _fmt(r["auc_diff"], r["auc_diff_low"], r["auc_diff_high"], signed=True))
+        rows.append(row)
+    return header, rows
+
+
+def results_markdown(metrics: Mapping) -> str:
+    """The results table as a GitHub-flavoured markdown table (one row per method)."""
+    header, rows = formatted_table(metrics)
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    return "\n".join([line(header), "| " + " | ".join(align) + " |"] + [line(r) for r in rows]) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"metrics.json: cannot write a value of type {type(value).__name__}: {value!r}")
+
+
+def write_metrics(metrics: Mapping, path: str | os.PathLike, *, config: Mapping, wall_seconds: float) -> Path:
+    """Write metrics.json: everything in `metrics` ("methods", "reference", ...) plus "config" (the run's
+    settings, JSON-able) and "wall_seconds". Key order is kept so the file diffs cleanly between runs."""
+    _check_metrics(metrics)
+    if not np.isfinite(wall_seconds) or wall_seconds < 0:
+        raise ValueError(f"wall_seconds must be a finite number >= 0; got {wall_seconds!r}")
+    payload = {**{k: v for k, v in metrics.items() if k not in ("config", "wall_seconds")},
+               "config": dict(config), "wall_seconds": float(wall_seconds)}
+    try:
+        text = json.dumps(payload, indent=2, allow_nan=False, default=_jsonable)
+    except ValueError as exc:
+        raise ValueError(f"metrics.json: {exc} (NaN or infinity in the metrics or config)") from None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path

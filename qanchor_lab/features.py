@@ -1,0 +1,589 @@
+"""Hand-crafted per-user features (the tabular modality and the baselines' input) and text serialisation.
+
+`FeatureSpec` is fitted once on a reference population (the pre-training users) and then turns any
+users' events + profile into one fixed-width row: counts, amounts, dwell, recency, a recent-activity
+share and active days per modality and per (modality, category), per-channel counts, and the profile
+columns. The same fitted spec feeds the model's tabular modality (standardised) and the GBDT /
+logistic-regression baselines, so both see exactly the same numbers. It saves to plain JSON.
+
+`serialize_user(s)` writes a user's behaviour as one text for the text-embedding baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qanchor_lab.data import DataValidationError
+from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, SEQUENCE_MODALITIES
+
+FEATURE_SPEC_VERSION = 1
+OTHER = "other"  # the pooled bucket for categories / channels not kept at fit time
+RECENT_DAYS = 30  # the "recent" part of the window for the trend share
+_STD_FLOOR = 1e-6  # a std below this (a constant column) is replaced by 1
+
+
+class FeatureInputError(DataValidationError):
+    """Malformed events / profiles / user ids given to the feature code; the message names the culprit.
+
+    A DataValidationError (so a ValueError), so callers can catch every data-contract error alike.
+    """
+
+
+# -- input validation ---------------------------------------------------------------------------------
+def _require_frame(df: Any, what: str) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise FeatureInputError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
+    return df
+
+
+def _check_str_column(s: pd.Series, table: str) -> None:
+    """Every value of `s` must be a non-null str."""
+    bad = s.isna().to_numpy()
+    if bad.any():
+        raise FeatureInputError(f"{table}.{s.name} has a missing value at row {s.index[bad.argmax()]!r}")
+    if len(s) == 0 or pd.api.types.infer_dtype(s, skipna=False) == "string":
+        return
+    not_str = (s.map(type) != str).to_numpy()
+    if not_str.any():
+        pos = int(not_str.argmax())
+        raise FeatureInputError(
+            f"{table}.{s.name} must hold strings; row {s.index[pos]!r} has "
+            f"{type(s.iloc[pos]).__name__} {s.iloc[pos]!r}"
+        )
+
+
+def _check_user_ids(user_ids: Sequence[str]) -> list[str]:
+    if isinstance(user_ids, str):
+        raise FeatureInputError("user_ids must be a sequence of user id strings, not a single string")
+    out = list(user_ids)
+    for i, u in enumerate(out):
+        if not isinstance(u, str):
+            raise FeatureInputError(f"user_ids[{i}] is {type(u).__name__} {u!r}; user ids are strings")
+    return out
+
+
+def _clean_events(events: Any, columns: Sequence[str]) -> pd.DataFrame:
+    """The needed event columns, validated, with schema defaults filled in and naive timestamps."""
+    events = _require_frame(events, "events")
+    missing = [c for c in EVENT_REQUIRED if c not in events.columns]
+    if missing:
+        raise FeatureInputError(f"events lacks required column(s) {missing}; it has {list(events.columns)}")
+    out = {}
+    for c in columns:
+        if c in events.columns:
+            s = events[c]
+        elif c in EVENT_DEFAULTS:
+            s = pd.Series(EVENT_DEFAULTS[c], index=events.index, name=c)
+        else:
+            raise FeatureInputError(f"events lacks column {c!r}")
+        kind = EVENT_COLUMNS[c]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            s = s.astype(object)
+        if kind == "str":
+            _check_str_column(s, "events")
+        elif kind == "float":
+            if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+                raise FeatureInputError(f"events.{c} must be numeric, got dtype {s.dtype}")
+            s = s.astype("float64").fillna(float(EVENT_DEFAULTS.get(c, 0.0)))
+        elif kind == "datetime":
+            if not pd.api.types.is_datetime64_any_dtype(s):
+                raise FeatureInputError(
+                    f"events.{c} must be a datetime column, got dtype {s.dtype}; "
+                    "qanchor_lab.data.validate_events converts ISO strings"
+                )
+            if getattr(s.dt, "tz", None) is not None:
+                s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+            if s.isna().any():
+                raise FeatureInputError(f"events.{c} has a missing value at row {s.index[s.isna().argmax()]!r}")
+            s = s.astype("datetime64[ns]")
+        out[c] = s
+    return pd.DataFrame(out, index=events.index)
+
+
+def _clean_profiles(profiles: Any) -> pd.DataFrame:
+    """Profiles indexed by user_id with float columns; duplicate users or non-numeric columns raise."""
+    if profiles is None:
+        return pd.DataFrame(index=pd.Index([], name="user_id", dtype=object))
+    profiles = _require_frame(profiles, "profiles")
+    if "user_id" not in profiles.columns:
+        raise FeatureInputError(f"profiles lacks required column 'user_id'; it has {list(profiles.columns)}")
+    _check_str_column(profiles["user_id"], "profiles")
+    dup = profiles["user_id"].duplicated()
+    if dup.any():
+        raise FeatureInputError(f"profiles has more than one row for user {profiles['user_id'][dup].iloc[0]!r}")
+    cols = [c for c in profiles.columns if c != "user_id"]
+    for c in cols:
+        s = profiles[c]
+        if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
+            raise FeatureInputError(
+                f"profiles.{c} must be numeric (or boolean), got dtype {s.dtype}; encode it as numbers first"
+            )
+    return profiles.set_index("user_id")[cols].astype("float64")
+
+
+def _top_values(values: pd.Series, k: int) -> list[str]:
+    """The k most frequent non-empty values, ties broken by name so the choice is deterministic."""
+    counts = values[values != ""].value_counts()
+    counts = counts.drop(labels=[OTHER], errors="ignore")
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [v for v, _ in ranked[:k]]
+
+
+# -- the fitted spec ----------------------------------------------------------------------------------
+@dataclass
+class FeatureSpec:
+    """A fitted feature set: what columns exist, how events map onto them, and how to standardise them.
+
+    Build with `FeatureSpec.fit(...)`; apply with `transform` / `frame`; store with `to_dict` / `save`.
+    """
+
+    modalities: list[str]  # sequence modalities, in column order
+    categories: dict[str, list[str]]  # per modality, the categories kept; others pool into "other"
+    channels: dict[str, list[str]]  # per modality with several channels, the channels kept (+ "other")
+    amount_modalities: list[str]  # modalities whose events carry amounts (sum/mean features)
+    duration_modalities: list[str]  # modalities whose events carry dwell time (mean dwell feature)
+    profile_columns: list[str]  # numeric profile columns, as-is
+    profile_fill: list[float]  # per profile column, the reference users' mean (fills missing users / NaN)
+    window_end: str  # ISO timestamp: end of the history window (exclusive); recency is measured from here
+    history_days: int  # window length in days; events outside [end - history_days, end) are ignored
+    feature_names: list[str]  # the columns of transform(), in order
+    mean: list[float]  # per feature, mean over the reference users (for standardize=True)
+    std: list[float]  # per feature, std over the reference users, floored to 1 for constant columns
+    version: int = FEATURE_SPEC_VERSION  # format version of to_dict()
+
+    def __post_init__(self) -> None:
+        if self.history_days < 1:
+            raise ValueError(f"history_days must be >= 1, got {self.history_days}")
+        try:
+            pd.Timestamp(self.window_end)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"window_end must be an ISO date/time string, got {self.window_end!r}") from e
+        n = len(self.feature_names)
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) must match {n} feature names")
+        if len(self.profile_fill) != len(self.profile_columns):
+            raise ValueError("profile_fill must hold one value per profile column")
+        for m in self.categories:
+            if m not in self.modalities:
+                raise ValueError(f"categories given for {m!r}, not one of the modalities {self.modalities}")
+        if self.version != FEATURE_SPEC_VERSION:
+            raise ValueError(f"FeatureSpec version {self.version} is not supported (expected {FEATURE_SPEC_VERSION})")
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    # -- fitting --------------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        events: pd.DataFrame,
+        profiles: pd.DataFrame | None,
+        *,
+        user_ids: Sequence[str] | None = None,
+        window_end: str | pd.Timestamp | None = None,
+        history_days: int = 90,
+        max_categories: int = 12,
+        modalities: Sequence[str] = SEQUENCE_MODALITIES,
+    ) -> "FeatureSpec":
+        """Fit categories, channels, profile fills and standardisation on the reference users.
+
+        user_ids: the reference users (default: every user in events or profiles).
+        window_end: end of the history window (default: the midnight after the reference users' last
+            event). max_categories: categories (and channels) kept per modality, by frequency.
+        """
+        if max_categories < 0:
+            raise ValueError(f"max_categories must be >= 0, got {max_categories}")
+        if history_days < 1:
+            raise ValueError(f"history_days must be >= 1, got {history_days}")
+        modalities = list(modalities)
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise ValueError(f"modalities must be a non-empty list without repeats, got {modalities}")
+        ev = _clean_events(events, ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"])
+        prof = _clean_profiles(profiles)
+        if user_ids is None:
+            ref = sorted(set(ev["user_id"]).union(prof.index))
+        else:
+            ref = _check_user_ids(user_ids)
+        if not ref:
+            raise FeatureInputError("no reference users to fit on: events and profiles are empty")
+        unknown = sorted(set(ev["modality"].unique()) - set(modalities))
+        if unknown:
+            raise FeatureInputError(f"events.modality has value(s) {unknown}; valid modalities: {modalities}")
+        ref_ev = ev[ev["user_id"].isin(set(ref))]
+        if window_end is None:
+            if ref_ev.empty:
+                raise FeatureInputError("window_end cannot be inferred: the reference users have no events")
+            end = ref_ev["timestamp"].max().normalize() + pd.Timedelta(days=1)
+        else:
+            end = pd.Timestamp(window_end)
+            if end.tzinfo is not None:
+                end = end.tz_convert("UTC").tz_localize(None)
+        start = end - pd.Timedelta(days=history_days)
+        ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
+
+        categories: dict[str, list[str]] = {}
+        channels: dict[str, list[str]] = {}
+        amount_mods: list[str] = []
+        duration_mods: list[str] = []
+        for m in modalities:
+            sub = ref_ev[ref_ev["modality"] == m]
+            categories[m] = _top_values(sub["category"], max_categories)
+            if sub["channel"].nunique() > 1:
+                channels[m] = _top_values(sub["channel"], max_categories)
+            if (sub["amount"] != 0).any():
+                amount_mods.append(m)
+            if (sub["duration_s"] > 0).any():
+                duration_mods.append(m)
+
+        prof_cols = list(prof.columns)
+        ref_prof = prof.reindex([u for u in dict.fromkeys(ref) if u in prof.index])
+        fill = []
+        for c in prof_cols:
+            v = ref_prof[c].mean() if len(ref_prof) else float("nan")
+            fill.append(float(v) if pd.notna(v) else 0.0)
+
+        spec = cls(
+            modalities=modalities,
+            categories=categories,
+            channels=channels,
+            amount_modalities=amount_mods,
+            duration_modalities=duration_mods,
+            profile_columns=prof_cols,
+            profile_fill=fill,
+            window_end=end.isoformat(),
+            history_days=int(history_days),
+            feature_names=[],
+            mean=[],
+            std=[],
+        )
+        spec.feature_names = spec._names()
+        raw = spec._compute(ev, prof, ref)  # (n_ref, F) float64
+        std = raw.std(axis=0)
+        spec.mean = [float(x) for x in raw.mean(axis=0)]
+        spec.std = [float(s) if s >= _STD_FLOOR else 1.0 for s in std]
+        return spec
+
+    # -- column layout --------------------------------------------------------------------------------
+    def _block_names(self, prefix: str, m: str) -> list[str]:
+        names = [f"{prefix}.count_log1p", f"{prefix}.active_days", f"{prefix}.recency_days", f"{prefix}.recent30_share"]
+        if m in self.amount_modalities:
+            names += [f"{prefix}.amount_sum_log1p", f"{prefix}.amount_mean_log1p"]
+        if m in self.duration_modalities:
+            names += [f"{prefix}.dwell_mean_log1p"]
+        return names
+
+    def _groups(self, m: str) -> list[str]:
+        """Category buckets of modality m: kept categories then "other" (none when nothing was kept)."""
+        kept = self.categories.get(m, [])
+        return kept + [OTHER] if kept else []
+
+    def _names(self) -> list[str]:
+        names: list[str] = []
+        for m in self.modalities:
+            names.append(f"{m}.has")
+            names += self._block_names(m, m)
+            for c in self._groups(m):
+                names += self._block_names(f"{m}.cat={c}", m)
+            for ch in self.channels.get(m, []) + ([OTHER] if self.channels.get(m) else []):
+                names.append(f"{m}.channel={ch}.count_log1p")
+        names += [f"profile.{c}" for c in self.profile_columns]
+        names.append("profile.missing")
+        return names
+
+    # -- computing ------------------------------------------------------------------------------------
+    def _compute(self, ev: pd.DataFrame, prof: pd.DataFrame, user_ids: list[str]) -> np.ndarray:
+        """Raw (unstandardised) features, (len(user_ids), F) float64; `ev`/`prof` already cleaned."""
+        uniq = pd.Index(pd.unique(pd.Series(user_ids, dtype=object)))
+        n = len(uniq)
+        unknown = sorted(set(ev["modality"].unique()) - set(self.modalities))
+        if unknown:
+            raise FeatureInputError(f"events.modality has value(s) {unknown}; this spec knows {self.modalities}")
+        end = pd.Timestamp(self.window_end)
+        start = end - pd.Timedelta(days=self.history_days)
+        ev = ev[(ev["timestamp"] >= start) & (ev["timestamp"] < end)]
+        uidx = uniq.get_indexer(ev["user_id"])
+        ev = ev[uidx >= 0]
+        uidx = uidx[uidx >= 0]
+
+        age = ((end - ev["timestamp"]).to_numpy() / np.timedelta64(1, "D")).astype(np.float64)  # (E,) days before end
+        day = ((ev["timestamp"] - start).to_numpy() // np.timedelta64(1, "D")).astype(np.int64)  # (E,)
+        recent = age <= RECENT_DAYS  # (E,)
+        amount = ev["amount"].to_numpy(np.float64)  # (E,)
+        dur = ev["duration_s"].to_numpy(np.float64)  # (E,)
+        mod = ev["modality"].to_numpy()
+        cat = ev["category"].to_numpy()
+        chan = ev["channel"].to_numpy()
+
+        cols: list[np.ndarray] = []
+        for m in self.modalities:
+            in_m = mod == m
+            u_m = uidx[in_m]
+            # group 0 = the whole modality; groups 1.. = category buckets
+            groups = self._groups(m)
+            gid = np.zeros(int(in_m.sum()), dtype=np.int64)
+            stats_mod = _group_stats(u_m, gid, 1, n, age[in_m], day[in_m], recent[in_m], amount[in_m], dur[in_m],
+                                     self.history_days)
+            cols.append((stats_mod["count"][:, 0] > 0).astype(np.float64))
+            cols += self._block_columns(stats_mod, m, 0)
+            if groups:
+                lut = {c: i for i, c in enumerate(groups)}
+                other = lut[OTHER]
+                gid = pd.Series(cat[in_m], dtype=object).map(lut).fillna(other).to_numpy(np.int64)
+                st = _group_stats(u_m, gid, len(groups), n, age[in_m], day[in_m], recent[in_m], amount[in_m],
+                                  dur[in_m], self.history_days)
+                for g in range(len(groups)):
+                    cols += self._block_columns(st, m, g)
+            kept_ch = self.channels.get(m, [])
+            if kept_ch:
+                buckets = kept_ch + [OTHER]
+                lut = {c: i for i, c in enumerate(buckets)}
+                cid = pd.Series(chan[in_m], dtype=object).map(lut).fillna(lut[OTHER]).to_numpy(np.int64)
+                cnt = np.bincount(u_m * len(buckets) + cid, minlength=n * len(buckets)).reshape(n, len(buckets))
+                cols += [np.log1p(cnt[:, g].astype(np.float64)) for g in range(len(buckets))]
+
+        fill = np.asarray(self.profile_fill, dtype=np.float64)  # (P,)
+        if self.profile_columns:
+            absent = [c for c in self.profile_columns if c not in prof.columns]
+            if absent:
+                raise FeatureInputError(
+                    f"profiles lacks column(s) {absent} that this spec was fitted with; it has {list(prof.columns)}"
+                )
+            p = prof[self.profile_columns].reindex(uniq).to_numpy(np.float64)  # (n, P)
+            p = np.where(np.isnan(p), fill[None, :], p)
+            cols += [p[:, j] for j in range(p.shape[1])]
+        cols.append((~uniq.isin(prof.index)).astype(np.float64))
+
+        out = np.column_stack(cols) if cols else np.zeros((n, 0))  # (n_unique, F)
+        if out.shape[1] != len(self.feature_names):
+            raise RuntimeError(f"computed {out.shape[1]} features but the spec names {len(self.feature_names)}")
+        return out[uniq.get_indexer(pd.Index(user_ids, dtype=object))]  # (len(user_ids), F)
+
+    def _block_columns(self, st: dict[str, np.ndarray], m: str, g: int) -> list[np.ndarray]:
+        cnt = st["count"][:, g]
+        safe = np.maximum(cnt, 1)
+        cols = [
+            np.log1p(cnt),
+            st["active_days"][:, g],
+            st["recency"][:, g],
+            np.where(cnt > 0, st["recent"][:, g] / safe, 0.0),
+        ]
+        if m in self.amount_modalities:
+            cols += [np.log1p(np.maximum(st["amount"][:, g], 0.0)),
+                     np.where(cnt > 0, np.log1p(np.maximum(st["amount"][:, g], 0.0) / safe), 0.0)]
+        if m in self.duration_modalities:
+            cols += [np.where(cnt > 0, np.log1p(np.maximum(st["duration"][:, g], 0.0) / safe), 0.0)]
+        return cols
+
+    # -- public transforms ----------------------------------------------------------------------------
+    def transform(
+        self, events: pd.DataFrame, profiles: pd.DataFrame | None, user_ids: Sequence[str], *, standardize: bool = False
+    ) -> np.ndarray:  # (len(user_ids), F) float32
+        """Feature rows for `user_ids`, in that order.
+
+        Users without events get zero counts and recency = history_days; users missing from profiles
+        get the fitted profile means and profile.missing = 1. Events outside the history window are
+        ignored, so events from a later (label) window never leak into the features.
+        """
+        ids = _check_user_ids(user_ids)
+        ev = _clean_events(events, ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"])
+        x = self._compute(ev, _clean_profiles(profiles), ids)  # (n, F)
+        if standardize:
+            x = (x - np.asarray(self.mean)[None, :]) / np.asarray(self.std)[None, :]
+        return x.astype(np.float32)
+
+    def frame(
+        self, events: pd.DataFrame, profiles: pd.DataFrame | None, user_ids: Sequence[str], *, standardize: bool = False
+    ) -> pd.DataFrame:
+        """`transform` as a DataFrame indexed by user_id with the feature names as columns."""
+        x = self.transform(events, profiles, user_ids, standardize=standardize)
+        return pd.DataFrame(x, index=pd.Index(list(user_ids), name="user_id", dtype=object), columns=self.feature_names)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        names = {f for f in cls.__dataclass_fields__}
+        missing = sorted(names - set(d) - {"version"})
+        if missing:
+            raise ValueError(f"FeatureSpec dict lacks key(s) {missing}")
+        extra = sorted(set(d) - names)
+        if extra:
+            raise ValueError(f"FeatureSpec dict has unknown key(s) {extra}")
+        return cls(**{k: d[k] for k in d})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the spec as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "FeatureSpec":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _group_stats(
+    u: np.ndarray, g: np.ndarray, n_groups: int, n_users: int, age: np.ndarray, day: np.ndarray,
+    recent: np.ndarray, amount: np.ndarray, dur: np.ndarray, history_days: int,
+) -> dict[str, np.ndarray]:
+    """Per (user, group) aggregates as (n_users, n_groups) arrays, by bincount over a joint key."""
+    size = n_users * n_groups
+    key = u * n_groups + g  # (E,)
+    count = np.bincount(key, minlength=size).astype(np.float64)
+    recency = np.full(size, float(history_days))
+    if len(key):
+        np.minimum.at(recency, key, age)
+        days = np.unique(key * (history_days + 1) + day)  # distinct (key, day) pairs
+        active = np.bincount(days // (history_days + 1), minlength=size).astype(np.float64)
+    else:
+        active = np.zeros(size)
+    out = {
+        "count": count,
+        "recency": recency,
+        "active_days": active,
+        "recent": np.bincount(key, weights=recent.astype(np.float64), minlength=size),
+        "amount": np.bincount(key, weights=amount, minlength=size),
+        "duration": np.bincount(key, weights=dur, minlength=size),
+    }
+    return {k: v.reshape(n_users, n_groups) for k, v in out.items()}
+
+
+# -- behaviour as text (text-embedding baseline) -------------------------------------------------------
+_MODALITY_TITLES = {"bill": "Bills", "miniprogram": "Mini-programs", "search": "Searches", "click": "Clicks"}
+
+
+def _fmt_number(v: float) -> str:
+    if float(v).is_integer():
+        return str(int(v))
+    return f"{v:.2f}".rstrip("0").rstrip(".")
+
+
+def _profile_text(row: dict[str, Any] | pd.Series | None) -> str:
+    if row is None:
+        return "Profile: unknown"
+    parts = []
+    for k, v in (row.items() if hasattr(row, "items") else []):
+        if k == "user_id" or v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        label = str(k).replace("_", " ")
+        parts.append(f"{label} {_fmt_number(float(v))}" if isinstance(v, (int, float, np.number)) else f"{label} {v}")
+    return "Profile: " + (", ".join(parts) if parts else "unknown")
+
+
+def _event_strings(ev: pd.DataFrame) -> list[str]:
+    """One short string per event row: text, then amount/channel for bills, dwell for opens and clicks."""
+    out = []
+    for text, amount, channel, dur in zip(ev["text"], ev["amount"], ev["channel"], ev["duration_s"]):
+        s = text
+        if amount:
+            s += f" {amount:.1f} CNY"
+        if channel and channel != "app":
+            s += f" {channel}"
+        if dur > 0:
+            s += f" ({dur:.0f}s)"
+        out.append(s)
+    return out
+
+
+def _modality_order(mods: Sequence[str]) -> list[str]:
+    canon = [m for m in SEQUENCE_MODALITIES if m in mods]
+    return canon + sorted(set(mods) - set(canon))
+
+
+def _truncate(s: str, max_chars: int) -> str:
+    return s if len(s) <= max_chars else s[: max_chars - 1] + "…"
+
+
+def _serialize_many(
+    ev: pd.DataFrame, profile_rows: dict[str, dict[str, Any]], user_ids: list[str],
+    max_events_per_modality: int, max_chars: int,
+) -> list[str]:
+    if max_events_per_modality < 1:
+        raise ValueError(f"max_events_per_modality must be >= 1, got {max_events_per_modality}")
+    if max_chars < 16:
+        raise ValueError(f"max_chars must be >= 16, got {max_chars}")
+    uniq = pd.Index(pd.unique(pd.Series(user_ids, dtype=object)))
+    uidx = uniq.get_indexer(ev["user_id"])  # (E,) position of each event's user, -1 if not asked for
+    keep = uidx >= 0
+    ev, uidx = ev[keep], uidx[keep]
+    mod_names = _modality_order(list(pd.unique(ev["modality"])))
+    midx = pd.Index(mod_names).get_indexer(ev["modality"])  # (E,)
+    ts = ev["timestamp"].to_numpy().astype(np.int64)  # (E,)
+    # by user, modality, then most recent first; lexsort is stable, so equal timestamps keep input order
+    order = np.lexsort((-ts, midx, uidx))
+    key = (uidx * max(len(mod_names), 1) + midx)[order]  # (E,) one id per (user, modality), sorted
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    run_len = np.diff(np.r_[starts, len(key)])  # events per (user, modality)
+    rank = np.arange(len(key)) - np.repeat(starts, run_len)  # position within its run
+    sel = order[rank < max_events_per_modality]
+    strings = _event_strings(ev.iloc[sel])
+    n_shown = np.minimum(run_len, max_events_per_modality)
+    per_user: dict[str, list[tuple[str, int, str]]] = {}
+    pos = 0
+    for k, total, shown in zip(key[starts].tolist(), run_len.tolist(), n_shown.tolist()):
+        u, m = divmod(k, max(len(mod_names), 1))
+        per_user.setdefault(uniq[u], []).append((mod_names[m], total, "; ".join(strings[pos : pos + shown])))
+        pos += shown
+    out = []
+    for u in user_ids:
+        parts = [_profile_text(profile_rows.get(u))]
+        mods = per_user.get(u, [])
+        for m, total, text in mods:
+            title = _MODALITY_TITLES.get(m, m.replace("_", " ").title())
+            parts.append(f"{title} ({total} event{'s' if total != 1 else ''}, most recent first): {text}")
+        if not mods:
+            parts.append("No recorded behaviour")
+        out.append(_truncate(" | ".join(parts), max_chars))
+    return out
+
+
+_SER_COLUMNS = ["user_id", "modality", "timestamp", "text", "channel", "amount", "duration_s"]
+
+
+def serialize_user(
+    events_of_user: pd.DataFrame,
+    profile_row: pd.Series | None,
+    *,
+    max_events_per_modality: int = 20,
+    max_chars: int = 2000,
+) -> str:
+    """One user's behaviour as text: profile, then per modality its event count and latest events.
+
+    e.g. "Profile: age 34, city tier 2 | Bills (41 events, most recent first): Paid at FreshMart
+    supermarket 58.0 CNY card; ... | Searches (3 events, most recent first): how to ...".
+    """
+    ev = _clean_events(events_of_user, _SER_COLUMNS)
+    users = ev["user_id"].unique()
+    if len(users) > 1:
+        raise FeatureInputError(f"events_of_user holds several users ({sorted(users)[:5]}); pass one user's events")
+    uid = str(users[0]) if len(users) else "__user__"
+    rows = {uid: dict(profile_row.items())} if profile_row is not None else {}
+    return _serialize_many(ev, rows, [uid], max_events_per_modality, max_chars)[0]
+
+
+def serialize_users(
+    events: pd.DataFrame,
+    profiles: pd.DataFrame | None,
+    user_ids: Sequence[str],
+    *,
+    max_events_per_modality: int = 20,
+    max_chars: int = 2000,
+) -> list[str]:
+    """`serialize_user` for many users at once (one sort + groupby), in `user_ids` order."""
+    ids = _check_user_ids(user_ids)
+    ev = _clean_events(events, _SER_COLUMNS)
+    rows: dict[str, dict[str, Any]] = {}
+    if profiles is not None:
+        prof = _clean_profiles(profiles)
+        sub = prof.reindex([u for u in dict.fromkeys(ids) if u in prof.index])
+        rows = {u: r for u, r in zip(sub.index, sub.to_dict("records"))}
+    return _serialize_many(ev, rows, ids, max_events_per_modality, max_chars)

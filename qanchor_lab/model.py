@@ -1,0 +1,310 @@
+"""QAnchorModel: hierarchical encoder + decoder LLM + projection head (the anchor and semantic towers).
+
+The anchor tower reads `[behaviour prefix] query <user_emb>` and pools the hidden state at <user_emb>;
+the semantic tower reads an answer alone and pools its last token; both go through the same MLP head
+and are L2-normalised (DESIGN §1.3-1.4). Saved as a directory of JSON config + safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qanchor_lab.backbone import Backbone, BackboneConfig, load_backbone, load_saved_backbone, save_backbone, word_embedding_scale
+from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, BehaviourStore, UserBatch
+from qanchor_lab.event_encoder import get_text_encoder
+from qanchor_lab.features import FeatureSpec
+from qanchor_lab.encoder import HierarchicalEncoder
+from qanchor_lab.schema import SEQUENCE_MODALITIES, TABULAR_MODALITY
+from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, position_ids
+
+CONFIG_NAME = "qanchor_config.json"
+WEIGHTS_NAME = "qanchor.safetensors"
+FineTune = Literal["auto", "full", "lora"]
+
+
+@dataclass
+class QAnchorConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    modalities: tuple[str, ...] = SEQUENCE_MODALITIES  # sequence modalities, in prefix order
+    text_encoder: Literal["minilm", "hashing"] = "minilm"  # event text encoder (hashing: cheap, for tests)
+    max_events: int = 16          # most recent events kept per modality
+    adapter_hidden: int = 512     # hidden width of every adapter MLP
+    tabular_slots: int = 2        # token slots the tabular aggregate vector is repeated over
+    head_hidden: int = 512        # projection head: H -> head_hidden -> embed_dim (ReLU), as the authors'
+    embed_dim: int = 128          # final embedding size
+    use_user_token: bool = True   # ablation switch: the user token
+    use_modality_tokens: bool = True  # ablation switch: the modality tokens
+    use_tabular: bool = True      # ablation switch: the tabular aggregate tokens
+    finetune: FineTune = "auto"   # auto: full fine-tuning for tiny, LoRA for pretrained backbones
+    lora_r: int = 64              # LoRA settings of the authors
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    max_query_tokens: int = 48
+    max_answer_tokens: int = 48
+    event_dim: int = 0            # filled when built from data (text dim + numeric event features)
+    tabular_dim: int = 0          # filled when built from data (number of aggregate features)
+    feature_spec: dict | None = None  # the fitted FeatureSpec (features.py), so new data is featurised the same way
+
+    def __post_init__(self):
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig.from_dict(self.backbone)
+        self.modalities = tuple(self.modalities)
+        if self.text_encoder not in ("minilm", "hashing"):
+            raise ValueError(f"text_encoder={self.text_encoder!r}; valid choices: 'minilm', 'hashing'")
+        if self.finetune not in ("auto", "full", "lora"):
+            raise ValueError(f"finetune={self.finetune!r}; valid choices: 'auto', 'full', 'lora'")
+        for name in ("max_events", "adapter_hidden", "tabular_slots", "head_hidden", "embed_dim", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = set(self.modalities) - set(SEQUENCE_MODALITIES)
+        if unknown or not self.modalities:
+            raise ValueError(f"modalities {sorted(unknown) or '()'} invalid; choose from {SEQUENCE_MODALITIES}")
+
+    @property
+    def resolved_finetune(self) -> Literal["full", "lora"]:
+        if self.finetune != "auto":
+            return self.finetune
+        return "full" if self.backbone.name == "tiny" else "lora"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        d["modalities"] = list(self.modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QAnchorConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _apply_lora(model: nn.Module, config: QAnchorConfig, new_token_ids: list[int]):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        # the added special tokens start random: let their embedding rows train
+        trainable_token_indices={"embed_tokens": new_token_ids},
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+class QAnchorModel(nn.Module):
+    def __init__(self, config: QAnchorConfig, backbone: Backbone):
+        super().__init__()
+        if config.event_dim < 1 or config.tabular_dim < 1:
+            raise ValueError("config.event_dim and config.tabular_dim must be set; build the model with "
+                             "QAnchorModel.from_data(...) or load it with QAnchorModel.from_pretrained(dir)")
+        self.config = config
+        self.tokenizer = backbone.tokenizer
+        self.special_token_ids = dict(backbone.special_token_ids)
+        self.backbone_info = backbone
+        self.llm = backbone.model
+        H = backbone.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.backbone.seed)  # same seed, same initial adapters and head
+            self._build_own_modules(config, backbone, H)
+        if config.resolved_finetune == "lora" and not _is_peft(self.llm):
+            self.llm = _apply_lora(self.llm, config, sorted(self.special_token_ids.values()))
+
+    def _build_own_modules(self, config: QAnchorConfig, backbone: Backbone, H: int) -> None:
+        self.encoder = HierarchicalEncoder(
+            list(config.modalities), config.event_dim, config.tabular_dim, H,
+            adapter_hidden=config.adapter_hidden, tabular_slots=config.tabular_slots,
+            use_user_token=config.use_user_token, use_modality_tokens=config.use_modality_tokens,
+            use_tabular=config.use_tabular, embed_scale=word_embedding_scale(backbone.model),
+        )
+        self.head = nn.Sequential(nn.Linear(H, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, config.embed_dim))
+
+    # ----- pieces of the backbone -----
+    @property
+    def decoder(self) -> nn.Module:
+        base = self.llm.get_base_model() if _is_peft(self.llm) else self.llm
+        return base.get_decoder()
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head[0].weight.device
+
+    def special_embeddings(self) -> dict[str, torch.Tensor]:
+        names = [f"<{m}_{e}>" for m in (*self.config.modalities, TABULAR_MODALITY) for e in ("start", "end")]
+        ids = torch.tensor([self.special_token_ids[n] for n in names], device=self.device)
+        vecs = self.embed_tokens(ids)                                              # (2M+2, H)
+        return dict(zip(names, vecs))
+
+    # ----- the anchor tower -----
+    def encode_prefix(self, users: UserBatch) -> Prefix:
+        return assemble_prefix(self.encoder(users), self.special_embeddings(), self.config.modalities)
+
+    def make_suffix(self, queries: Sequence[str], answers: Sequence[str] | None = None, n_prompt: int = 0) -> Suffix:
+        return build_suffix(
+            self.tokenizer, queries, user_emb_id=self.special_token_ids["<user_emb>"], answers=answers,
+            n_prompt=n_prompt, max_query_tokens=self.config.max_query_tokens,
+            max_answer_tokens=self.config.max_answer_tokens,
+        )
+
+    def suffix_embeddings(self, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings of the suffix; the leading n_prompt slots take the soft prompt (n, H) or (B, n, H)."""
+        emb = self.embed_tokens(suffix.input_ids.to(self.device))                  # (B, S, H)
+        if suffix.n_prompt:
+            if prompt is None:
+                raise ValueError(f"suffix has {suffix.n_prompt} prompt slots but no prompt was given")
+            prompt = prompt.expand(emb.shape[0], -1, -1) if prompt.dim() == 2 or prompt.shape[0] == 1 else prompt
+            emb = torch.cat([prompt.to(emb.dtype), emb[:, suffix.n_prompt:]], 1)   # (B, S, H)
+        return emb
+
+    def run_full(self, prefix: Prefix, suffix_embeds: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the suffix positions, computed over the whole sequence."""
+        mask = torch.cat([prefix.mask, suffix_mask.to(self.device)], 1)           # (B, P+S)
+        embeds = torch.cat([prefix.embeds, suffix_embeds], 1)                    # (B, P+S, H)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids(mask))
+        return out.last_hidden_state[:, prefix.embeds.shape[1]:]                 # (B, S, H)
+
+    def pool(self, suffix_hidden: torch.Tensor, suffix: Suffix) -> torch.Tensor:
+        rows = torch.arange(suffix_hidden.shape[0], device=suffix_hidden.device)
+        h = suffix_hidden[rows, suffix.pool_index.to(suffix_hidden.device)]      # (B, H)
+        return F.normalize(self.head(h), dim=-1)                                 # (B, d)
+
+    def embed(self, users: UserBatch, queries: Sequence[str], prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Query-conditioned embeddings (B, d) by full recomputation (one query per user row)."""
+        n_prompt = 0 if prompt is None else prompt.shape[-2]
+        prefix = self.encode_prefix(users.to(self.device))
+        suffix = self.make_suffix(queries, n_prompt=n_prompt)
+        hidden = self.run_full(prefix, self.suffix_embeddings(suffix, prompt), suffix.mask)
+        return self.pool(hidden, suffix)
+
+    def encode(self, users, queries: Sequence[str], *, user_ids: Sequence[str] | None = None, batch_size: int = 64,
+               prompt: torch.Tensor | None = None, show_progress_bar: bool = False) -> "np.ndarray":
+        """Embeddings of shape (users, queries, dim), each user's behaviour prefix computed once.
+
+        `users` is a BehaviourStore (from `model.behaviour(events, profiles, ids)`) or a World; `user_ids`
+        picks users from it (default: all of the store, or the world's test split).
+        """
+        from qanchor_lab.embedder import CachedEmbedder
+        from qanchor_lab.schema import World
+
+        if isinstance(users, World):
+            ids = list(user_ids) if user_ids is not None else users.users_in("test")
+            store, user_ids = self.behaviour(users.events, users.profiles, ids), ids
+        elif isinstance(users, BehaviourStore):
+            store = users
+        else:
+            raise TypeError(f"users must be a BehaviourStore or a World, not {type(users).__name__}")
+        ids = list(user_ids) if user_ids is not None else store.user_ids
+        store.indices(ids)  # fail early, naming unknown users
+        return CachedEmbedder(self, store).encode(ids, queries, batch_size=batch_size, prompt=prompt,
+                                                  show_progress_bar=show_progress_bar)
+
+    # ----- the semantic tower -----
+    def embed_answers(self, answers: Sequence[str]) -> torch.Tensor:
+        enc = self.tokenizer(list(answers), add_special_tokens=False, truncation=True,
+                             max_length=self.config.max_answer_tokens, padding=True, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device).bool()
+        if self.tokenizer.padding_side == "left":
+            raise ValueError("the semantic tower expects a right-padding tokenizer")
+        out = self.decoder(inputs_embeds=self.embed_tokens(ids), attention_mask=mask.long(),
+                           position_ids=position_ids(mask))
+        last = mask.long().sum(1).clamp(min=1) - 1
+        h = out.last_hidden_state[torch.arange(ids.shape[0], device=self.device), last]   # (B, H)
+        return F.normalize(self.head(h), dim=-1)
+
+    # ----- pre-training forward: both towers and the next-token logits in one call -----
+    def forward(self, users: UserBatch, queries: Sequence[str], answers: Sequence[str],
+                *, with_answer_tower: bool = True, with_lm: bool = True) -> dict[str, torch.Tensor]:
+        prefix = self.encode_prefix(users.to(self.device))
+        suffix = self.make_suffix(queries, answers=answers if with_lm else None)
+        hidden = self.run_full(prefix, self.suffix_embeddings(suffix), suffix.mask)   # (B, S, H)
+        out = {"anchor": self.pool(hidden, suffix), "n_tokens": prefix.mask.sum() + suffix.mask.sum()}
+        if with_lm:
+            targets = suffix.targets.to(self.device)
+            sel = targets != -100
+            out["lm_logits"] = self.lm_logits(hidden[sel])                            # (n_answer_tokens, V)
+            out["lm_targets"] = targets[sel]
+        if with_answer_tower:
+            out["answer"] = self.embed_answers(answers)
+        return out
+
+    # ----- data -----
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec.from_dict(self.config.feature_spec)
+
+    def behaviour(self, events, profiles, user_ids: Sequence[str]) -> BehaviourStore:
+        """Pack these users' behaviour the way this model was built to read it."""
+        return BehaviourStore.build(
+            events, profiles, user_ids, text_encoder=get_text_encoder(self.config.text_encoder),
+            feature_spec=self.feature_spec, modalities=self.config.modalities, max_events=self.config.max_events,
+        )
+
+    # ----- construction and persistence -----
+    @classmethod
+    def from_config(cls, config: QAnchorConfig) -> "QAnchorModel":
+        backbone = load_backbone(config.backbone, list(config.modalities) + [TABULAR_MODALITY])
+        return cls(config, backbone)
+
+    @classmethod
+    def from_data(cls, config: QAnchorConfig, events, profiles, reference_users: Sequence[str]) -> "QAnchorModel":
+        """Fit the tabular feature spec on `reference_users` (pre-training users) and build the model."""
+        spec = FeatureSpec.fit(events, profiles, user_ids=list(reference_users))
+        text_dim = get_text_encoder(config.text_encoder).dim
+        config = replace(config, event_dim=text_dim + len(NUMERIC_EVENT_FEATURES),
+                         tabular_dim=len(spec.feature_names), feature_spec=spec.to_dict())
+        return cls.from_config(config)
+
+    def save_pretrained(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        own = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        save_file(own, directory / WEIGHTS_NAME)
+        if _is_peft(self.llm):
+            self.llm.save_pretrained(directory / "lora")
+        else:
+            save_backbone(self.backbone_info, directory / "backbone")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "QAnchorModel":
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{directory} is not a saved QAnchorModel (no {CONFIG_NAME})")
+        config = QAnchorConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        if (directory / "lora").exists():
+            from peft import PeftModel
+
+            backbone = load_backbone(config.backbone, list(config.modalities) + [TABULAR_MODALITY])
+            backbone.model = PeftModel.from_pretrained(backbone.model, directory / "lora", is_trainable=True)
+        else:
+            backbone = load_saved_backbone(directory / "backbone")
+        model = cls(config, backbone)
+        missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
+        missing = [k for k in missing if not k.startswith("llm.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)

@@ -1,0 +1,201 @@
+"""The main job, step by step: world -> model -> pre-training -> retrieval check (-> evaluation).
+
+Each step is an idempotent helper that notebooks call too; the demo chains them and writes its
+artefacts under one run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from qanchor_lab.backbone import BackboneConfig
+from qanchor_lab.data import load_world
+from qanchor_lab.model import QAnchorConfig, QAnchorModel
+from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
+from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
+from qanchor_lab.retrieval import answer_retrieval
+from qanchor_lab.world import WorldConfig, ensure_world
+
+# The static-embedding baseline asks every user the same task-agnostic question.
+GENERIC_QUERY = "Summarise this user's overall behaviour and needs."
+
+DATA_ROOT = Path("data")
+
+
+@dataclass
+class DemoConfig:
+    n_users: int = 6000            # synthetic world size
+    seed: int = 7                  # world seed; model and training seeds derive from it
+    backbone: str = "tiny"         # tiny | smollm2 | HF id / local dir
+    tiny_size: str = "s"
+    max_events: int = 16
+    epochs: float = 2.0
+    batch_size: int = 32
+    text_encoder: str = "minilm"
+    retrieval_pairs: int = 600
+    n_prompt: int = 6              # soft prompt tokens per task
+    tune_epochs: int = 12          # upper bound; early stopping on a held-out part of the tune split
+    n_boot: int = 1000             # bootstrap resamples for the CIs
+
+    @classmethod
+    def fast(cls) -> "DemoConfig":
+        return cls(n_users=1500, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
+                   tune_epochs=4, n_boot=200)
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(n_users=self.n_users, seed=self.seed)
+
+    def model_config(self) -> QAnchorConfig:
+        return QAnchorConfig(backbone=BackboneConfig(name=self.backbone, tiny_size=self.tiny_size, seed=self.seed),
+                             max_events=self.max_events, text_encoder=self.text_encoder)
+
+    def pretrain_config(self) -> PretrainConfig:
+        return PretrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed)
+
+    def tuning_config(self) -> PromptTuningConfig:
+        return PromptTuningConfig(n_prompt=self.n_prompt, epochs=self.tune_epochs, seed=self.seed)
+
+
+def world_dir(cfg: DemoConfig) -> Path:
+    return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
+
+
+def build_model(world, cfg: DemoConfig) -> QAnchorModel:
+    return QAnchorModel.from_data(cfg.model_config(), world.events, world.profiles, world.users_in("pretrain"))
+
+
+def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> dict:
+    """Load a world, build (or resume) the model, pre-train, and report retrieval before/after."""
+    return pretrain_world(load_world(data_dir), out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
+
+
+def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> tuple[QAnchorModel, dict]:
+    out_dir = Path(out_dir)
+    model = QAnchorModel.from_pretrained(resume_from) if resume_from else build_model(world, cfg)
+    pcfg = cfg.pretrain_config()
+    heldout = heldout_queries(world.qa, pcfg.seed) if pcfg.holdout_paraphrases else set()
+    val_store = model.behaviour(world.events, world.profiles, world.users_in("pretrain_val"))
+    kw = dict(max_pairs=cfg.retrieval_pairs, heldout=heldout, seed=cfg.seed, store=val_store)
+    before = answer_retrieval(model, world, **kw) if resume_from is None else None
+    summary = pretrain(model, world, pcfg, out_dir, resume_from=resume_from, show_progress=show_progress)
+    after = answer_retrieval(model, world, **kw)
+    summary["retrieval"] = {"untrained": before, "trained": after}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+    return model, summary
+
+
+def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
+    """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json."""
+    from qanchor_lab.evaluate import results_markdown, write_metrics
+    from qanchor_lab.report import write_report
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(out_dir)
+    wdir = world_dir(cfg)
+    world = ensure_world(wdir, cfg.world_config())
+    model, summary = pretrain_world(world, out_dir / "model", cfg, show_progress=show_progress)
+    r = summary["retrieval"]
+    print(f"\nheld-out answer retrieval, top-1 among {r['trained']['n_candidates']} candidates "
+          f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
+          f"pre-trained {r['trained']['top1']:.3f}  (top-5 {r['untrained']['top5']:.3f} -> {r['trained']['top5']:.3f})")
+    print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
+    metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
+    wall = time.perf_counter() - t0
+    loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
+    write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
+    write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r,
+                 notes=[f"world: {cfg.n_users} users, seed {cfg.seed}; backbone {cfg.backbone} ({cfg.tiny_size}); "
+                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s"])
+    print("\n" + results_markdown(metrics))
+    print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")
+    return {"metrics": metrics, "pretrain": summary, "wall_seconds": wall}
+
+
+def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:
+    """(users, tasks) score matrix -> long user_id, task_id, score frame."""
+    return pd.DataFrame({"user_id": np.repeat(users, len(task_ids)), "task_id": np.tile(task_ids, len(users)),
+                         "score": matrix.reshape(-1)})
+
+
+def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, show_progress: bool = True,
+                   adapters_dir: Path | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Static, base (task query + probe) and prompt-tuned scores of one model on the downstream users."""
+    from qanchor_lab.baselines import embedding_probe_scores
+    from qanchor_lab.embedder import build_prefix_cache
+
+    tune, test = world.users_in("tune"), world.users_in("test")
+    users = tune + test
+    store = model.behaviour(world.events, world.profiles, users)
+    tasks = world.tasks
+    queries = tasks["query"].tolist()
+    emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=256, show_progress_bar=show_progress)  # (U, T+1, d)
+    by_query = {q: emb[:, i] for i, q in enumerate(queries)}
+    row = {u: i for i, u in enumerate(users)}
+
+    def embed_fn(ids, query):
+        idx = [row[u] for u in ids]
+        return (by_query[query] if query is not None else emb[:, -1])[idx]
+
+    out = {"base": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks),
+           "static": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)}
+    if tuning is None:
+        return out, {}
+
+    labels = world.labels.pivot(index="user_id", columns="task_id", values="label")
+    tune_cache = _cache_in_chunks(model, store, tune)
+    test_cache = _cache_in_chunks(model, store, test)
+    matrix = np.zeros((len(test), len(tasks)))
+    info = {}
+    for k, (task_id, query) in enumerate(tqdm(list(zip(tasks["task_id"], queries)), desc="prompt tuning",
+                                              disable=not show_progress)):
+        y = labels.loc[tune, task_id].to_numpy().astype(int)
+        result = tune_task(model, tune_cache, y, query, tuning)
+        matrix[:, k] = result.adapter.score(model, test_cache)
+        info[task_id] = {"best_epoch": result.best_epoch, "val_auc": result.val_auc, "history": result.history}
+        if adapters_dir is not None:
+            result.adapter.save(Path(adapters_dir) / task_id)
+    out["prompt_tuned"] = _long_scores(tasks["task_id"].tolist(), test, matrix)
+    return out, info
+
+
+def _cache_in_chunks(model, store, users, chunk: int = 256):
+    from qanchor_lab.embedder import _concat, build_prefix_cache
+
+    parts = [build_prefix_cache(model, store.batch(store.indices(users[i:i + chunk])))
+             for i in range(0, len(users), chunk)]
+    return _concat(parts)
+
+
+def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True) -> dict:
+    """Every method of the evaluation protocol on the downstream test users; tune split for all fitting."""
+    from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores
+    from qanchor_lab.evaluate import evaluate_methods
+
+    out_dir = Path(out_dir)
+    tune, test = world.users_in("tune"), world.users_in("test")
+    scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
+    scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
+    scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
+    scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
+    untrained = build_model(world, cfg).eval()
+    untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress)
+    scores["untrained"] = untrained_scores["base"]
+    del untrained
+    trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
+                                         adapters_dir=out_dir / "adapters")
+    scores["static_embedding"] = trained["static"]
+    scores["qanchor_base"] = trained["base"]
+    scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
+    metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
+    return metrics

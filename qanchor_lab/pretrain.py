@@ -1,0 +1,284 @@
+"""Joint contrastive-generative pre-training on Hugging Face Accelerate (DESIGN §1.5).
+
+The same entry point runs in one process or several (`torchrun --nproc_per_node 2 ...`): each process
+takes its slice of every global batch, contrastive negatives are gathered across processes with
+gradients flowing through the gather, and the next-token loss is normalised by the global token count,
+so two processes compute the same loss and gradients as one process on the concatenated batch.
+Loss curves go to `log.jsonl`; checkpoints are JSON + safetensors and resume with optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qanchor_lab.behaviour import BehaviourStore
+from qanchor_lab.losses import ContrastiveLoss, next_token_loss
+from qanchor_lab.model import QAnchorModel
+
+NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
+TINY_LR = 1e-3  # the tiny randomly initialised backbone's learning rate, chosen by `sweep` on held-out pairs
+PRETRAINED_LR = 1e-4  # the authors' LoRA learning rate
+
+
+@dataclass
+class PretrainConfig:
+    epochs: float = 3.0                # passes over the training QA pairs (fractions allowed)
+    batch_size: int = 32               # pairs per process per step
+    lr: float | None = None            # None: TINY_LR for a fully fine-tuned tiny backbone, PRETRAINED_LR with LoRA
+    weight_decay: float = 1e-5         # AdamW, the paper's defaults
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_ratio: float = 0.05         # linear warm-up share of the steps, then cosine decay
+    grad_clip: float = 1.0
+    temperature: float = 0.07          # InfoNCE temperature
+    margin: float = 0.1                # false-negative margin
+    negatives: tuple[NegativeKind, ...] = ("anchor_anchor", "anchor_answer", "answer_anchor")
+    alpha: float = 1.0                 # weight of the next-token loss: L = L_cl + alpha * L_ntp
+    use_contrastive: bool = True       # ablation switch
+    use_generative: bool = True        # ablation switch
+    holdout_paraphrases: bool = True   # keep one paraphrase per D_uqa intent out of training, to test on
+    max_steps: int | None = None       # stop early after this many optimizer steps
+    seed: int = 0
+    log_every: int = 10
+    save_every: int | None = None      # checkpoint every N steps (always at the end)
+
+    def __post_init__(self):
+        self.negatives = tuple(self.negatives)
+        bad = set(self.negatives) - {"anchor_anchor", "anchor_answer", "answer_anchor"}
+        if bad:
+            raise ValueError(f"negatives {sorted(bad)} invalid; choose from anchor_anchor, anchor_answer, answer_anchor")
+        if not (self.use_contrastive or self.use_generative):
+            raise ValueError("at least one of use_contrastive / use_generative must be on")
+        if self.epochs <= 0 or self.batch_size < 2:
+            raise ValueError(f"epochs must be > 0 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
+
+    def resolved_lr(self, model: QAnchorModel) -> float:
+        if self.lr is not None:
+            return self.lr
+        return TINY_LR if model.config.resolved_finetune == "full" else PRETRAINED_LR
+
+
+@dataclass
+class PairSet:
+    """Pre-training (user, query, answer) rows with integer ids for the false-negative masks."""
+
+    user_index: np.ndarray   # (N,) row in the behaviour store
+    queries: list[str]
+    answers: list[str]
+    answer_ids: np.ndarray   # (N,) same id for identical answer texts
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def heldout_queries(qa: pd.DataFrame, seed: int) -> set[str]:
+    """One paraphrase per D_uqa intent, reserved for evaluation (chosen by seed)."""
+    rng = np.random.default_rng(seed)
+    uqa = qa[qa["source"] == "uqa"]
+    out = set()
+    for _, group in uqa.groupby("intent", sort=True):
+        texts = sorted(group["query"].unique())
+        if len(texts) >= 2:
+            out.add(texts[int(rng.integers(len(texts)))])
+    return out
+
+
+def make_pairs(qa: pd.DataFrame, store: BehaviourStore, exclude_queries: set[str] = frozenset()) -> PairSet:
+    rows = qa[qa["user_id"].isin(store.index) & ~qa["query"].isin(exclude_queries)]
+    answers = rows["answer"].astype(str).tolist()
+    _, answer_ids = np.unique(np.asarray(answers, dtype=object), return_inverse=True)
+    return PairSet(np.asarray(store.indices(rows["user_id"].tolist())), rows["query"].astype(str).tolist(),
+                   answers, answer_ids.astype(np.int64))
+
+
+class PretrainStep(torch.nn.Module):
+    """Model + losses as one module, so DDP sees a single forward."""
+
+    def __init__(self, model: QAnchorModel, config: PretrainConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.contrastive = ContrastiveLoss(temperature=config.temperature, margin=config.margin, negatives=config.negatives)
+
+    def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer):
+        c = self.config
+        out = self.model(users, queries, answers, with_answer_tower=c.use_contrastive, with_lm=c.use_generative)
+        zero = out["anchor"].sum() * 0.0
+        cl = self.contrastive(out["anchor"], out["answer"], user_ids=user_ids, answer_ids=answer_ids) if c.use_contrastive else zero
+        if c.use_generative:
+            logits, targets = out["lm_logits"], out["lm_targets"]
+            ntp = next_token_loss(logits, targets, torch.ones_like(targets, dtype=torch.bool), normalizer=ntp_normalizer)
+        else:
+            ntp = zero
+        return cl + c.alpha * ntp, cl.detach(), ntp.detach(), out["n_tokens"]
+
+
+def _global_sum(x: float, device) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item())
+    return x
+
+
+def count_answer_tokens(model: QAnchorModel, answers: Sequence[str]) -> int:
+    """Tokens the next-token loss predicts for these answers (answer tokens + eos)."""
+    ids = model.tokenizer(list(answers), add_special_tokens=False, truncation=True,
+                          max_length=model.config.max_answer_tokens)["input_ids"]
+    return sum(len(i) + 1 for i in ids)
+
+
+def pretrain(
+    model: QAnchorModel,
+    world,
+    config: PretrainConfig,
+    out_dir,
+    *,
+    accelerator=None,
+    resume_from=None,
+    show_progress: bool = True,
+    store: BehaviourStore | None = None,
+) -> dict:
+    """Pre-train `model` in place on the world's pre-training QA pairs; returns a summary dict."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out_dir = Path(out_dir)
+    rank, world_size = acc.process_index, acc.num_processes
+    torch.manual_seed(config.seed)
+
+    users = world.users_in("pretrain")
+    store = store or model.behaviour(world.events, world.profiles, users)
+    exclude = heldout_queries(world.qa, config.seed) if config.holdout_paraphrases else set()
+    pairs = make_pairs(world.qa, store, exclude)
+    global_batch = config.batch_size * world_size
+    steps_per_epoch = len(pairs) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(pairs)} training pairs cannot fill one global batch of {global_batch}")
+    total_steps = math.ceil(config.epochs * steps_per_epoch)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = config.resolved_lr(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps)
+    step = 0
+    if resume_from is not None:
+        step = load_trainer_state(resume_from, optimizer, scheduler)
+    if not config.use_contrastive:  # the projection head gets no gradient; DDP needs every trainable parameter used
+        for p in model.head.parameters():
+            p.requires_grad_(False)
+    module = PretrainStep(model, config)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+
+    log_path = out_dir / "log.jsonl"
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None and log_path.exists():
+            log_path.unlink()
+    module.train()
+    t0 = time.perf_counter()
+    tokens_seen = 0
+    bar = tqdm(total=total_steps, initial=step, desc="pre-training", disable=not (show_progress and acc.is_main_process))
+    last = {}
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = np.random.default_rng([config.seed, epoch]).permutation(len(pairs))
+        batch_rows = perm[k * global_batch:(k + 1) * global_batch]
+        mine = batch_rows[rank * config.batch_size:(rank + 1) * config.batch_size]
+        ub = store.batch(pairs.user_index[mine])
+        queries = [pairs.queries[i] for i in mine]
+        answers = [pairs.answers[i] for i in mine]
+        n_tok_global = _global_sum(count_answer_tokens(model, answers), acc.device)
+        loss, cl, ntp, n_tokens = module(ub, queries, answers,
+                               torch.as_tensor(pairs.user_index[mine], device=acc.device),
+                               torch.as_tensor(pairs.answer_ids[mine], device=acc.device),
+                               n_tok_global / world_size)
+        acc.backward(loss)
+        if config.grad_clip:
+            acc.clip_grad_norm_(module.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(n_tokens)
+        bar.update(1)
+        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": float(loss.detach()),
+                "contrastive": float(cl), "ntp": float(ntp), "lr": scheduler.get_last_lr()[0],
+                "seconds": round(time.perf_counter() - t0, 3)}
+        if acc.is_main_process and (step % config.log_every == 0 or step == total_steps):
+            with log_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{last['loss']:.3f}", cl=f"{last['contrastive']:.3f}", ntp=f"{last['ntp']:.3f}")
+        if config.save_every and step % config.save_every == 0 and step < total_steps:
+            save_checkpoint(acc.unwrap_model(module).model, optimizer, scheduler, step, config, out_dir / f"checkpoint-{step}", acc)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    save_checkpoint(acc.unwrap_model(module).model, optimizer, scheduler, step, config, out_dir, acc)
+    module.eval()
+    summary = {"steps": step, "pairs": len(pairs), "heldout_queries": len(exclude), "lr": lr, "seconds": seconds,
+               "tokens": tokens_seen, "tokens_per_second": tokens_seen / max(seconds, 1e-9), "last": last}
+    if acc.is_main_process:
+        (out_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save_checkpoint(model: QAnchorModel, optimizer, scheduler, step: int, config: PretrainConfig, directory, acc=None) -> None:
+    """Model (JSON + safetensors) plus optimizer tensors (safetensors) and trainer state (JSON); no pickle."""
+    if acc is not None and not acc.is_main_process:
+        acc.wait_for_everyone()
+        return
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    state = optimizer.state_dict()
+    tensors, meta = {}, {}
+    for pid, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta[f"{pid}.{k}"] = v
+    save_file(tensors, directory / "optimizer.safetensors")
+    trainer = {"step": step, "config": asdict(config), "param_groups": state["param_groups"],
+               "optimizer_scalars": meta, "scheduler": scheduler.state_dict()}
+    (directory / "trainer_state.json").write_text(json.dumps(trainer, indent=2, default=_jsonable))
+    if acc is not None:
+        acc.wait_for_everyone()
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if torch.is_tensor(x):
+        return x.item()
+    raise TypeError(f"cannot store {type(x).__name__} in trainer_state.json")
+
+
+def load_trainer_state(directory, optimizer, scheduler) -> int:
+    directory = Path(directory)
+    trainer = json.loads((directory / "trainer_state.json").read_text())
+    tensors = load_file(directory / "optimizer.safetensors")
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in trainer["optimizer_scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": trainer["param_groups"]})
+    scheduler.load_state_dict(trainer["scheduler"])
+    return int(trainer["step"])

@@ -1,0 +1,306 @@
+"""The demo's HTML report: one self-contained file (plotly.js inlined once, so it opens offline) with
+the AUC/KS table and CIs, per-task and per-domain AUC bars with the oracle marked, pre-training loss
+curves, retrieval before/after, and a plain-language paragraph on where Q-Anchor stands.
+
+The figure builders are public so notebooks can show the same plots. Output is deterministic: the
+same inputs give byte-identical HTML (fixed div ids, no timestamps unless passed in `notes`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import plotly.graph_objects as go
+
+from qanchor_lab.evaluate import METHODS, _check_metrics, formatted_table, method_label, method_order
+
+ORACLE = "oracle"
+# Which Q-Anchor variant the summary speaks for when the metrics name no reference.
+QANCHOR_METHODS = ("qanchor_prompt_tuned", "qanchor_base")
+LOSS_KEYS = {"loss": "total", "contrastive": "contrastive", "ntp": "next-token"}
+# A fixed palette per known method keeps colours stable across reports and notebooks.
+_COLOURS = dict(
+    zip(
+        METHODS,
+        ("#222222", "#8c6d31", "#bd9e39", "#7b4173", "#6b6ecf", "#9c9ede", "#31a354", "#006d2c"),
+    )
+)
+_EXTRA_COLOURS = ("#e6550d", "#3182bd", "#de2d26", "#636363", "#17becf", "#d62728")
+_CSS = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
+table.results { border-collapse: collapse; font-size: 0.9em; }
+table.results th, table.results td { border: 1px solid #ccc; padding: 4px 8px; }
+table.results td { text-align: right; font-variant-numeric: tabular-nums; }
+table.results td:first-child, table.results th:first-child { text-align: left; }
+table.results tr.reference { background: #eef7ee; font-weight: 600; }
+p.stands { background: #f6f6f6; padding: 0.8em 1em; border-left: 4px solid #31a354; }
+ul.notes { color: #555; }
+"""
+
+
+def _colour(name: str, extras: list[str]) -> str:
+    if name in _COLOURS:
+        return _COLOURS[name]
+    if name not in extras:
+        extras.append(name)
+    return _EXTRA_COLOURS[extras.index(name) % len(_EXTRA_COLOURS)]
+
+
+def _auc_bars(metrics: Mapping, level: str, title: str) -> go.Figure:
+    """Grouped AUC bars per method over the categories of `level` ("tasks" or "domains"); the oracle
+    is drawn as a black marker per category rather than a bar."""
+    methods = _check_metrics(metrics)
+    names = method_order(list(methods))
+    categories: list[str] = []
+    for n in names:
+        categories += [c for c in methods[n][level] if c not in categories]
+    fig = go.Figure()
+    extras: list[str] = []
+    values: list[float] = []
+    for n in names:
+        if n == ORACLE:
+            continue
+        ys = [methods[n][level].get(c, {}).get("auc", math.nan) for c in categories]
+        values += ys
+        fig.add_bar(x=categories, y=ys, name=method_label(n), marker_color=_colour(n, extras),
+                    hovertemplate="%{x}<br>AUC %{y:.3f}<extra>" + html.escape(method_label(n)) + "</extra>")
+    if ORACLE in methods:
+        ys = [methods[ORACLE][level].get(c, {}).get("auc", math.nan) for c in categories]
+        values += ys
+        fig.add_scatter(x=categories, y=ys, mode="markers", name=method_label(ORACLE),
+                        marker=dict(symbol="line-ew", size=34, line=dict(width=3, color=_COLOURS[ORACLE])),
+                        hovertemplate="%{x}<br>oracle AUC %{y:.3f}<extra></extra>")
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    low = max(0.0, min([0.5] + finite) - 0.03)
+    high = min(1.0, max(finite + [0.5]) + 0.03)
+    fig.update_layout(
+        title=title, barmode="group", bargap=0.25, template="plotly_white", height=460,
+        yaxis=dict(title="AUC", range=[low, high]), legend=dict(orientation="h", y=-0.2),
+        margin=dict(l=60, r=20, t=60, b=40),
+    )
+    fig.add_hline(y=0.5, line=dict(color="#999", dash="dot", width=1))
+    return fig
+
+
+def figure_task_bars(metrics: Mapping) -> go.Figure:
+    """Per-task AUC, one bar per method, with the oracle's AUC marked on each task."""
+    return _auc_bars(metrics, "tasks", "Test AUC per task (black dash: oracle)")
+
+
+def figure_domain_bars(metrics: Mapping) -> go.Figure:
+    """Per-domain average AUC, one bar per method, with the oracle marked."""
+    return _auc_bars(metrics, "domains", "Test AUC averaged per domain (black dash: oracle)")
+
+
+def figure_loss_curves(loss_log: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Pre-training losses over steps from log.jsonl records (keys step, loss, contrastive, ntp)."""
+    if not loss_log:
+        raise ValueError("loss_log is empty: no log.jsonl records to plot")
+    for i, rec in enumerate(loss_log):
+        if not isinstance(rec, Mapping) or "step" not in rec:
+            raise ValueError(f"loss_log record {i} has no 'step' key: {rec!r}")
+    present = [k for k in LOSS_KEYS if any(k in rec for rec in loss_log)]
+    if not present:
+        raise ValueError(f"loss_log records carry none of the loss keys {', '.join(LOSS_KEYS)}")
+    records = sorted(loss_log, key=lambda r: r["step"])
+    fig = go.Figure()
+    colours = {"loss": "#222222", "contrastive": "#31a354", "ntp": "#3182bd"}
+    for k in present:
+        pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None]
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines", name=LOSS_KEYS[k],
+                        line=dict(color=colours[k], width=2 if k == "loss" else 1.5))
+    fig.update_layout(title="Pre-training loss", template="plotly_white", height=400,
+                      xaxis=dict(title="optimizer step"), yaxis=dict(title="loss"),
+                      legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=20, t=60, b=40))
+    return fig
+
+
+def _retrieval_stages(retrieval: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Stages (e.g. untrained / trained) that hold a result dict; a None stage was skipped (resume)."""
+    stages = {str(k): v for k, v in retrieval.items() if isinstance(v, Mapping)}
+    if not stages:
+        raise ValueError(
+            "retrieval: expected {stage: result dict} such as {'untrained': {...}, 'trained': {...}}; "
+            f"got keys {list(retrieval)}"
+        )
+    return stages
+
+
+def figure_retrieval(retrieval: Mapping[str, Any]) -> go.Figure:
+    """Held-out answer retrieval accuracy (top-k keys) per stage, with chance top-1 as a dotted line."""
+    stages = _retrieval_stages(retrieval)
+    keys: list[str] = []
+    for res in stages.values():
+        keys += [k for k, v in res.items() if k.startswith("top") and isinstance(v, (int, float)) and k not in keys]
+    fig = go.Figure()
+    palette = ("#9c9ede", "#006d2c", "#e6550d", "#3182bd")
+    for i, (stage, res) in enumerate(stages.items()):
+        fig.add_bar(x=keys, y=[res.get(k, math.nan) for k in keys], name=stage, marker_color=palette[i % len(palette)],
+                    hovertemplate="%{x}: %{y:.3f}<extra>" + html.escape(stage) + "</extra>")
+    chance = next((res["chance_top1"] for res in stages.values() if "chance_top1" in res), None)
+    if chance is not None:
+        fig.add_hline(y=chance, line=dict(color="#999", dash="dot"), annotation_text="chance top-1")
+    fig.update_layout(title="Held-out answer retrieval", barmode="group", template="plotly_white", height=380,
+                      yaxis=dict(title="accuracy", range=[0, 1]), margin=dict(l=60, r=20, t=60, b=40))
+    return fig
+
+
+def _pick_reference(metrics: Mapping) -> str | None:
+    methods = metrics["methods"]
+    ref = metrics.get("reference")
+    if ref in methods:
+        return ref
+    return next((m for m in QANCHOR_METHODS if m in methods), None)
+
+
+def where_qanchor_stands(metrics: Mapping) -> str:
+    """A plain-language paragraph computed from the numbers: what Q-Anchor beats, matches and trails on
+    average AUC (by the paired bootstrap CI), and its gap to the oracle."""
+    methods = _check_metrics(metrics)
+    ref = _pick_reference(metrics)
+    level = metrics.get("bootstrap", {}).get("ci", 0.95)
+    pct = f"{round(100 * level)}%"
+    if ref is None:
+        ranked = sorted((m for m in methods if m != ORACLE), key=lambda m: -methods[m]["avg_auc"])
+        if not ranked:
+            return "Only the oracle was evaluated."
+        return (f"No Q-Anchor method was evaluated. The best of the {len(ranked)} methods on average AUC is "
+                f"{method_label(ranked[0])} ({methods[ranked[0]]['avg_auc']:.3f}).")
+    r = methods[ref]
+    parts = [f"{method_label(ref)} reaches an average test AUC of {r['avg_auc']:.3f}"]
+    if r.get("avg_auc_ci"):
+        lo, hi = r["avg_auc_ci"]
+        parts[0] += f" ({pct} CI {lo:.3f}–{hi:.3f})"
+    parts[0] += f" and KS {r['avg_ks']:.3f}"
+    n_tasks, n_users = metrics.get("n_tasks"), metrics.get("n_test_users")
+    if n_tasks and n_users:
+        parts[0] += f" over {n_tasks} tasks and {n_users} test users"
+    parts[0] += "."
+    beats, level_with, trails = [], [], []
+    for m in method_order(list(methods)):
+        if m in (ref, ORACLE):
+            continue
+        vs = methods[m].get("vs_reference") if metrics.get("reference") == ref else None
+        if not vs:
+            continue
+        # vs_reference is (method - reference): Q-Anchor's margin is its negation
+        margin, lo, hi = -vs["auc_diff"], -vs["auc_high"], -vs["auc_low"]
+        text = f"{method_label(m)} ({margin:+.3f}, CI {lo:+.3f} to {hi:+.3f})"
+        (beats if lo > 0 else trails if hi < 0 else level_with).append(text)
+    if beats:
+        parts.append("It is reliably better than " + "; ".join(beats) + ".")
+    if level_with:
+        parts.append("It cannot be told apart from " + "; ".join(level_with)
+                     + f" (the {pct} CI of the AUC difference spans zero).")
+    if trails:
+        parts.append("It is reliably worse than " + "; ".join(trails) + ".")
+    if not (beats or level_with or trails) and len(methods) > 1:
+        parts.append("No paired differences against it were computed.")
+    if ORACLE in methods:
+        o = methods[ORACLE]["avg_auc"]
+        gap = o - r["avg_auc"]
+        sentence = (f"The oracle, which scores each user by the true label probability, reaches {o:.3f}: "
+                    f"a gap of {gap:.3f} AUC")
+        if o > 0.5:
+            share = (r["avg_auc"] - 0.5) / (o - 0.5)
+            sentence += f", so it captures {100 * share:.0f}% of the oracle's lift over chance (AUC 0.5)"
+        parts.append(sentence + ".")
+    return " ".join(parts)
+
+
+def _table_html(metrics: Mapping) -> str:
+    header, rows = formatted_table(metrics)
+    ref = metrics.get("reference")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cls = ' class="reference"' if row[0] == ref else ""
+        cells = [f'<td title="{html.escape(row[0])}">{html.escape(method_label(row[0]))}</td>']
+        cells += [f"<td>{html.escape(c)}</td>" for c in row[1:]]
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _retrieval_table(retrieval: Mapping[str, Any]) -> str:
+    stages = _retrieval_stages(retrieval)
+    keys: list[str] = []
+    for res in stages.values():
+        keys += [k for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys]
+    head = "<th>stage</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    rows = []
+    for stage, res in stages.items():
+        cells = []
+        for k in keys:
+            v = res.get(k)
+            cells.append("–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+        rows.append(f"<tr><td>{html.escape(stage)}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def write_report(
+    path: str | os.PathLike,
+    metrics: Mapping,
+    *,
+    loss_log: Sequence[Mapping[str, Any]] | None = None,
+    retrieval: Mapping[str, Any] | None = None,
+    title: str = "Q-Anchor demo report",
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write the report as one HTML file that opens offline; returns its path.
+
+    metrics: as evaluate_methods returns (or metrics.json read back; its "config" and "wall_seconds"
+    are shown at the end). loss_log: log.jsonl records. retrieval: {stage: answer_retrieval result}.
+    notes: extra lines shown under the title (e.g. the run's date, passed in for determinism)."""
+    _check_metrics(metrics)
+    figures: list[tuple[str, str, go.Figure]] = [
+        ("Per-task AUC", "fig-task-auc", figure_task_bars(metrics)),
+        ("Per-domain AUC", "fig-domain-auc", figure_domain_bars(metrics)),
+    ]
+    if loss_log:
+        figures.append(("Pre-training loss curves", "fig-loss", figure_loss_curves(loss_log)))
+    if retrieval:
+        figures.append(("Held-out answer retrieval, before and after pre-training", "fig-retrieval",
+                        figure_retrieval(retrieval)))
+
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if notes:
+        out.append('<ul class="notes">' + "".join(f"<li>{html.escape(str(n))}</li>" for n in notes) + "</ul>")
+    out.append("<h2>Where Q-Anchor stands</h2>")
+    out.append(f'<p class="stands">{html.escape(where_qanchor_stands(metrics))}</p>')
+    out.append("<h2>Results on the test users</h2>")
+    boot = metrics.get("bootstrap")
+    if boot:
+        out.append(f"<p>Intervals: {round(100 * boot['ci'])}% percentile bootstrap over test users "
+                   f"({boot['n_boot']} resamples, seed {boot['seed']}); differences are paired (same resamples).</p>")
+    out.append(_table_html(metrics))
+    for i, (heading, div_id, fig) in enumerate(figures):
+        out.append(f"<h2>{html.escape(heading)}</h2>")
+        if div_id == "fig-retrieval":
+            out.append(_retrieval_table(retrieval))
+        # plotly.js is inlined with the first figure only; later figures reuse it
+        out.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id,
+                               config={"displaylogo": False}))
+    if "config" in metrics or "wall_seconds" in metrics:
+        out.append("<h2>Run</h2>")
+        if "wall_seconds" in metrics:
+            out.append(f"<p>Wall time: {metrics['wall_seconds']:.1f} s</p>")
+        if "config" in metrics:
+            cfg = json.dumps(metrics["config"], indent=2, default=str)
+            out.append(f"<details><summary>configuration</summary><pre>{html.escape(cfg)}</pre></details>")
+    out.append("</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,126 @@
+"""Sequence assembly, in one place (DESIGN §1.3).
+
+    prefix: [user] [modality tokens] [<m_start> event tokens <m_end>] for each modality [<profile_start> tabular <profile_end>]
+    suffix: [soft prompt] query <user_emb> [answer <eos>]
+
+The prefix depends only on behaviour; everything task-dependent sits in the suffix, so a prefix can be
+computed once into a KV cache and any number of suffixes run on top of it (prefix equivalence, DESIGN §2).
+Within a row, real prefix tokens are packed to the front and the row is right-padded to the batch's
+longest prefix; the suffix follows the padded prefix. Padding is masked out of attention and skipped by
+the position ids (`cumsum(mask) - 1`), so a row's embedding does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qanchor_lab.encoder import EncodedUser
+from qanchor_lab.schema import TABULAR_MODALITY
+
+IGNORE = -100
+
+
+@dataclass
+class Prefix:
+    embeds: torch.Tensor  # (B, P, H)
+    mask: torch.Tensor    # (B, P) bool
+    lengths: torch.Tensor  # (B,) number of real prefix tokens
+
+
+@dataclass
+class Suffix:
+    input_ids: torch.Tensor     # (B, S) token ids, pad where masked
+    mask: torch.Tensor          # (B, S) bool, over prompt slots + tokens
+    pool_index: torch.Tensor    # (B,) index of <user_emb> within the suffix
+    targets: torch.Tensor       # (B, S) next-token target for each position, IGNORE where none
+    n_prompt: int               # leading soft-prompt slots (their ids are pad; embeddings come from the prompt)
+
+
+def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the front (stable) and trim to the longest row."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)          # (B, L) real first
+    mask = torch.gather(mask, 1, order)                                         # (B, L)
+    embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand_as(embeds))     # (B, L, H)
+    width = int(mask.sum(1).max().item()) if mask.numel() else 0
+    return embeds[:, :width], mask[:, :width]
+
+
+def assemble_prefix(enc: EncodedUser, special: dict[str, torch.Tensor], modalities: Sequence[str]) -> Prefix:
+    """Lay out the behaviour tokens; `special` maps "<m_start>"/"<m_end>" to (H,) embeddings."""
+    parts: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    some = next(iter(enc.events.values()))
+    B, device = some.shape[0], some.device
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+
+    def add(x: torch.Tensor, m: torch.Tensor) -> None:
+        parts.append(x)
+        masks.append(m)
+
+    def add_special(name: str) -> None:
+        add(special[name].view(1, 1, -1).expand(B, 1, -1), ones)
+
+    if enc.user is not None:
+        add(enc.user, ones)
+    if enc.modality is not None:
+        add(enc.modality, enc.modality_mask)
+    for m in modalities:
+        add_special(f"<{m}_start>")
+        add(enc.events[m], enc.event_masks[m])
+        add_special(f"<{m}_end>")
+    if enc.tabular is not None:
+        add_special(f"<{TABULAR_MODALITY}_start>")
+        add(enc.tabular, ones.expand(B, enc.tabular.shape[1]))
+        add_special(f"<{TABULAR_MODALITY}_end>")
+    embeds, mask = pack_left(torch.cat(parts, 1), torch.cat(masks, 1))         # (B, P, H), (B, P)
+    return Prefix(embeds, mask, mask.sum(1))
+
+
+def build_suffix(
+    tokenizer,
+    queries: Sequence[str],
+    *,
+    user_emb_id: int,
+    answers: Sequence[str] | None = None,
+    n_prompt: int = 0,
+    max_query_tokens: int = 48,
+    max_answer_tokens: int = 48,
+) -> Suffix:
+    """Tokenise queries (and answers for the generative loss) into a right-padded suffix batch."""
+    q_ids = tokenizer(list(queries), add_special_tokens=False, truncation=True, max_length=max_query_tokens)["input_ids"]
+    a_ids = (tokenizer(list(answers), add_special_tokens=False, truncation=True, max_length=max_answer_tokens)["input_ids"]
+             if answers is not None else [[] for _ in q_ids])
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    rows, targets, pool = [], [], []
+    for q, a in zip(q_ids, a_ids):
+        answer = a + [eos] if answers is not None else []
+        ids = [pad] * n_prompt + q + [user_emb_id] + answer
+        p = n_prompt + len(q)
+        # position t predicts token t+1; only <user_emb> .. last answer token predict answer tokens
+        tgt = [IGNORE] * len(ids)
+        for k, tok in enumerate(answer):
+            tgt[p + k] = tok
+        rows.append(ids)
+        targets.append(tgt)
+        pool.append(p)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    target_t = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        target_t[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(r)] = True
+    return Suffix(input_ids, mask, torch.tensor(pool), target_t, n_prompt)
+
+
+def position_ids(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions that skip padding: real token k of a row gets position offset + k."""
+    pos = mask.long().cumsum(-1) - 1                                            # (B, L)
+    if offset is not None:
+        pos = pos + offset.view(-1, 1)
+    return pos.clamp(min=0)

@@ -1,0 +1,208 @@
+"""Tests for qanchor_lab.evaluate (metrics contract, CIs, missing scores, tables) and qanchor_lab.report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qanchor_lab.data import DataValidationError
+from qanchor_lab.evaluate import (
+    METHODS,
+    evaluate_methods,
+    method_order,
+    results_markdown,
+    results_table,
+    write_metrics,
+)
+from qanchor_lab.report import figure_loss_curves, figure_task_bars, where_qanchor_stands, write_report
+
+N_USERS = 600
+TASKS = pd.DataFrame(
+    {
+        "task_id": ["eng_a", "risk_a", "risk_b", "mkt_a"],
+        "domain": ["engagement", "risk", "risk", "marketing"],
+        "query": ["Will the user open the app?", "Will the user pay late?", "Will the user default?", "Will the user use a coupon?"],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Known-probability labels for 600 users (half tune, half test) and scores of graded quality."""
+    rng = np.random.default_rng(11)
+    users = [f"u{i:04d}" for i in range(N_USERS)]
+    rows = []
+    for t, task_id in enumerate(TASKS["task_id"]):
+        logit = rng.normal(size=N_USERS) * 2.0 - 1.0
+        p = 1 / (1 + np.exp(-logit))
+        rows.append(pd.DataFrame({"user_id": users, "task_id": task_id, "label": rng.binomial(1, p), "oracle_prob": p, "_logit": logit}))
+    full = pd.concat(rows, ignore_index=True)
+    labels = full[["user_id", "task_id", "label", "oracle_prob"]]
+    test = users[N_USERS // 2 :]
+
+    def noisy(sigma):
+        return full[["user_id", "task_id"]].assign(score=full["_logit"] + rng.normal(scale=sigma, size=len(full)))
+
+    scores = {
+        "qanchor_prompt_tuned": noisy(1.0),
+        "oracle": full[["user_id", "task_id"]].assign(score=full["oracle_prob"]),
+        "gbdt_features": noisy(3.0),
+        "my_method": full[["user_id", "task_id"]].assign(score=rng.normal(size=len(full))),
+    }
+    return labels, scores, test
+
+
+@pytest.fixture(scope="module")
+def metrics(toy):
+    labels, scores, test = toy
+    return evaluate_methods(scores, labels, TASKS, test, n_boot=300, seed=0)
+
+
+def test_contract_keys_order_and_sane_values(metrics):
+    methods = metrics["methods"]
+    # known methods first in METHODS order, unknown names after
+    assert list(methods) == ["oracle", "gbdt_features", "qanchor_prompt_tuned", "my_method"]
+    assert metrics["reference"] == "qanchor_prompt_tuned"
+    assert metrics["n_test_users"] == N_USERS // 2 and metrics["n_tasks"] == 4
+    for name, e in methods.items():
+        for key in ("avg_auc", "avg_ks", "domains", "tasks", "avg_auc_ci", "avg_ks_ci", "vs_reference"):
+            assert key in e, (name, key)
+        assert list(e["tasks"]) == TASKS["task_id"].tolist()
+        assert list(e["domains"]) == ["engagement", "risk", "marketing"]
+        assert e["avg_auc"] == pytest.approx(np.mean([t["auc"] for t in e["tasks"].values()]))
+        assert e["domains"]["risk"]["auc"] == pytest.approx((e["tasks"]["risk_a"]["auc"] + e["tasks"]["risk_b"]["auc"]) / 2)
+        lo, hi = e["avg_auc_ci"]
+        assert lo <= e["avg_auc"] <= hi and hi - lo < 0.2
+        lo, hi = e["avg_ks_ci"]
+        assert lo <= e["avg_ks"] <= hi
+        assert 0 <= e["avg_ks"] <= 1
+        vs = e["vs_reference"]
+        assert vs["auc_low"] <= vs["auc_diff"] <= vs["auc_high"]
+        assert vs["ks_low"] <= vs["ks_diff"] <= vs["ks_high"]
+        assert vs["auc_diff"] == pytest.approx(e["avg_auc"] - methods["qanchor_prompt_tuned"]["avg_auc"])
+    # graded quality shows up in the numbers
+    auc = {n: e["avg_auc"] for n, e in methods.items()}
+    assert auc["oracle"] > auc["qanchor_prompt_tuned"] > auc["gbdt_features"] > auc["my_method"]
+    assert abs(auc["my_method"] - 0.5) < 0.06
+    assert methods["qanchor_prompt_tuned"]["vs_reference"] == {k: 0.0 for k in methods["oracle"]["vs_reference"]}
+    assert methods["gbdt_features"]["vs_reference"]["auc_high"] < 0  # reliably worse than the reference
+
+
+def test_only_test_users_count(toy, metrics):
+    labels, scores, test = toy
+    # wreck the scores of non-test users: the metrics must not move
+    broken = {}
+    for name, s in scores.items():
+        s = s.copy()
+        s.loc[~s["user_id"].isin(test), "score"] = np.nan
+        broken[name] = s
+    again = evaluate_methods(broken, labels, TASKS, test, n_boot=300, seed=0)
+    assert again == metrics
+    # the score table may also simply omit non-test users
+    only_test = {n: s[s["user_id"].isin(test)] for n, s in scores.items()}
+    assert evaluate_methods(only_test, labels, TASKS, test, n_boot=300, seed=0) == metrics
+
+
+def test_missing_or_nan_score_names_method_and_task(toy):
+    labels, scores, test = toy
+    s = scores["gbdt_features"]
+    dropped = s.drop(s.index[(s["user_id"] == test[3]) & (s["task_id"] == "risk_b")])
+    with pytest.raises(DataValidationError, match=r"method 'gbdt_features'.*task 'risk_b'.*" + test[3]):
+        evaluate_methods({"gbdt_features": dropped}, labels, TASKS, test, n_boot=50)
+    nan = s.copy()
+    nan.loc[(nan["user_id"] == test[0]) & (nan["task_id"] == "mkt_a"), "score"] = np.nan
+    with pytest.raises(DataValidationError, match=r"method 'gbdt_features'.*task 'mkt_a'"):
+        evaluate_methods({"qanchor_prompt_tuned": scores["qanchor_prompt_tuned"], "gbdt_features": nan}, labels, TASKS, test, n_boot=50)
+    with pytest.raises(DataValidationError, match=r"method 'oracle'.*lack.*'score'"):
+        evaluate_methods({"oracle": s.drop(columns="score")}, labels, TASKS, test, n_boot=50)
+
+
+def test_subset_without_reference_and_determinism(toy):
+    labels, scores, test = toy
+    sub = {"gbdt_features": scores["gbdt_features"], "oracle": scores["oracle"]}
+    a = evaluate_methods(sub, labels, TASKS, test, n_boot=100, seed=4)
+    b = evaluate_methods(sub, labels, TASKS, test, n_boot=100, seed=4)
+    assert a == b
+    assert a["reference"] is None
+    assert all("vs_reference" not in e for e in a["methods"].values())
+    c = evaluate_methods(sub, labels, TASKS, test, reference="oracle", n_boot=100, seed=4)
+    assert c["methods"]["gbdt_features"]["vs_reference"]["auc_diff"] < 0
+
+
+def test_method_order():
+    assert method_order(["zeta", "qanchor_base", "oracle", "alpha"]) == ["oracle", "qanchor_base", "zeta", "alpha"]
+    assert method_order(list(reversed(METHODS))) == list(METHODS)
+
+
+def test_results_table_and_markdown(metrics):
+    table = results_table(metrics)
+    assert list(table.index) == list(metrics["methods"])
+    assert table.loc["oracle", "avg_auc"] == pytest.approx(metrics["methods"]["oracle"]["avg_auc"])
+    assert table.loc["gbdt_features", "auc_risk"] == pytest.approx(metrics["methods"]["gbdt_features"]["domains"]["risk"]["auc"])
+    assert {"avg_auc_low", "avg_auc_high", "avg_ks", "auc_diff", "auc_diff_low", "auc_diff_high"} <= set(table.columns)
+    md = results_markdown(metrics)
+    lines = md.strip().splitlines()
+    assert len(lines) == 2 + len(metrics["methods"])  # header, rule, one row per method
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    assert len({line.count(" | ") for line in lines}) == 1  # same column count in every row
+    oracle_row = next(line for line in lines if line.startswith("| oracle "))
+    assert f"{metrics['methods']['oracle']['avg_auc']:.3f} [" in oracle_row
+    assert "| reference |" in next(line for line in lines if line.startswith("| qanchor_prompt_tuned "))
+
+
+def test_write_metrics_roundtrip(tmp_path, metrics):
+    path = write_metrics(metrics, tmp_path / "run" / "metrics.json", config={"seed": 0, "out": tmp_path}, wall_seconds=12.5)
+    data = json.loads(path.read_text())
+    assert data["methods"] == json.loads(json.dumps(metrics["methods"]))
+    assert data["config"] == {"seed": 0, "out": str(tmp_path)}
+    assert data["wall_seconds"] == 12.5
+    with pytest.raises(ValueError, match="NaN"):
+        write_metrics(metrics, tmp_path / "bad.json", config={"x": math.nan}, wall_seconds=1.0)
+
+
+def test_where_qanchor_stands_reads_the_numbers(metrics):
+    text = where_qanchor_stands(metrics)
+    m = metrics["methods"]
+    assert f"{m['qanchor_prompt_tuned']['avg_auc']:.3f}" in text
+    assert "reliably better than features + GBDT" in text
+    assert "reliably worse than oracle" not in text  # the oracle is reported as a gap, not a baseline
+    assert f"reaches {m['oracle']['avg_auc']:.3f}" in text
+
+
+def test_write_report_self_contained_and_deterministic(tmp_path, metrics):
+    log = [{"step": s, "loss": 5 / s, "contrastive": 3 / s, "ntp": 2 / s} for s in range(1, 40)]
+    retrieval = {"untrained": {"n": 200, "n_candidates": 100, "chance_top1": 0.01, "top1": 0.02, "top5": 0.06},
+                 "trained": {"n": 200, "n_candidates": 100, "chance_top1": 0.01, "top1": 0.31, "top5": 0.55}}
+    kw = dict(loss_log=log, retrieval=retrieval, notes=["run on 2026-01-01"])
+    a = write_report(tmp_path / "a.html", metrics, **kw).read_text()
+    b = write_report(tmp_path / "b.html", metrics, **kw).read_text()
+    assert a == b
+    assert '<table class="results">' in a and "features + GBDT" in a
+    assert f"{metrics['methods']['oracle']['avg_auc']:.3f} [" in a
+    # plotly.js inlined exactly once (its licence header opens the bundle); no script tag loads a file
+    assert a.count("* plotly.js v") == 1
+    assert re.search(r"<script[^>]*\bsrc=", a) is None
+    for div in ("fig-task-auc", "fig-domain-auc", "fig-loss", "fig-retrieval"):
+        assert f'id="{div}"' in a
+    assert "Where Q-Anchor stands" in a and "run on 2026-01-01" in a
+    plain = write_report(tmp_path / "c.html", metrics).read_text()
+    assert 'id="fig-loss"' not in plain and 'id="fig-task-auc"' in plain
+
+
+def test_figures(metrics):
+    fig = figure_task_bars(metrics)
+    names = [t.name for t in fig.data]
+    assert "oracle (true probability)" in names
+    oracle = next(t for t in fig.data if t.name == "oracle (true probability)")
+    assert oracle.type == "scatter" and list(oracle.x) == TASKS["task_id"].tolist()
+    assert sum(t.type == "bar" for t in fig.data) == 3  # every method but the oracle
+    loss = figure_loss_curves([{"step": 2, "loss": 1.0, "contrastive": 0.6, "ntp": 0.4}, {"step": 1, "loss": 2.0, "contrastive": 1.2, "ntp": 0.8}])
+    assert [t.name for t in loss.data] == ["total", "contrastive", "next-token"]
+    assert list(loss.data[0].x) == [1, 2]
+    with pytest.raises(ValueError, match="record 0 has no 'step'"):
+        figure_loss_curves([{"loss": 1.0}])

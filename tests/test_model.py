@@ -1,0 +1,160 @@
+"""The Q-Anchor model: sequence layout, towers, persistence, pre-training step, resume, ablations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qanchor_lab.model import QAnchorModel
+from qanchor_lab.pretrain import PretrainConfig, heldout_queries, make_pairs, pretrain
+from qanchor_lab.sequence import build_suffix, pack_left
+from tests.conftest import tiny_config
+
+
+def _users(store, n, start=0):
+    return store.batch(list(range(start, start + n)))
+
+
+def test_pack_left_moves_real_tokens_first_and_trims():
+    emb = torch.arange(12, dtype=torch.float32).view(2, 3, 2)
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    packed, m = pack_left(emb, mask)
+    assert m.tolist() == [[True, True], [True, False]]
+    assert packed[0].tolist() == [[2, 3], [4, 5]]
+    assert packed[1, 0].tolist() == [6, 7]
+
+
+def test_suffix_targets_predict_answer_from_user_emb(tiny_model):
+    tok = tiny_model.tokenizer
+    s = build_suffix(tok, ["will they travel"], user_emb_id=tiny_model.special_token_ids["<user_emb>"], answers=["yes soon"])
+    ids, tgt = s.input_ids[0], s.targets[0]
+    p = int(s.pool_index[0])
+    assert ids[p] == tiny_model.special_token_ids["<user_emb>"]
+    answer = tok("yes soon", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tgt[p:p + len(answer)].tolist() == answer          # position t predicts token t+1
+    assert (tgt[:p] == -100).all() and ids[p + 1:p + 1 + len(answer)].tolist() == answer
+
+
+def test_prefix_has_every_real_event_and_drops_missing_modalities(tiny_model, tiny_store):
+    ub = _users(tiny_store, 8)
+    prefix = tiny_model.encode_prefix(ub)
+    n_events = sum(ub.masks[m].sum(1) for m in tiny_model.config.modalities)          # (B,)
+    present = torch.stack([ub.masks[m].any(1) for m in tiny_model.config.modalities], 1).sum(1)
+    n_mod = len(tiny_model.config.modalities)
+    expected = 1 + present + n_events + 2 * (n_mod + 1) + tiny_model.config.tabular_slots
+    assert prefix.lengths.tolist() == expected.tolist()
+    assert prefix.mask[:, 0].all()  # the first token is never padding
+
+
+def test_embedding_does_not_depend_on_batch_mates(tiny_model, tiny_store):
+    tiny_model.eval()
+    ub = _users(tiny_store, 6)
+    queries = ["what does this user spend on", "is this user likely to travel abroad"] * 3
+    with torch.no_grad():
+        together = tiny_model.embed(ub, queries)
+        alone = torch.cat([tiny_model.embed(tiny_store.batch([i]), [queries[i]]) for i in range(6)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert torch.allclose(together.norm(dim=-1), torch.ones(6), atol=1e-5)
+
+
+def test_anchor_ignores_the_answer_that_follows(tiny_model, tiny_store):
+    tiny_model.eval()
+    ub = _users(tiny_store, 3)
+    q = ["how often does the user shop online"] * 3
+    with torch.no_grad():
+        a = tiny_model(ub, q, ["yes every week", "no", "rarely"])["anchor"]
+        b = tiny_model(ub, q, ["something else entirely here", "x", "y z"])["anchor"]
+        c = tiny_model.embed(ub, q)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_save_and_from_pretrained_round_trip(tiny_model, tiny_store, tmp_path):
+    tiny_model.eval()
+    ub = _users(tiny_store, 4)
+    q = ["does the user invest"] * 4
+    with torch.no_grad():
+        before = tiny_model.embed(ub, q)
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "qanchor_config.json").exists() and (tmp_path / "m" / "qanchor.safetensors").exists()
+    assert not list((tmp_path / "m").rglob("*.bin")) and not list((tmp_path / "m").rglob("*.pt"))
+    loaded = QAnchorModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        after = loaded.embed(ub, q)
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_from_pretrained_names_a_wrong_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved QAnchorModel"):
+        QAnchorModel.from_pretrained(tmp_path)
+
+
+def test_config_validation_names_valid_choices():
+    with pytest.raises(ValueError, match="valid choices"):
+        tiny_config(finetune="half")
+    with pytest.raises(ValueError, match="modalities"):
+        tiny_config(modalities=("bill", "telepathy"))
+
+
+def _small_pretrain(model, world, tmp_path, **kw):
+    cfg = PretrainConfig(**{"epochs": 1.0, "batch_size": 8, "max_steps": 4, "log_every": 1, "seed": 3, **kw})
+    return pretrain(model, world, cfg, tmp_path, show_progress=False)
+
+
+@pytest.mark.slow
+def test_pretraining_reduces_loss_and_writes_logs_and_checkpoint(tiny_model, small_world, tmp_path):
+    summary = _small_pretrain(tiny_model, small_world, tmp_path, max_steps=12, lr=3e-3)
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 12 and {"loss", "contrastive", "ntp", "lr"} <= set(log[0])
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]])
+    assert summary["tokens_per_second"] > 0
+    assert (tmp_path / "optimizer.safetensors").exists() and (tmp_path / "trainer_state.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tiny_model, small_world, tmp_path):
+    import copy
+
+    straight = copy.deepcopy(tiny_model)
+    _small_pretrain(straight, small_world, tmp_path / "a", max_steps=4)
+    first = copy.deepcopy(tiny_model)
+    _small_pretrain(first, small_world, tmp_path / "b", max_steps=2)
+    resumed = QAnchorModel.from_pretrained(tmp_path / "b")
+    cfg = PretrainConfig(epochs=1.0, batch_size=8, max_steps=4, log_every=1, seed=3)
+    pretrain(resumed, small_world, cfg, tmp_path / "c", resume_from=tmp_path / "b", show_progress=False)
+    for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+def test_heldout_paraphrases_are_kept_out_of_training(small_world, tiny_store):
+    held = heldout_queries(small_world.qa, seed=0)
+    assert len(held) >= 30
+    pairs = make_pairs(small_world.qa, tiny_store, held)
+    assert not held & set(pairs.queries)
+    same_text = np.asarray(pairs.answers, dtype=object)
+    first = {a: i for i, a in reversed(list(enumerate(same_text)))}
+    assert all(pairs.answer_ids[i] == pairs.answer_ids[first[a]] for i, a in enumerate(same_text))
+    assert len(set(pairs.answer_ids.tolist())) == len(first)  # distinct texts, distinct ids
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(use_user_token=False), dict(use_modality_tokens=False),
+    dict(use_user_token=False, use_modality_tokens=False), dict(use_tabular=False),
+])
+def test_structural_ablations_build_and_shorten_the_prefix(small_world, tiny_store, overrides):
+    w = small_world
+    model = QAnchorModel.from_data(tiny_config(**overrides), w.events, w.profiles, w.users_in("pretrain"))
+    full = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain"))
+    ub = _users(tiny_store, 4)
+    assert (model.encode_prefix(ub).lengths < full.encode_prefix(ub).lengths).all()
+    assert model.embed(ub, ["q"] * 4).shape == (4, 32)
+
+
+@pytest.mark.parametrize("loss_off", ["use_contrastive", "use_generative"])
+def test_loss_ablations_train(tiny_model, small_world, tmp_path, loss_off):
+    summary = _small_pretrain(tiny_model, small_world, tmp_path, max_steps=2, **{loss_off: False})
+    assert summary["steps"] == 2
+    key = "contrastive" if loss_off == "use_contrastive" else "ntp"
+    assert summary["last"][key] == 0.0
