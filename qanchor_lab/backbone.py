@@ -42,7 +42,10 @@ from typing import Any, Literal, get_args
 
 import torch
 import transformers
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qanchor_lab.event_encoder import default_cache_dir
 
 TinySize = Literal["xs", "s", "m"]
 EmbeddingInit = Literal["minilm", "random"]
@@ -70,12 +73,6 @@ TINY_SIZES: dict[str, dict[str, int]] = {
 TINY_MAX_POSITIONS = 4096  # longest behaviour prefix + query + answer the tiny model can take
 TINY_ROPE_THETA = 10000.0
 TINY_EOS_TOKEN = "[SEP]"
-
-
-def default_cache_dir() -> Path:
-    """Where derived artefacts (e.g. the dequantised SmolLM2) are cached: $QANCHOR_CACHE or ~/.cache/qanchor_lab."""
-    env = os.environ.get("QANCHOR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "qanchor_lab"
 
 
 @dataclass
@@ -253,10 +250,10 @@ def _projected_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     centred = table - table.mean(dim=0, keepdim=True)  # (V, 384)
     width = centred.shape[1]
     if hidden_size <= width:
-        # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, ~10x faster.
+        # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, far cheaper.
         scatter = (centred.T @ centred).double()  # (384, 384)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a 384 x 384 eigh is ~20x slower multi-threaded on a busy 2-core CPU
+        torch.set_num_threads(1)  # threads only slow a 384 x 384 eigh down (4-40x on a busy 2-core CPU)
         try:
             _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
         finally:
@@ -287,9 +284,9 @@ def _build_tiny(config: BackboneConfig, tokens: list[str]):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        attn_implementation=config.attention,
         **size,
     )
-    qwen_config._attn_implementation = config.attention
     # fork_rng: build from the config's seed without disturbing the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -398,10 +395,16 @@ def _add_special_tokens(model, tokenizer, tokens: list[str], seed: int) -> None:
         else:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        # Mean-resizing samples the new rows around the old table's mean: seed it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.resize_token_embeddings(len(tokenizer))
+        # Mean-resizing samples the new rows around the old table's mean: seed it, and skip its
+        # explanatory log line, which would otherwise print on every load.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model.resize_token_embeddings(len(tokenizer))
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

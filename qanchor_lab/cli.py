@@ -47,12 +47,12 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from qanchor_lab.pipeline import DemoConfig, run_demo
+    from qanchor_lab.pipeline import RUNS_ROOT, DemoConfig, run_demo
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
     if args.backbone:
         cfg.backbone = args.backbone
-    run_demo(args.out, cfg)
+    run_demo(args.out or RUNS_ROOT / ("demo-fast" if args.fast else "demo"), cfg)
     return 0
 
 
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_pretrain)
 
     m = sub.add_parser("demo", help="the main job: data -> pre-training -> evaluation -> report")
-    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
     m.add_argument("--backbone", default=None)
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
@@ -102,6 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input or config: a clean message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -604,5 +604,5 @@ def save_world(world: World, path: str | Path) -> Path:
     for t in TABLES:
         world.table(t).to_parquet(root / f"{t}.parquet", index=False)
     manifest = {"schema_version": SCHEMA_VERSION, **world.manifest}
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return root

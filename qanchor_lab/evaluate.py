@@ -38,7 +38,7 @@ METHOD_LABELS: dict[str, str] = {
     "oracle": "oracle (true probability)",
     "gbdt_features": "features + GBDT",
     "logreg_features": "features + logistic regression",
-    "text_embedding": "text embedding (MiniLM) + probe",
+    "text_embedding": "text embedding + probe",
     "static_embedding": "static embedding + probe",
     "untrained": "untrained model + probe",
     "qanchor_base": "Q-Anchor (task query) + probe",
@@ -247,8 +247,9 @@ def _fmt(value: float, low: float = math.nan, high: float = math.nan, *, signed:
     return text
 
 
-def formatted_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of strings ("0.812 [0.801, 0.823]") for markdown and HTML renderings."""
+def formatted_table(metrics: Mapping, *, readable: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of strings ("0.812 [0.801, 0.823]") for markdown and HTML renderings; rows in
+    method_order. `readable` names methods by method_label instead of their keys."""
     table = results_table(metrics)
     reference = metrics.get("reference")
     level = metrics.get("bootstrap", {}).get("ci")
@@ -256,11 +257,11 @@ def formatted_table(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     domains = [c[len("auc_"):] for c in table.columns if c.startswith("auc_") and not c.startswith("auc_diff")]
     header = ["method", f"avg AUC [{ci}]", f"avg KS [{ci}]"] + [f"AUC {d}" for d in domains]
     if reference is not None:
-        header.append(f"AUC − {reference} [{ci}]")
+        header.append(f"AUC − {method_label(reference) if readable else reference} [{ci}]")
     rows = []
     for name, r in table.iterrows():
         row = [
-            str(name),
+            method_label(str(name)) if readable else str(name),
             _fmt(r["avg_auc"], r["avg_auc_low"], r["avg_auc_high"]),
             _fmt(r["avg_ks"], r["avg_ks_low"], r["avg_ks_high"]),
         ] + [_fmt(r[f"auc_{d}"]) for d in domains]

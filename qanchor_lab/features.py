@@ -28,6 +28,7 @@ FEATURE_SPEC_VERSION = 1
 OTHER = "other"  # the pooled bucket for categories / channels not kept at fit time
 RECENT_DAYS = 30  # the "recent" part of the window for the trend share
 _STD_FLOOR = 1e-6  # a std below this (a constant column) is replaced by 1
+_FEATURE_COLUMNS = ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"]
 
 
 class FeatureInputError(DataValidationError):
@@ -207,7 +208,7 @@ class FeatureSpec:
         modalities = list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must be a non-empty list without repeats, got {modalities}")
-        ev = _clean_events(events, ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"])
+        ev = _clean_events(events, _FEATURE_COLUMNS)
         prof = _clean_profiles(profiles)
         if user_ids is None:
             ref = sorted(set(ev["user_id"]).union(prof.index))
@@ -327,8 +328,7 @@ class FeatureSpec:
         for m in self.modalities:
             in_m = mod == m
             u_m = uidx[in_m]
-            # group 0 = the whole modality; groups 1.. = category buckets
-            groups = self._groups(m)
+            groups = self._groups(m)  # category buckets; the whole-modality block comes first
             gid = np.zeros(int(in_m.sum()), dtype=np.int64)
             stats_mod = _group_stats(u_m, gid, 1, n, age[in_m], day[in_m], recent[in_m], amount[in_m], dur[in_m],
                                      self.history_days)
@@ -394,7 +394,7 @@ class FeatureSpec:
         ignored, so events from a later (label) window never leak into the features.
         """
         ids = _check_user_ids(user_ids)
-        ev = _clean_events(events, ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"])
+        ev = _clean_events(events, _FEATURE_COLUMNS)
         x = self._compute(ev, _clean_profiles(profiles), ids)  # (n, F)
         if standardize:
             x = (x - np.asarray(self.mean)[None, :]) / np.asarray(self.std)[None, :]

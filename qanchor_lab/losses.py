@@ -392,11 +392,14 @@ def prototype_loss(
     """
     k = _num_classes(prototype_class, prototypes.shape[0])
     logits = _prototype_logits(embeddings, prototypes, temperature)  # (N, P)
-    if tuple(labels.shape) != (embeddings.shape[0],):
-        raise ValueError(f"labels must have shape ({embeddings.shape[0]},) to match embeddings, got {tuple(labels.shape)}")
+    n = embeddings.shape[0]
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},) to match embeddings, got {tuple(labels.shape)}")
     labels = labels.to(logits.device).long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-        raise ValueError(f"labels must lie in [0, {k}) (the classes of prototype_class), got {labels.unique().tolist()}")
+        raise ValueError(
+            f"labels must lie in [0, {k}) (the classes of prototype_class), got {labels.unique().tolist()}"
+        )
     in_class = labels[:, None] == prototype_class.to(logits.device)[None, :]  # (N, P)
     log_class = logits.masked_fill(~in_class, float("-inf")).logsumexp(dim=1)  # (N,)
     per_row = logits.logsumexp(dim=1) - log_class  # (N,)
@@ -474,9 +477,10 @@ class PrototypeLoss(nn.Module):
             if m == 1:
                 centres = F.normalize(members.mean(0, keepdim=True), dim=-1)  # (1, d)
             else:
-                pick = torch.randint(members.shape[0], (m,), generator=generator) if members.shape[0] < m else (
-                    torch.randperm(members.shape[0], generator=generator)[:m]
-                )
+                if members.shape[0] >= m:
+                    pick = torch.randperm(members.shape[0], generator=generator)[:m]
+                else:
+                    pick = torch.randint(members.shape[0], (m,), generator=generator)
                 centres = members[pick.to(e.device)].clone()  # (m, d)
                 for _ in range(iterations):
                     assign = (members @ centres.T).argmax(dim=1)  # (n_c,)

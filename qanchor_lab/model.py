@@ -247,11 +247,13 @@ class QAnchorModel(nn.Module):
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec.from_dict(self.config.feature_spec)
 
-    def behaviour(self, events, profiles, user_ids: Sequence[str]) -> BehaviourStore:
-        """Pack these users' behaviour the way this model was built to read it."""
+    def behaviour(self, events, profiles, user_ids: Sequence[str], *, max_events: int | None = None) -> BehaviourStore:
+        """Pack these users' behaviour the way this model was built to read it (`max_events` overrides the
+        config's events kept per modality, e.g. to study cost against prefix length)."""
         return BehaviourStore.build(
             events, profiles, user_ids, text_encoder=get_text_encoder(self.config.text_encoder),
-            feature_spec=self.feature_spec, modalities=self.config.modalities, max_events=self.config.max_events,
+            feature_spec=self.feature_spec, modalities=self.config.modalities,
+            max_events=max_events or self.config.max_events,
         )
 
     # ----- construction and persistence -----
@@ -276,7 +278,9 @@ class QAnchorModel(nn.Module):
         own = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
         save_file(own, directory / WEIGHTS_NAME)
         if _is_peft(self.llm):
-            self.llm.save_pretrained(directory / "lora")
+            # the resized embedding rows are rebuilt deterministically on load; trained special-token rows
+            # are saved by peft as trainable tokens, so the full embedding table need not be copied
+            self.llm.save_pretrained(directory / "lora", save_embedding_layers=False)
         else:
             save_backbone(self.backbone_info, directory / "backbone")
         return directory

@@ -7,6 +7,7 @@ artefacts under one run directory.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,14 @@ from qanchor_lab.world import WorldConfig, ensure_world
 # The static-embedding baseline asks every user the same task-agnostic question.
 GENERIC_QUERY = "Summarise this user's overall behaviour and needs."
 
-DATA_ROOT = Path("data")
+def project_root() -> Path:
+    """The checkout this package was installed from (editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+DATA_ROOT = Path(os.environ.get("QANCHOR_DATA", project_root() / "data"))
+RUNS_ROOT = Path(os.environ.get("QANCHOR_RUNS", project_root() / "runs"))
 
 
 @dataclass
@@ -44,11 +52,12 @@ class DemoConfig:
     n_prompt: int = 6              # soft prompt tokens per task
     tune_epochs: int = 12          # upper bound; early stopping on a held-out part of the tune split
     n_boot: int = 1000             # bootstrap resamples for the CIs
+    max_steps: int | None = None   # cap on pre-training steps (fast mode)
 
     @classmethod
     def fast(cls) -> "DemoConfig":
         return cls(n_users=1500, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
-                   tune_epochs=4, n_boot=200)
+                   tune_epochs=4, n_boot=200, max_steps=40)
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(n_users=self.n_users, seed=self.seed)
@@ -58,7 +67,7 @@ class DemoConfig:
                              max_events=self.max_events, text_encoder=self.text_encoder)
 
     def pretrain_config(self) -> PretrainConfig:
-        return PretrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed)
+        return PretrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, max_steps=self.max_steps)
 
     def tuning_config(self) -> PromptTuningConfig:
         return PromptTuningConfig(n_prompt=self.n_prompt, epochs=self.tune_epochs, seed=self.seed)
@@ -93,6 +102,21 @@ def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_pr
     return model, summary
 
 
+def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True) -> tuple[QAnchorModel, object, dict]:
+    """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
+    same config, else generated/trained there. Notebooks share models through this."""
+    run_dir = Path(run_dir)
+    world = ensure_world(world_dir(cfg), cfg.world_config())
+    marker = run_dir / "demo_config.json"
+    model_dir = run_dir / "model"
+    if marker.exists() and json.loads(marker.read_text()) == asdict(cfg) and (model_dir / "pretrain_summary.json").exists():
+        summary = json.loads((model_dir / "pretrain_summary.json").read_text())
+        return QAnchorModel.from_pretrained(model_dir), world, summary
+    model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
+    marker.write_text(json.dumps(asdict(cfg), indent=2))
+    return model, world, summary
+
+
 def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
     """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
@@ -101,9 +125,7 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    wdir = world_dir(cfg)
-    world = ensure_world(wdir, cfg.world_config())
-    model, summary = pretrain_world(world, out_dir / "model", cfg, show_progress=show_progress)
+    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress)
     r = summary["retrieval"]
     print(f"\nheld-out answer retrieval, top-1 among {r['trained']['n_candidates']} candidates "
           f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
@@ -199,3 +221,28 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_p
     metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     return metrics
+
+
+def sweep_pretrain(world, grid: list[dict], base: DemoConfig, out_dir, *, show_progress: bool = False) -> pd.DataFrame:
+    """Pre-train one model per grid point (DemoConfig overrides, e.g. {"tiny_size": "xs", "lr": 3e-3}) and
+    score held-out answer retrieval on the pretrain_val users: how the tiny backbone's defaults were chosen.
+    Downstream labels are never read."""
+    from dataclasses import replace
+
+    rows = []
+    for point in grid:
+        point = dict(point)
+        lr = point.pop("lr", None)
+        cfg = replace(base, **point)
+        model = build_model(world, cfg)
+        pcfg = cfg.pretrain_config()
+        pcfg.lr = lr
+        name = "-".join(f"{k}={v}" for k, v in sorted({**point, "lr": lr}.items()))
+        summary = pretrain(model, world, pcfg, Path(out_dir) / name, show_progress=show_progress)
+        heldout = heldout_queries(world.qa, pcfg.seed)
+        r = answer_retrieval(model, world, max_pairs=cfg.retrieval_pairs, heldout=heldout, seed=cfg.seed)
+        rows.append({**point, "lr": summary["lr"], "steps": summary["steps"], "seconds": summary["seconds"],
+                     "tokens_per_second": summary["tokens_per_second"], "final_loss": summary["last"]["loss"],
+                     "final_contrastive": summary["last"]["contrastive"], **{f"val_{k}": v for k, v in r.items()}})
+        print(rows[-1], flush=True)
+    return pd.DataFrame(rows)

@@ -150,8 +150,15 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
     counts = np.bincount(labels[tr_idx], minlength=2)
     class_weights = torch.tensor(len(tr_idx) / (2 * counts), dtype=torch.float32)
     opt = torch.optim.Adam(adapter.parameters(), lr=config.lr)
-    best = (-1.0, 0, {k: v.clone() for k, v in adapter.state_dict().items()})
-    history, stale = [], 0
+    def val_auc() -> float:
+        with torch.no_grad():
+            probs = adapter.class_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
+        return float(roc_auc_score(labels[va_idx], probs))
+
+    # epoch 0 (the k-means initialisation) is a candidate too: tuning must earn its keep on validation
+    start = val_auc()
+    best = (start, 0, {k: v.clone() for k, v in adapter.state_dict().items()})
+    history, stale = [{"epoch": 0, "train_loss": float("nan"), "val_auc": start}], 0
     for epoch in range(1, config.epochs + 1):
         order = rng.permutation(tr_idx)
         total = 0.0
@@ -163,13 +170,11 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(rows)
-        with torch.no_grad():
-            probs = adapter.class_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
-        val_auc = float(roc_auc_score(labels[va_idx], probs))
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_auc": val_auc})
-        if val_auc > best[0] + 1e-4:
-            best, stale = (val_auc, epoch, {k: v.clone() for k, v in adapter.state_dict().items()}), 0
+            total += loss.item() * len(rows)
+        auc = val_auc()
+        history.append({"epoch": epoch, "train_loss": total / len(order), "val_auc": auc})
+        if auc > best[0] + 1e-4:
+            best, stale = (auc, epoch, {k: v.clone() for k, v in adapter.state_dict().items()}), 0
         else:
             stale += 1
             if stale >= config.patience:

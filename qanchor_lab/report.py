@@ -80,6 +80,8 @@ def _auc_bars(metrics: Mapping, level: str, title: str) -> go.Figure:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     low = max(0.0, min([0.5] + finite) - 0.03)
     high = min(1.0, max(finite + [0.5]) + 0.03)
+    if ORACLE in methods:
+        title += " (black dash: oracle)"
     fig.update_layout(
         title=title, barmode="group", bargap=0.25, template="plotly_white", height=460,
         yaxis=dict(title="AUC", range=[low, high]), legend=dict(orientation="h", y=-0.2),
@@ -91,12 +93,12 @@ def _auc_bars(metrics: Mapping, level: str, title: str) -> go.Figure:
 
 def figure_task_bars(metrics: Mapping) -> go.Figure:
     """Per-task AUC, one bar per method, with the oracle's AUC marked on each task."""
-    return _auc_bars(metrics, "tasks", "Test AUC per task (black dash: oracle)")
+    return _auc_bars(metrics, "tasks", "Test AUC per task")
 
 
 def figure_domain_bars(metrics: Mapping) -> go.Figure:
     """Per-domain average AUC, one bar per method, with the oracle marked."""
-    return _auc_bars(metrics, "domains", "Test AUC averaged per domain (black dash: oracle)")
+    return _auc_bars(metrics, "domains", "Test AUC averaged per domain")
 
 
 def figure_loss_curves(loss_log: Sequence[Mapping[str, Any]]) -> go.Figure:
@@ -198,7 +200,7 @@ def where_qanchor_stands(metrics: Mapping) -> str:
         parts.append("It is reliably better than " + "; ".join(beats) + ".")
     if level_with:
         parts.append("It cannot be told apart from " + "; ".join(level_with)
-                     + f" (the {pct} CI of the AUC difference spans zero).")
+                     + f": the {pct} CI of the AUC difference spans zero.")
     if trails:
         parts.append("It is reliably worse than " + "; ".join(trails) + ".")
     if not (beats or level_with or trails) and len(methods) > 1:
@@ -216,13 +218,14 @@ def where_qanchor_stands(metrics: Mapping) -> str:
 
 
 def _table_html(metrics: Mapping) -> str:
-    header, rows = formatted_table(metrics)
+    header, rows = formatted_table(metrics, readable=True)
+    names = method_order(list(metrics["methods"]))  # the order formatted_table uses
     ref = metrics.get("reference")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = []
-    for row in rows:
-        cls = ' class="reference"' if row[0] == ref else ""
-        cells = [f'<td title="{html.escape(row[0])}">{html.escape(method_label(row[0]))}</td>']
+    for name, row in zip(names, rows):
+        cls = ' class="reference"' if name == ref else ""
+        cells = [f'<td title="{html.escape(name)}">{html.escape(row[0])}</td>']
         cells += [f"<td>{html.escape(c)}</td>" for c in row[1:]]
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -33,6 +33,7 @@ import pyarrow as pa
 from scipy.optimize import brentq
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from qanchor_lab.data import save_world  # noqa: F401  (re-exported: the writer of every world)
 from qanchor_lab.schema import (
     EVENT_COLUMNS,
     SCHEMA_VERSION,
@@ -132,16 +133,28 @@ class WorldConfig:
     history_days: int = 90           # behaviour window fed to models (the events table)
     future_days: int = 30            # following window: grounds D_future answers, never in the events table
     difficulty: float = 1.0          # divides the task logit scale; 1.0 gives oracle AUC ~0.75-0.90 per task
-    events_per_user: float = 40.0    # median events per user over 90 days (scaled by history_days / 90)
+    events_per_user: float = 40.0    # events over 90 days of a median-activity user (the realised median is close)
     activity_sigma: float = 0.85     # spread of the lognormal per-user activity level (heavier tail when larger)
     noise_event_share: float = 0.15  # share of events drawn regardless of traits (uniform over event kinds)
     shared_device_share: float = 0.08  # users whose search and clicks come from someone else (modalities disagree)
     hallucination_rate: float = 0.15   # share of synthesised answers grounded in wrong evidence
-    qa_per_user_min: int = 3         # fewest QA pairs generated per pre-training user (before self-reflection)
-    qa_per_user_max: int = 7         # most QA pairs generated per pre-training user
+    qa_per_user_min: int = 4         # fewest QA pairs generated per pre-training user (before self-reflection)
+    qa_per_user_max: int = 8         # most QA pairs generated per pre-training user
     future_qa_weight: float = 2.0    # sampling weight of a D_future intent relative to a D_uqa intent
+    salient_qa_boost: float = 3.0    # weight multiplier for intents whose answer is not a null claim ("none")
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want_int = f.type in ("int", int)
+            ok = isinstance(value, str) if f.name == "start_date" else (
+                isinstance(value, (int, np.integer) if want_int else (int, float, np.integer, np.floating))
+                and not isinstance(value, bool))
+            if not ok:
+                kind = "a date string" if f.name == "start_date" else ("an integer" if want_int else "a number")
+                raise ValueError(f"WorldConfig.{f.name} must be {kind}, got {value!r}")
+            if f.name != "start_date":  # plain Python numbers keep to_dict/JSON identical for equal configs
+                setattr(self, f.name, int(value) if want_int else float(value))
         if not isinstance(self.n_users, (int, np.integer)) or isinstance(self.n_users, bool) or self.n_users < 40:
             raise ValueError(f"WorldConfig.n_users must be an integer >= 40, got {self.n_users!r}")
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
@@ -173,8 +186,9 @@ class WorldConfig:
                 f"WorldConfig.qa_per_user_min/qa_per_user_max must satisfy 1 <= min <= max <= {len(INTENTS)} "
                 f"(the number of intents), got {self.qa_per_user_min!r}/{self.qa_per_user_max!r}"
             )
-        if not float(self.future_qa_weight) > 0.0:
-            raise ValueError(f"WorldConfig.future_qa_weight must be positive, got {self.future_qa_weight!r}")
+        for name in ("future_qa_weight", "salient_qa_boost"):
+            if not float(getattr(self, name)) > 0.0:
+                raise ValueError(f"WorldConfig.{name} must be positive, got {getattr(self, name)!r}")
         n_down = self.n_users - round(self.n_users * self.pretrain_share)
         if min(round(self.n_users * self.pretrain_share), n_down) < 10:
             raise ValueError(
@@ -184,8 +198,7 @@ class WorldConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field (the manifest stores it)."""
-        return {f.name: (getattr(self, f.name).item() if isinstance(getattr(self, f.name), np.generic)
-                         else getattr(self, f.name)) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldConfig:
@@ -922,6 +935,7 @@ class Intent:
     queries: tuple[str, ...]
     answers: dict[str, tuple[str, ...]]
     claim: Callable[[pd.DataFrame], np.ndarray] = field(repr=False)
+    null_claims: frozenset[str] = frozenset({"none", "few", "0|0"})  # "nothing to report" claims
 
 
 _COUNT_WORDS = {"one": "one", "two": "two", "few": "a few", "many": "many"}
@@ -1363,16 +1377,20 @@ INTENTS: dict[str, Intent] = _build_intents()
 def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: WorldConfig) -> pd.DataFrame:
     """Draw intents per user, render a paraphrased query and an answer from the evidence's claim; a
     `hallucination_rate` share of answers state a wrong claim (the synthesiser read wrong evidence).
+    Like an LLM asked to write about salient behaviour, the synthesiser prefers intents where the
+    user has something to report (`salient_qa_boost`) but still asks the rest.
     Returns the qa columns plus a `hallucinated` flag, before self-reflection."""
     intents = list(INTENTS.values())
     n, n_int = len(evidence), len(intents)
-    weights = np.array([config.future_qa_weight if it.source == "future" else 1.0 for it in intents])
+    claims = [it.claim(evidence) for it in intents]
+    weights = np.array([config.future_qa_weight if it.source == "future" else 1.0 for it in intents])[None, :]
+    salient = np.stack([~np.isin(c, list(it.null_claims)) for c, it in zip(claims, intents)], axis=1)
+    weights = weights * np.where(salient, config.salient_qa_boost, 1.0)
     k = rng.integers(config.qa_per_user_min, config.qa_per_user_max + 1, size=n)
-    scores = np.log(weights)[None, :] + rng.gumbel(size=(n, n_int))
+    scores = np.log(weights) + rng.gumbel(size=(n, n_int))
     order = np.argsort(-scores, axis=1, kind="stable")
     user, rank = np.nonzero(np.arange(n_int)[None, :] < k[:, None])
     intent_idx = order[user, rank]
-    claims = [it.claim(evidence) for it in intents]
     n_rows = user.size
     halluc = rng.random(n_rows) < config.hallucination_rate
     shift = rng.random(n_rows)
@@ -1647,17 +1665,6 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
                             "drop_share": _round((n_gen - n_kept) / max(n_gen, 1))},
     }
     return world
-
-
-def save_world(world: World, out_dir: str | Path) -> Path:
-    """Write `<table>.parquet` for every table of `schema.TABLES` and `manifest.json` into `out_dir`."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in TABLES:
-        world.table(name).to_parquet(root / f"{name}.parquet", index=False)
-    manifest = {"schema_version": SCHEMA_VERSION, **world.manifest}
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return root
 
 
 def read_world(out_dir: str | Path) -> World:

@@ -252,9 +252,10 @@ def _embeds(backbone: Backbone, n: int, generator: torch.Generator) -> torch.Ten
     return torch.randn(1, n, backbone.hidden_size, generator=generator) * scale  # (1, n, H)
 
 
-def check_padding_holes(backbone: Backbone) -> float:
-    """Max abs diff between real positions of [prefix, pad, suffix] (2D mask with a hole, positions =
-    cumsum(mask) - 1) and the same sequence without the pad slots; batch of two with different holes."""
+def check_padding_holes(backbone: Backbone, leak: bool = False) -> tuple[float, float]:
+    """(max abs diff, max abs value) between real positions of [prefix, pad, suffix] (2D mask with a hole,
+    positions = cumsum(mask) - 1) and the same sequence without the pad slots, in a batch of two with
+    different holes. ``leak`` unmasks the hole: a negative control showing the check can fail."""
     g = torch.Generator().manual_seed(0)
     body = backbone.model.get_decoder()
     prefix, pad, suffix = _embeds(backbone, 6, g), _embeds(backbone, 3, g), _embeds(backbone, 4, g)
@@ -266,15 +267,19 @@ def check_padding_holes(backbone: Backbone) -> float:
     mask[0, 6:9] = 0
     mask[1, 10:] = 0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (2, 13)
+    real = mask.bool()  # (2, 13)
+    if leak:
+        mask = torch.ones_like(mask)
     with torch.no_grad():
         out = body(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state  # (2, 13, H)
         ref = body(inputs_embeds=dense).last_hidden_state[0]  # (10, H)
-    return max(float((out[row][mask[row].bool()] - ref).abs().max()) for row in range(2))
+    diff = max(float((out[row][real[row]] - ref).abs().max()) for row in range(2))
+    return diff, float(ref.abs().max())
 
 
-def check_prefix_cache(backbone: Backbone) -> float:
-    """Max abs diff between the suffix's hidden states computed on top of a cached (hole-padded) prefix
-    and computed in one pass over the full unpadded sequence."""
+def check_prefix_cache(backbone: Backbone) -> tuple[float, float]:
+    """(max abs diff, max abs value) between the suffix's hidden states computed on top of a cached
+    (hole-padded) prefix and computed in one pass over the full unpadded sequence."""
     g = torch.Generator().manual_seed(1)
     body = backbone.model.get_decoder()
     prefix, pad, suffix = _embeds(backbone, 7, g), _embeds(backbone, 2, g), _embeds(backbone, 5, g)
@@ -291,15 +296,16 @@ def check_prefix_cache(backbone: Backbone) -> float:
         out = body(inputs_embeds=suffix, attention_mask=full_mask,
                    position_ids=torch.arange(n_real, n_real + 5)[None], past_key_values=cache,
                    use_cache=True).last_hidden_state[0]  # (5, H)
-    return float((out - ref).abs().max())
+    return float((out - ref).abs().max()), float(ref.abs().max())
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_tiny_padding_holes_and_prefix_cache_are_exact(attention):
-    backbone = load_backbone(BackboneConfig(tiny_size="s", attention=attention), MODALITIES)
+    backbone = load_backbone(BackboneConfig(tiny_size="xs", attention=attention), MODALITIES)
     assert backbone.model.config._attn_implementation == attention
-    assert check_padding_holes(backbone) <= 1e-5
-    assert check_prefix_cache(backbone) <= 1e-5
+    assert check_padding_holes(backbone)[0] <= 1e-5
+    assert check_prefix_cache(backbone)[0] <= 1e-5
+    assert check_padding_holes(backbone, leak=True)[0] > 1e-3
 
 
 def test_cache_keyword_is_past_key_values(tiny):
@@ -375,5 +381,9 @@ def test_smollm2_forward_tokens_and_exactness(smollm2_loads):
     with torch.no_grad():
         logits = backbone.model(**batch).logits  # (1, T, V)
     assert torch.isfinite(logits).all()
-    assert check_padding_holes(backbone) <= 1e-5
-    assert check_prefix_cache(backbone) <= 1e-5
+    # SmolLM2's final hidden states reach |h| ~ 50, and merely appending tokens (no padding at all) moves
+    # earlier positions by ~6e-5 through shape-dependent fp32 kernels; so the bound is relative to |h|.
+    # Measured (sdpa): holes 5.9e-5, cache 2.0e-5, max |h| 54, i.e. ~1e-6 relative.
+    for diff, scale in (check_padding_holes(backbone), check_prefix_cache(backbone)):
+        assert diff <= 1e-5 * scale
+    assert check_padding_holes(backbone, leak=True)[0] > 1e-3 * check_padding_holes(backbone)[1]

@@ -49,7 +49,10 @@ def test_hashing_encoder_is_normalised_and_meaningful():
 
 
 def test_hashing_encoder_is_identical_across_processes():
-    code = "from qanchor_lab.event_encoder import HashingEncoder; print(HashingEncoder(32).encode(['taxi ride home']).tolist())"
+    code = (
+        "from qanchor_lab.event_encoder import HashingEncoder; "
+        "print(HashingEncoder(32).encode(['taxi ride home']).tolist())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={**os.environ, "PYTHONHASHSEED": "123"})
     other = np.array(eval(out.stdout), dtype=np.float32)  # noqa: S307  (our own subprocess output)
@@ -134,7 +137,9 @@ def _writer_script(cache: Path, start: int) -> str:
 @pytest.mark.slow
 def test_two_processes_share_one_cache(tmp_path):
     procs = [
-        subprocess.Popen([sys.executable, "-c", _writer_script(tmp_path, s)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _writer_script(tmp_path, s)], cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
         for s in (0, 150)
     ]
     for p in procs:

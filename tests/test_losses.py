@@ -25,7 +25,9 @@ from qanchor_lab.losses import (
 # --------------------------------------------------------------------------- contrastive
 
 
-def reference_contrastive(anchors, answers, *, temperature, margin, negatives, user_ids=None, answer_ids=None, rows=None):
+def reference_contrastive(
+    anchors, answers, *, temperature, margin, negatives, user_ids=None, answer_ids=None, rows=None
+):
     """Loop-by-loop InfoNCE with the margin rule and masks; also counts kept and dropped-by-margin negatives."""
     unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
     a = [unit(v) for v in anchors.tolist()]
@@ -294,7 +296,8 @@ def test_next_token_loss_matches_cross_entropy_and_ignores_masked_targets():
     want = F.cross_entropy(logits.reshape(-1, 7), targets.masked_fill(~mask, -100).reshape(-1), ignore_index=-100)
     garbage = targets.masked_fill(~mask, -100)  # values outside the vocabulary under the mask are never read
     assert torch.allclose(next_token_loss(logits, garbage, mask), want, atol=1e-6)
-    assert torch.allclose(next_token_loss(logits.reshape(-1, 7), targets.reshape(-1), mask.reshape(-1)), want, atol=1e-6)
+    flat = next_token_loss(logits.reshape(-1, 7), targets.reshape(-1), mask.reshape(-1))
+    assert torch.allclose(flat, want, atol=1e-6)
     assert torch.allclose(NextTokenLoss()(logits, targets, mask.long()), want, atol=1e-6)
     assert next_token_loss(logits.half(), targets, mask).dtype == torch.float32
 
@@ -308,9 +311,10 @@ def test_next_token_loss_normalizer_gives_global_mean_across_shards():
     global_mean = next_token_loss(logits, targets, mask)
     world = 2
     normalizer = mask.sum().item() / world
-    shards = [next_token_loss(logits[s], targets[s], mask[s], normalizer=normalizer) for s in (slice(0, 2), slice(2, 4))]
+    halves = (slice(0, 2), slice(2, 4))
+    shards = [next_token_loss(logits[s], targets[s], mask[s], normalizer=normalizer) for s in halves]
     assert torch.allclose(sum(shards) / world, global_mean, atol=1e-6)
-    naive = sum(next_token_loss(logits[s], targets[s], mask[s]) for s in (slice(0, 2), slice(2, 4))) / world
+    naive = sum(next_token_loss(logits[s], targets[s], mask[s]) for s in halves) / world
     assert not torch.allclose(naive, global_mean, atol=1e-4)
     total = next_token_loss(logits, targets, mask, normalizer=torch.tensor(3.0))
     assert torch.allclose(total, global_mean * mask.sum() / 3.0, atol=1e-5)
@@ -403,7 +407,9 @@ def test_prototype_loss_gradcheck():
     prototypes.requires_grad_(True)
     weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda e, p: prototype_loss(e, p, labels, temperature=0.2, prototype_class=prototype_class, class_weights=weights),
+        lambda e, p: prototype_loss(
+            e, p, labels, temperature=0.2, prototype_class=prototype_class, class_weights=weights
+        ),
         (embeddings, prototypes),
     )
 

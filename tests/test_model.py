@@ -118,12 +118,13 @@ def test_resume_continues_exactly(tiny_model, small_world, tmp_path):
     import copy
 
     straight = copy.deepcopy(tiny_model)
-    _small_pretrain(straight, small_world, tmp_path / "a", max_steps=4)
-    first = copy.deepcopy(tiny_model)
-    _small_pretrain(first, small_world, tmp_path / "b", max_steps=2)
-    resumed = QAnchorModel.from_pretrained(tmp_path / "b")
+    _small_pretrain(straight, small_world, tmp_path / "a", max_steps=4, save_every=2)
+    mid = tmp_path / "a" / "checkpoint-2"
+    assert json.loads((mid / "trainer_state.json").read_text())["step"] == 2
+    resumed = QAnchorModel.from_pretrained(mid)
     cfg = PretrainConfig(epochs=1.0, batch_size=8, max_steps=4, log_every=1, seed=3)
-    pretrain(resumed, small_world, cfg, tmp_path / "c", resume_from=tmp_path / "b", show_progress=False)
+    summary = pretrain(resumed, small_world, cfg, tmp_path / "b", resume_from=mid, show_progress=False)
+    assert summary["steps"] == 4
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
 

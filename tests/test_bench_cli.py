@@ -1,0 +1,37 @@
+"""The command line and the benchmark commands (smoke scale: figures are reported, not asserted on time)."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from qanchor_lab.cli import main
+
+
+def test_data_command_writes_tables_and_manifest(tmp_path, capsys):
+    assert main(["data", "--users", "600", "--seed", "4", "--out", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert "oracle_auc" in out and "self-reflection" in out
+    for table in ("events", "profiles", "users", "qa", "tasks", "labels"):
+        assert len(pd.read_parquet(tmp_path / "w" / f"{table}.parquet")) > 0
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert manifest["seed"] == 4 and len(manifest["tasks"]) == 10
+
+
+def test_bad_arguments_give_a_clean_error(tmp_path, capsys):
+    assert main(["pretrain", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_bench_kv_json_contract():
+    proc = subprocess.run([sys.executable, "-m", "qanchor_lab", "bench", "kv", "--json", "--fast"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["queries_per_user"] == 10
+    assert result["max_abs_diff"] <= 1e-5
+    assert result["ideal_speedup"] > 1 and result["speedup"] > 0
