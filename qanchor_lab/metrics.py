@@ -309,10 +309,13 @@ def _per_task_values(prep: _Prepared, name: str, weights: np.ndarray, metric: st
     return np.stack([_weighted_metric(t, weights, metric) for t in prep.sorted_tasks[name]], axis=1)
 
 
-def _interval(samples: np.ndarray, ci: float) -> tuple[float, float]:
+def _interval(samples: np.ndarray, ci: float, observed: float) -> tuple[float, float]:
+    """Basic (pivotal) bootstrap interval [2θ - q_hi, 2θ - q_lo]. Unlike the percentile interval it
+    corrects the resampling bias of max-type statistics: KS, a maximum over thresholds, grows on
+    resamples, which would put the percentile interval above the estimate."""
     alpha = (1.0 - ci) / 2.0
-    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    q_low, q_high = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(2 * observed - q_high), float(2 * observed - q_low)
 
 
 def _valid_rows(*per_task: np.ndarray, n_boot: int) -> np.ndarray:
@@ -349,7 +352,7 @@ def bootstrap_ci(
     observed = _per_task_values(prep, "scores", ones, metric)[0]  # (T,)
     boot = _per_task_values(prep, "scores", _resample_weights(prep.n_users, n_boot, seed), metric)  # (B, T)
     boot = boot[_valid_rows(boot, n_boot=n_boot)]
-    low, high = _interval(boot.mean(axis=1), ci)
+    low, high = _interval(boot.mean(axis=1), ci, float(observed.mean()))
     result = {
         "metric": metric,
         "value": float(observed.mean()),
@@ -362,7 +365,7 @@ def bootstrap_ci(
     if per_task:
         result["tasks"] = {}
         for j, task_id in enumerate(prep.task_ids):
-            t_low, t_high = _interval(boot[:, j], ci)
+            t_low, t_high = _interval(boot[:, j], ci, float(observed[j]))
             result["tasks"][task_id] = {"value": float(observed[j]), "low": t_low, "high": t_high}
     return result
 
@@ -390,7 +393,7 @@ def paired_bootstrap(
     """Paired user-level bootstrap of the difference (a - b) in the average metric over tasks.
 
     Each resample draws users with replacement once and scores both methods on every task with that
-    same draw. Returns {"metric", "diff" (on the data as given), "low", "high" (percentile CI),
+    same draw. Returns {"metric", "diff" (on the data as given), "low", "high" (basic bootstrap CI),
     "p_value", "alternative", "ci", "n_boot" (resamples used), "n_users"}.
 
     p_value: with alternative="greater" it is the share of resamples with diff <= 0 (small when a is
@@ -407,7 +410,7 @@ def paired_bootstrap(
     valid = _valid_rows(boot_a, boot_b, n_boot=n_boot)
     diffs = boot_a[valid] - boot_b[valid]  # (B', T)
     avg = diffs.mean(axis=1)  # (B',)
-    low, high = _interval(avg, ci)
+    low, high = _interval(avg, ci, float(observed.mean()))
     result = {
         "metric": metric,
         "diff": float(observed.mean()),
@@ -422,7 +425,7 @@ def paired_bootstrap(
     if per_task:
         result["tasks"] = {}
         for j, task_id in enumerate(prep.task_ids):
-            t_low, t_high = _interval(diffs[:, j], ci)
+            t_low, t_high = _interval(diffs[:, j], ci, float(observed[j]))
             result["tasks"][task_id] = {
                 "diff": float(observed[j]),
                 "low": t_low,

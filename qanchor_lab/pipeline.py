@@ -43,21 +43,22 @@ class DemoConfig:
     n_users: int = 6000            # synthetic world size
     seed: int = 7                  # world seed; model and training seeds derive from it
     backbone: str = "tiny"         # tiny | smollm2 | HF id / local dir
-    tiny_size: str = "s"
+    tiny_size: str = "xs"          # xs learned faster per second than s at the same lr (sweep_pretrain)
     max_events: int = 16
-    epochs: float = 2.0
+    epochs: float = 1.5
     batch_size: int = 32
     text_encoder: str = "minilm"
     retrieval_pairs: int = 600
     n_prompt: int = 6              # soft prompt tokens per task
-    tune_epochs: int = 12          # upper bound; early stopping on a held-out part of the tune split
+    tune_epochs: int = 10          # upper bound; early stopping on a held-out part of the tune split
     n_boot: int = 1000             # bootstrap resamples for the CIs
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
+    text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
 
     @classmethod
     def fast(cls) -> "DemoConfig":
         return cls(n_users=1500, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
-                   tune_epochs=4, n_boot=200, max_steps=40)
+                   tune_epochs=4, n_boot=200, max_steps=40, text_max_chars=300)
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(n_users=self.n_users, seed=self.seed)
@@ -208,7 +209,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_p
     scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
     scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
     scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
-    scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
+    scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
+                                                     serialize_kw={"max_chars": cfg.text_max_chars})
     untrained = build_model(world, cfg).eval()
     untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress)
     scores["untrained"] = untrained_scores["base"]

@@ -33,9 +33,10 @@ class PromptTuningConfig:
     temperature: float = 0.1          # tau of the prototype softmax
     lr: float = 3e-3
     epochs: int = 30                  # upper bound; early stopping picks the best epoch
-    patience: int = 5                 # epochs without validation-AUC gain before stopping
+    patience: int = 3                 # epochs without validation-AUC gain before stopping
     batch_size: int = 64
     val_share: float = 0.25           # share of the tune split held out for early stopping
+    center: bool = True               # subtract the initial mean embedding before the prototype softmax
     seed: int = 0
 
     def __post_init__(self):
@@ -55,6 +56,9 @@ class TaskAdapter(nn.Module):
         self.prompt = nn.Parameter(torch.zeros(n_prompt, hidden))                 # (n, H)
         self.prototypes = nn.Parameter(torch.zeros(n_classes * per_class, embed_dim))  # (K*m, d)
         self.register_buffer("prototype_class", torch.arange(n_classes).repeat_interleave(per_class))
+        # Embeddings share a dominant direction (they sit in a narrow cone), which swamps the cosine to
+        # any prototype; measuring from their mean lets the class structure show.
+        self.register_buffer("center", torch.zeros(embed_dim))
         self.query = query
         self.config = config
 
@@ -65,8 +69,12 @@ class TaskAdapter(nn.Module):
         suffix = model.make_suffix([self.suffix_text()] * len(cache), n_prompt=self.prompt.shape[0])
         return run_cached(model, cache, suffix, self.prompt if self.prompt.shape[0] else None)   # (B, d)
 
+    def features(self, emb: torch.Tensor) -> torch.Tensor:
+        """What the prototypes compare against: the (centred) embedding."""
+        return emb - self.center                                                  # (B, d)
+
     def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
-        return prototype_scores(emb, self.prototypes, self.prototype_class, temperature=self.config.temperature)
+        return prototype_scores(self.features(emb), self.prototypes, self.prototype_class, temperature=self.config.temperature)
 
     @torch.no_grad()
     def score(self, model, cache: PrefixCache, batch_size: int = 256) -> np.ndarray:
@@ -81,7 +89,7 @@ class TaskAdapter(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototypes.detach().contiguous(),
-                   "prototype_class": self.prototype_class}, path.with_suffix(".safetensors"))
+                   "prototype_class": self.prototype_class, "center": self.center}, path.with_suffix(".safetensors"))
         path.with_suffix(".json").write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
         return path.with_suffix(".safetensors")
 
@@ -138,7 +146,10 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
     adapter = TaskAdapter(config.n_prompt, H, model.config.embed_dim, 2, config.prototypes_per_class, query, config)
     with torch.no_grad():
         adapter.prompt.copy_(_init_prompt(model, config.n_prompt, gen))
-        base = _embed_rows(adapter, model, cache, tr_idx).numpy()               # (n_train, d)
+        base = _embed_rows(adapter, model, cache, tr_idx)                       # (n_train, d)
+        if config.center:
+            adapter.center.copy_(base.mean(0))
+        base = torch.nn.functional.normalize(adapter.features(base), dim=-1).numpy()
         protos = []
         for c in (0, 1):
             x = base[labels[tr_idx] == c]
@@ -165,7 +176,7 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
         for i in range(0, len(order), config.batch_size):
             rows = order[i:i + config.batch_size]
             emb = adapter.embed(model, cache.select(torch.as_tensor(rows)))
-            loss = prototype_loss(emb, adapter.prototypes, torch.as_tensor(labels[rows]), temperature=config.temperature,
+            loss = prototype_loss(adapter.features(emb), adapter.prototypes, torch.as_tensor(labels[rows]), temperature=config.temperature,
                                   prototype_class=adapter.prototype_class, class_weights=class_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
