@@ -38,10 +38,13 @@ QUERIES = [
 
 
 def _setup(fast: bool):
-    """Default sizes (tiny "s", 16 events per modality, MiniLM) or a quick smoke-test setting."""
+    """The demo's default model sizes (DemoConfig), or a quick smoke-test setting."""
+    from qanchor_lab.pipeline import DemoConfig
+
+    demo = DemoConfig()
     world = generate_world(WorldConfig(n_users=1000 if fast else 2000, seed=1))
-    cfg = QAnchorConfig(backbone=BackboneConfig(name="tiny", tiny_size="xs" if fast else "s"),
-                        max_events=8 if fast else 16, text_encoder="hashing" if fast else "minilm")
+    cfg = QAnchorConfig(backbone=BackboneConfig(name="tiny", tiny_size=demo.tiny_size),
+                        max_events=8 if fast else demo.max_events, text_encoder="hashing" if fast else demo.text_encoder)
     model = QAnchorModel.from_data(cfg, world.events, world.profiles, world.users_in("pretrain")).eval()
     users = world.users_in("test")
     store = model.behaviour(world.events, world.profiles, users)

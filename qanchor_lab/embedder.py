@@ -98,11 +98,12 @@ class CachedEmbedder:
         out = np.zeros((len(user_ids), n_q, self.model.config.embed_dim), np.float32)
         users_per_batch = max(1, batch_size // max(n_q, 1))
         n_prompt = 0 if prompt is None else prompt.shape[-2]
+        one = self.model.make_suffix(queries, n_prompt=n_prompt)                 # tokenise the queries once
         for start in tqdm(range(0, len(user_ids), users_per_batch), desc="encode", disable=not show_progress_bar):
             chunk = user_ids[start:start + users_per_batch]
             cache = self.prefix_cache(chunk)
             rows = torch.arange(len(chunk)).repeat_interleave(n_q)               # user-major: (u0,q0),(u0,q1),...
-            suffix = self.model.make_suffix(queries * len(chunk), n_prompt=n_prompt)
+            suffix = one.tile(len(chunk))
             emb = run_cached(self.model, cache.select(rows), suffix, prompt)      # (b*Q, d)
             out[start:start + len(chunk)] = emb.view(len(chunk), n_q, -1).cpu().numpy()
         return out

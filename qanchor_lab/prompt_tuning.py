@@ -66,7 +66,7 @@ class TaskAdapter(nn.Module):
         return self.query if self.config.use_query else ""
 
     def embed(self, model, cache: PrefixCache) -> torch.Tensor:
-        suffix = model.make_suffix([self.suffix_text()] * len(cache), n_prompt=self.prompt.shape[0])
+        suffix = model.make_suffix([self.suffix_text()], n_prompt=self.prompt.shape[0]).tile(len(cache))
         return run_cached(model, cache, suffix, self.prompt if self.prompt.shape[0] else None)   # (B, d)
 
     def features(self, emb: torch.Tensor) -> torch.Tensor:

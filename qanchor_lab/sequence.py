@@ -38,6 +38,11 @@ class Suffix:
     targets: torch.Tensor       # (B, S) next-token target for each position, IGNORE where none
     n_prompt: int               # leading soft-prompt slots (their ids are pad; embeddings come from the prompt)
 
+    def tile(self, n: int) -> "Suffix":
+        """The batch repeated n times (row order r0..rQ, r0..rQ, ...): tokenise Q queries once for n users."""
+        return Suffix(self.input_ids.repeat(n, 1), self.mask.repeat(n, 1), self.pool_index.repeat(n),
+                      self.targets.repeat(n, 1), self.n_prompt)
+
 
 def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front (stable) and trim to the longest row."""
