@@ -285,7 +285,7 @@ def write_report(
     out.append("<h2>Results on the test users</h2>")
     boot = metrics.get("bootstrap")
     if boot:
-        out.append(f"<p>Intervals: {round(100 * boot['ci'])}% percentile bootstrap over test users "
+        out.append(f"<p>Intervals: {round(100 * boot['ci'])}% basic bootstrap over test users "
                    f"({boot['n_boot']} resamples, seed {boot['seed']}); differences are paired (same resamples).</p>")
     out.append(_table_html(metrics))
     for i, (heading, div_id, fig) in enumerate(figures):
