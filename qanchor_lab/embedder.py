@@ -87,7 +87,7 @@ class CachedEmbedder:
             for i, u in enumerate(todo):
                 self._cache[u] = built.select(torch.tensor([i]))
         parts = [self._cache[u] for u in user_ids]
-        return _concat(parts)
+        return concat_caches(parts)
 
     @torch.no_grad()
     def encode(self, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
@@ -109,7 +109,8 @@ class CachedEmbedder:
         return out
 
 
-def _concat(parts: list[PrefixCache]) -> PrefixCache:
+def concat_caches(parts: list[PrefixCache]) -> PrefixCache:
+    """Stack caches of different users (padding each to the longest prefix)."""
     width = max(p.mask.shape[1] for p in parts)
 
     def pad(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +154,6 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, sh
                    adapters_dir: Path | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe) and prompt-tuned scores of one model on the downstream users."""
     from qanchor_lab.baselines import embedding_probe_scores
-    from qanchor_lab.embedder import build_prefix_cache
 
     tune, test = world.users_in("tune"), world.users_in("test")
     users = tune + test
@@ -192,11 +191,11 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, sh
 
 
 def _cache_in_chunks(model, store, users, chunk: int = 256):
-    from qanchor_lab.embedder import _concat, build_prefix_cache
+    from qanchor_lab.embedder import build_prefix_cache, concat_caches
 
     parts = [build_prefix_cache(model, store.batch(store.indices(users[i:i + chunk])))
              for i in range(0, len(users), chunk)]
-    return _concat(parts)
+    return concat_caches(parts)
 
 
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True) -> dict:
