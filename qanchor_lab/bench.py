@@ -3,7 +3,8 @@
 - `kv`: cached-prefix encoding vs full recomputation for 10 queries per user: speedup, the ideal
   speedup from token counts, and the largest embedding difference between the two paths.
 - `prompt`: one soft-prompt tuning step over cached prefixes vs over full sequences: loss difference
-  and speedup per step.
+  and speedup per step, for the prompt before the query (the query runs in every step) and after it
+  (the query joins the cache once per task).
 - `pretrain`: pre-training tokens/s against a bare backbone forward+backward on the same sequences,
   both as a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound).
 Timings alternate the two contenders and take medians.
@@ -119,46 +120,59 @@ def kv_scaling(model, world, user_ids, *, n_queries=(1, 2, 5, 10, 20), max_event
 
 
 def bench_prompt(fast: bool = False, batch_size: int = 64) -> dict:
-    """One prompt-tuning step (forward + backward) over cached prefixes vs full sequences."""
-    from qanchor_lab.embedder import build_prefix_cache, run_cached
+    """One prompt-tuning step (forward + backward) over cached prefixes vs full sequences, for both prompt
+    positions; the top-level figures are for the default PromptTuningConfig."""
+    from qanchor_lab.embedder import build_prefix_cache
     from qanchor_lab.losses import prototype_loss
-    from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter
+    from qanchor_lab.prompt_tuning import PROMPT_POSITION, PromptTuningConfig, TaskAdapter
 
     _, model, store, users = _setup(fast)
     for p in model.parameters():
         p.requires_grad_(False)
     users = users[:batch_size]
     batch = store.batch(store.indices(users))
-    cfg = PromptTuningConfig()
-    H = model.llm.get_input_embeddings().weight.shape[1]
-    adapter = TaskAdapter(cfg.n_prompt, H, model.config.embed_dim, 2, cfg.prototypes_per_class, QUERIES[0], cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        adapter.prompt.copy_(torch.randn(cfg.n_prompt, H, generator=g) * float(model.encoder.embed_scale))
-        adapter.prototypes.copy_(torch.randn(adapter.prototypes.shape, generator=g))
-    labels = torch.as_tensor(np.arange(len(users)) % 2)
     cache = build_prefix_cache(model, batch)
-    suffix = model.make_suffix([QUERIES[0]] * len(users), n_prompt=cfg.n_prompt)
-    losses = {}
+    labels = torch.as_tensor(np.arange(len(users)) % 2)
+    H = model.llm.get_input_embeddings().weight.shape[1]
 
-    def step(kind: str) -> None:
-        adapter.zero_grad()
-        if kind == "cached":
-            emb = run_cached(model, cache, suffix, adapter.prompt)
-        else:
-            prefix = model.encode_prefix(batch)
-            hidden = model.run_full(prefix, model.suffix_embeddings(suffix, adapter.prompt), suffix.mask)
-            emb = model.pool(hidden, suffix)
-        loss = prototype_loss(emb, adapter.prototypes, labels, temperature=cfg.temperature,
-                              prototype_class=adapter.prototype_class)
-        loss.backward()
-        losses[kind] = float(loss)
+    def measure(position: str) -> dict:
+        cfg = PromptTuningConfig(prompt_position=position)
+        adapter = TaskAdapter(cfg.n_prompt, H, model.config.embed_dim, 2, cfg.prototypes_per_class, QUERIES[0], cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            adapter.prompt.copy_(torch.randn(cfg.n_prompt, H, generator=g) * float(model.encoder.embed_scale))
+            adapter.prototypes.copy_(torch.randn(adapter.prototypes.shape, generator=g))
+        task_cache = adapter.task_cache(model, cache)          # once per task, as in tune_task
+        after = position == "after_query"
+        full_suffix = model.make_suffix([QUERIES[0]] * len(users), n_prompt=cfg.n_prompt, prompt_after_query=after)
+        losses = {}
 
-    t_full, t_cached = _alternate(lambda: step("full"), lambda: step("cached"), repeats=3 if fast else 5)
-    return {"batch_size": len(users), "n_prompt": cfg.n_prompt, "loss_full": losses["full"], "loss_cached": losses["cached"],
-            "loss_abs_diff": abs(losses["full"] - losses["cached"]), "speedup": t_full / t_cached,
-            "seconds_full": t_full, "seconds_cached": t_cached,
-            "prefix_tokens": float(cache.lengths.float().mean()), "suffix_tokens": float(suffix.mask.sum(1).float().mean())}
+        def step(kind: str) -> None:
+            adapter.zero_grad()
+            if kind == "cached":
+                emb = adapter.embed(model, task_cache, task_cache=True)
+            else:
+                prefix = model.encode_prefix(batch)
+                hidden = model.run_full(prefix, model.suffix_embeddings(full_suffix, adapter.prompt), full_suffix.mask)
+                emb = model.pool(hidden, full_suffix)
+            loss = prototype_loss(emb, adapter.prototypes, labels, temperature=cfg.temperature,
+                                  prototype_class=adapter.prototype_class)
+            loss.backward()
+            losses[kind] = loss.item()
+
+        t_full, t_cached = _alternate(lambda: step("full"), lambda: step("cached"), repeats=3 if fast else 5)
+        step_suffix = model.make_suffix([adapter.suffix_text()], n_prompt=cfg.n_prompt)
+        return {"loss_full": losses["full"], "loss_cached": losses["cached"],
+                "loss_abs_diff": abs(losses["full"] - losses["cached"]), "speedup": t_full / t_cached,
+                "seconds_full": t_full, "seconds_cached": t_cached,
+                "cached_tokens": float(task_cache.lengths.float().mean()), "step_tokens": int(step_suffix.mask.sum()),
+                "full_tokens": float(cache.lengths.float().mean()) + int(full_suffix.mask[0].sum())}
+
+    default = PromptTuningConfig()
+    layouts = {position: measure(position) for position in PROMPT_POSITION}
+    return {"batch_size": len(users), "n_prompt": default.n_prompt, "prompt_position": default.prompt_position,
+            **layouts[default.prompt_position], "prefix_tokens": float(cache.lengths.float().mean()),
+            "layouts": layouts}
 
 
 def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> dict:

@@ -55,15 +55,50 @@ def build_prefix_cache(model, users: UserBatch) -> PrefixCache:
     return PrefixCache(keys, values, prefix.mask, prefix.lengths)
 
 
-def run_cached(model, cache: PrefixCache, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:
-    """Pooled embeddings (B, d) for one suffix row per cache row. Differentiable w.r.t. `prompt`."""
-    embeds = model.suffix_embeddings(suffix, prompt)                              # (B, S, H)
-    smask = suffix.mask.to(model.device)
+def _run_on(model, cache: PrefixCache, embeds: torch.Tensor, smask: torch.Tensor):
+    """Run suffix embeddings (B, S, H) on top of the cache; (decoder output, the grown DynamicCache)."""
+    smask = smask.to(model.device)
     mask = torch.cat([cache.mask, smask], 1)                                     # (B, P+S)
     pos = position_ids(smask, offset=cache.lengths)                              # (B, S)
+    grown = cache.dynamic_cache()
     out = model.decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos,
-                        past_key_values=cache.dynamic_cache(), use_cache=True)
+                        past_key_values=grown, use_cache=True)
+    return out, grown
+
+
+def run_cached(model, cache: PrefixCache, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """Pooled embeddings (B, d) for one suffix row per cache row. Differentiable w.r.t. `prompt`."""
+    out, _ = _run_on(model, cache, model.suffix_embeddings(suffix, prompt), suffix.mask)   # embeds (B, S, H)
     return model.pool(out.last_hidden_state, suffix)                             # (B, d)
+
+
+@torch.no_grad()
+def extend_cache(model, cache: PrefixCache, texts: Sequence[str]) -> PrefixCache:
+    """The cache with each row's text (e.g. its task query) appended, real tokens packed to the front.
+
+    Text that no soft prompt can change (it comes before the prompt) is then computed once, and a
+    prompt-tuning step runs only the prompt and <user_emb> tokens. Keys already carry their rotary
+    positions, so moving them within a row changes nothing."""
+    if len(texts) != len(cache):
+        raise ValueError(f"extend_cache: {len(texts)} texts for {len(cache)} cached rows")
+    ids = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                          max_length=model.config.max_query_tokens)["input_ids"]
+    width = max(len(i) for i in ids)
+    if width == 0:
+        return cache
+    pad = model.tokenizer.pad_token_id
+    tokens = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=model.device)   # (B, Q)
+    smask = torch.tensor([[True] * len(i) + [False] * (width - len(i)) for i in ids], device=model.device)
+    _, grown = _run_on(model, cache, model.embed_tokens(tokens), smask)
+    mask = torch.cat([cache.mask, smask], 1)                                     # (B, P+Q)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)            # real tokens first
+    lengths = mask.sum(1)
+    keep = int(lengths.max())
+    def pack(t: torch.Tensor) -> torch.Tensor:                                   # (B, kv, P+Q, hd) -> (B, kv, keep, hd)
+        idx = order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+        return torch.gather(t, 2, idx)[:, :, :keep]
+    return PrefixCache([pack(layer.keys) for layer in grown.layers], [pack(layer.values) for layer in grown.layers],
+                       torch.gather(mask, 1, order)[:, :keep], lengths)
 
 
 class CachedEmbedder:

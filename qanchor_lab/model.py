@@ -153,21 +153,23 @@ class QAnchorModel(nn.Module):
     def encode_prefix(self, users: UserBatch) -> Prefix:
         return assemble_prefix(self.encoder(users), self.special_embeddings(), self.config.modalities)
 
-    def make_suffix(self, queries: Sequence[str], answers: Sequence[str] | None = None, n_prompt: int = 0) -> Suffix:
+    def make_suffix(self, queries: Sequence[str], answers: Sequence[str] | None = None, n_prompt: int = 0,
+                    prompt_after_query: bool = False) -> Suffix:
         return build_suffix(
             self.tokenizer, queries, user_emb_id=self.special_token_ids["<user_emb>"], answers=answers,
-            n_prompt=n_prompt, max_query_tokens=self.config.max_query_tokens,
+            n_prompt=n_prompt, prompt_after_query=prompt_after_query, max_query_tokens=self.config.max_query_tokens,
             max_answer_tokens=self.config.max_answer_tokens,
         )
 
     def suffix_embeddings(self, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings of the suffix; the leading n_prompt slots take the soft prompt (n, H) or (B, n, H)."""
+        """Token embeddings of the suffix; its n_prompt slots take the soft prompt (n, H) or (B, n, H)."""
         emb = self.embed_tokens(suffix.input_ids.to(self.device))                  # (B, S, H)
         if suffix.n_prompt:
             if prompt is None:
                 raise ValueError(f"suffix has {suffix.n_prompt} prompt slots but no prompt was given")
             prompt = prompt.expand(emb.shape[0], -1, -1) if prompt.dim() == 2 or prompt.shape[0] == 1 else prompt
-            emb = torch.cat([prompt.to(emb.dtype), emb[:, suffix.n_prompt:]], 1)   # (B, S, H)
+            index = suffix.prompt_index.to(self.device).unsqueeze(-1).expand(-1, -1, emb.shape[-1])  # (B, n, H)
+            emb = emb.scatter(1, index, prompt.to(emb.dtype))                      # (B, S, H)
         return emb
 
     def run_full(self, prefix: Prefix, suffix_embeds: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
@@ -182,11 +184,12 @@ class QAnchorModel(nn.Module):
         h = suffix_hidden[rows, suffix.pool_index.to(suffix_hidden.device)]      # (B, H)
         return F.normalize(self.head(h), dim=-1)                                 # (B, d)
 
-    def embed(self, users: UserBatch, queries: Sequence[str], prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, users: UserBatch, queries: Sequence[str], prompt: torch.Tensor | None = None,
+              prompt_after_query: bool = False) -> torch.Tensor:
         """Query-conditioned embeddings (B, d) by full recomputation (one query per user row)."""
         n_prompt = 0 if prompt is None else prompt.shape[-2]
         prefix = self.encode_prefix(users.to(self.device))
-        suffix = self.make_suffix(queries, n_prompt=n_prompt)
+        suffix = self.make_suffix(queries, n_prompt=n_prompt, prompt_after_query=prompt_after_query)
         hidden = self.run_full(prefix, self.suffix_embeddings(suffix, prompt), suffix.mask)
         return self.pool(hidden, suffix)
 

@@ -1,11 +1,22 @@
 """Cluster-based soft prompt tuning (DESIGN §1.6): scenario adaptation with the model frozen.
 
-n learnable prompt vectors sit after the behaviour prefix (before the optional task query), and each of
-the K=2 classes gets m learnable prototypes, initialised by k-means of the initial embeddings within
-the class. The class-balanced prototype-softmax loss pulls each user's embedding toward its class. All
-training runs over cached prefixes, so a step costs only the prompt, query and <user_emb> tokens.
-Epochs are chosen by early stopping on a held-out part of the tune split (soft prompts overfit a few
-hundred positives); the test split is never touched here.
+n learnable prompt vectors sit after the behaviour prefix, after the task query by default (or before
+it, or with no query), and each of the K=2 classes gets m learnable prototypes, initialised by k-means
+of the initial embeddings within the class. The class-balanced prototype-softmax loss pulls each
+user's embedding toward its class. All training runs over cached prefixes. With the prompt after the
+query, the query's keys and values join each user's cache once per task, so a step runs only the
+prompt and <user_emb> tokens; with the prompt first, a step also runs the query.
+
+Choices of ours (the paper publishes no code for this stage), each measured on a held-out part of the
+tune split of the default world, never on the test split:
+- the prototypes compare *whitened* embeddings (mean and shrunk covariance of the initial embeddings,
+  frozen as buffers), which turns nearest-prototype into a discriminant instead of a vote of the few
+  dominant directions of a narrow embedding cone;
+- the prototypes are first fitted alone on the initial embeddings (cheap: no LLM call) before prompt
+  and prototypes train together, so the prompt is never steered by a k-means head still far from a
+  decision boundary (linear probe, then fine-tune);
+- the number of joint epochs is chosen by early stopping on a held-out share of the tune users (soft
+  prompts overfit a few hundred positives), then the adapter is trained again on all of them.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,25 +33,56 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from qanchor_lab.embedder import PrefixCache, run_cached
+from qanchor_lab.embedder import PrefixCache, extend_cache, run_cached
 from qanchor_lab.losses import prototype_loss, prototype_scores
+
+
+Normalize = Literal["none", "center", "whiten"]
+NORMALIZE: tuple[str, ...] = ("none", "center", "whiten")
+# "random_words": rows of the word-embedding table drawn at random; "query": the embeddings of the task
+# query's own tokens, repeated to n_prompt (text initialisation, Lester et al. 2021)
+PromptInit = Literal["random_words", "query"]
+PROMPT_INIT: tuple[str, ...] = ("random_words", "query")
+# "before_query": prefix, prompt, query, <user_emb>; "after_query": prefix, query, prompt, <user_emb>. After the
+# query, the query's keys and values are computed once per task (extend_cache) and a step runs only the
+# prompt and <user_emb> tokens.
+PromptPosition = Literal["before_query", "after_query"]
+PROMPT_POSITION: tuple[str, ...] = ("before_query", "after_query")
 
 
 @dataclass
 class PromptTuningConfig:
     n_prompt: int = 6                 # soft prompt tokens (the paper's gains saturate around 6)
-    use_query: bool = True            # put the task's query text after the soft prompt
-    prototypes_per_class: int = 2     # m prototypes for each of the K=2 classes
+    use_query: bool = True            # put the task's query text in the suffix too
+    prompt_position: PromptPosition = "after_query"
+    prototypes_per_class: int = 1     # m prototypes for each of the K=2 classes (1: the paper's loss exactly)
     temperature: float = 0.1          # tau of the prototype softmax
     lr: float = 3e-3
     epochs: int = 30                  # upper bound; early stopping picks the best epoch
     patience: int = 3                 # epochs without validation-AUC gain before stopping
     batch_size: int = 64
     val_share: float = 0.25           # share of the tune split held out for early stopping
-    center: bool = True               # subtract the initial mean embedding before the prototype softmax
+    refit: bool = True                # after early stopping, train again on all tune users for the chosen epochs
+    # what the prototypes compare against: the raw embedding, the embedding minus the initial mean, or
+    # the whitened embedding (initial mean and covariance, shrunk toward its average variance)
+    normalize: Normalize = "whiten"
+    shrinkage: float = 0.1            # whiten only: covariance shrinkage in [0, 1] (1 = centre and rescale only)
+    head_epochs: int = 20             # prototype-only epochs on the initial embeddings before the joint phase
+    head_lr: float = 1e-2             # Adam lr of that prototype-only phase
+    prompt_init: PromptInit = "random_words"
     seed: int = 0
 
     def __post_init__(self):
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        if self.prompt_position not in PROMPT_POSITION:
+            raise ValueError(f"prompt_position must be one of {PROMPT_POSITION}, got {self.prompt_position!r}")
+        if self.prompt_init not in PROMPT_INIT:
+            raise ValueError(f"prompt_init must be one of {PROMPT_INIT}, got {self.prompt_init!r}")
+        if not 0 <= self.shrinkage <= 1:
+            raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
+        if self.head_epochs < 0 or self.epochs < 0:
+            raise ValueError(f"epochs and head_epochs must be >= 0, got {self.epochs} and {self.head_epochs}")
         if self.n_prompt < 0 or (self.n_prompt == 0 and not self.use_query):
             raise ValueError("need n_prompt >= 1, or n_prompt == 0 with use_query=True")
         if self.prototypes_per_class < 1:
@@ -56,22 +99,50 @@ class TaskAdapter(nn.Module):
         self.prompt = nn.Parameter(torch.zeros(n_prompt, hidden))                 # (n, H)
         self.prototypes = nn.Parameter(torch.zeros(n_classes * per_class, embed_dim))  # (K*m, d)
         self.register_buffer("prototype_class", torch.arange(n_classes).repeat_interleave(per_class))
-        # Embeddings share a dominant direction (they sit in a narrow cone), which swamps the cosine to
-        # any prototype; measuring from their mean lets the class structure show.
+        # Embeddings sit in a narrow cone whose few dominant directions swamp the cosine to any prototype;
+        # measuring from their mean (and in whitened coordinates) lets the class structure show.
         self.register_buffer("center", torch.zeros(embed_dim))
+        self.register_buffer("whiten", torch.eye(embed_dim))
         self.query = query
         self.config = config
+        self._suffix = None  # the step's suffix, tokenised on first use
 
     def suffix_text(self) -> str:
-        return self.query if self.config.use_query else ""
+        """The text that runs with the prompt in every step (the query, unless it is in the task cache)."""
+        return self.query if self.config.use_query and not _query_in_cache(self.config) else ""
 
-    def embed(self, model, cache: PrefixCache) -> torch.Tensor:
-        suffix = model.make_suffix([self.suffix_text()], n_prompt=self.prompt.shape[0]).tile(len(cache))
-        return run_cached(model, cache, suffix, self.prompt if self.prompt.shape[0] else None)   # (B, d)
+    def task_cache(self, model, cache: PrefixCache) -> PrefixCache:
+        return task_cache(model, cache, self.query, self.config)
+
+    def embed(self, model, cache: PrefixCache, *, task_cache: bool = False) -> torch.Tensor:
+        """Embeddings (B, d) of cached users; `task_cache=True` when `cache` came from `task_cache()`."""
+        if not task_cache:
+            cache = self.task_cache(model, cache)
+        if self._suffix is None:
+            self._suffix = model.make_suffix([self.suffix_text()], n_prompt=self.prompt.shape[0])
+        return run_cached(model, cache, self._suffix.tile(len(cache)), self.prompt if self.prompt.shape[0] else None)
 
     def features(self, emb: torch.Tensor) -> torch.Tensor:
-        """What the prototypes compare against: the (centred) embedding."""
-        return emb - self.center                                                  # (B, d)
+        """What the prototypes compare against: the centred, whitened embedding."""
+        return (emb - self.center) @ self.whiten                                  # (B, d)
+
+    @torch.no_grad()
+    def fit_normalization(self, emb: torch.Tensor) -> None:
+        """Freeze centre and whitening from initial embeddings (N, d), per `config.normalize`."""
+        mode, d = self.config.normalize, emb.shape[1]
+        self.center.zero_()
+        self.whiten.copy_(torch.eye(d))
+        if mode == "none":
+            return
+        self.center.copy_(emb.mean(0))
+        if mode == "whiten":
+            x = (emb - self.center).double()
+            cov = x.T @ x / max(len(x) - 1, 1)                                    # (d, d)
+            a = self.config.shrinkage
+            cov = (1 - a) * cov + a * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
+            evals, evecs = torch.linalg.eigh(cov)
+            inv_sqrt = evals.clamp_min(1e-12 * evals.max()).rsqrt()
+            self.whiten.copy_((evecs * inv_sqrt) @ evecs.T)                       # (d, d) symmetric
 
     def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
         return prototype_scores(self.features(emb), self.prototypes, self.prototype_class, temperature=self.config.temperature)
@@ -89,7 +160,8 @@ class TaskAdapter(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototypes.detach().contiguous(),
-                   "prototype_class": self.prototype_class, "center": self.center}, path.with_suffix(".safetensors"))
+                   "prototype_class": self.prototype_class, "center": self.center,
+                   "whiten": self.whiten}, path.with_suffix(".safetensors"))
         path.with_suffix(".json").write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
         return path.with_suffix(".safetensors")
 
@@ -106,6 +178,15 @@ class TaskAdapter(nn.Module):
         return a
 
 
+def _query_in_cache(config: PromptTuningConfig) -> bool:
+    return config.use_query and config.prompt_position == "after_query"
+
+
+def task_cache(model, cache: PrefixCache, query: str, config: PromptTuningConfig) -> PrefixCache:
+    """Behaviour prefixes plus whatever the prompt cannot change: the query, when it comes first."""
+    return extend_cache(model, cache, [query] * len(cache)) if _query_in_cache(config) else cache
+
+
 @dataclass
 class TuningResult:
     adapter: TaskAdapter
@@ -114,15 +195,85 @@ class TuningResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _init_prompt(model, n: int, generator: torch.Generator) -> torch.Tensor:
-    """Start from randomly chosen word embeddings: the scale the LLM expects."""
+def _init_prompt(model, n: int, query: str, how: str, generator: torch.Generator) -> torch.Tensor:
+    """(n, H) initial prompt at the scale the LLM expects: word embeddings (random rows, or the query's)."""
     table = model.llm.get_input_embeddings().weight.detach()
+    if how == "query" and query:
+        ids = torch.as_tensor(model.tokenizer(query, add_special_tokens=False)["input_ids"])
+        return table[ids[torch.arange(n) % len(ids)]].clone()
     idx = torch.randint(0, table.shape[0], (n,), generator=generator)
     return table[idx].clone()
 
 
+def _fit_head(adapter: TaskAdapter, base: torch.Tensor, labels: np.ndarray, class_weights: torch.Tensor,
+              rng: np.random.Generator) -> None:
+    """Prototype-only epochs on fixed initial embeddings (N, d): no LLM call, so nearly free."""
+    config = adapter.config
+    feats = adapter.features(base).detach()                                     # (N, d)
+    y = torch.as_tensor(labels)
+    opt = torch.optim.Adam([adapter.prototypes], lr=config.head_lr)
+    for _ in range(config.head_epochs):
+        order = torch.as_tensor(rng.permutation(len(y)))
+        for i in range(0, len(order), config.batch_size):
+            rows = order[i:i + config.batch_size]
+            loss = prototype_loss(feats[rows], adapter.prototypes, y[rows], temperature=config.temperature,
+                                  prototype_class=adapter.prototype_class, class_weights=class_weights)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def _balanced_weights(labels: np.ndarray) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=2)
+    return torch.tensor(len(labels) / (2 * counts), dtype=torch.float32)
+
+
+def _start(model, cache: PrefixCache, labels: np.ndarray, rows: np.ndarray, query: str,
+           config: PromptTuningConfig, rng: np.random.Generator) -> TaskAdapter:
+    """A fresh adapter fitted on `rows` of a task cache: prompt init, normalisation, k-means, head phase."""
+    H = model.llm.get_input_embeddings().weight.shape[1]
+    adapter = TaskAdapter(config.n_prompt, H, model.config.embed_dim, 2, config.prototypes_per_class, query, config)
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        adapter.prompt.copy_(_init_prompt(model, config.n_prompt, query, config.prompt_init, gen))
+        base = _embed_rows(adapter, model, cache, rows)                         # (n, d)
+        adapter.fit_normalization(base)
+        unit = torch.nn.functional.normalize(adapter.features(base), dim=-1).numpy()
+        protos = []
+        for c in (0, 1):
+            x = unit[labels[rows] == c]
+            k = min(config.prototypes_per_class, len(x))
+            centres = KMeans(k, n_init=4, random_state=config.seed).fit(x).cluster_centers_
+            protos.append(np.resize(centres, (config.prototypes_per_class, x.shape[1])))
+        adapter.prototypes.copy_(torch.from_numpy(np.concatenate(protos)).float())
+    _fit_head(adapter, base, labels[rows], _balanced_weights(labels[rows]), rng)
+    return adapter
+
+
+def _epoch(adapter: TaskAdapter, opt: torch.optim.Optimizer, model, cache: PrefixCache, labels: np.ndarray,
+           rows: np.ndarray, rng: np.random.Generator) -> float:
+    """One joint epoch (prompt + prototypes) over `rows` of a task cache; the mean training loss."""
+    config, weights = adapter.config, _balanced_weights(labels[rows])
+    order, total = rng.permutation(rows), 0.0
+    for i in range(0, len(order), config.batch_size):
+        batch = order[i:i + config.batch_size]
+        emb = adapter.embed(model, cache.select(torch.as_tensor(batch)), task_cache=True)   # (b, d)
+        loss = prototype_loss(adapter.features(emb), adapter.prototypes, torch.as_tensor(labels[batch]),
+                              temperature=config.temperature, prototype_class=adapter.prototype_class,
+                              class_weights=weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(batch)
+    return total / len(order)
+
+
 def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config: PromptTuningConfig | None = None) -> TuningResult:
-    """Tune one task's soft prompt + prototypes on cached tune-split prefixes with binary `labels`."""
+    """Tune one task's soft prompt + prototypes on cached tune-split prefixes with binary `labels`.
+
+    The number of joint epochs is chosen on a stratified held-out share of these users; with
+    `config.refit` the adapter is then trained again from the same start on all of them for that many
+    epochs (as LogisticRegressionCV refits on all folds)."""
     config = config or PromptTuningConfig()
     labels = np.asarray(labels).astype(int)
     if len(labels) != len(cache):
@@ -133,7 +284,6 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
         p.requires_grad_(False)
     model.eval()
     rng = np.random.default_rng(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
 
     # stratified train / validation split of the tune users
     val = np.zeros(len(labels), bool)
@@ -142,60 +292,42 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
         val[rng.choice(idx, max(1, int(round(config.val_share * len(idx)))), replace=False)] = True
     tr_idx, va_idx = np.flatnonzero(~val), np.flatnonzero(val)
 
-    H = model.llm.get_input_embeddings().weight.shape[1]
-    adapter = TaskAdapter(config.n_prompt, H, model.config.embed_dim, 2, config.prototypes_per_class, query, config)
-    with torch.no_grad():
-        adapter.prompt.copy_(_init_prompt(model, config.n_prompt, gen))
-        base = _embed_rows(adapter, model, cache, tr_idx)                       # (n_train, d)
-        if config.center:
-            adapter.center.copy_(base.mean(0))
-        base = torch.nn.functional.normalize(adapter.features(base), dim=-1).numpy()
-        protos = []
-        for c in (0, 1):
-            x = base[labels[tr_idx] == c]
-            k = min(config.prototypes_per_class, len(x))
-            centres = KMeans(k, n_init=4, random_state=config.seed).fit(x).cluster_centers_
-            protos.append(np.resize(centres, (config.prototypes_per_class, x.shape[1])))
-        adapter.prototypes.copy_(torch.from_numpy(np.concatenate(protos)).float())
-
-    counts = np.bincount(labels[tr_idx], minlength=2)
-    class_weights = torch.tensor(len(tr_idx) / (2 * counts), dtype=torch.float32)
+    cache = task_cache(model, cache, query, config)
+    adapter = _start(model, cache, labels, tr_idx, query, config, rng)
     opt = torch.optim.Adam(adapter.parameters(), lr=config.lr)
+
     def val_auc() -> float:
         with torch.no_grad():
             probs = adapter.class_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
         return float(roc_auc_score(labels[va_idx], probs))
 
-    # epoch 0 (the k-means initialisation) is a candidate too: tuning must earn its keep on validation
+    # epoch 0 (initial prompt, fitted prototypes) is a candidate too: tuning must earn its keep on validation
     start = val_auc()
     best = (start, 0, {k: v.clone() for k, v in adapter.state_dict().items()})
     history, stale = [{"epoch": 0, "train_loss": float("nan"), "val_auc": start}], 0
     for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(tr_idx)
-        total = 0.0
-        for i in range(0, len(order), config.batch_size):
-            rows = order[i:i + config.batch_size]
-            emb = adapter.embed(model, cache.select(torch.as_tensor(rows)))
-            loss = prototype_loss(adapter.features(emb), adapter.prototypes, torch.as_tensor(labels[rows]), temperature=config.temperature,
-                                  prototype_class=adapter.prototype_class, class_weights=class_weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(rows)
+        train_loss = _epoch(adapter, opt, model, cache, labels, tr_idx, rng)
         auc = val_auc()
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_auc": auc})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_auc": auc})
         if auc > best[0] + 1e-4:
             best, stale = (auc, epoch, {k: v.clone() for k, v in adapter.state_dict().items()}), 0
         else:
             stale += 1
             if stale >= config.patience:
                 break
-    adapter.load_state_dict(best[2])
+    if not config.refit:
+        adapter.load_state_dict(best[2])
+        return TuningResult(adapter, best[1], best[0], history)
+    every = np.arange(len(labels))
+    adapter = _start(model, cache, labels, every, query, config, np.random.default_rng(config.seed))
+    opt = torch.optim.Adam(adapter.parameters(), lr=config.lr)
+    for _ in range(best[1]):
+        _epoch(adapter, opt, model, cache, labels, every, rng)
     return TuningResult(adapter, best[1], best[0], history)
 
 
 @torch.no_grad()
 def _embed_rows(adapter: TaskAdapter, model, cache: PrefixCache, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    out = [adapter.embed(model, cache.select(torch.as_tensor(rows[i:i + batch_size])))
+    out = [adapter.embed(model, cache.select(torch.as_tensor(rows[i:i + batch_size])), task_cache=True)
            for i in range(0, len(rows), batch_size)]
     return torch.cat(out)

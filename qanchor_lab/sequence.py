@@ -1,7 +1,7 @@
 """Sequence assembly, in one place (DESIGN §1.3).
 
     prefix: [user] [modality tokens] [<m_start> event tokens <m_end>] for each modality [<profile_start> tabular <profile_end>]
-    suffix: [soft prompt] query <user_emb> [answer <eos>]
+    suffix: [soft prompt] query <user_emb> [answer <eos>]      (or query [soft prompt] <user_emb>)
 
 The prefix depends only on behaviour; everything task-dependent sits in the suffix, so a prefix can be
 computed once into a KV cache and any number of suffixes run on top of it (prefix equivalence, DESIGN §2).
@@ -36,12 +36,13 @@ class Suffix:
     mask: torch.Tensor          # (B, S) bool, over prompt slots + tokens
     pool_index: torch.Tensor    # (B,) index of <user_emb> within the suffix
     targets: torch.Tensor       # (B, S) next-token target for each position, IGNORE where none
-    n_prompt: int               # leading soft-prompt slots (their ids are pad; embeddings come from the prompt)
+    n_prompt: int               # soft-prompt slots per row (their ids are pad; embeddings come from the prompt)
+    prompt_index: torch.Tensor  # (B, n_prompt) where each row's prompt slots sit: 0..n-1, or after the query
 
     def tile(self, n: int) -> "Suffix":
         """The batch repeated n times (row order r0..rQ, r0..rQ, ...): tokenise Q queries once for n users."""
         return Suffix(self.input_ids.repeat(n, 1), self.mask.repeat(n, 1), self.pool_index.repeat(n),
-                      self.targets.repeat(n, 1), self.n_prompt)
+                      self.targets.repeat(n, 1), self.n_prompt, self.prompt_index.repeat(n, 1))
 
 
 def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +92,7 @@ def build_suffix(
     user_emb_id: int,
     answers: Sequence[str] | None = None,
     n_prompt: int = 0,
+    prompt_after_query: bool = False,
     max_query_tokens: int = 48,
     max_answer_tokens: int = 48,
 ) -> Suffix:
@@ -100,11 +102,12 @@ def build_suffix(
              if answers is not None else [[] for _ in q_ids])
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
-    rows, targets, pool = [], [], []
+    rows, targets, pool, slots = [], [], [], []
     for q, a in zip(q_ids, a_ids):
         answer = a + [eos] if answers is not None else []
-        ids = [pad] * n_prompt + q + [user_emb_id] + answer
+        ids = (q + [pad] * n_prompt if prompt_after_query else [pad] * n_prompt + q) + [user_emb_id] + answer
         p = n_prompt + len(q)
+        slots.append(list(range(p - n_prompt, p)) if prompt_after_query else list(range(n_prompt)))
         # position t predicts token t+1; only <user_emb> .. last answer token predict answer tokens
         tgt = [IGNORE] * len(ids)
         for k, tok in enumerate(answer):
@@ -120,7 +123,8 @@ def build_suffix(
         input_ids[i, : len(r)] = torch.tensor(r)
         target_t[i, : len(t)] = torch.tensor(t)
         mask[i, : len(r)] = True
-    return Suffix(input_ids, mask, torch.tensor(pool), target_t, n_prompt)
+    prompt_index = torch.tensor(slots, dtype=torch.long).view(len(rows), n_prompt)
+    return Suffix(input_ids, mask, torch.tensor(pool), target_t, n_prompt, prompt_index)
 
 
 def position_ids(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:

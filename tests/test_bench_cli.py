@@ -35,3 +35,17 @@ def test_bench_kv_json_contract():
     assert result["queries_per_user"] == 10
     assert result["max_abs_diff"] <= 1e-5
     assert result["ideal_speedup"] > 1 and result["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_bench_prompt_reports_both_prompt_positions():
+    from qanchor_lab.bench import bench_prompt
+
+    result = bench_prompt(fast=True, batch_size=16)
+    assert set(result["layouts"]) == {"before_query", "after_query"}
+    for layout in result["layouts"].values():
+        assert layout["loss_abs_diff"] <= 1e-4 and layout["speedup"] > 0
+    before, after = result["layouts"]["before_query"], result["layouts"]["after_query"]
+    assert after["step_tokens"] == 6 + 1 < before["step_tokens"]                 # prompt + <user_emb> only
+    assert after["cached_tokens"] > before["cached_tokens"] == result["prefix_tokens"]
+    assert before["full_tokens"] == after["full_tokens"]

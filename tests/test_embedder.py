@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -45,6 +47,52 @@ def test_cached_prefix_with_soft_prompt_equals_full(tiny_model, tiny_store):
         cache = build_prefix_cache(model, batch)
         cached = run_cached(model, cache, model.make_suffix([QUERIES[0]] * len(users), n_prompt=4), prompt)
     assert (full - cached).abs().max() <= 1e-5
+
+
+def test_prompt_after_a_cached_query_equals_full(tiny_model, tiny_store):
+    """Layout prefix, query, prompt, <user_emb>: the query joins the cache once (rows of different
+    prefix lengths, so the extended cache is re-packed), then only prompt + <user_emb> run."""
+    from qanchor_lab.embedder import extend_cache
+
+    model = tiny_model.eval()
+    users = _mixed_users(tiny_store, model, n=6)
+    prompt = torch.randn(3, model.llm.get_input_embeddings().weight.shape[1]) * 0.02
+    batch = tiny_store.batch(tiny_store.indices(users))
+    queries = [QUERIES[i % 2] for i in range(len(users))]                            # two query lengths
+    with torch.no_grad():
+        full = model.embed(batch, queries, prompt=prompt, prompt_after_query=True)
+        cache = extend_cache(model, build_prefix_cache(model, batch), queries)
+        assert torch.equal(cache.lengths, build_prefix_cache(model, batch).lengths + model.make_suffix(queries).mask.sum(1) - 1)
+        assert cache.mask[:, 0].all() and (cache.mask.sum(1) == cache.lengths).all()  # packed to the front
+        cached = run_cached(model, cache.select(torch.arange(len(users) - 1, -1, -1)),
+                            model.make_suffix([""] * len(users), n_prompt=3), prompt)
+    assert (full - cached.flip(0)).abs().max() <= 1e-5
+
+
+def test_adapter_after_query_trains_on_the_same_loss_as_full(tiny_model, tiny_store):
+    model = tiny_model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    users = _mixed_users(tiny_store, model, n=8)
+    batch = tiny_store.batch(tiny_store.indices(users))
+    cfg = PromptTuningConfig(n_prompt=3, prompt_position="after_query")
+    adapter = _adapter(model, cfg)
+    with torch.no_grad():
+        adapter.prompt.normal_(0, 0.02)
+        adapter.prototypes.normal_()
+    labels = torch.as_tensor(np.arange(len(users)) % 2)
+    kw = dict(temperature=cfg.temperature, prototype_class=adapter.prototype_class)
+    task_cache = adapter.task_cache(model, build_prefix_cache(model, batch))
+    assert adapter.suffix_text() == ""                                               # the query is in the cache
+    cached = prototype_loss(adapter.embed(model, task_cache, task_cache=True), adapter.prototypes, labels, **kw)
+    cached.backward()
+    g_cached = adapter.prompt.grad.clone()
+    adapter.zero_grad()
+    full = prototype_loss(model.embed(batch, [QUERIES[0]] * len(users), prompt=adapter.prompt, prompt_after_query=True),
+                          adapter.prototypes, labels, **kw)
+    full.backward()
+    assert abs(cached.item() - full.item()) <= 1e-4
+    assert torch.allclose(g_cached, adapter.prompt.grad, atol=1e-4)
 
 
 def test_kept_cache_gives_the_same_embeddings(tiny_model, tiny_store):
@@ -91,15 +139,18 @@ def test_prompt_loss_over_cache_equals_full_sequence_loss(tiny_model, tiny_store
 
 
 @pytest.mark.slow
-def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_store, tmp_path):
-    model = tiny_model.eval()
-    users = tiny_store.user_ids[:120]
-    batch = tiny_store.batch(tiny_store.indices(users))
-    # a label the behaviour determines: whether the user has any search events
+def _searchers(model, store, n: int = 120):
+    """(cache, labels) of n users, labelled by a fact the behaviour determines: any search events."""
+    batch = store.batch(store.indices(store.user_ids[:n]))
     labels = batch.masks["search"].any(1).numpy().astype(int)
     if labels.min() == labels.max():
         pytest.skip("fixture world has no users without search")
-    cache = build_prefix_cache(model, batch)
+    return build_prefix_cache(model, batch), labels
+
+
+def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_store, tmp_path):
+    model = tiny_model.eval()
+    cache, labels = _searchers(model, tiny_store)
     result = tune_task(model, cache, labels, "does this user search", PromptTuningConfig(n_prompt=2, epochs=8, patience=3, seed=1))
     assert result.val_auc > 0.7
     assert 0 <= result.best_epoch <= 8 and len(result.history) >= result.best_epoch + 1
@@ -115,3 +166,89 @@ def test_tune_task_rejects_single_class_labels(tiny_model, tiny_store):
     cache = build_prefix_cache(tiny_model.eval(), tiny_store.batch([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="both classes"):
         tune_task(tiny_model, cache, np.zeros(4), "q")
+
+
+def _adapter(model, cfg):
+    H = model.llm.get_input_embeddings().weight.shape[1]
+    return TaskAdapter(cfg.n_prompt, H, model.config.embed_dim, 2, cfg.prototypes_per_class, QUERIES[0], cfg)
+
+
+@pytest.mark.parametrize("mode", ["none", "center", "whiten"])
+def test_fit_normalization_centres_and_whitens(tiny_model, mode):
+    cfg = PromptTuningConfig(n_prompt=2, normalize=mode, shrinkage=0.0)
+    adapter = _adapter(tiny_model, cfg)
+    d = tiny_model.config.embed_dim
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(4 * d, d, generator=g) @ torch.randn(d, d, generator=g) + 3.0   # correlated, off-centre
+    adapter.fit_normalization(emb)
+    feats = adapter.features(emb).double()
+    if mode == "none":
+        assert torch.equal(adapter.features(emb), emb)
+        return
+    assert feats.mean(0).abs().max() < 1e-4
+    if mode == "whiten":
+        cov = feats.T @ feats / (len(feats) - 1)
+        assert (cov - torch.eye(d, dtype=cov.dtype)).abs().max() < 1e-3
+    else:
+        assert torch.allclose(feats, (emb - emb.mean(0)).double(), atol=1e-5)
+
+
+def test_whitening_shrinkage_keeps_a_rank_deficient_covariance_invertible(tiny_model):
+    adapter = _adapter(tiny_model, PromptTuningConfig(n_prompt=2, shrinkage=0.1))
+    emb = torch.randn(8, tiny_model.config.embed_dim)                                  # fewer rows than dims
+    adapter.fit_normalization(emb)
+    assert torch.isfinite(adapter.whiten).all() and torch.linalg.matrix_rank(adapter.whiten) == emb.shape[1]
+
+
+def test_query_prompt_init_uses_the_query_token_embeddings(tiny_model):
+    from qanchor_lab.prompt_tuning import _init_prompt
+
+    ids = tiny_model.tokenizer(QUERIES[0], add_special_tokens=False)["input_ids"]
+    n = len(ids) + 2
+    prompt = _init_prompt(tiny_model, n, QUERIES[0], "query", torch.Generator().manual_seed(0))
+    table = tiny_model.llm.get_input_embeddings().weight
+    assert torch.equal(prompt, table[torch.as_tensor((ids * 2)[:n])])
+
+
+def test_head_phase_lowers_the_prototype_loss_on_fixed_embeddings(tiny_model):
+    from qanchor_lab.prompt_tuning import _fit_head
+
+    cfg = PromptTuningConfig(n_prompt=2, head_epochs=30)
+    adapter = _adapter(tiny_model, cfg)
+    g = torch.Generator().manual_seed(0)
+    labels = np.arange(200) % 2
+    emb = torch.randn(200, tiny_model.config.embed_dim, generator=g)
+    emb[:, 0] += torch.as_tensor(labels, dtype=torch.float32)                      # class signal on one axis
+    adapter.fit_normalization(emb)
+    with torch.no_grad():
+        adapter.prototypes.normal_(generator=g)
+    kw = dict(temperature=cfg.temperature, prototype_class=adapter.prototype_class)
+    before = prototype_loss(adapter.features(emb), adapter.prototypes, torch.as_tensor(labels), **kw).item()
+    _fit_head(adapter, emb, labels, torch.ones(2), np.random.default_rng(0))
+    after = prototype_loss(adapter.features(emb), adapter.prototypes, torch.as_tensor(labels), **kw).item()
+    assert after < before - 0.1
+
+
+@pytest.mark.parametrize("bad, match", [(dict(normalize="zscore"), "none, center, whiten|'none', 'center', 'whiten'"),
+                                        (dict(prompt_init="vocab"), "random_words"),
+                                        (dict(shrinkage=1.5), "shrinkage"),
+                                        (dict(head_epochs=-1), "head_epochs")])
+def test_prompt_tuning_config_names_the_valid_choices(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PromptTuningConfig(**bad)
+
+
+@pytest.mark.slow
+def test_refit_trains_on_every_tune_user_for_the_chosen_epochs(tiny_model, tiny_store):
+    model = tiny_model.eval()
+    cache, labels = _searchers(model, tiny_store)
+    cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query")
+    plain = tune_task(model, cache, labels, "does this user search", cfg)
+    refit = tune_task(model, cache, labels, "does this user search", replace(cfg, refit=True))
+    assert refit.best_epoch == plain.best_epoch                                     # same selection
+    assert [h["val_auc"] for h in refit.history] == [h["val_auc"] for h in plain.history]
+    # the refitted normalisation comes from every tune user, not only the training share
+    assert not torch.equal(refit.adapter.center, plain.adapter.center)
+    if refit.best_epoch == 0:                                                         # prompt still at its start
+        with torch.no_grad():
+            assert torch.allclose(refit.adapter.center, refit.adapter.embed(model, cache).mean(0), atol=1e-5)
