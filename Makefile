@@ -31,7 +31,7 @@ test-unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
 test-notebooks: $(STAMP)
-	QANCHOR_FAST=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=300 notebooks
+	QANCHOR_FAST=1 $(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=300 notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,8 +58,8 @@ class DemoConfig:
 
     @classmethod
     def fast(cls) -> "DemoConfig":
-        return cls(n_users=1500, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
-                   tune_epochs=4, n_boot=200, max_steps=40, text_max_chars=300)
+        return cls(n_users=1200, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
+                   tune_epochs=4, n_boot=200, max_steps=40, text_max_chars=200)
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(n_users=self.n_users, seed=self.seed)
@@ -198,11 +199,19 @@ def _cache_in_chunks(model, store, users, chunk: int = 256):
     return concat_caches(parts)
 
 
-def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True) -> dict:
-    """Every method of the evaluation protocol on the downstream test users; tune split for all fitting."""
+def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
+                 show_progress: bool = True) -> dict:
+    """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
+    `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all."""
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores
     from qanchor_lab.evaluate import evaluate_methods
 
+    if task_ids is not None:
+        unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
+        if unknown or not task_ids:
+            raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
+        world = replace(world, tasks=world.tasks[world.tasks["task_id"].isin(task_ids)].reset_index(drop=True),
+                        labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
     out_dir = Path(out_dir)
     tune, test = world.users_in("tune"), world.users_in("test")
     scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
@@ -228,8 +237,6 @@ def sweep_pretrain(world, grid: list[dict], base: DemoConfig, out_dir, *, show_p
     """Pre-train one model per grid point (DemoConfig overrides, e.g. {"tiny_size": "xs", "lr": 3e-3}) and
     score held-out answer retrieval on the pretrain_val users: how the tiny backbone's defaults were chosen.
     Downstream labels are never read."""
-    from dataclasses import replace
-
     rows = []
     for point in grid:
         point = dict(point)

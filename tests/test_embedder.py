@@ -242,7 +242,7 @@ def test_prompt_tuning_config_names_the_valid_choices(bad, match):
 def test_refit_trains_on_every_tune_user_for_the_chosen_epochs(tiny_model, tiny_store):
     model = tiny_model.eval()
     cache, labels = _searchers(model, tiny_store)
-    cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query")
+    cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query", refit=False)
     plain = tune_task(model, cache, labels, "does this user search", cfg)
     refit = tune_task(model, cache, labels, "does this user search", replace(cfg, refit=True))
     assert refit.best_epoch == plain.best_epoch                                     # same selection

@@ -206,3 +206,26 @@ def test_figures(metrics):
     assert list(loss.data[0].x) == [1, 2]
     with pytest.raises(ValueError, match="record 0 has no 'step'"):
         figure_loss_curves([{"loss": 1.0}])
+
+
+def test_evaluate_run_names_unknown_task_ids(small_world, tmp_path):
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run
+
+    with pytest.raises(ValueError, match="nope.*valid: dormancy_churn"):
+        evaluate_run(None, small_world, DemoConfig.fast(), tmp_path, task_ids=["dormancy_churn", "nope"])
+
+
+@pytest.mark.slow
+def test_evaluate_run_on_a_task_subset_scores_every_method(small_world, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run
+
+    cfg = replace(DemoConfig.fast(), text_encoder="hashing", tune_epochs=1, n_boot=20, text_max_chars=100)
+    ids = ["dormancy_churn", "travel_coupon"]
+    metrics = evaluate_run(tiny_model.eval(), small_world, cfg, tmp_path, task_ids=ids, show_progress=False)
+    assert set(metrics["methods"]) == set(METHODS)
+    for m in metrics["methods"].values():
+        assert set(m["tasks"]) == set(ids) and set(m["domains"]) == {"engagement", "marketing"}
+    assert set(metrics["prompt_tuning"]) == set(ids)
+    assert sorted(p.stem for p in (tmp_path / "adapters").glob("*.safetensors")) == sorted(ids)
