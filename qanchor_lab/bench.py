@@ -78,7 +78,7 @@ def bench_kv(fast: bool = False, n_users: int = 64, queries: list[str] = QUERIES
         return np.stack([model.embed(batch, [q] * len(users)).numpy() for q in queries], 1)   # (U, Q, d)
 
     def cached() -> np.ndarray:
-        return embedder.encode(users, queries, batch_size=len(users) * len(queries))
+        return embedder.encode(users, queries, batch_size=len(users))
 
     t_full, t_cached = _alternate(full, cached, repeats=2 if fast else 3)
     diff = float(np.abs(full() - cached()).max())
@@ -109,7 +109,7 @@ def kv_scaling(model, world, user_ids, *, n_queries=(1, 2, 5, 10, 20), max_event
         for q in n_queries:
             queries = (QUERIES * (q // len(QUERIES) + 1))[:q]
             full = lambda: [model.embed(batch, [x] * len(store)) for x in queries]  # noqa: E731
-            cached = lambda: embedder.encode(store.user_ids, queries, batch_size=len(store) * q)  # noqa: E731
+            cached = lambda: embedder.encode(store.user_ids, queries, batch_size=len(store))  # noqa: E731
             t_full, t_cached = _alternate(full, cached, repeats=repeats)
             suffix_tokens = int(model.make_suffix(queries).mask.sum()) * len(store)
             ideal = (prefix_tokens * q + suffix_tokens) / (prefix_tokens + suffix_tokens)

@@ -127,20 +127,26 @@ class CachedEmbedder:
     @torch.no_grad()
     def encode(self, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
                prompt: torch.Tensor | None = None, show_progress_bar: bool = False) -> np.ndarray:
+        """(users, queries, dim) embeddings; `batch_size` users share one prefix batch.
+
+        Queries of the same token length run together, so no query is padded; a query alone in its
+        length runs on the cached rows as they are, without copying them."""
         self.model.eval()
         user_ids, queries = list(user_ids), list(queries)
-        n_q = len(queries)
-        out = np.zeros((len(user_ids), n_q, self.model.config.embed_dim), np.float32)
-        users_per_batch = max(1, batch_size // max(n_q, 1))
+        out = np.zeros((len(user_ids), len(queries), self.model.config.embed_dim), np.float32)
         n_prompt = 0 if prompt is None else prompt.shape[-2]
-        one = self.model.make_suffix(queries, n_prompt=n_prompt)                 # tokenise the queries once
-        for start in tqdm(range(0, len(user_ids), users_per_batch), desc="encode", disable=not show_progress_bar):
-            chunk = user_ids[start:start + users_per_batch]
+        by_length: dict[int, list[int]] = {}
+        for j, n in enumerate(self.model.make_suffix(queries, n_prompt=n_prompt).mask.sum(1).tolist()):
+            by_length.setdefault(n, []).append(j)
+        groups = [(idx, self.model.make_suffix([queries[j] for j in idx], n_prompt=n_prompt))   # tokenise once
+                  for idx in by_length.values()]
+        for start in tqdm(range(0, len(user_ids), batch_size), desc="encode", disable=not show_progress_bar):
+            chunk = user_ids[start:start + batch_size]
             cache = self.prefix_cache(chunk)
-            rows = torch.arange(len(chunk)).repeat_interleave(n_q)               # user-major: (u0,q0),(u0,q1),...
-            suffix = one.tile(len(chunk))
-            emb = run_cached(self.model, cache.select(rows), suffix, prompt)      # (b*Q, d)
-            out[start:start + len(chunk)] = emb.view(len(chunk), n_q, -1).cpu().numpy()
+            for idx, suffix in groups:
+                rows = cache if len(idx) == 1 else cache.select(torch.arange(len(chunk)).repeat_interleave(len(idx)))
+                emb = run_cached(self.model, rows, suffix.tile(len(chunk)), prompt)   # (b*k, d) user-major
+                out[start:start + len(chunk), idx] = emb.view(len(chunk), len(idx), -1).cpu().numpy()
         return out
 
 

@@ -198,7 +198,8 @@ class QAnchorModel(nn.Module):
         """Embeddings of shape (users, queries, dim), each user's behaviour prefix computed once.
 
         `users` is a BehaviourStore (from `model.behaviour(events, profiles, ids)`) or a World; `user_ids`
-        picks users from it (default: all of the store, or the world's test split).
+        picks users from it (default: all of the store, or the world's test split). `batch_size` users
+        share one prefix batch, and every query runs on top of it.
         """
         from qanchor_lab.embedder import CachedEmbedder
         from qanchor_lab.schema import World
