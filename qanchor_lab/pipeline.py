@@ -161,7 +161,7 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, sh
     store = model.behaviour(world.events, world.profiles, users)
     tasks = world.tasks
     queries = tasks["query"].tolist()
-    emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=256, show_progress_bar=show_progress)  # (U, T+1, d)
+    emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
     by_query = {q: emb[:, i] for i, q in enumerate(queries)}
     row = {u: i for i, u in enumerate(users)}
 
