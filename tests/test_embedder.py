@@ -37,6 +37,20 @@ def test_cached_prefix_equals_full_recompute(tiny_model, tiny_store):
     assert np.abs(cached - full).max() <= 1e-5
 
 
+def test_queries_of_equal_length_share_a_batch_and_keep_their_columns(tiny_model, tiny_store):
+    model = tiny_model.eval()
+    users = _mixed_users(tiny_store, model, n=6)
+    queries = ["will the user book a hotel abroad", "short", "will the user open a card today",
+               "will the user buy a fund abroad"]
+    lengths = model.make_suffix(queries).mask.sum(1).tolist()
+    assert len(set(lengths)) < len(lengths)                                           # some share a length
+    cached = CachedEmbedder(model, tiny_store).encode(users, queries, batch_size=4)
+    batch = tiny_store.batch(tiny_store.indices(users))
+    with torch.no_grad():
+        full = np.stack([model.embed(batch, [q] * len(users)).numpy() for q in queries], 1)
+    assert np.abs(cached - full).max() <= 1e-5
+
+
 def test_cached_prefix_with_soft_prompt_equals_full(tiny_model, tiny_store):
     model = tiny_model.eval()
     users = _mixed_users(tiny_store, model, n=6)
@@ -66,7 +80,10 @@ def test_prompt_after_a_cached_query_equals_full(tiny_model, tiny_store):
         assert cache.mask[:, 0].all() and (cache.mask.sum(1) == cache.lengths).all()  # packed to the front
         cached = run_cached(model, cache.select(torch.arange(len(users) - 1, -1, -1)),
                             model.make_suffix([""] * len(users), n_prompt=3), prompt)
+        shortest = int(cache.lengths.argmin())                                         # select() trims to its length
+        alone = run_cached(model, cache.select(torch.tensor([shortest])), model.make_suffix([""], n_prompt=3), prompt)
     assert (full - cached.flip(0)).abs().max() <= 1e-5
+    assert (full[shortest] - alone[0]).abs().max() <= 1e-5
 
 
 def test_adapter_after_query_trains_on_the_same_loss_as_full(tiny_model, tiny_store):
