@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
-from qanchor_lab.sequence import Suffix, position_ids
+from qanchor_lab.sequence import Suffix, pack_left, position_ids
 
 
 @dataclass
@@ -91,14 +91,15 @@ def extend_cache(model, cache: PrefixCache, texts: Sequence[str]) -> PrefixCache
     smask = torch.tensor([[True] * len(i) + [False] * (width - len(i)) for i in ids], device=model.device)
     _, grown = _run_on(model, cache, model.embed_tokens(tokens), smask)
     mask = torch.cat([cache.mask, smask], 1)                                     # (B, P+Q)
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)            # real tokens first
-    lengths = mask.sum(1)
-    keep = int(lengths.max())
-    def pack(t: torch.Tensor) -> torch.Tensor:                                   # (B, kv, P+Q, hd) -> (B, kv, keep, hd)
-        idx = order[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-        return torch.gather(t, 2, idx)[:, :, :keep]
-    return PrefixCache([pack(layer.keys) for layer in grown.layers], [pack(layer.values) for layer in grown.layers],
-                       torch.gather(mask, 1, order)[:, :keep], lengths)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:                                   # (B, kv, P+Q, hd) -> (B, kv, L, hd)
+        B, kv, _, hd = t.shape
+        packed, _ = pack_left(t.transpose(1, 2).reshape(B, -1, kv * hd), mask)    # (B, L, kv*hd)
+        return packed.view(B, -1, kv, hd).transpose(1, 2)
+
+    keys = [pack(layer.keys) for layer in grown.layers]
+    values = [pack(layer.values) for layer in grown.layers]
+    return PrefixCache(keys, values, pack_left(mask.unsqueeze(-1), mask)[1], mask.sum(1))
 
 
 class CachedEmbedder:
