@@ -40,6 +40,30 @@ class UserBatch:
         )
 
 
+def sorted_events(events: pd.DataFrame, user_ids, modalities: Sequence[str]) -> pd.DataFrame:
+    """These users' events of these modalities, sorted by (user, modality, time): the order numeric
+    fields are computed in."""
+    ev = events.loc[events["user_id"].isin(set(user_ids)) & events["modality"].isin(modalities),
+                    ["user_id", "modality", "timestamp", "text", "amount"]]
+    return ev.sort_values(["user_id", "modality", "timestamp"], kind="stable")
+
+
+def event_numeric_fields(ev: pd.DataFrame, feature_spec: FeatureSpec) -> np.ndarray:
+    """(E, 3) numeric fields of events sorted by `sorted_events`: log1p(amount), log1p(days since the
+    previous event of the same user and modality), and days before the window end / window length."""
+    window_end = pd.Timestamp(feature_spec.window_end)
+    days_before_end = (window_end - ev["timestamp"]).dt.total_seconds().to_numpy() / 86400.0
+    same_group = (ev["user_id"].to_numpy() == np.roll(ev["user_id"].to_numpy(), 1)) & (
+        ev["modality"].to_numpy() == np.roll(ev["modality"].to_numpy(), 1))
+    same_group[:1] = False
+    gap = np.where(same_group, np.roll(days_before_end, 1) - days_before_end, feature_spec.history_days)
+    return np.stack([
+        np.log1p(np.clip(ev["amount"].to_numpy(dtype=np.float64), 0, None)),
+        np.log1p(np.clip(gap, 0, None)),
+        days_before_end / feature_spec.history_days,
+    ], axis=1).astype(np.float32)                                     # (E, 3)
+
+
 class BehaviourStore:
     """All users of one table set, packed once; `batch(indices)` gathers a UserBatch cheaply."""
 
@@ -104,24 +128,12 @@ class BehaviourStore:
         """Pack `user_ids` (in this order) from validated events/profiles tables."""
         user_ids = list(user_ids)
         pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, name="user_id"))
-        ev = events.loc[events["user_id"].isin(pos.index) & events["modality"].isin(modalities),
-                        ["user_id", "modality", "timestamp", "text", "amount"]]
-        ev = ev.sort_values(["user_id", "modality", "timestamp"], kind="stable")
+        ev = sorted_events(events, user_ids, modalities)
 
         texts, text_idx = np.unique(ev["text"].to_numpy(dtype=object).astype(str), return_inverse=True)
         text_vectors = text_encoder.encode(list(texts)) if len(texts) else np.zeros((0, text_encoder.dim), np.float32)
 
-        window_end = pd.Timestamp(feature_spec.window_end)
-        days_before_end = (window_end - ev["timestamp"]).dt.total_seconds().to_numpy() / 86400.0
-        same_group = (ev["user_id"].to_numpy() == np.roll(ev["user_id"].to_numpy(), 1)) & (
-            ev["modality"].to_numpy() == np.roll(ev["modality"].to_numpy(), 1))
-        same_group[:1] = False
-        gap = np.where(same_group, np.roll(days_before_end, 1) - days_before_end, feature_spec.history_days)
-        numeric = np.stack([
-            np.log1p(np.clip(ev["amount"].to_numpy(dtype=np.float64), 0, None)),
-            np.log1p(np.clip(gap, 0, None)),
-            days_before_end / feature_spec.history_days,
-        ], axis=1).astype(np.float32)                                 # (E, 3)
+        numeric = event_numeric_fields(ev, feature_spec)                   # (E, 3)
 
         # Keep the `max_events` most recent per (user, modality), oldest first in slots 0..k-1.
         from_end = ev.groupby(["user_id", "modality"], sort=False).cumcount(ascending=False).to_numpy()

@@ -1,4 +1,4 @@
-"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench} ...` (also installed as `qanchor`)."""
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose} ...` (also installed as `qanchor`)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,28 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_diagnose(args) -> int:
+    from qanchor_lab.data import load_world
+    from qanchor_lab.diagnostics import diagnose, diagnostics_markdown, resolve_run, save_diagnostics
+    from qanchor_lab.model import QAnchorModel
+
+    model_dir, data_dir = resolve_run(args.run, args.data)
+    world = load_world(data_dir)
+    model = QAnchorModel.from_pretrained(model_dir)
+    # same config and seed, no training: the trained model's starting point
+    untrained = None if args.no_untrained else QAnchorModel.from_data(
+        model.config, world.events, world.profiles, world.users_in("pretrain"))
+    size = dict(max_users=300, max_pairs=200, geometry_users=200) if args.fast else {}
+    if args.max_users is not None:
+        size["max_users"] = args.max_users
+    diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True, **size)
+    out_dir = args.out or (model_dir.parent if model_dir.name == "model" else model_dir)
+    js, md = save_diagnostics(diag, out_dir)
+    print(diagnostics_markdown(diag))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qanchor", description="Query-as-Anchor user representations: data, pre-training, demo, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--fast", action="store_true")
     b.set_defaults(func=_cmd_bench)
+
+    g = sub.add_parser("diagnose", help="representation diagnostics of a pre-trained model (tune / pretrain_val users only)")
+    g.add_argument("run", help="run directory holding model/ (or a saved model directory)")
+    g.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    g.add_argument("--max-users", type=int, default=None, help="tune users probed (default 1500; 300 with --fast)")
+    g.add_argument("--query", default=None, help="query of the stage probes (default: the first task's query)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
+    g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
+    g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
+    g.set_defaults(func=_cmd_diagnose)
     return p
 
 

@@ -44,8 +44,8 @@ class PrefixCache:
         return DynamicCache(list(zip(self.keys, self.values)))
 
 
-@torch.no_grad()
-def build_prefix_cache(model, users: UserBatch) -> PrefixCache:
+def prefix_cache(model, users: UserBatch) -> PrefixCache:
+    """Run the behaviour prefixes once and keep their keys and values (differentiable: pre-training uses it)."""
     prefix = model.encode_prefix(users.to(model.device))
     cache = DynamicCache()
     model.decoder(inputs_embeds=prefix.embeds, attention_mask=prefix.mask.long(),
@@ -53,6 +53,10 @@ def build_prefix_cache(model, users: UserBatch) -> PrefixCache:
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
     return PrefixCache(keys, values, prefix.mask, prefix.lengths)
+
+
+# Inference and prompt tuning never need gradients into the frozen prefix.
+build_prefix_cache = torch.no_grad()(prefix_cache)
 
 
 def _run_on(model, cache: PrefixCache, embeds: torch.Tensor, smask: torch.Tensor):
@@ -64,6 +68,12 @@ def _run_on(model, cache: PrefixCache, embeds: torch.Tensor, smask: torch.Tensor
     out = model.decoder(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=pos,
                         past_key_values=grown, use_cache=True)
     return out, grown
+
+
+def run_suffix(model, cache: PrefixCache, embeds: torch.Tensor, smask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, S, H) of suffix embeddings run over a prefix cache (pre-training's path when
+    one user answers several questions in a batch)."""
+    return _run_on(model, cache, embeds, smask)[0].last_hidden_state
 
 
 def run_cached(model, cache: PrefixCache, suffix: Suffix, prompt: torch.Tensor | None = None) -> torch.Tensor:

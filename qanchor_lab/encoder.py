@@ -4,17 +4,29 @@ One adapter per modality maps event vectors to the LLM's hidden size; one shared
 each modality's masked mean; one user adapter maps the mean over the modalities a user actually has.
 The tabular aggregate vector is projected by an MLP into a fixed number of token slots. Every soft token
 is brought to the scale of the backbone's word embeddings, so the LLM sees inputs of the size it expects.
+
+Two input scalings matter for what reaches the decoder (docs/design.md, "Representation quality"):
+- `event_norm="split"` rescales an event vector's two parts before any adapter: the unit-norm text vector
+  to unit RMS (x sqrt(D_text)) and each numeric field (log amount, log gap, recency) to zero mean and unit
+  variance over the reference users. Raw, the text components are ~0.05 while log-amount is ~5, so the
+  adapters' first LayerNorm sees mostly the numbers (text ~1% of the squared norm). `"none"` keeps raw inputs.
+- `tabular_mode="split"` projects the aggregate vector into `tabular_slots` distinct tokens (one Linear
+  output per slot) instead of one token repeated with slot offsets, so more of the profile survives the trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qanchor_lab.behaviour import UserBatch
+from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, UserBatch
+
+EventNorm = Literal["none", "split"]
+TabularMode = Literal["repeat", "split"]
 
 
 class Adapter(nn.Sequential):
@@ -56,8 +68,17 @@ class HierarchicalEncoder(nn.Module):
         use_modality_tokens: bool = True,
         use_tabular: bool = True,
         embed_scale: float = 1.0,
+        event_norm: EventNorm = "none",
+        tabular_mode: TabularMode = "repeat",
     ):
         super().__init__()
+        self.event_norm, self.tabular_mode = event_norm, tabular_mode
+        n_num = len(NUMERIC_EVENT_FEATURES)
+        self.text_dim = event_dim - n_num
+        # Numeric event-field statistics of the reference users (set by QAnchorModel.from_data; saved with
+        # the weights). Identity until set.
+        self.register_buffer("numeric_mean", torch.zeros(n_num))
+        self.register_buffer("numeric_std", torch.ones(n_num))
         self.modalities = list(modalities)
         self.use_user_token, self.use_modality_tokens, self.use_tabular = use_user_token, use_modality_tokens, use_tabular
         self.event_adapters = nn.ModuleDict({m: Adapter(event_dim, adapter_hidden, hidden_size) for m in self.modalities})
@@ -69,7 +90,8 @@ class HierarchicalEncoder(nn.Module):
             self.user_adapter = Adapter(event_dim, adapter_hidden, hidden_size)
         if use_tabular:
             self.tabular_slots = tabular_slots
-            self.tabular_mlp = Adapter(tabular_dim, adapter_hidden, hidden_size)
+            out = hidden_size * (tabular_slots if tabular_mode == "split" else 1)
+            self.tabular_mlp = Adapter(tabular_dim, adapter_hidden, out)
             self.tabular_slot = nn.Parameter(0.5 * torch.randn(tabular_slots, hidden_size))
         self.register_buffer("embed_scale", torch.tensor(float(embed_scale)))
 
@@ -77,11 +99,25 @@ class HierarchicalEncoder(nn.Module):
         # Unit-RMS tokens times the RMS of the word embeddings (adapter outputs are ~100x larger otherwise).
         return F.layer_norm(x, x.shape[-1:]) * self.embed_scale
 
+    def set_numeric_stats(self, mean, std) -> None:
+        """Standardisation of the numeric event fields used by event_norm="split"."""
+        self.numeric_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.numeric_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-6))
+
+    def normalize_events(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Rescale raw event vectors (B, N, D) so text and numeric fields reach the adapters alike."""
+        if self.event_norm == "none":
+            return x
+        text = x[..., : self.text_dim] * self.text_dim ** 0.5                  # (B, N, Dt) unit RMS
+        num = (x[..., self.text_dim:] - self.numeric_mean) / self.numeric_std  # (B, N, 3) standardised
+        return torch.cat([text, num], -1) * mask.unsqueeze(-1).to(x.dtype)    # (B, N, D) zeros at padding
+
     def forward(self, batch: UserBatch) -> EncodedUser:
         events, masks = {}, {}
         means = []
         for m in self.modalities:
             x, mask = batch.events[m], batch.masks[m]                 # (B, N, D), (B, N)
+            x = self.normalize_events(x, mask)
             events[m] = self._scale(self.event_adapters[m](x))         # (B, N, H)
             masks[m] = mask
             means.append(masked_mean(x, mask))                         # (B, D)
@@ -96,6 +132,7 @@ class HierarchicalEncoder(nn.Module):
             user_vec = masked_mean(mod_vec, present)                   # (B, D) missing modalities left out
             user = self._scale(self.user_adapter(user_vec)).unsqueeze(1)  # (B, 1, H)
         if self.use_tabular:
-            t = self._scale(self.tabular_mlp(batch.tabular)).unsqueeze(1)  # (B, 1, H)
+            t = self.tabular_mlp(batch.tabular)                          # (B, H) or (B, S*H)
+            t = self._scale(t.view(t.shape[0], -1, self.tabular_slot.shape[-1]))  # (B, 1 or S, H)
             tabular = t + self.tabular_slot * self.embed_scale           # (B, S, H)
         return EncodedUser(user, modality, modality_mask, events, masks, tabular)

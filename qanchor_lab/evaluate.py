@@ -22,27 +22,32 @@ import pandas as pd
 from qanchor_lab import metrics as M
 from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
 
-# Every method the demo knows, in display order: the oracle, the feature and text baselines, then the
-# LLM variants from weakest to strongest. Other names are allowed and listed after these.
+# Every method the demo knows, in display order: the oracle, the feature baselines (with and without
+# the event-text TF-IDF), the text baseline, the LLM variants from weakest to strongest, then Q-Anchor
+# deployed next to the features. Other names are allowed and listed after these.
 METHODS: tuple[str, ...] = (
     "oracle",
     "gbdt_features",
     "logreg_features",
+    "tfidf_features",
     "text_embedding",
     "static_embedding",
     "untrained",
     "qanchor_base",
     "qanchor_prompt_tuned",
+    "qanchor_plus_features",
 )
 METHOD_LABELS: dict[str, str] = {
     "oracle": "oracle (true probability)",
     "gbdt_features": "features + GBDT",
     "logreg_features": "features + logistic regression",
+    "tfidf_features": "features + event-text TF-IDF + logistic regression",
     "text_embedding": "text embedding + probe",
     "static_embedding": "static embedding + probe",
     "untrained": "untrained model + probe",
     "qanchor_base": "Q-Anchor (task query) + probe",
     "qanchor_prompt_tuned": "Q-Anchor (prompt tuned)",
+    "qanchor_plus_features": "Q-Anchor (task query) + features + probe",
 }
 DIFF_KEYS = ("auc_diff", "auc_low", "auc_high", "ks_diff", "ks_low", "ks_high")
 MAX_SHOWN = 5

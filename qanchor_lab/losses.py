@@ -145,6 +145,7 @@ def contrastive_loss(
     user_ids: Tensor | None = None,
     answer_ids: Tensor | None = None,
     local_index: Tensor | None = None,
+    answer_id_kinds: Sequence[NegativeKind] = ALL_NEGATIVES,
 ) -> Tensor:
     """InfoNCE of each anchor against its answer, with masked in-batch negatives.
 
@@ -158,7 +159,10 @@ def contrastive_loss(
 
     A negative is dropped when ``s_neg - s(a_i, p_i) > margin`` (a likely false negative; the
     comparison is on cosines, before the temperature; ``margin=None`` keeps all), when rows i and j
-    share a ``user_ids`` entry, or when they share an ``answer_ids`` entry (the same answer text).
+    share a ``user_ids`` entry, or when they share an ``answer_ids`` entry (the same answer text, or
+    claim) in one of the ``answer_id_kinds``. Restricting that mask to the answer kinds keeps two users
+    with the same claim apart as anchors: they are different people, and the push between their anchors
+    (uniformity) is what keeps user detail beyond the claim in the embedding.
     The masks are decisions, not differentiable weights. One term per anchor (not symmetrised):
     ``-log(exp(s_pos/τ) / (exp(s_pos/τ) + Σ kept exp(s_neg/τ)))``, averaged over rows.
 
@@ -201,9 +205,11 @@ def contrastive_loss(
     if user_ids is not None:
         uid = user_ids.to(a.device)
         blocked = blocked | (uid[rows][:, None] == uid[None, :])
+    same_answer = None
     if answer_ids is not None:
         aid = answer_ids.to(a.device)
-        blocked = blocked | (aid[rows][:, None] == aid[None, :])
+        same_answer = aid[rows][:, None] == aid[None, :]  # (n, N)
+    id_kinds = set(_check_negatives(answer_id_kinds))
 
     sims = {
         "anchor_anchor": a_rows @ a.T,  # (n, N)
@@ -213,7 +219,7 @@ def contrastive_loss(
     logits = [pos[:, None] / temperature]  # (n, 1)
     for kind in kinds:
         sim = sims[kind]  # (n, N)
-        drop = blocked
+        drop = blocked if same_answer is None or kind not in id_kinds else blocked | same_answer
         if margin is not None:
             drop = drop | (sim.detach() - pos.detach()[:, None] > margin)
         logits.append((sim / temperature).masked_fill(drop, float("-inf")))  # (n, N)
@@ -236,6 +242,7 @@ class ContrastiveLoss(nn.Module):
         temperature: float = 0.07,
         margin: float | None = 0.1,
         negatives: Sequence[NegativeKind] = ALL_NEGATIVES,
+        answer_id_kinds: Sequence[NegativeKind] = ALL_NEGATIVES,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -243,6 +250,7 @@ class ContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.margin = margin
         self.negatives = _check_negatives(negatives)
+        self.answer_id_kinds = _check_negatives(answer_id_kinds)
 
     def forward(
         self,
@@ -275,6 +283,7 @@ class ContrastiveLoss(nn.Module):
             user_ids=user_ids,
             answer_ids=answer_ids,
             local_index=local_index,
+            answer_id_kinds=self.answer_id_kinds,
         )
 
     def extra_repr(self) -> str:

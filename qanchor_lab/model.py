@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qanchor_lab.backbone import Backbone, BackboneConfig, load_backbone, load_saved_backbone, save_backbone, word_embedding_scale
-from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, BehaviourStore, UserBatch
+from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, BehaviourStore, UserBatch, event_numeric_fields, sorted_events
 from qanchor_lab.event_encoder import get_text_encoder
 from qanchor_lab.features import FeatureSpec
-from qanchor_lab.encoder import HierarchicalEncoder
+from qanchor_lab.encoder import EventNorm, HierarchicalEncoder, TabularMode
 from qanchor_lab.schema import SEQUENCE_MODALITIES, TABULAR_MODALITY
 from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, position_ids
 
@@ -44,6 +44,8 @@ class QAnchorConfig:
     use_user_token: bool = True   # ablation switch: the user token
     use_modality_tokens: bool = True  # ablation switch: the modality tokens
     use_tabular: bool = True      # ablation switch: the tabular aggregate tokens
+    event_norm: EventNorm = "none"  # "split": text to unit RMS, numeric fields standardised (encoder.py); "none": raw
+    tabular_mode: TabularMode = "repeat"  # "split": tabular_slots distinct tokens; "repeat": one token repeated
     finetune: FineTune = "auto"   # auto: full fine-tuning for tiny, LoRA for pretrained backbones
     lora_r: int = 64              # LoRA settings of the authors
     lora_alpha: int = 32
@@ -60,6 +62,9 @@ class QAnchorConfig:
         self.modalities = tuple(self.modalities)
         if self.text_encoder not in ("minilm", "hashing"):
             raise ValueError(f"text_encoder={self.text_encoder!r}; valid choices: 'minilm', 'hashing'")
+        for name, choices in (("event_norm", get_args(EventNorm)), ("tabular_mode", get_args(TabularMode))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
         if self.finetune not in ("auto", "full", "lora"):
             raise ValueError(f"finetune={self.finetune!r}; valid choices: 'auto', 'full', 'lora'")
         for name in ("max_events", "adapter_hidden", "tabular_slots", "head_hidden", "embed_dim", "lora_r"):
@@ -124,6 +129,7 @@ class QAnchorModel(nn.Module):
             adapter_hidden=config.adapter_hidden, tabular_slots=config.tabular_slots,
             use_user_token=config.use_user_token, use_modality_tokens=config.use_modality_tokens,
             use_tabular=config.use_tabular, embed_scale=word_embedding_scale(backbone.model),
+            event_norm=config.event_norm, tabular_mode=config.tabular_mode,
         )
         self.head = nn.Sequential(nn.Linear(H, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, config.embed_dim))
 
@@ -232,11 +238,26 @@ class QAnchorModel(nn.Module):
 
     # ----- pre-training forward: both towers and the next-token logits in one call -----
     def forward(self, users: UserBatch, queries: Sequence[str], answers: Sequence[str],
-                *, with_answer_tower: bool = True, with_lm: bool = True) -> dict[str, torch.Tensor]:
-        prefix = self.encode_prefix(users.to(self.device))
+                *, user_rows: torch.Tensor | None = None, with_answer_tower: bool = True,
+                with_lm: bool = True) -> dict[str, torch.Tensor]:
+        """Both towers and the next-token logits for one (user, query, answer) row per query.
+
+        `user_rows` (N,) maps each row to a user of `users` (U distinct users, U <= N): each user's prefix
+        is then computed once into a KV cache and all of that user's queries run on top of it (the same
+        numbers as full recomputation, DESIGN §2), so a batch of u users x k questions costs u prefixes."""
         suffix = self.make_suffix(queries, answers=answers if with_lm else None)
-        hidden = self.run_full(prefix, self.suffix_embeddings(suffix), suffix.mask)   # (B, S, H)
-        out = {"anchor": self.pool(hidden, suffix), "n_tokens": prefix.mask.sum() + suffix.mask.sum()}
+        if user_rows is None:
+            prefix = self.encode_prefix(users.to(self.device))
+            hidden = self.run_full(prefix, self.suffix_embeddings(suffix), suffix.mask)   # (N, S, H)
+            n_prefix = prefix.mask.sum()
+        else:
+            from qanchor_lab.embedder import prefix_cache, run_suffix
+
+            cache = prefix_cache(self, users)                                          # U prefixes, with grad
+            n_prefix = cache.mask.sum()
+            cache = cache.select(torch.as_tensor(user_rows, device=self.device))      # (N, kv, P, hd) per layer
+            hidden = run_suffix(self, cache, self.suffix_embeddings(suffix), suffix.mask)  # (N, S, H)
+        out = {"anchor": self.pool(hidden, suffix), "n_tokens": n_prefix + suffix.mask.sum()}
         if with_lm:
             targets = suffix.targets.to(self.device)
             sel = targets != -100
@@ -273,7 +294,11 @@ class QAnchorModel(nn.Module):
         text_dim = get_text_encoder(config.text_encoder).dim
         config = replace(config, event_dim=text_dim + len(NUMERIC_EVENT_FEATURES),
                          tabular_dim=len(spec.feature_names), feature_spec=spec.to_dict())
-        return cls.from_config(config)
+        model = cls.from_config(config)
+        numeric = event_numeric_fields(sorted_events(events, reference_users, config.modalities), spec)  # (E, 3)
+        if len(numeric):
+            model.encoder.set_numeric_stats(numeric.mean(0), numeric.std(0))
+        return model
 
     def save_pretrained(self, directory) -> Path:
         directory = Path(directory)

@@ -151,10 +151,11 @@ def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:
                          "score": matrix.reshape(-1)})
 
 
-def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, show_progress: bool = True,
-                   adapters_dir: Path | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Static, base (task query + probe) and prompt-tuned scores of one model on the downstream users."""
-    from qanchor_lab.baselines import embedding_probe_scores
+def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
+                   adapters_dir: Path | None = None, with_features: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
+    hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users."""
+    from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
     tune, test = world.users_in("tune"), world.users_in("test")
     users = tune + test
@@ -171,6 +172,8 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig, sh
 
     out = {"base": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks),
            "static": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)}
+    if with_features:
+        out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
     if tuning is None:
         return out, {}
 
@@ -203,7 +206,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
                  show_progress: bool = True) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
     `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all."""
-    from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores
+    from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
     from qanchor_lab.evaluate import evaluate_methods
 
     if task_ids is not None:
@@ -217,10 +220,11 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
     scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
     scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
+    scores["tfidf_features"] = tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
     scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
                                                      serialize_kw={"max_chars": cfg.text_max_chars})
     untrained = build_model(world, cfg).eval()
-    untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress)
+    untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False)
     scores["untrained"] = untrained_scores["base"]
     del untrained
     trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
@@ -228,6 +232,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     scores["static_embedding"] = trained["static"]
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
+    scores["qanchor_plus_features"] = trained["plus_features"]
     metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     return metrics

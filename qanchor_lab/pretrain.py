@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,8 @@ from qanchor_lab.losses import ContrastiveLoss, next_token_loss
 from qanchor_lab.model import QAnchorModel
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
+Batching = Literal["random", "intent", "grid"]
+FalseNegatives = Literal["answer_text", "claim"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
 PRETRAINED_LR = 1e-4  # the authors' LoRA learning rate
 
@@ -43,12 +45,27 @@ class PretrainConfig:
     warmup_ratio: float = 0.05         # linear warm-up share of the steps, then cosine decay
     grad_clip: float = 1.0
     temperature: float = 0.07          # InfoNCE temperature
-    margin: float = 0.1                # false-negative margin
+    margin: float | None = 0.1         # false-negative margin (the paper's); None keeps every negative
     negatives: tuple[NegativeKind, ...] = ("anchor_anchor", "anchor_answer", "answer_anchor")
     alpha: float = 1.0                 # weight of the next-token loss: L = L_cl + alpha * L_ntp
     use_contrastive: bool = True       # ablation switch
     use_generative: bool = True        # ablation switch
     holdout_paraphrases: bool = True   # keep one paraphrase per D_uqa intent out of training, to test on
+    # How rows form a batch. "random": any pairs (the paper's); most negatives then ask another question, so
+    # the loss is solvable from the query text alone. "intent": each batch holds `intents_per_batch` intents,
+    # its negatives are other users asked the same question, told apart only by reading the behaviour.
+    # "grid": batch_size / intents_per_batch users, each asked the same intents_per_batch questions: every
+    # question's negatives are the other users, and each user's prefix runs once for all its questions
+    # (needs a QA table where users answer many intents; WorldConfig.qa_per_user_*).
+    batching: Batching = "random"
+    intents_per_batch: int = 4         # intent/grid batching: distinct intents per batch (must divide batch_size)
+    # Which rows are never each other's negatives (besides the same user): "answer_text": identical answer
+    # texts; "claim": answers stating the same claim of the same intent, in any wording (world.answer_claims).
+    false_negatives: FalseNegatives = "answer_text"
+    # Negative kinds that false-negative mask applies to. All three: two users with the same answer are
+    # not pushed apart at all; the answer kinds only: their answers are not negatives, but their anchors
+    # still repel (they are different users), which keeps detail beyond the claim in the embedding.
+    answer_mask_kinds: tuple[NegativeKind, ...] = ("anchor_anchor", "anchor_answer", "answer_anchor")
     max_steps: int | None = None       # stop early after this many optimizer steps
     seed: int = 0
     log_every: int = 10
@@ -56,9 +73,17 @@ class PretrainConfig:
 
     def __post_init__(self):
         self.negatives = tuple(self.negatives)
-        bad = set(self.negatives) - {"anchor_anchor", "anchor_answer", "answer_anchor"}
+        self.answer_mask_kinds = tuple(self.answer_mask_kinds)
+        for name, choices in (("batching", get_args(Batching)), ("false_negatives", get_args(FalseNegatives))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
+        if self.batching != "random" and (self.intents_per_batch < 1 or self.batch_size % self.intents_per_batch):
+            raise ValueError(f"intents_per_batch={self.intents_per_batch} must be >= 1 and divide batch_size={self.batch_size}")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be >= 0 or None, got {self.margin}")
+        bad = (set(self.negatives) | set(self.answer_mask_kinds)) - {"anchor_anchor", "anchor_answer", "answer_anchor"}
         if bad:
-            raise ValueError(f"negatives {sorted(bad)} invalid; choose from anchor_anchor, anchor_answer, answer_anchor")
+            raise ValueError(f"negatives or answer_mask_kinds {sorted(bad)} invalid; choose from anchor_anchor, anchor_answer, answer_anchor")
         if not (self.use_contrastive or self.use_generative):
             raise ValueError("at least one of use_contrastive / use_generative must be on")
         if self.epochs <= 0 or self.batch_size < 2:
@@ -77,7 +102,8 @@ class PairSet:
     user_index: np.ndarray   # (N,) row in the behaviour store
     queries: list[str]
     answers: list[str]
-    answer_ids: np.ndarray   # (N,) same id for identical answer texts
+    answer_ids: np.ndarray   # (N,) same id for rows that are never each other's negatives (same answer or claim)
+    intent_ids: np.ndarray   # (N,) question intent (the query text where a dataset gives no intent)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -95,12 +121,71 @@ def heldout_queries(qa: pd.DataFrame, seed: int) -> set[str]:
     return out
 
 
-def make_pairs(qa: pd.DataFrame, store: BehaviourStore, exclude_queries: set[str] = frozenset()) -> PairSet:
+def make_pairs(qa: pd.DataFrame, store: BehaviourStore, exclude_queries: set[str] = frozenset(),
+               false_negatives: FalseNegatives = "answer_text") -> PairSet:
+    from qanchor_lab.world import answer_claims
+
     rows = qa[qa["user_id"].isin(store.index) & ~qa["query"].isin(exclude_queries)]
     answers = rows["answer"].astype(str).tolist()
-    _, answer_ids = np.unique(np.asarray(answers, dtype=object), return_inverse=True)
+    keys = answer_claims(rows) if false_negatives == "claim" else np.asarray(answers, dtype=object)
+    _, answer_ids = np.unique(keys, return_inverse=True)
+    intent = rows["intent"].astype(str) if "intent" in rows.columns else pd.Series("", index=rows.index)
+    intent = np.where(intent.to_numpy() == "", rows["query"].astype(str).to_numpy(), intent.to_numpy())
+    _, intent_ids = np.unique(intent.astype(str), return_inverse=True)
     return PairSet(np.asarray(store.indices(rows["user_id"].tolist())), rows["query"].astype(str).tolist(),
-                   answers, answer_ids.astype(np.int64))
+                   answers, answer_ids.astype(np.int64), intent_ids.astype(np.int64))
+
+
+def epoch_batches(pairs: PairSet, config: PretrainConfig, epoch: int, world_size: int = 1) -> list[list[np.ndarray]]:
+    """One epoch's steps; each step is a list of world_size arrays of pair rows (one per process).
+
+    "random" and "intent" slice `epoch_order` into global batches. "grid" crosses groups of
+    batch_size / intents_per_batch users with groups of intents_per_batch intents; pairs a user lacks are
+    left out, so a step holds at most batch_size rows per process. Users that do not fill a last group
+    wait for the next epoch's shuffle. The number of steps is the same every epoch."""
+    global_batch = config.batch_size * world_size
+    if config.batching != "grid":
+        order = epoch_order(pairs, config, epoch, global_batch)
+        return [[order[s * global_batch + r * config.batch_size: s * global_batch + (r + 1) * config.batch_size]
+                 for r in range(world_size)] for s in range(len(pairs) // global_batch)]
+    rng = np.random.default_rng([config.seed, epoch])
+    users, user_pos = np.unique(pairs.user_index, return_inverse=True)
+    n_int = int(pairs.intent_ids.max()) + 1
+    grid = np.full((len(users), n_int), -1, np.int64)                           # (U, I) pair row or -1
+    grid[user_pos, pairs.intent_ids] = np.arange(len(pairs))
+    k, u = config.intents_per_batch, config.batch_size // config.intents_per_batch
+    user_groups = rng.permutation(len(users))[: len(users) // (u * world_size) * u * world_size].reshape(-1, u * world_size)
+    steps = []
+    for g in user_groups:
+        order = rng.permutation(n_int)
+        for j in range(0, n_int, k):
+            block = grid[np.ix_(g, order[j:j + k])]                              # (u * W, k)
+            steps.append([block[r * u:(r + 1) * u].ravel() for r in range(world_size)])
+    steps = [[rows[rows >= 0] for rows in steps[i]] for i in rng.permutation(len(steps))]
+    return steps
+
+
+def epoch_order(pairs: PairSet, config: PretrainConfig, epoch: int, global_batch: int) -> np.ndarray:
+    """Row order of one epoch; consecutive `global_batch` rows form a step's batch.
+
+    "random": a permutation. "intent": rows of one intent are cut into chunks of
+    global_batch / intents_per_batch, chunks are shuffled and laid end to end, so every batch holds that
+    many intents; rows left over at each intent's tail are shuffled into mixed chunks (nothing is skipped)."""
+    rng = np.random.default_rng([config.seed, epoch])
+    if config.batching == "random":
+        return rng.permutation(len(pairs))
+    per = global_batch // config.intents_per_batch
+    chunks, rest = [], []
+    for i in range(int(pairs.intent_ids.max()) + 1 if len(pairs) else 0):
+        rows = rng.permutation(np.flatnonzero(pairs.intent_ids == i))
+        full = len(rows) // per * per
+        chunks += list(rows[:full].reshape(-1, per))
+        rest.append(rows[full:])
+    rest = rng.permutation(np.concatenate(rest)) if rest else np.zeros(0, np.int64)
+    chunks += [rest[j:j + per] for j in range(0, len(rest), per)]
+    order = [chunks[j] for j in rng.permutation(len(chunks))]
+    order.sort(key=lambda c: len(c) < per)  # stable: a short last chunk goes to the end, batches stay aligned
+    return np.concatenate(order) if order else rest
 
 
 class PretrainStep(torch.nn.Module):
@@ -110,11 +195,13 @@ class PretrainStep(torch.nn.Module):
         super().__init__()
         self.model = model
         self.config = config
-        self.contrastive = ContrastiveLoss(temperature=config.temperature, margin=config.margin, negatives=config.negatives)
+        self.contrastive = ContrastiveLoss(temperature=config.temperature, margin=config.margin, negatives=config.negatives,
+                                           answer_id_kinds=config.answer_mask_kinds)
 
-    def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer):
+    def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None):
         c = self.config
-        out = self.model(users, queries, answers, with_answer_tower=c.use_contrastive, with_lm=c.use_generative)
+        out = self.model(users, queries, answers, user_rows=user_rows, with_answer_tower=c.use_contrastive,
+                         with_lm=c.use_generative)
         zero = out["anchor"].sum() * 0.0
         cl = self.contrastive(out["anchor"], out["answer"], user_ids=user_ids, answer_ids=answer_ids) if c.use_contrastive else zero
         if c.use_generative:
@@ -163,9 +250,9 @@ def pretrain(
     users = world.users_in("pretrain")
     store = store or model.behaviour(world.events, world.profiles, users)
     exclude = heldout_queries(world.qa, config.seed) if config.holdout_paraphrases else set()
-    pairs = make_pairs(world.qa, store, exclude)
+    pairs = make_pairs(world.qa, store, exclude, config.false_negatives)
     global_batch = config.batch_size * world_size
-    steps_per_epoch = len(pairs) // global_batch
+    steps_per_epoch = len(epoch_batches(pairs, config, 0, world_size))
     if steps_per_epoch < 1:
         raise ValueError(f"{len(pairs)} training pairs cannot fill one global batch of {global_batch}")
     total_steps = math.ceil(config.epochs * steps_per_epoch)
@@ -195,19 +282,24 @@ def pretrain(
     tokens_seen = 0
     bar = tqdm(total=total_steps, initial=step, desc="pre-training", disable=not (show_progress and acc.is_main_process))
     last = {}
+    batches = None
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
-        perm = np.random.default_rng([config.seed, epoch]).permutation(len(pairs))
-        batch_rows = perm[k * global_batch:(k + 1) * global_batch]
-        mine = batch_rows[rank * config.batch_size:(rank + 1) * config.batch_size]
-        ub = store.batch(pairs.user_index[mine])
+        if k == 0 or batches is None:
+            batches = epoch_batches(pairs, config, epoch, world_size)
+        mine = batches[k][rank]
+        # a user asked several questions in this step gets one prefix (run once, cached for each question)
+        uniq, user_rows = np.unique(pairs.user_index[mine], return_inverse=True)
+        repeated = len(uniq) < len(mine)
+        ub = store.batch(uniq if repeated else pairs.user_index[mine])
         queries = [pairs.queries[i] for i in mine]
         answers = [pairs.answers[i] for i in mine]
         n_tok_global = _global_sum(count_answer_tokens(model, answers), acc.device)
         loss, cl, ntp, n_tokens = module(ub, queries, answers,
                                torch.as_tensor(pairs.user_index[mine], device=acc.device),
                                torch.as_tensor(pairs.answer_ids[mine], device=acc.device),
-                               n_tok_global / world_size)
+                               n_tok_global / world_size,
+                               torch.as_tensor(user_rows, device=acc.device) if repeated else None)
         acc.backward(loss)
         if config.grad_clip:
             acc.clip_grad_norm_(module.parameters(), config.grad_clip)

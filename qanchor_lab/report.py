@@ -17,19 +17,26 @@ from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from qanchor_lab.evaluate import METHODS, _check_metrics, formatted_table, method_label, method_order
+from qanchor_lab.evaluate import _check_metrics, formatted_table, method_label, method_order
 
 ORACLE = "oracle"
 # Which Q-Anchor variant the summary speaks for when the metrics name no reference.
 QANCHOR_METHODS = ("qanchor_prompt_tuned", "qanchor_base")
 LOSS_KEYS = {"loss": "total", "contrastive": "contrastive", "ntp": "next-token"}
-# A fixed palette per known method keeps colours stable across reports and notebooks.
-_COLOURS = dict(
-    zip(
-        METHODS,
-        ("#222222", "#8c6d31", "#bd9e39", "#7b4173", "#6b6ecf", "#9c9ede", "#31a354", "#006d2c"),
-    )
-)
+# A fixed palette per known method keeps colours stable across reports and notebooks (keyed by name,
+# so adding a method to METHODS never shifts the others' colours).
+_COLOURS = {
+    "oracle": "#222222",
+    "gbdt_features": "#8c6d31",
+    "logreg_features": "#bd9e39",
+    "tfidf_features": "#e7ba52",
+    "text_embedding": "#7b4173",
+    "static_embedding": "#6b6ecf",
+    "untrained": "#9c9ede",
+    "qanchor_base": "#31a354",
+    "qanchor_prompt_tuned": "#006d2c",
+    "qanchor_plus_features": "#74c476",
+}
 _EXTRA_COLOURS = ("#e6550d", "#3182bd", "#de2d26", "#636363", "#17becf", "#d62728")
 _CSS = """
 body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -307,3 +314,52 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
     return path
+
+
+def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = False) -> str:
+    """An HTML fragment for `qanchor_lab.diagnostics.diagnose` output: headline table, probe R² and
+    retention per stage (untrained vs trained, with a bar chart), query geometry, overall claim accuracy
+    against the majority claim and the tabular yardstick, and the perfect-QA-learner bound.
+
+    Pass include_plotlyjs=True when the page has no plotly.js yet (write_report inlines it with its first
+    figure). Deterministic: fixed div id, no timestamps."""
+    from qanchor_lab.diagnostics import claim_comparison, figure_stage_r2, stage_comparison
+
+    def cell(v: Any) -> str:
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return "–" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        return "–" if v is None else html.escape(str(v))
+
+    def table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+        return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    names = list(diag["models"])
+    out = ["<h2>Representation diagnostics</h2>",
+           f"<p>Ridge probes (5-fold) on {diag['n_users']} tune users under the query "
+           f"<em>{html.escape(str(diag['query']))}</em>. Retention is a stage's oracle-score R² over the tabular "
+           f"input's; the target for the final embedding is {diag['retention_target']:.0%}.</p>",
+           table([{"model": n, **diag["summary"][n]} for n in names],
+                 ["model", "input_tabular_oracle_r2", "embedding_oracle_r2", "embedding_retention",
+                  "meets_retention_target", "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean"])]
+    r2, keep = stage_comparison(diag, "oracle_r2"), stage_comparison(diag, "retention")
+    rows = [{"stage": s, **{f"R² {n}": r2.loc[s, n] for n in names}, **{f"retention {n}": keep.loc[s, n] for n in names}}
+            for s in r2.index]
+    out.append(table(rows, ["stage", *[f"R² {n}" for n in names], *[f"retention {n}" for n in names]]))
+    out.append(figure_stage_r2(diag).to_html(full_html=False, include_plotlyjs=include_plotlyjs,
+                                             div_id="fig-diagnostics-stages", config={"displaylogo": False}))
+    out.append("<h3>Query geometry</h3>")
+    out.append(table([{"model": n, **diag["geometry"][n]} for n in names],
+                     ["model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share",
+                      "query_share"]))
+    out.append("<h3>Claim accuracy on held-out pre-training users</h3>")
+    claims = claim_comparison(diag)
+    out.append(table(claims[claims["intent"] == "overall"].to_dict("records"),
+                     ["source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc"]))
+    pq = diag["perfect_qa"]
+    out.append(f"<p>Perfect QA learner: one-hot D_uqa claims explain oracle-score R² {cell(pq['claims_r2'])} "
+               f"against {cell(pq['features_r2'])} for the tabular features. {html.escape(pq['note'])}</p>")
+    return "\n".join(out)

@@ -1,7 +1,7 @@
 """Held-out answer retrieval: does the anchor embedding pick the user's true answer among candidates?
 
 For each held-out (user, query) pair the true answer competes with n-1 distinct other answer texts from
-the same split; top-1 / top-5 accuracy are reported (chance: 1/n and 5/n), split by whether the query's
+the same split (n is capped by the split's distinct answers, so small worlds work); top-1 / top-5 accuracy are reported (chance: 1/n and 5/n), split by whether the query's
 wording was seen in training or is a held-out paraphrase.
 """
 
@@ -35,8 +35,11 @@ def answer_retrieval(
     if len(qa) > max_pairs:
         qa = qa.iloc[np.sort(rng.choice(len(qa), max_pairs, replace=False))].reset_index(drop=True)
     pool = np.array(sorted(set(world.qa.loc[world.qa["user_id"].isin(set(users)), "answer"])), dtype=object)
-    if len(pool) < n_candidates:
-        raise ValueError(f"split {split!r} has {len(pool)} distinct answers, fewer than n_candidates={n_candidates}")
+    if len(pool) < 2:
+        raise ValueError(f"split {split!r} has {len(pool)} distinct answer(s); retrieval needs at least 2")
+    # A small world has fewer distinct answers than candidates asked for: rank among all of them instead
+    # (the result's n_candidates and chance_top1 say how many).
+    n_candidates = min(n_candidates, len(pool))
     store = store or model.behaviour(world.events, world.profiles, users)
 
     pool_emb = torch.cat([model.embed_answers(list(pool[i:i + batch_size]))

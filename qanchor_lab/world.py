@@ -1443,6 +1443,18 @@ def verify_answers(qa: pd.DataFrame, evidence: pd.DataFrame) -> np.ndarray:
     return ok
 
 
+def answer_claims(qa: pd.DataFrame) -> np.ndarray:
+    """The claim each QA row's answer states ("intent|claim"), read back from the intents' wordings.
+
+    Paraphrased answers of one claim share a key, so pre-training can treat them as one positive class
+    (false-negative masking by claim, not by exact text). Rows of an unknown intent, or whose answer is no
+    wording of it (a dataset's own QA), fall back to "intent|answer text"."""
+    lookup = {(iid, a): c for iid, it in INTENTS.items() for c, wordings in it.answers.items() for a in wordings}
+    intents = qa["intent"].astype(str).to_numpy() if "intent" in qa.columns else np.full(len(qa), "", object)
+    answers = qa["answer"].astype(str).to_numpy()
+    return np.array([f"{i}|{lookup.get((i, a), a)}" for i, a in zip(intents, answers)], dtype=object)
+
+
 # ----------------------------------------------------------------------------------------------
 # task labels: calibrated true probabilities
 

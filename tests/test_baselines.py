@@ -1,4 +1,5 @@
-"""Tests for qanchor_lab.baselines: the oracle, feature and text-embedding baselines, and the probe."""
+"""Tests for qanchor_lab.baselines: the oracle, feature, TF-IDF and text-embedding baselines, the probe,
+and the probe on features and an embedding together."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
+from sklearn.metrics import roc_auc_score
 
 from qanchor_lab import baselines as B
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.event_encoder import HashingEncoder, get_text_encoder
 from qanchor_lab.features import FeatureSpec
 from qanchor_lab.metrics import task_metrics
+from qanchor_lab.schema import World
 from qanchor_lab.world import WorldConfig, generate_world
 
 N_TASKS = 3  # a few tasks keep the per-task fits fast; every code path runs per task alike
@@ -164,6 +168,43 @@ def test_probe_scores_direct():
         B.probe_scores(X[:300], y[:300] * 2, X[300:])
     with pytest.raises(DataValidationError, match="at least 3 of each"):
         B.probe_scores(X[:300], np.r_[np.ones(2), np.zeros(298)], X[300:])
+    with pytest.raises(ValueError, match="extra_train and extra_test together"):
+        B.probe_scores(X[:300], y[:300], X[300:], extra_train=X[:300])
+    with pytest.raises(ValueError, match="extra_test has 2"):
+        B.probe_scores(X[:300], y[:300], X[300:], extra_train=X[:300, :3], extra_test=X[300:, :2])
+    with pytest.raises(ValueError, match="extra_shares"):
+        B.probe_scores(X[:300], y[:300], X[300:], extra_train=X[:300], extra_test=X[300:], extra_shares=(-1.0,))
+    with pytest.raises(ValueError, match="standardize_extra=False"):
+        B.probe_scores(X[:300], y[:300], X[300:], extra_train=sp.csr_matrix(X[:300]), extra_test=sp.csr_matrix(X[300:]))
+
+
+def test_probe_extra_block_is_not_drowned_by_a_wide_one():
+    """One informative column beside 300 noise columns: a plain hstack shrinks it with the noise;
+    rescaling the block by a CV-chosen share lets it lead. Dense and sparse blocks agree."""
+    rng = np.random.default_rng(3)
+    n, n_train = 1000, 600
+    signal = rng.normal(size=(n, 1))
+    y = (signal[:, 0] + 0.7 * rng.normal(size=n) > 0.5).astype(int)
+    noise = rng.normal(size=(n, 300))
+    cfg = B.ProbeConfig(seed=0)
+
+    def auc(p):
+        return roc_auc_score(y[n_train:], p)
+
+    plain = B.probe_scores(np.hstack([noise, signal])[:n_train], y[:n_train], np.hstack([noise, signal])[n_train:], cfg)
+    kw = dict(extra_train=signal[:n_train], extra_test=signal[n_train:], extra_shares=B.EMBEDDING_SHARES)
+    block = B.probe_scores(noise[:n_train], y[:n_train], noise[n_train:], cfg, **kw)
+    assert auc(block) > auc(plain) + 0.03 and auc(block) > 0.85
+    # the extra block as given (no standardisation), sparse or dense, gives the same scores
+    dense = B.probe_scores(noise[:n_train], y[:n_train], noise[n_train:], cfg, standardize_extra=False, **kw)
+    sparse = B.probe_scores(noise[:n_train], y[:n_train], noise[n_train:], cfg, standardize_extra=False,
+                            **{**kw, "extra_train": sp.csr_matrix(signal[:n_train]), "extra_test": sp.csr_matrix(signal[n_train:])})
+    np.testing.assert_allclose(dense, sparse, rtol=1e-6)
+    # share 0 is X alone
+    np.testing.assert_array_equal(
+        B.probe_scores(noise[:n_train], y[:n_train], noise[n_train:], cfg, **{**kw, "extra_shares": (0.0,)}),
+        B.probe_scores(noise[:n_train], y[:n_train], noise[n_train:], cfg),
+    )
 
 
 def test_errors_name_the_culprit(small, splits, spec):
@@ -200,3 +241,170 @@ def test_gbdt_config_validation():
         B.GBDTConfig(validation_fraction=1.0)
     with pytest.raises(ValueError, match="max_leaf_nodes"):
         B.GBDTConfig(max_leaf_nodes=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# features + TF-IDF, and features + embedding
+
+
+def _word_world(n_users: int = 400, seed: int = 0) -> World:
+    """A hand-made world whose one label is decided only by a word in a search text.
+
+    Every user has the same number of search events (search carries no category, amount or dwell),
+    spread alike over the window, and a random profile: the hand-crafted features see nothing but
+    noise. Positives once searched "ways to delay credit card repayment", negatives "easy dinner
+    recipes" instead."""
+    rng = np.random.default_rng(seed)
+    users = [f"w{i:04d}" for i in range(n_users)]
+    split = np.array(["pretrain"] * (n_users // 4) + ["tune"] * (3 * n_users // 8))
+    split = np.r_[split, ["test"] * (n_users - len(split))]
+    label = rng.integers(0, 2, size=n_users)
+    neutral = ["weather tomorrow", "news today", "express delivery tracking", "calculator app", "translate english"]
+    rows = []
+    for u, y in zip(users, label):
+        texts = list(rng.choice(neutral, size=5)) + ["ways to delay credit card repayment" if y else "easy dinner recipes"]
+        stamps = pd.Timestamp("2026-01-05") + pd.to_timedelta(np.sort(rng.uniform(0, 80, size=6)), unit="D")
+        rows += [{"user_id": u, "modality": "search", "timestamp": t, "text": x} for t, x in zip(stamps, rng.permutation(texts))]
+    events = pd.DataFrame(rows).assign(category="", channel="app", amount=0.0, duration_s=0.0)
+    tasks = pd.DataFrame({"task_id": ["repay_late"], "domain": ["risk"], "query": ["Will this user repay late?"],
+                          "description": ["decided by one search"]})
+    return World(
+        events=events,
+        profiles=pd.DataFrame({"user_id": users, "age": rng.integers(20, 60, size=n_users).astype(float)}),
+        users=pd.DataFrame({"user_id": users, "population": np.where(split == "pretrain", "pretrain", "downstream"),
+                            "split": split}),
+        qa=pd.DataFrame(columns=["user_id", "source", "intent", "query", "answer"]),
+        tasks=tasks,
+        labels=pd.DataFrame({"user_id": users, "task_id": "repay_late", "label": label,
+                             "oracle_prob": label.astype(float)}),
+    )
+
+
+@pytest.fixture(scope="module")
+def word_world():
+    return _word_world()
+
+
+def test_tfidf_reads_the_event_text(word_world):
+    w = word_world
+    tune, test = w.users_in("tune"), w.users_in("test")
+    text = B.tfidf_feature_scores(w, tune, test, seed=0)
+    _check_layout(text, w, test)
+    features = B.feature_scores(w, tune, test, model="logreg", seed=0)
+    assert _avg_auc(w, text, test) >= 0.9
+    assert abs(_avg_auc(w, features, test) - 0.5) < 0.12  # the word is invisible to the features
+
+
+def test_tfidf_features_layout_and_only_tune_labels(small, splits, spec):
+    tune, test = splits
+    sc = B.tfidf_feature_scores(small, tune, test, seed=0, feature_spec=spec)
+    _check_layout(sc, small, test)
+    assert _avg_auc(small, sc, test) > 0.6
+    # shuffled test labels (and oracle probabilities) leave every score unchanged; the same seed
+    # gives the same scores bit for bit
+    rng = np.random.default_rng(7)
+    labels = small.labels.copy()
+    is_test = labels["user_id"].isin(set(test)).to_numpy()
+    labels.loc[is_test, "label"] = rng.permutation(labels.loc[is_test, "label"].to_numpy())
+    labels.loc[is_test, "oracle_prob"] = rng.uniform(size=int(is_test.sum()))
+    shuffled = dataclasses.replace(small, labels=labels)
+    pd.testing.assert_frame_equal(sc, B.tfidf_feature_scores(shuffled, tune, test, seed=0, feature_spec=spec))
+    # the text block is in the fit: a tiny share of it gives other scores
+    tiny = B.tfidf_feature_scores(small, tune, test, seed=0, feature_spec=spec, config=B.TfidfConfig(text_share=1e-6))
+    assert not np.allclose(tiny["score"], sc["score"])
+
+
+def test_tfidf_is_fitted_on_tune_users_only(word_world):
+    """Vocabulary, idf and block scale come from the tune users: rewording some test users' searches
+    (a new word used by many of them, a common one gone) moves their own scores and nobody else's."""
+    w = word_world
+    tune, test = w.users_in("tune"), w.users_in("test")
+    base = B.tfidf_feature_scores(w, tune, test, seed=0)
+    changed = set(test[: len(test) // 2])
+    events = w.events.copy()
+    events.loc[events["user_id"].isin(changed) & (events["text"] == "weather tomorrow"), "text"] = "zyzzyva zyzzyva"
+    again = B.tfidf_feature_scores(dataclasses.replace(w, events=events), tune, test, seed=0)
+    same = ~base["user_id"].isin(changed)
+    pd.testing.assert_frame_equal(base[same], again[same])
+    assert not np.allclose(base.loc[~same, "score"], again.loc[~same, "score"])
+
+
+def _truth_embed(world, calls):
+    """A query-dependent embed_fn that knows what the features miss: the logit of the task's true
+    probability (the task is read off the query) next to three noise columns."""
+    by_query = dict(zip(world.tasks["query"], world.tasks["task_id"]))
+    truth = world.labels.pivot(index="user_id", columns="task_id", values="oracle_prob")
+
+    def embed(user_ids, query):
+        calls.append(query)
+        p = truth.loc[list(user_ids), by_query[query]].to_numpy(dtype=float).clip(1e-6, 1 - 1e-6)
+        noise = np.random.default_rng(1).normal(size=(len(user_ids), 3))
+        return np.column_stack([np.log(p / (1 - p)), noise])
+
+    return embed
+
+
+def test_combined_probe_beats_features_alone(small, splits, spec):
+    tune, test = splits
+    calls: list = []
+    combined = B.combined_probe_scores(_truth_embed(small, calls), small, tune, test, seed=0, feature_spec=spec)
+    assert calls == small.tasks["query"].tolist()  # once per task, with that task's query
+    _check_layout(combined, small, test)
+    features = B.feature_scores(small, tune, test, model="logreg", seed=0, feature_spec=spec)
+    assert _avg_auc(small, combined, test) > _avg_auc(small, features, test) + 0.03
+    # a useless embedding costs the features little: the probe learns to ignore it
+    noise = B.combined_probe_scores(_noise_embed, small, tune, test, seed=0, feature_spec=spec)
+    assert _avg_auc(small, noise, test) > _avg_auc(small, features, test) - 0.03
+    # only tune labels are read
+    labels = small.labels.copy()
+    is_test = labels["user_id"].isin(set(test)).to_numpy()
+    labels.loc[is_test, "label"] = 1 - labels.loc[is_test, "label"]
+    pd.testing.assert_frame_equal(
+        combined,
+        B.combined_probe_scores(_truth_embed(small, []), dataclasses.replace(small, labels=labels), tune, test,
+                                seed=0, feature_spec=spec),
+    )
+    static_calls: list = []
+    B.combined_probe_scores(_trait_embed(small, static_calls), small, tune, test, feature_spec=spec, query_dependent=False)
+    assert static_calls == [None]
+
+
+def test_new_baselines_name_bad_input(small, splits, word_world):
+    tune, test = splits
+    with pytest.raises(DataValidationError, match=r"tune_users: 1 user id\(s\) are not in world.users.*'nobody'"):
+        B.tfidf_feature_scores(small, tune[:-1] + ["nobody"], test)
+    with pytest.raises(DataValidationError, match=r"test_users: 2 user id\(s\) are not in world.users.*'ghost1'"):
+        B.combined_probe_scores(_noise_embed, small, tune, test[:-2] + ["ghost1", "ghost2"])
+    with pytest.raises(DataValidationError, match="not in world.users"):
+        B.feature_scores(small, tune, test[:-1] + ["nobody"], model="logreg")
+    with pytest.raises(ValueError, match="overlap"):
+        B.tfidf_feature_scores(small, tune, test + tune[:2])
+    no_text = dataclasses.replace(word_world, events=word_world.events.drop(columns="text"))
+    with pytest.raises(DataValidationError, match="no 'text' column"):
+        B.tfidf_feature_scores(no_text, word_world.users_in("tune"), word_world.users_in("test"))
+    with pytest.raises(DataValidationError, match="no term occurs in 10000 or more tune users"):
+        B.tfidf_feature_scores(word_world, word_world.users_in("tune"), word_world.users_in("test"),
+                               config=B.TfidfConfig(min_df=10_000))
+
+    def short(user_ids, query):
+        return np.zeros((len(user_ids) - 1, 4))
+
+    with pytest.raises(ValueError, match="embed_fn.*rows"):
+        B.combined_probe_scores(short, small, tune, test)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"ngram_max": 0}, "ngram_max.*1: words only"),
+        ({"min_df": 0}, "min_df"),
+        ({"min_df": 2.5}, "min_df"),
+        ({"text_share": 0.0}, "text_share.*feature_scores"),
+        ({"text_share": float("inf")}, "text_share"),
+        ({"sublinear_tf": "yes"}, "sublinear_tf"),
+        ({"probe": {"Cs": (1.0,)}}, "ProbeConfig or None"),
+    ],
+)
+def test_tfidf_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        B.TfidfConfig(**kw)

@@ -137,6 +137,32 @@ def test_subset_without_reference_and_determinism(toy):
 def test_method_order():
     assert method_order(["zeta", "qanchor_base", "oracle", "alpha"]) == ["oracle", "qanchor_base", "zeta", "alpha"]
     assert method_order(list(reversed(METHODS))) == list(METHODS)
+    # the feature baselines sit together; Q-Anchor next to the features comes after prompt tuning
+    assert method_order(["qanchor_plus_features", "qanchor_prompt_tuned", "text_embedding", "tfidf_features",
+                         "logreg_features"]) == ["logreg_features", "tfidf_features", "text_embedding",
+                                                 "qanchor_prompt_tuned", "qanchor_plus_features"]
+
+
+def test_every_known_method_has_a_label_and_a_colour():
+    from qanchor_lab.evaluate import METHOD_LABELS
+    from qanchor_lab.report import _COLOURS
+
+    assert set(METHOD_LABELS) == set(METHODS) and set(_COLOURS) == set(METHODS)
+    assert len(set(METHOD_LABELS.values())) == len(METHODS) and len(set(_COLOURS.values())) == len(METHODS)
+
+
+def test_new_baselines_reach_the_table_and_report(toy, tmp_path):
+    labels, scores, test = toy
+    named = {"qanchor_plus_features": scores["qanchor_prompt_tuned"], "tfidf_features": scores["gbdt_features"],
+             "logreg_features": scores["my_method"], "qanchor_prompt_tuned": scores["qanchor_prompt_tuned"]}
+    metrics = evaluate_methods(named, labels, TASKS, test, n_boot=50, seed=0)
+    assert list(results_table(metrics).index) == ["logreg_features", "tfidf_features", "qanchor_prompt_tuned",
+                                                  "qanchor_plus_features"]
+    assert [line.split(" | ")[0] for line in results_markdown(metrics).splitlines()[2:]] == [
+        "| logreg_features", "| tfidf_features", "| qanchor_prompt_tuned", "| qanchor_plus_features"]
+    html = write_report(tmp_path / "r.html", metrics).read_text()
+    for label in ("features + event-text TF-IDF + logistic regression", "Q-Anchor (task query) + features + probe"):
+        assert label in html
 
 
 def test_results_table_and_markdown(metrics):

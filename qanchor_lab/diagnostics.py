@@ -1,0 +1,770 @@
+"""Representation diagnostics: does the model read the user, and where along the way is it lost?
+
+Pre-training can lower its loss without the embedding carrying much about the user (the query alone, or
+a few frequent answers, explain a lot of the contrastive objective). This module measures what each
+stage of the model keeps about users whose truth the synthetic world knows:
+
+- `stage_representations` / `stage_probe_table`: the representation at every stage of the data flow
+  (tabular input, raw event means, tabular token, decoder prefix layers, hidden state at <user_emb>,
+  final embedding) and a cross-validated ridge probe of each against the *oracle score* of every task
+  (logit of the true label probability) and every latent trait. `retention` is a stage's oracle R² over
+  the tabular input's: the target is >= 0.85 for the final embedding (`RETENTION_TARGET`).
+- `query_geometry`: effective dimensionality of the embeddings per query, and whether one user's
+  embeddings under different queries are more alike than different users' under the same query (a
+  model that ignores the user has same-query cosines near 1).
+- `claim_accuracy`: on held-out pre-training users, is the answer the anchor embedding is closest to
+  the right claim? Compared with the majority claim and with logistic regression / GBDT on the model's
+  own tabular input (the yardstick a model that reads its input should reach).
+- `perfect_qa_learner_r2`: how much of the oracle score the D_uqa claims could explain at best.
+
+Everything is judged on downstream `tune` users or `pretrain_val` users, never on `test` users, and is
+deterministic given `seed`. `diagnose` runs it all (trained and untrained side by side) and returns a
+JSON-able dict; `diagnostics_markdown` renders it; `save_diagnostics` writes diagnostics.json/.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.model_selection import KFold
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from qanchor_lab.sequence import position_ids
+from qanchor_lab.world import INTENTS, TRAITS, build_evidence
+
+RETENTION_TARGET = 0.85          # the final embedding should keep >= 85% of its tabular input's probe R²
+ALPHAS = np.logspace(-2, 5, 15)  # ridge penalties tried inside each fold
+TREND_COLUMNS = ("trend_liquidity", "trend_engagement")
+JUDGED_SPLITS = ("tune", "pretrain_val")  # users the diagnostics may be judged on (never "test")
+CLAIM_SPLITS = ("pretrain_val", "pretrain")  # splits with QA rows
+MIN_FIT_ROWS = 30                # fewer training rows than this for an intent: the yardstick uses 3-fold CV
+LOGIT_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# users and targets
+
+
+def _check_users(world, users: Sequence[str] | str, *, allowed: Sequence[str] = JUDGED_SPLITS) -> list[str]:
+    """User ids from a split name or a list; refuses test users, unknown users and an empty list."""
+    if isinstance(users, str):
+        if users not in allowed:
+            raise ValueError(f"users={users!r}: diagnostics are judged on split(s) {', '.join(allowed)} only")
+        ids = world.users_in(users)
+    else:
+        ids = list(users)
+    if not ids:
+        raise ValueError(f"users is empty: no users to diagnose (given {users!r})")
+    split = world.users.set_index("user_id")["split"]
+    unknown = [u for u in ids if u not in split.index]
+    if unknown:
+        raise ValueError(f"{len(unknown)} user id(s) not in the world, e.g. {unknown[:5]}")
+    bad = sorted(set(split.loc[ids]) - set(allowed))
+    if bad:
+        raise ValueError(f"users include split(s) {bad}; diagnostics are judged on {', '.join(allowed)} only "
+                         "(test users stay unseen)")
+    return ids
+
+
+def sample_users(world, split: str = "tune", max_users: int | None = None, seed: int = 0) -> list[str]:
+    """Up to `max_users` users of `split` (drawn with `seed`, kept in table order)."""
+    ids = _check_users(world, split)
+    if max_users is not None and len(ids) > max_users:
+        if max_users < 1:
+            raise ValueError(f"max_users must be >= 1, got {max_users}")
+        keep = np.sort(np.random.default_rng(seed).choice(len(ids), max_users, replace=False))
+        ids = [ids[i] for i in keep]
+    return ids
+
+
+def oracle_targets(world, users: Sequence[str]) -> pd.DataFrame:
+    """(users, tasks) logit of the true label probability; empty columns when the users have no labels."""
+    lab = world.labels[world.labels["user_id"].isin(set(users))]
+    if lab.empty:
+        return pd.DataFrame(index=pd.Index(list(users), name="user_id"))
+    p = lab.pivot(index="user_id", columns="task_id", values="oracle_prob").reindex(list(users))
+    if p.isna().any().any():
+        missing = p.index[p.isna().any(axis=1)].tolist()
+        raise ValueError(f"{len(missing)} user(s) lack oracle_prob labels, e.g. {missing[:5]}")
+    task_order = [t for t in world.tasks["task_id"] if t in p.columns]
+    p = p[task_order].clip(LOGIT_EPS, 1 - LOGIT_EPS)
+    return np.log(p / (1 - p))
+
+
+def trait_targets(world, users: Sequence[str]) -> pd.DataFrame:
+    """(users, traits + trends) latent truth from the users table, named without the `trait_` prefix."""
+    cols = [f"trait_{t}" for t in TRAITS] + list(TREND_COLUMNS)
+    missing = [c for c in cols if c not in world.users.columns]
+    if missing:
+        raise ValueError(f"the users table lacks latent column(s) {missing}")
+    t = world.users.set_index("user_id").loc[list(users), cols].astype(np.float64)
+    return t.rename(columns=lambda c: c.removeprefix("trait_"))
+
+
+# ----------------------------------------------------------------------------------------------
+# probes
+
+
+def probe_r2_many(X: np.ndarray, Y: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold ridge R² of X (n, p) for every column of Y (n, k); (k,) array.
+
+    Inside each fold X is standardised on the training part and RidgeCV picks one penalty per target
+    from `ALPHAS` (efficient leave-one-out on the training part only), so no information leaks from the
+    held-out part. R² compares the out-of-fold predictions with the overall mean; a constant target
+    gives NaN."""
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"probe: X {X.shape} and y {Y.shape} must be (n, p) and (n,) or (n, k) with the same n")
+    if X.shape[0] < 2 * folds:
+        raise ValueError(f"probe: {X.shape[0]} rows are too few for {folds}-fold cross-validation")
+    if not np.isfinite(X).all() or not np.isfinite(Y).all():
+        raise ValueError("probe: X or y holds non-finite values")
+    pred = np.zeros_like(Y)
+    for train, test in KFold(folds, shuffle=True, random_state=seed).split(X):
+        scaler = StandardScaler().fit(X[train])
+        ridge = RidgeCV(alphas=ALPHAS, alpha_per_target=Y.shape[1] > 1)
+        ridge.fit(scaler.transform(X[train]), Y[train])
+        pred[test] = ridge.predict(scaler.transform(X[test])).reshape(len(test), -1)
+    sst = ((Y - Y.mean(0)) ** 2).sum(0)
+    sse = ((Y - pred) ** 2).sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
+
+
+def probe_r2(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated ridge R² of one target y (n,) from X (n, p) (see `probe_r2_many`)."""
+    return float(probe_r2_many(X, np.asarray(y, dtype=np.float64).reshape(-1, 1), folds=folds, seed=seed)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, N, D) over positions where mask (B, N) is True; zeros for empty rows."""
+    w = mask.to(x.dtype).unsqueeze(-1)                                         # (B, N, 1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)                            # (B, D)
+
+
+@torch.no_grad()
+def _stages_of_batch(model, batch, query: str) -> dict[str, torch.Tensor]:
+    """Every stage's (B, k) representation for one UserBatch already on the model's device."""
+    out: dict[str, torch.Tensor] = {"input_tabular": batch.tabular.float()}    # (B, F)
+    # Raw event vectors (text vector + numeric fields) as the store packs them, before any encoder scaling.
+    out["input_events"] = torch.cat([_masked_mean(batch.events[m], batch.masks[m])  # (B, D) each
+                                     for m in batch.events], 1)                 # (B, M*D) store order
+    tab = model.encoder(batch).tabular                                          # (B, S, H) or None
+    if tab is not None:
+        out["tabular_token"] = tab.reshape(tab.shape[0], -1)                    # (B, S*H)
+    prefix = model.encode_prefix(batch)
+    # The prefix alone through the decoder: attention is causal, so these states equal the prefix part of
+    # any full sequence. The explicit mask matters: padding sits mid-batch and position ids skip it.
+    dec = model.decoder(inputs_embeds=prefix.embeds, attention_mask=prefix.mask.long(),
+                        position_ids=position_ids(prefix.mask), output_hidden_states=True)
+    for layer, h in enumerate(dec.hidden_states):                               # L+1 of (B, P, H)
+        # the mean over real tokens, so padding (which depends on the batch's longest prefix) cannot count
+        out[f"prefix_layer_{layer}"] = _masked_mean(h, prefix.mask)             # (B, H)
+    suffix = model.make_suffix([query] * len(batch))
+    hidden = model.run_full(prefix, model.suffix_embeddings(suffix), suffix.mask)  # (B, S, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    out["user_emb_hidden"] = hidden[rows, suffix.pool_index.to(hidden.device)]  # (B, H) before the head
+    out["embedding"] = model.embed(batch, [query] * len(batch))                 # (B, d) L2-normalised
+    return out
+
+
+def stage_representations(model, world, users: Sequence[str], query: str, *, store=None, batch_size: int = 128,
+                          show_progress: bool = False) -> dict[str, np.ndarray]:
+    """{stage: (U, k) array} for `users` under `query`, stages in data-flow order.
+
+    Stages: input_tabular, input_events, tabular_token (absent when the model has no tabular tokens),
+    prefix_layer_0..L (mean over real prefix positions of each decoder layer's hidden state; layer 0 is
+    the input embeddings, layer L is after the final norm), user_emb_hidden (last-layer state at
+    <user_emb> before the head) and embedding. `store` (a BehaviourStore holding the users, built with
+    this model's `behaviour`) saves rebuilding one."""
+    users = list(users)
+    if not users:
+        raise ValueError("stage_representations: users is empty")
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"stage_representations: query must be a non-empty string, got {query!r}")
+    store = store if store is not None else model.behaviour(world.events, world.profiles, users)
+    idx = store.indices(users)
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in tqdm(range(0, len(idx), batch_size), desc="stages", disable=not show_progress):
+        batch = store.batch(idx[start:start + batch_size]).to(model.device)
+        for name, t in _stages_of_batch(model, batch, query).items():
+            parts.setdefault(name, []).append(t.float().cpu().numpy())
+    return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def stage_probe_table(model, world, users: Sequence[str] | str, query: str, *, store=None, folds: int = 5,
+                      seed: int = 0, stages: Mapping[str, np.ndarray] | None = None,
+                      show_progress: bool = False) -> pd.DataFrame:
+    """One row per stage (data-flow order): probe R² against each task's oracle score and each trait.
+
+    Columns: stage, dim, oracle_r2 (mean over tasks), trait_mean_r2, retention (oracle_r2 over the
+    input_tabular row's; over trait_mean_r2 when the users have no labels, e.g. pretrain_val), then
+    `oracle:<task>` and `trait:<name>` per target. `stages` may pass precomputed representations."""
+    users = _check_users(world, users)
+    reps = stages if stages is not None else stage_representations(model, world, users, query, store=store,
+                                                                   show_progress=show_progress)
+    oracle = oracle_targets(world, users)
+    traits = trait_targets(world, users)
+    Y = np.concatenate([oracle.to_numpy(), traits.to_numpy()], 1)              # (U, T + K)
+    names = [f"oracle:{t}" for t in oracle.columns] + [f"trait:{t}" for t in traits.columns]
+    rows = []
+    for stage, X in tqdm(list(reps.items()), desc="probes", disable=not show_progress):
+        r2 = probe_r2_many(X, Y, folds=folds, seed=seed)
+        row = {"stage": stage, "dim": int(X.shape[1])}
+        row.update(dict(zip(names, r2.tolist())))
+        row["oracle_r2"] = float(np.mean(r2[: oracle.shape[1]])) if oracle.shape[1] else math.nan
+        row["trait_mean_r2"] = float(np.mean(r2[oracle.shape[1]:]))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    key = "oracle_r2" if oracle.shape[1] else "trait_mean_r2"
+    base = table.loc[table["stage"] == "input_tabular", key]
+    base = float(base.iloc[0]) if len(base) else math.nan
+    table["retention"] = table[key] / base if base > 0 else math.nan
+    return table[["stage", "dim", "oracle_r2", "trait_mean_r2", "retention", *names]]
+
+
+# ----------------------------------------------------------------------------------------------
+# geometry
+
+
+def effective_dimensionality(E: np.ndarray) -> float:
+    """Participation ratio (sum λ)² / sum λ² of the covariance eigenvalues of E (n, d).
+
+    d for isotropic data, 1 when all variance lies along one direction, 0 when E has no variance."""
+    E = np.asarray(E, dtype=np.float64)
+    if E.ndim != 2 or E.shape[0] < 2:
+        raise ValueError(f"effective_dimensionality: need an (n >= 2, d) matrix, got shape {E.shape}")
+    centred = E - E.mean(0)
+    lam = np.linalg.svd(centred, compute_uv=False) ** 2 / (E.shape[0] - 1)     # covariance eigenvalues
+    total = lam.sum()
+    return float(total ** 2 / (lam ** 2).sum()) if total > 1e-12 * max(1.0, np.abs(E).max() ** 2) else 0.0
+
+
+def _mean_offdiag_cos(V: np.ndarray) -> float:
+    """Mean cosine over distinct pairs of the rows of V (n, d) (rows normalised here)."""
+    V = V / np.linalg.norm(V, axis=-1, keepdims=True).clip(min=1e-12)
+    n = V.shape[0]
+    s = V.sum(0)
+    return float((s @ s - n) / (n * (n - 1)))                                  # ||sum||² counts the n self-pairs
+
+
+def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
+                   show_progress: bool = False) -> dict[str, Any]:
+    """How the embeddings spread over users and queries.
+
+    per_query: effective dimensionality over users for each query. same_user_cos: mean cosine between one
+    user's embeddings under two different queries; cross_user_cos: mean cosine between two different
+    users under the same query. user_share / query_share: share of the total variance of the (U, Q)
+    embeddings explained by user means / query means (a model that ignores the user has user_share ~ 0)."""
+    user_ids, queries = list(user_ids), list(queries)
+    if len(user_ids) < 2 or len(queries) < 2:
+        raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
+    emb = model.encode(store, queries, user_ids=user_ids, batch_size=batch_size,
+                       show_progress_bar=show_progress).astype(np.float64)     # (U, Q, d)
+    U, Q, _ = emb.shape
+    grand = emb.mean((0, 1))                                                   # (d,)
+    total = ((emb - grand) ** 2).sum()
+    user_ss = Q * ((emb.mean(1) - grand) ** 2).sum()                           # between users
+    query_ss = U * ((emb.mean(0) - grand) ** 2).sum()                          # between queries
+    per_query = [{"query": q, "effective_dim": effective_dimensionality(emb[:, j])} for j, q in enumerate(queries)]
+    return {
+        "n_users": U, "n_queries": Q, "embed_dim": int(emb.shape[2]),
+        "per_query": per_query,
+        "effective_dim_mean": float(np.mean([r["effective_dim"] for r in per_query])),
+        "same_user_cos": float(np.mean([_mean_offdiag_cos(emb[u]) for u in range(U)])),
+        "cross_user_cos": float(np.mean([_mean_offdiag_cos(emb[:, j]) for j in range(Q)])),
+        "user_share": float(user_ss / total) if total > 0 else math.nan,
+        "query_share": float(query_ss / total) if total > 0 else math.nan,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# claims
+
+
+def _claim_lookup() -> dict[tuple[str, str], str]:
+    """(intent, answer wording) -> claim; no wording belongs to two claims of one intent (world.py)."""
+    return {(iid, w): claim for iid, it in INTENTS.items() for claim, words in it.answers.items() for w in words}
+
+
+def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 600,
+               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scored, train) QA rows with their true `claim`: up to `max_pairs` rows of `split` (drawn with
+    `seed`) and the `pretrain` rows not among them (what majority and yardstick learn from)."""
+    if split not in CLAIM_SPLITS:
+        raise ValueError(f"split={split!r}: QA rows exist for {', '.join(CLAIM_SPLITS)} only")
+    lookup = _claim_lookup()
+    qa = world.qa.copy()
+    unknown = sorted(set(qa["intent"]) - set(INTENTS))
+    if unknown:
+        raise ValueError(f"world.qa has intent(s) {unknown[:5]} that qanchor_lab.world.INTENTS does not know")
+    qa["claim"] = [lookup.get(k) for k in zip(qa["intent"], qa["answer"])]
+    qa = qa[qa["claim"].notna()]                                               # answers of no known wording
+    split_of = world.users.set_index("user_id")["split"]
+    qa["split"] = split_of.reindex(qa["user_id"]).to_numpy()
+    scored = qa[qa["split"] == split]
+    if scored.empty:
+        raise ValueError(f"split {split!r} has no QA rows to score")
+    if max_pairs is not None and len(scored) > max_pairs:
+        pick = np.sort(np.random.default_rng(seed).choice(len(scored), max_pairs, replace=False))
+        scored = scored.iloc[pick]
+    train = qa[(qa["split"] == "pretrain") & ~qa.index.isin(scored.index)]
+    scored, train = scored.reset_index(drop=True), train.reset_index(drop=True)
+    scored["source"] = [INTENTS[i].source for i in scored["intent"]]
+    return scored, train
+
+
+def _fit_predict(kind: str, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, seed: int) -> np.ndarray:
+    if len(set(y)) < 2:
+        return np.full(len(Xt), y[0], dtype=object)
+    if kind == "logreg":
+        clf = LogisticRegression(C=1.0, max_iter=500)
+    else:
+        # few, shallow rounds: a multi-class fit grows one tree per claim per round, and intents have up to
+        # ~25 claims but only a few hundred rows
+        clf = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.15, max_leaf_nodes=15, min_samples_leaf=10,
+                                             early_stopping=False, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return clf.fit(X, y).predict(Xt)
+
+
+def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int | None = 600,
+                    seed: int = 0, show_progress: bool = False) -> pd.DataFrame:
+    """The scored rows of `claim_rows` with baseline predictions: `majority` (the intent's most common
+    claim among the training rows), `logreg` and `gbdt` (classifiers of the claim from the model's tabular
+    input, fitted per intent on the training rows; by 3-fold CV over training + scored rows when an
+    intent has fewer than MIN_FIT_ROWS training rows). `store` must hold the users of both row sets."""
+    scored, train = claim_rows(world, split=split, max_pairs=max_pairs, seed=seed)
+    tab_scored = store.batch(store.indices(scored["user_id"].tolist())).tabular.numpy()   # (N, F)
+    tab_train = store.batch(store.indices(train["user_id"].tolist())).tabular.numpy()     # (M, F)
+    out = scored.copy()
+    for col in ("majority", "logreg", "gbdt"):
+        out[col] = pd.Series([None] * len(out), dtype=object)
+    for intent in tqdm(sorted(scored["intent"].unique()), desc="yardstick", disable=not show_progress):
+        s = np.flatnonzero(scored["intent"].to_numpy() == intent)
+        t = np.flatnonzero(train["intent"].to_numpy() == intent)
+        y_train = train["claim"].to_numpy()[t]
+        if len(t):
+            counts = pd.Series(y_train).value_counts()
+            out.loc[s, "majority"] = sorted(counts.index[counts == counts.max()])[0]   # ties: first by name
+        for kind in ("logreg", "gbdt"):
+            if len(t) >= MIN_FIT_ROWS:
+                pred = _fit_predict(kind, tab_train[t], y_train, tab_scored[s], seed)
+            else:  # too few training rows: out-of-fold predictions over the union
+                X = np.concatenate([tab_train[t], tab_scored[s]])
+                y = np.concatenate([y_train, scored["claim"].to_numpy()[s]])
+                pred_all = np.empty(len(y), dtype=object)
+                k = min(3, len(y))
+                if k < 2:
+                    pred_all[:] = y[0]
+                else:
+                    for a, b in KFold(k, shuffle=True, random_state=seed).split(X):
+                        pred_all[b] = _fit_predict(kind, X[a], y[a], X[b], seed)
+                pred = pred_all[len(t):]
+            out.loc[s, kind] = np.asarray(pred, dtype=object)
+    return out
+
+
+@torch.no_grad()
+def model_claim_predictions(model, scored: pd.DataFrame, store, *, batch_size: int = 64,
+                            show_progress: bool = False) -> pd.DataFrame:
+    """`scored` with the model's `pred` claim and `own_answer_margin` per row.
+
+    pred: the claim of the wording (among every wording of every claim of the row's intent) with the
+    highest cosine to the anchor embedding. own_answer_margin: cos(anchor, own answer) minus the mean
+    cos(anchor, answers other scored users gave to the same intent stating a different claim) (a
+    same-claim answer is right too, so it is not a negative); NaN when no such answer exists."""
+    model.eval()
+    anchors = []
+    for i in tqdm(range(0, len(scored), batch_size), desc="anchors", disable=not show_progress):
+        chunk = scored.iloc[i:i + batch_size]
+        batch = store.batch(store.indices(chunk["user_id"].tolist()))
+        anchors.append(model.embed(batch, chunk["query"].tolist()).float().cpu())
+    A = torch.cat(anchors).numpy()                                             # (N, d)
+
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        return torch.cat([model.embed_answers(texts[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(texts), batch_size)]).numpy()  # (n, d)
+
+    pred = np.empty(len(scored), dtype=object)
+    for intent in scored["intent"].unique():
+        rows = np.flatnonzero(scored["intent"].to_numpy() == intent)
+        pairs = [(c, w) for c, words in INTENTS[intent].answers.items() for w in words]
+        W = embed_texts([w for _, w in pairs])                                 # (n_wordings, d)
+        best = (A[rows] @ W.T).argmax(1)                                       # (n_rows,)
+        pred[rows] = [pairs[j][0] for j in best]
+    own = embed_texts(scored["answer"].tolist())                               # (N, d)
+    cos = A @ own.T                                                            # (N, N) anchor i vs answer j
+    same_intent = scored["intent"].to_numpy()[:, None] == scored["intent"].to_numpy()[None, :]
+    other_claim = scored["claim"].to_numpy()[:, None] != scored["claim"].to_numpy()[None, :]
+    neg = same_intent & other_claim                                            # (N, N)
+    n_neg = neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        neg_mean = np.where(n_neg > 0, (cos * neg).sum(1) / np.maximum(n_neg, 1), np.nan)
+    out = scored.copy()
+    out["pred"] = pred
+    out["own_answer_margin"] = np.diag(cos) - neg_mean
+    return out
+
+
+def _accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per intent and overall (per source and all) accuracies of the model and the baselines."""
+    def summarise(g: pd.DataFrame) -> dict[str, Any]:
+        truth = g["claim"].to_numpy()
+        return {"n": int(len(g)),
+                "model_acc": float((g["pred"].to_numpy() == truth).mean()),
+                "majority_acc": float((g["majority"].to_numpy() == truth).mean()),
+                "logreg_acc": float((g["logreg"].to_numpy() == truth).mean()),
+                "gbdt_acc": float((g["gbdt"].to_numpy() == truth).mean()),
+                "own_answer_margin": float(np.nanmean(g["own_answer_margin"]))
+                if g["own_answer_margin"].notna().any() else math.nan}
+
+    out = [{"intent": intent, "source": g["source"].iloc[0], **summarise(g)}
+           for intent, g in rows.groupby("intent", sort=True)]
+    out.sort(key=lambda r: (r["source"], r["intent"]))
+    for source, g in rows.groupby("source", sort=True):
+        out.append({"intent": "overall", "source": source, **summarise(g)})
+    out.append({"intent": "overall", "source": "all", **summarise(rows)})
+    return pd.DataFrame(out)
+
+
+def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int | None = 600, seed: int = 0,
+                   store=None, baselines: pd.DataFrame | None = None, show_progress: bool = False) -> pd.DataFrame:
+    """Does the anchor embedding point at the right claim? One row per intent, then `overall` rows per
+    source (future / uqa) and for all, weighted by rows.
+
+    Columns: intent, source, n, model_acc, majority_acc, logreg_acc, gbdt_acc, own_answer_margin (see
+    `claim_baselines` and `model_claim_predictions`). `baselines` (from `claim_baselines`) is reused
+    when given, e.g. for a second model with the same tabular input; `store` must then hold the split's
+    users, else it must also hold the `pretrain` users."""
+    if baselines is None:
+        store = store if store is not None else model.behaviour(world.events, world.profiles,
+                                                                world.users_in("pretrain", split))
+        baselines = claim_baselines(world, store, split=split, max_pairs=max_pairs, seed=seed,
+                                    show_progress=show_progress)
+    elif store is None:
+        store = model.behaviour(world.events, world.profiles, sorted(set(baselines["user_id"])))
+    rows = model_claim_predictions(model, baselines, store, show_progress=show_progress)
+    return _accuracy_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# what the QA table could teach at best
+
+
+PERFECT_QA_NOTE = ("D_future intents ({n}) are left out: their claims come from a future window that downstream "
+                   "users do not have in the world. The one-hot D_uqa claims are what a model that learned every "
+                   "D_uqa answer perfectly would know.")
+
+
+def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature_spec=None, folds: int = 5,
+                          seed: int = 0) -> dict[str, Any]:
+    """Ridge R² of the one-hot D_uqa claims of `users` against each task's oracle score, next to the R²
+    of the FeatureSpec vector (the model's tabular input) for the same users.
+
+    Claims are derived with `INTENTS[i].claim` from evidence built over the history window only
+    (`build_evidence` with the manifest's start_date/history_days). `feature_spec` defaults to one
+    fitted on the world's `pretrain` users, as `QAnchorModel.from_data` does. Needs users with labels."""
+    from qanchor_lab.features import FeatureSpec
+
+    users = _check_users(world, users)
+    oracle = oracle_targets(world, users)
+    if oracle.shape[1] == 0:
+        raise ValueError("perfect_qa_learner_r2 needs users with task labels (the tune split), "
+                         f"the {len(users)} given have none")
+    cfg = world.manifest.get("config", {}) if world.manifest else {}
+    if "start_date" not in cfg or "history_days" not in cfg:
+        raise ValueError("perfect_qa_learner_r2: the world's manifest lacks config.start_date/history_days, "
+                         "which the evidence window needs")
+    ids = pd.Index(users)
+    evidence = build_evidence(world.events[world.events["user_id"].isin(ids)],
+                              world.profiles[world.profiles["user_id"].isin(ids)],
+                              start_date=cfg["start_date"], history_days=int(cfg["history_days"]))
+    evidence = evidence.reindex(ids)
+    uqa = [i for i, it in INTENTS.items() if it.source == "uqa"]
+    future = [i for i, it in INTENTS.items() if it.source != "uqa"]
+    claims = pd.DataFrame({i: INTENTS[i].claim(evidence) for i in uqa}, index=ids)
+    onehot = pd.get_dummies(claims.astype(str), prefix_sep="=").to_numpy(np.float64)   # (U, sum of claims)
+    spec = FeatureSpec.from_dict(feature_spec) if isinstance(feature_spec, dict) else feature_spec
+    if spec is None:
+        spec = FeatureSpec.fit(world.events, world.profiles, user_ids=world.users_in("pretrain"))
+    feats = spec.transform(world.events, world.profiles, users, standardize=True)     # (U, F)
+    Y = oracle.to_numpy()
+    r2_claims = probe_r2_many(onehot, Y, folds=folds, seed=seed)
+    r2_feats = probe_r2_many(feats, Y, folds=folds, seed=seed)
+    return {
+        "n_users": len(users), "n_intents": len(uqa), "n_columns": int(onehot.shape[1]),
+        "claims_r2": float(r2_claims.mean()), "features_r2": float(r2_feats.mean()),
+        "per_task": [{"task_id": t, "claims_r2": float(a), "features_r2": float(b)}
+                     for t, a, b in zip(oracle.columns, r2_claims, r2_feats)],
+        "left_out_intents": future,
+        "note": PERFECT_QA_NOTE.format(n=len(future)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# everything together
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")]
+
+
+def _plain(v: Any) -> Any:
+    """JSON-safe scalar: numpy types to Python, NaN/inf to None."""
+    if isinstance(v, (np.floating, float)):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, pd.DataFrame):
+        return _records(x)
+    return _plain(x)
+
+
+def _store_key(model) -> str:
+    c = model.config
+    return json.dumps([c.text_encoder, c.feature_spec, list(c.modalities), c.max_events], sort_keys=True, default=str)
+
+
+def diagnose(model, world, *, untrained=None, query: str | None = None, max_users: int | None = 1500,
+             max_pairs: int | None = 600, geometry_users: int | None = 500, seed: int = 0,
+             show_progress: bool = False) -> dict[str, Any]:
+    """Every diagnostic for `model` (and `untrained`, when given, side by side) as a JSON-able dict.
+
+    Stage probes use up to `max_users` tune users (drawn with `seed`), query geometry the first
+    `geometry_users` of them; claim accuracy uses up to `max_pairs` pretrain_val QA rows. `query`
+    defaults to the first task's query; geometry runs over every task query plus the generic query.
+
+    Keys: query, seed, n_users, max_pairs, geometry_users, retention_target, models, stages / geometry /
+    claims ({model name: stage table records / query_geometry dict / claim table records}), summary
+    ({model name: headline numbers}), perfect_qa (model-free), seconds."""
+    from qanchor_lab.pipeline import GENERIC_QUERY
+
+    t0 = time.perf_counter()
+    models = {"trained": model, **({"untrained": untrained} if untrained is not None else {})}
+    queries = world.tasks["query"].tolist()
+    query = query if query is not None else queries[0]
+    users = sample_users(world, "tune", max_users, seed)
+    claim_users = world.users_in("pretrain", "pretrain_val")
+    stores: dict[str, Any] = {}
+    baselines: dict[str, pd.DataFrame] = {}
+    out: dict[str, Any] = {"query": query, "seed": seed, "n_users": len(users), "max_pairs": max_pairs,
+                           "geometry_users": len(users[:geometry_users]),
+                           "retention_target": RETENTION_TARGET, "models": list(models),
+                           "stages": {}, "geometry": {}, "claims": {}, "summary": {}}
+    for name, m in models.items():
+        m.eval()
+        key = _store_key(m)
+        if key not in stores:  # one store per distinct input packing (same config: shared)
+            stores[key] = m.behaviour(world.events, world.profiles, list(dict.fromkeys(users + claim_users)))
+            baselines[key] = claim_baselines(world, stores[key], max_pairs=max_pairs, seed=seed,
+                                             show_progress=show_progress)
+        store = stores[key]
+        stages = stage_probe_table(m, world, users, query, store=store, seed=seed, show_progress=show_progress)
+        geometry = query_geometry(m, store, users[:geometry_users], queries + [GENERIC_QUERY],
+                                  show_progress=show_progress)
+        claims = claim_accuracy(m, world, store=store, baselines=baselines[key], show_progress=show_progress)
+        overall = claims[(claims["intent"] == "overall") & (claims["source"] == "all")].iloc[0]
+        emb = stages[stages["stage"] == "embedding"].iloc[0]
+        tab = stages[stages["stage"] == "input_tabular"].iloc[0]
+        out["stages"][name] = _records(stages)
+        out["geometry"][name] = geometry
+        out["claims"][name] = _records(claims)
+        out["summary"][name] = {
+            "input_tabular_oracle_r2": tab["oracle_r2"], "embedding_oracle_r2": emb["oracle_r2"],
+            "embedding_retention": emb["retention"],
+            "meets_retention_target": bool(emb["retention"] >= RETENTION_TARGET),
+            "embedding_trait_mean_r2": emb["trait_mean_r2"], "effective_dim_mean": geometry["effective_dim_mean"],
+            "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
+            "user_share": geometry["user_share"], "query_share": geometry["query_share"],
+            "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
+            "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
+            "own_answer_margin": overall["own_answer_margin"],
+        }
+    out["perfect_qa"] = perfect_qa_learner_r2(world, users, feature_spec=model.config.feature_spec, seed=seed)
+    out["seconds"] = time.perf_counter() - t0
+    return _jsonable(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _md_table(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def _stage_tables(diag: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{model: stage-table records} from a `diagnose` dict or a {model: stage_probe_table frame} mapping."""
+    tables = diag["stages"] if "stages" in diag else diag
+    return {name: t.to_dict("records") if isinstance(t, pd.DataFrame) else list(t) for name, t in tables.items()}
+
+
+def stage_comparison(diag: Mapping[str, Any], metric: str = "oracle_r2") -> pd.DataFrame:
+    """(stage x model) table of one stage-table column, stages in data-flow order. `diag` is a `diagnose`
+    dict or a {model name: stage_probe_table} mapping."""
+    tables = _stage_tables(diag)
+    cols = {name: {r["stage"]: r.get(metric) for r in rows} for name, rows in tables.items()}
+    order = [r["stage"] for r in next(iter(tables.values()))]
+    return pd.DataFrame(cols).reindex(order).astype(float)
+
+
+def claim_comparison(diag: Mapping[str, Any]) -> pd.DataFrame:
+    """Claim accuracy of every model side by side: acc_<model> and margin_<model> next to the baselines
+    (which do not depend on the model)."""
+    merged = None
+    for name, rows in diag["claims"].items():
+        t = pd.DataFrame(rows).rename(columns={"model_acc": f"acc_{name}", "own_answer_margin": f"margin_{name}"})
+        merged = t if merged is None else merged.merge(
+            t[["intent", "source", f"acc_{name}", f"margin_{name}"]], on=["intent", "source"], how="left")
+    return merged
+
+
+def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
+    """The diagnostics as Markdown: headline, stage probes, geometry, claim accuracy, perfect QA learner."""
+    names = list(diag["models"])
+    parts = [f"# Representation diagnostics\n\nquery: *{diag['query']}*; {diag['n_users']} tune users; "
+             f"seed {diag['seed']}; {diag.get('seconds', 0):.0f} s"]
+    head = [{"model": n, **diag["summary"][n]} for n in names]
+    parts.append("## Headline\n\n" + _md_table(head, [
+        "model", "input_tabular_oracle_r2", "embedding_oracle_r2", "embedding_retention", "meets_retention_target",
+        "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean", "same_user_cos", "cross_user_cos"])
+        + f"\n\nretention target: the embedding keeps >= {diag['retention_target']:.0%} of the tabular input's "
+          "oracle R² (ridge probe, 5-fold).")
+    for metric, title in (("oracle_r2", "Oracle-score R² per stage (mean over tasks)"),
+                          ("retention", "Retention per stage (oracle R² / input_tabular's)"),
+                          ("trait_mean_r2", "Latent-trait R² per stage (mean over traits and trends)")):
+        comp = stage_comparison(diag, metric)
+        recs = [{"stage": s, **{n: comp.loc[s, n] for n in comp.columns}} for s in comp.index]
+        parts.append(f"## {title}\n\n" + _md_table(recs, ["stage", *comp.columns]))
+    first = names[0]
+    trait_cols = [k for k in diag["stages"][first][0] if k.startswith("trait:")]
+    parts.append(f"## Trait R² per stage ({first})\n\n"
+                 + _md_table(diag["stages"][first], ["stage", *trait_cols]).replace("trait:", ""))
+    geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
+    parts.append("## Query geometry\n\n" + _md_table(geo, [
+        "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share"]))
+    perq = [{"query": r["query"], **{n: diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names}}
+            for i, r in enumerate(diag["geometry"][first]["per_query"])]
+    parts.append("Effective dimensionality per query:\n\n" + _md_table(perq, ["query", *names]))
+    parts.append("## Claim accuracy (pretrain_val QA rows)\n\n" + _md_table(claim_comparison(diag).to_dict("records"), [
+        "intent", "source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc",
+        *[f"margin_{n}" for n in names]])
+        + "\n\nacc_*: share of rows whose nearest answer wording states the true claim; majority / logreg / gbdt: "
+          "the intent's most common claim and classifiers on the tabular input, fitted on pretrain rows; "
+          "margin_*: cos(anchor, own answer) - mean cos(anchor, other-claim answers).")
+    pq = diag["perfect_qa"]
+    parts.append(f"## Perfect QA learner\n\nOne-hot D_uqa claims ({pq['n_intents']} intents, {pq['n_columns']} "
+                 f"columns) vs the FeatureSpec vector, ridge R² against the oracle score on {pq['n_users']} tune "
+                 f"users: claims {_fmt(pq['claims_r2'])}, features {_fmt(pq['features_r2'])}.\n\n"
+                 + _md_table(pq["per_task"], ["task_id", "claims_r2", "features_r2"]) + f"\n\nNote: {pq['note']}")
+    return "\n\n".join(parts) + "\n"
+
+
+def figure_stage_r2(diag: Mapping[str, Any], metric: str = "oracle_r2"):
+    """Plotly grouped bars of one stage-table column per stage, one bar per model (untrained vs trained).
+    `diag` is a `diagnose` dict or a {model name: stage_probe_table} mapping."""
+    import plotly.graph_objects as go
+
+    comp = stage_comparison(diag, metric)
+    colours = {"untrained": "#9c9ede", "trained": "#006d2c"}
+    fig = go.Figure()
+    for name in sorted(comp.columns, key=lambda n: n != "untrained"):   # untrained first, as in time
+        fig.add_bar(x=list(comp.index), y=comp[name].tolist(), name=name, marker_color=colours.get(name),
+                    hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>")
+    if metric == "retention":
+        fig.add_hline(y=RETENTION_TARGET, line=dict(color="#999", dash="dot"), annotation_text="target")
+    title = f"Probe {metric} per stage" + (f" (query: {diag['query']})" if "query" in diag else "")
+    fig.update_layout(title=title, barmode="group",
+                      template="plotly_white", height=420, yaxis=dict(title=metric),
+                      legend=dict(orientation="h", y=-0.3), margin=dict(l=60, r=20, t=60, b=40))
+    return fig
+
+
+def save_diagnostics(diag: Mapping[str, Any], out_dir) -> tuple[Path, Path]:
+    """Write diagnostics.json and diagnostics.md into `out_dir`; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "diagnostics.json", out_dir / "diagnostics.md"
+    js.write_text(json.dumps(_jsonable(diag), indent=2))
+    md.write_text(diagnostics_markdown(diag))
+    return js, md
+
+
+# ----------------------------------------------------------------------------------------------
+# command line helpers
+
+
+def resolve_run(run, data=None) -> tuple[Path, Path]:
+    """(model dir, world dir) for a run directory holding `model/` (or a saved model directory itself).
+
+    The world directory is `data` when given, else the one `demo_config.json` (in the run directory or
+    next to the model directory) implies through `pipeline.world_dir`."""
+    from dataclasses import fields
+
+    from qanchor_lab.model import CONFIG_NAME
+    from qanchor_lab.pipeline import DemoConfig, world_dir
+
+    run = Path(run)
+    if (run / CONFIG_NAME).is_file():
+        model_dir, candidates = run, [run / "demo_config.json", run.parent / "demo_config.json"]
+    elif (run / "model" / CONFIG_NAME).is_file():
+        model_dir, candidates = run / "model", [run / "demo_config.json"]
+    else:
+        raise FileNotFoundError(f"{run} is neither a run directory with model/{CONFIG_NAME} nor a saved model "
+                                f"directory (no {CONFIG_NAME})")
+    if data is None:
+        marker = next((c for c in candidates if c.is_file()), None)
+        if marker is None:
+            raise ValueError(f"no demo_config.json found for {run} (looked at {', '.join(map(str, candidates))}); "
+                             "pass the world directory with --data")
+        known = {f.name for f in fields(DemoConfig)}
+        cfg = DemoConfig(**{k: v for k, v in json.loads(marker.read_text()).items() if k in known})
+        data = world_dir(cfg)
+    data = Path(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"world directory {data} does not exist")
+    return model_dir, data

@@ -1,0 +1,345 @@
+"""Representation diagnostics: probes, geometry, claim accuracy, the perfect-QA bound, diagnose and its CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qanchor_lab import diagnostics as D
+from qanchor_lab.sequence import position_ids
+from qanchor_lab.world import INTENTS
+from tests.conftest import tiny_config
+
+
+# ----- effective dimensionality and probes ------------------------------------------------------------
+
+
+def test_effective_dimensionality_isotropic_rank_one_and_constant():
+    rng = np.random.default_rng(0)
+    assert D.effective_dimensionality(rng.normal(size=(20000, 8))) == pytest.approx(8, abs=0.2)
+    rank1 = np.outer(rng.normal(size=500), rng.normal(size=16))
+    assert D.effective_dimensionality(rank1) == pytest.approx(1.0, abs=1e-6)
+    # two directions, one with 3x the spread: (1 + 9)^2 / (1 + 81)
+    two = np.column_stack([rng.normal(size=20000), 3 * rng.normal(size=20000)])
+    assert D.effective_dimensionality(two) == pytest.approx(100 / 82, rel=0.03)
+    assert D.effective_dimensionality(np.ones((10, 4))) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        D.effective_dimensionality(np.ones((1, 4)))
+
+
+def test_probe_r2_linear_target_noise_and_multi_target_agree():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 12))
+    y = X @ rng.normal(size=12) + 0.05 * rng.normal(size=400)
+    noise = rng.normal(size=400)
+    assert D.probe_r2(X, y) > 0.95
+    assert D.probe_r2(X, noise) <= 0.1
+    both = D.probe_r2_many(X, np.column_stack([y, noise]))
+    assert both[0] == pytest.approx(D.probe_r2(X, y), abs=1e-9)
+    assert both[1] == pytest.approx(D.probe_r2(X, noise), abs=1e-9)
+    assert D.probe_r2(X, y, seed=3) == D.probe_r2(X, y, seed=3)  # deterministic
+    assert np.isnan(D.probe_r2(X, np.ones(400)))
+    with pytest.raises(ValueError, match="same n"):
+        D.probe_r2(X, y[:-1])
+
+
+def test_mean_offdiag_cos_matches_brute_force():
+    V = np.random.default_rng(2).normal(size=(7, 5))
+    N = V / np.linalg.norm(V, axis=1, keepdims=True)
+    brute = np.mean([N[i] @ N[j] for i in range(7) for j in range(7) if i != j])
+    assert D._mean_offdiag_cos(V) == pytest.approx(brute)
+
+
+# ----- stages -----------------------------------------------------------------------------------------
+
+
+def _tune(world, n=100):
+    return world.users_in("tune")[:n]
+
+
+def test_stage_representations_are_the_models_own_tensors(tiny_model, small_world, tiny_store):
+    users = _tune(small_world, 24)
+    query = small_world.tasks["query"].iloc[0]
+    reps = D.stage_representations(tiny_model, small_world, users, query, store=tiny_store, batch_size=10)
+    L = tiny_model.llm.config.num_hidden_layers
+    expected = (["input_tabular", "input_events", "tabular_token"] + [f"prefix_layer_{i}" for i in range(L + 1)]
+                + ["user_emb_hidden", "embedding"])
+    assert list(reps) == expected
+    assert all(v.shape[0] == len(users) and np.isfinite(v).all() for v in reps.values())
+
+    batch = tiny_store.batch(tiny_store.indices(users))
+    np.testing.assert_allclose(reps["input_tabular"], batch.tabular.numpy())
+    M, Dv = len(batch.events), next(iter(batch.events.values())).shape[-1]
+    assert reps["input_events"].shape[1] == M * Dv
+    tiny_model.eval()
+    with torch.no_grad():
+        prefix = tiny_model.encode_prefix(batch)
+        w = prefix.mask.float().unsqueeze(-1)
+        layer0 = (prefix.embeds * w).sum(1) / w.sum(1)          # layer 0 is the decoder's input
+        emb = tiny_model.embed(batch, [query] * len(users))
+        head = F.normalize(tiny_model.head(torch.from_numpy(reps["user_emb_hidden"])), dim=-1)
+    np.testing.assert_allclose(reps["prefix_layer_0"], layer0.numpy(), atol=1e-5)
+    np.testing.assert_allclose(reps["embedding"], emb.numpy(), atol=1e-5)
+    # the embedding is the head applied to the <user_emb> hidden state: the two stages are linked
+    np.testing.assert_allclose(head.numpy(), reps["embedding"], atol=1e-5)
+    # the last prefix layer differs from the first (the decoder did run on the prefix)
+    assert not np.allclose(reps[f"prefix_layer_{L}"], reps["prefix_layer_0"])
+
+
+def test_stage_probe_table_order_finite_and_retention(tiny_model, small_world, tiny_store):
+    users = _tune(small_world, 100)
+    query = small_world.tasks["query"].iloc[0]
+    table = D.stage_probe_table(tiny_model, small_world, users, query, store=tiny_store)
+    L = tiny_model.llm.config.num_hidden_layers
+    assert table["stage"].tolist() == (["input_tabular", "input_events", "tabular_token"]
+                                       + [f"prefix_layer_{i}" for i in range(L + 1)] + ["user_emb_hidden", "embedding"])
+    tasks = small_world.tasks["task_id"].tolist()
+    assert [c for c in table.columns if c.startswith("oracle:")] == [f"oracle:{t}" for t in tasks]
+    assert {"trait:spending_power", "trait:abroad_plan", "trait:trend_liquidity", "trait:trend_engagement"} <= set(table.columns)
+    numbers = table.drop(columns="stage").to_numpy(dtype=float)
+    assert np.isfinite(numbers).all()
+    row = table.set_index("stage")
+    assert row.loc["input_tabular", "retention"] == pytest.approx(1.0)
+    assert row.loc["embedding", "retention"] == pytest.approx(row.loc["embedding", "oracle_r2"]
+                                                              / row.loc["input_tabular", "oracle_r2"])
+    assert row.loc["input_tabular", "oracle_r2"] == pytest.approx(row.filter(like="oracle:").loc["input_tabular"].mean())
+    # the tabular input predicts the oracle scores well above chance even on 100 users
+    assert row.loc["input_tabular", "oracle_r2"] > 0.2
+    # deterministic given the seed
+    again = D.stage_probe_table(tiny_model, small_world, users, query, store=tiny_store)
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_stage_table_without_tabular_tokens_and_refuses_test_users(small_world):
+    from qanchor_lab.model import QAnchorModel
+
+    w = small_world
+    model = QAnchorModel.from_data(tiny_config(use_tabular=False), w.events, w.profiles, w.users_in("pretrain"))
+    users = _tune(w, 12)
+    reps = D.stage_representations(model, w, users, "How does this user pay?")
+    assert "tabular_token" not in reps and "input_tabular" in reps
+    with pytest.raises(ValueError, match="test"):
+        D.stage_probe_table(model, w, w.users_in("test")[:20], "q", stages=reps)
+    with pytest.raises(ValueError, match="split"):
+        D.sample_users(w, "test")
+    with pytest.raises(ValueError, match="empty"):
+        D.stage_representations(model, w, [], "q")
+
+
+def test_pretrain_val_users_have_no_oracle_columns_and_retention_falls_back_to_traits(small_world):
+    users = small_world.users_in("pretrain_val")
+    rng = np.random.default_rng(0)
+    truth = D.trait_targets(small_world, users).to_numpy()
+    reps = {"input_tabular": truth + 0.1 * rng.normal(size=truth.shape),   # knows every trait
+            "embedding": rng.normal(size=(len(users), 3))}                   # knows nothing
+    table = D.stage_probe_table(None, small_world, users, "q", stages=reps).set_index("stage")
+    assert not any(c.startswith("oracle:") for c in table.columns)
+    assert table["oracle_r2"].isna().all()
+    assert table.loc["input_tabular", "trait_mean_r2"] > 0.9
+    assert table.loc["input_tabular", "retention"] == pytest.approx(1.0)
+    assert table.loc["embedding", "retention"] < 0.1
+
+
+# ----- geometry ---------------------------------------------------------------------------------------
+
+
+def test_query_geometry_shapes_and_bounds(tiny_model, small_world, tiny_store):
+    users = _tune(small_world, 40)
+    queries = small_world.tasks["query"].tolist()[:3]
+    g = D.query_geometry(tiny_model, tiny_store, users, queries)
+    assert [r["query"] for r in g["per_query"]] == queries
+    assert all(1.0 <= r["effective_dim"] <= g["embed_dim"] for r in g["per_query"])
+    assert -1 <= g["cross_user_cos"] <= 1 and -1 <= g["same_user_cos"] <= 1
+    assert 0 <= g["user_share"] <= 1 and 0 <= g["query_share"] <= 1
+    assert g["user_share"] + g["query_share"] <= 1 + 1e-9
+    emb = tiny_model.encode(tiny_store, queries, user_ids=users)
+    assert g["effective_dim_mean"] == pytest.approx(np.mean([D.effective_dimensionality(emb[:, j]) for j in range(3)]))
+    with pytest.raises(ValueError, match="2 queries"):
+        D.query_geometry(tiny_model, tiny_store, users, queries[:1])
+
+
+# ----- claims -----------------------------------------------------------------------------------------
+
+
+def test_claim_rows_truth_matches_the_answer_wording(small_world):
+    scored, train = D.claim_rows(small_world, max_pairs=50, seed=3)
+    assert len(scored) == 50 and set(scored["split"]) == {"pretrain_val"} and set(train["split"]) == {"pretrain"}
+    for intent, answer, claim in zip(scored["intent"], scored["answer"], scored["claim"]):
+        assert answer in INTENTS[intent].answers[claim]
+    assert scored.equals(D.claim_rows(small_world, max_pairs=50, seed=3)[0])
+    with pytest.raises(ValueError, match="'test'"):
+        D.claim_rows(small_world, split="test")
+
+
+def _hand_world(world):
+    """Seven age_band rows: pretrain says 25to39 twice and 60plus once; pretrain_val says 25to39 once and
+    60plus three times. Majority claim (from pretrain) = 25to39, so majority accuracy on val = 1/4."""
+    ans = INTENTS["age_band"].answers
+    pre, val = world.users_in("pretrain")[:3], world.users_in("pretrain_val")[:4]
+    rows = [(pre[0], "25to39"), (pre[1], "25to39"), (pre[2], "60plus"),
+            (val[0], "25to39"), (val[1], "60plus"), (val[2], "60plus"), (val[3], "60plus")]
+    qa = pd.DataFrame({"user_id": [u for u, _ in rows], "source": "uqa", "intent": "age_band",
+                       "query": INTENTS["age_band"].queries[0], "answer": [ans[c][0] for _, c in rows]})
+    return replace(world, qa=qa)
+
+
+def test_claim_accuracy_majority_on_a_hand_checkable_case(tiny_model, small_world, tiny_store):
+    world = _hand_world(small_world)
+    table = D.claim_accuracy(tiny_model, world, store=tiny_store)
+    row = table[table["intent"] == "age_band"].iloc[0]
+    assert row["n"] == 4 and row["source"] == "uqa"
+    assert row["majority_acc"] == pytest.approx(0.25)
+    assert 0 <= row["model_acc"] <= 1 and 0 <= row["logreg_acc"] <= 1 and 0 <= row["gbdt_acc"] <= 1
+    overall = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    assert overall["n"] == 4 and overall["majority_acc"] == pytest.approx(0.25)
+
+
+def test_claim_accuracy_on_the_small_world(tiny_model, small_world, tiny_store):
+    base = D.claim_baselines(small_world, tiny_store, max_pairs=120, seed=0)
+    scored, train = D.claim_rows(small_world, max_pairs=120, seed=0)
+    # majority = the most common pretrain claim of the intent, checked independently
+    for intent, g in base.groupby("intent"):
+        counts = Counter(train.loc[train["intent"] == intent, "claim"])
+        top = max(counts.values())
+        assert g["majority"].iloc[0] == sorted(c for c, n in counts.items() if n == top)[0]
+    table = D.claim_accuracy(tiny_model, small_world, store=tiny_store, baselines=base)
+    per_intent = table[table["intent"] != "overall"]
+    assert set(per_intent["intent"]) == set(scored["intent"])
+    assert set(per_intent["source"]) <= {"future", "uqa"}
+    overall = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    assert overall["n"] == 120 == per_intent["n"].sum()
+    for col in ("model_acc", "majority_acc", "logreg_acc", "gbdt_acc"):
+        assert overall[col] == pytest.approx((per_intent[col] * per_intent["n"]).sum() / 120)
+        assert 0 <= overall[col] <= 1
+    assert np.isfinite(overall["own_answer_margin"])
+    # the yardstick reads the tabular input: better than the majority claim on the whole
+    assert overall["gbdt_acc"] >= overall["majority_acc"] - 0.05
+
+
+def test_model_claim_prediction_follows_the_nearest_wording(tiny_model, small_world, tiny_store, monkeypatch):
+    """Make every answer embedding point at the anchor for one claim: the model must predict that claim."""
+    scored, _ = D.claim_rows(small_world, max_pairs=30, seed=1)
+    target = {i: sorted(INTENTS[i].answers)[-1] for i in scored["intent"].unique()}
+    wanted = {w for i, c in target.items() for w in INTENTS[i].answers[c]}
+    d = tiny_model.config.embed_dim
+    anchor = F.normalize(torch.ones(d), dim=0)
+    other = F.normalize(torch.arange(d, dtype=torch.float32) - d / 2, dim=0)
+    monkeypatch.setattr(tiny_model, "embed", lambda batch, queries: anchor.expand(len(queries), d))
+    monkeypatch.setattr(tiny_model, "embed_answers",
+                        lambda texts: torch.stack([anchor if t in wanted else other for t in texts]))
+    rows = D.model_claim_predictions(tiny_model, scored, tiny_store)
+    assert rows["pred"].tolist() == [target[i] for i in scored["intent"]]
+
+
+# ----- perfect QA learner -----------------------------------------------------------------------------
+
+
+def test_perfect_qa_learner_r2_runs_on_tune_users(small_world):
+    out = D.perfect_qa_learner_r2(small_world, "tune")
+    assert out["n_users"] == len(small_world.users_in("tune"))
+    assert set(out["left_out_intents"]) == {i for i, it in INTENTS.items() if it.source == "future"}
+    assert out["n_intents"] == sum(it.source == "uqa" for it in INTENTS.values())
+    assert "future window" in out["note"]
+    assert np.isfinite(out["claims_r2"]) and out["claims_r2"] > 0.1
+    assert np.isfinite(out["features_r2"]) and out["features_r2"] > 0.2
+    assert [r["task_id"] for r in out["per_task"]] == small_world.tasks["task_id"].tolist()
+    with pytest.raises(ValueError, match="split"):
+        D.perfect_qa_learner_r2(small_world, "test")
+    with pytest.raises(ValueError, match="labels"):
+        D.perfect_qa_learner_r2(small_world, "pretrain_val")
+
+
+# ----- diagnose, rendering, CLI -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_diag(_tiny_model_session, small_world):
+    import copy
+
+    trained = copy.deepcopy(_tiny_model_session)
+    untrained = copy.deepcopy(_tiny_model_session)
+    with torch.no_grad():  # make "trained" differ: perturb the head
+        noise = torch.randn(trained.head[2].weight.shape, generator=torch.Generator().manual_seed(0))
+        trained.head[2].weight.add_(0.5 * noise)
+    return D.diagnose(trained, small_world, untrained=untrained, max_users=100, max_pairs=80, geometry_users=40)
+
+
+@pytest.mark.slow
+def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
+    diag = json.loads(json.dumps(small_diag, allow_nan=False))  # no NaN / numpy leftovers
+    assert diag["models"] == ["trained", "untrained"]
+    assert diag["query"] == small_world.tasks["query"].iloc[0] and diag["n_users"] == 100
+    for name in diag["models"]:
+        assert diag["stages"][name][-1]["stage"] == "embedding"
+        assert len(diag["geometry"][name]["per_query"]) == len(small_world.tasks) + 1
+        assert diag["summary"][name]["claim_acc"] is not None
+    # the inputs do not depend on the model; the head perturbation changes only the embedding stage
+    t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
+    assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
+    assert t[-2]["oracle_r2"] == u[-2]["oracle_r2"] and t[-1]["oracle_r2"] != u[-1]["oracle_r2"]
+    assert diag["perfect_qa"]["n_users"] == 100
+
+
+@pytest.mark.slow
+def test_markdown_report_section_and_figure(small_diag, tmp_path):
+    from qanchor_lab.report import diagnostics_section
+
+    md = D.diagnostics_markdown(small_diag)
+    for heading in ("## Headline", "## Oracle-score R² per stage", "## Query geometry", "## Claim accuracy",
+                    "## Perfect QA learner"):
+        assert heading in md
+    assert "prefix_layer_0" in md and "acc_untrained" in md
+    fig = D.figure_stage_r2(small_diag)
+    assert [tr.name for tr in fig.data] == ["untrained", "trained"]
+    assert list(fig.data[1].x) == [r["stage"] for r in small_diag["stages"]["trained"]]
+    section = diagnostics_section(small_diag)
+    assert section.startswith("<h2>Representation diagnostics</h2>") and "fig-diagnostics-stages" in section
+    assert section == diagnostics_section(small_diag)  # deterministic
+    js, mdp = D.save_diagnostics(small_diag, tmp_path / "out")
+    assert json.loads(js.read_text())["models"] == ["trained", "untrained"] and mdp.read_text() == md
+
+
+def test_resolve_run_finds_model_and_world(tmp_path, monkeypatch):
+    from qanchor_lab import pipeline
+    from qanchor_lab.model import CONFIG_NAME
+
+    with pytest.raises(FileNotFoundError, match="neither"):
+        D.resolve_run(tmp_path)
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / CONFIG_NAME).write_text("{}")
+    with pytest.raises(ValueError, match="--data"):
+        D.resolve_run(tmp_path / "run")
+    (tmp_path / "run" / "demo_config.json").write_text(json.dumps({"n_users": 777, "seed": 3}))
+    monkeypatch.setattr(pipeline, "DATA_ROOT", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="world-777-seed3"):
+        D.resolve_run(tmp_path / "run")
+    (tmp_path / "data" / "world-777-seed3").mkdir(parents=True)
+    assert D.resolve_run(tmp_path / "run") == (tmp_path / "run" / "model", tmp_path / "data" / "world-777-seed3")
+    assert D.resolve_run(tmp_path / "run" / "model")[0] == tmp_path / "run" / "model"
+
+
+@pytest.mark.slow
+def test_cli_diagnose_on_a_saved_tiny_model(tiny_model, small_world, tmp_path, capsys):
+    from qanchor_lab.cli import main
+    from qanchor_lab.data import save_world
+
+    tiny_model.save_pretrained(tmp_path / "run" / "model")
+    save_world(small_world, tmp_path / "data")
+    rc = main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fast", "--max-users", "60"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "# Representation diagnostics" in out and "wrote" in out
+    diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert diag["n_users"] == 60 and diag["models"] == ["trained", "untrained"]
+    # the saved model and the rebuilt untrained one are the same weights: identical numbers
+    assert diag["summary"]["trained"] == diag["summary"]["untrained"]
+    assert (tmp_path / "run" / "diagnostics.md").read_text().startswith("# Representation diagnostics")
+    assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+    assert "neither" in capsys.readouterr().err

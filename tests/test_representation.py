@@ -1,0 +1,166 @@
+"""Representation-quality switches: intent batches, claim-level false negatives, input scaling, tabular tokens,
+and pre-training on a world too small for the default retrieval check."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qanchor_lab.pretrain import PretrainConfig, epoch_order, make_pairs
+from qanchor_lab.world import INTENTS, answer_claims
+from tests.conftest import tiny_config
+
+
+def test_answer_claims_group_paraphrased_answers_and_fall_back_to_text():
+    it = INTENTS["late_fees"]
+    none_a, none_b = it.answers["none"][:2]
+    qa = pd.DataFrame({"intent": ["late_fees", "late_fees", "late_fees", "custom"],
+                       "answer": [none_a, none_b, it.answers["many"][0], "my own words"]})
+    claims = answer_claims(qa)
+    assert claims[0] == claims[1] == "late_fees|none"
+    assert claims[2] == "late_fees|many"
+    assert claims[3] == "custom|my own words"
+
+
+def test_claim_false_negatives_share_ids_across_wordings(small_world, tiny_store):
+    qa = small_world.qa
+    text = make_pairs(qa, tiny_store, false_negatives="answer_text")
+    claim = make_pairs(qa, tiny_store, false_negatives="claim")
+    assert len(np.unique(claim.answer_ids)) < len(np.unique(text.answer_ids))
+    # same answer text -> same claim id, and every claim id is one (intent, claim)
+    keys = answer_claims(qa[qa["user_id"].isin(tiny_store.index)])
+    for k in np.unique(claim.answer_ids)[:50]:
+        assert len(set(keys[claim.answer_ids == k])) == 1
+
+
+def test_intent_batches_hold_few_intents_and_cover_every_row(small_world, tiny_store):
+    cfg = PretrainConfig(batch_size=16, batching="intent", intents_per_batch=4, seed=3)
+    pairs = make_pairs(small_world.qa, tiny_store)
+    order = epoch_order(pairs, cfg, epoch=0, global_batch=16)
+    assert sorted(order.tolist()) == list(range(len(pairs)))  # a permutation: nothing skipped or repeated
+    steps = len(pairs) // 16
+    n_intents = [len(np.unique(pairs.intent_ids[order[k * 16:(k + 1) * 16]])) for k in range(steps)]
+    # all but the batches made of intents' leftover rows hold exactly 4 intents
+    assert np.mean(np.array(n_intents) <= 4) > 0.8
+    rand = epoch_order(pairs, replace(cfg, batching="random"), epoch=0, global_batch=16)
+    n_rand = [len(np.unique(pairs.intent_ids[rand[k * 16:(k + 1) * 16]])) for k in range(steps)]
+    assert np.mean(n_rand) > np.mean(n_intents) + 4
+    assert np.array_equal(order, epoch_order(pairs, cfg, epoch=0, global_batch=16))   # deterministic
+    assert not np.array_equal(order, epoch_order(pairs, cfg, epoch=1, global_batch=16))
+
+
+def test_pretrain_config_names_valid_choices():
+    with pytest.raises(ValueError, match="'random', 'intent'"):
+        PretrainConfig(batching="grouped")
+    with pytest.raises(ValueError, match="'answer_text', 'claim'"):
+        PretrainConfig(false_negatives="text")
+    with pytest.raises(ValueError, match="divide batch_size"):
+        PretrainConfig(batching="intent", batch_size=32, intents_per_batch=5)
+
+
+def test_split_event_norm_rescales_text_and_numbers_and_zeroes_padding(small_world, tiny_store):
+    from qanchor_lab.model import QAnchorModel
+
+    w = small_world
+    model = QAnchorModel.from_data(tiny_config(event_norm="split"), w.events, w.profiles, w.users_in("pretrain"))
+    enc = model.encoder
+    assert torch.all(enc.numeric_std != 1.0)                        # fitted on the reference users' events
+    batch = tiny_store.batch(list(range(64)))
+    m = model.config.modalities[0]
+    x, mask = batch.events[m], batch.masks[m]
+    y = enc.normalize_events(x, mask)
+    text = y[..., : enc.text_dim][mask]
+    assert torch.allclose(text.pow(2).mean(-1), torch.ones(len(text)), atol=1e-4)     # unit RMS text
+    num = y[..., enc.text_dim:][mask]
+    assert num.std(0).min() > 0.3 and num.abs().mean() < 3          # standardised, not log-amounts of ~5
+    assert torch.all(y[~mask] == 0)
+    raw = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain")).encoder
+    assert torch.equal(raw.normalize_events(x, mask), x)
+
+
+def test_split_tabular_tokens_differ_and_prefix_cache_stays_exact(small_world, tiny_store):
+    from qanchor_lab.embedder import CachedEmbedder
+    from qanchor_lab.model import QAnchorModel
+
+    w = small_world
+    model = QAnchorModel.from_data(tiny_config(event_norm="split", tabular_mode="split", tabular_slots=4),
+                                   w.events, w.profiles, w.users_in("pretrain")).eval()
+    batch = tiny_store.batch(list(range(8)))
+    with torch.no_grad():
+        tab = model.encoder(batch).tabular                           # (B, 4, H)
+        assert tab.shape[1] == 4
+        # distinct projections, not one token plus slot offsets
+        base = tab - model.encoder.tabular_slot * model.encoder.embed_scale
+        assert (base[:, 0] - base[:, 1]).abs().max() > 1e-3
+        users = tiny_store.user_ids[:8]
+        queries = ["Will this user borrow money next month?", "Is this user a big spender?"]
+        cached = CachedEmbedder(model, tiny_store).encode(users, queries)          # (8, 2, d)
+        full = torch.stack([model.embed(batch, [q] * 8) for q in queries], 1).numpy()
+    assert np.abs(cached - full).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_400_user_world_pretrains_and_runs_retrieval(tmp_path):
+    """Pre-training and the retrieval check at any world size (fewer candidates, said in the result)."""
+    from qanchor_lab.model import QAnchorModel
+    from qanchor_lab.pretrain import pretrain
+    from qanchor_lab.retrieval import answer_retrieval
+    from qanchor_lab.world import WorldConfig, generate_world
+
+    w = generate_world(WorldConfig(n_users=400, seed=3))
+    model = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain"))
+    cfg = PretrainConfig(epochs=1.0, batch_size=16, max_steps=3, batching="intent", intents_per_batch=4,
+                         false_negatives="claim", margin=None)
+    summary = pretrain(model, w, cfg, tmp_path / "run", show_progress=False)
+    assert summary["steps"] == 3
+    r = answer_retrieval(model, w, max_pairs=50)
+    n_answers = w.qa.loc[w.qa["user_id"].isin(w.users_in("pretrain_val")), "answer"].nunique()
+    assert n_answers < 100 and r["n_candidates"] == n_answers
+    assert r["chance_top1"] == pytest.approx(1 / n_answers)
+    assert 0.0 <= r["top1"] <= 1.0
+
+
+def test_grid_batches_ask_every_user_the_same_questions(small_world, tiny_store):
+    from qanchor_lab.pretrain import epoch_batches
+    from qanchor_lab.world import WorldConfig, generate_world
+
+    w = generate_world(WorldConfig(n_users=300, seed=5, qa_per_user_min=20, qa_per_user_max=20))
+    store_users = w.users_in("pretrain")
+    from qanchor_lab.model import QAnchorModel
+    model = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, store_users)
+    store = model.behaviour(w.events, w.profiles, store_users)
+    pairs = make_pairs(w.qa, store)
+    cfg = PretrainConfig(batch_size=12, batching="grid", intents_per_batch=3, seed=1)
+    steps = epoch_batches(pairs, cfg, epoch=0, world_size=2)
+    assert len(steps) == len(epoch_batches(pairs, cfg, epoch=1, world_size=2))   # same count every epoch
+    seen = np.concatenate([r for s in steps for r in s])
+    assert len(seen) == len(np.unique(seen))                                      # no pair twice in an epoch
+    for ranks in steps[:40]:
+        assert len(ranks) == 2
+        rows = np.concatenate(ranks)
+        assert 0 < len(rows) <= 24
+        assert len(np.unique(pairs.intent_ids[rows])) <= 3                        # the same few questions
+        for r in ranks:                                                           # <= 4 users per process
+            assert len(np.unique(pairs.user_index[r])) <= 4
+        assert not set(pairs.user_index[ranks[0]]) & set(pairs.user_index[ranks[1]])
+
+
+def test_forward_with_shared_prefixes_equals_full_recompute(tiny_model, tiny_store):
+    """A user asked several questions runs its prefix once (cached); same anchors, logits and gradients."""
+    model = tiny_model.eval()
+    users = torch.tensor([0, 0, 0, 3, 3, 7])
+    queries = ["Is this user a big spender?", "Does this user invest in funds?", "How active is this user in the app?"] * 2
+    answers = ["High: over 5,000 a month.", "No fund purchases are recorded.", "Barely uses the app."] * 2
+    full = model(tiny_store.batch(users), queries, answers)
+    uniq, rows = torch.unique(users, return_inverse=True)
+    shared = model(tiny_store.batch(uniq), queries, answers, user_rows=rows)
+    for key in ("anchor", "answer", "lm_logits"):
+        assert (full[key] - shared[key]).abs().max() < 1e-5, key
+    assert torch.equal(full["lm_targets"], shared["lm_targets"])
+    g_full = torch.autograd.grad(full["anchor"].sum(), model.encoder.tabular_mlp[1].weight)[0]
+    g_shared = torch.autograd.grad(shared["anchor"].sum(), model.encoder.tabular_mlp[1].weight)[0]
+    assert (g_full - g_shared).abs().max() < 1e-5
