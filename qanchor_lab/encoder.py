@@ -1,4 +1,4 @@
-"""Hierarchical (coarse-to-fine) behaviour encoder: event, modality and user tokens (DESIGN §1.2).
+"""Hierarchical (coarse-to-fine) behaviour encoder: event, modality and user tokens (docs/design.md §1.2).
 
 One adapter per modality maps event vectors to the LLM's hidden size; one shared modality adapter maps
 each modality's masked mean; one user adapter maps the mean over the modalities a user actually has.

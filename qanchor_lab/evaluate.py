@@ -4,7 +4,7 @@ paired differences against a reference method (Q-Anchor by default).
 A method's scores are a long table `user_id, task_id, score` (higher = more likely positive) with one
 row per (user, task). Only test users count: rows for other users are ignored, and a test user with a
 label but no score for a task is an error, never silently dropped. `evaluate_methods` returns the
-metrics.json contract (DESIGN §1.8): `{"methods": {name: {"avg_auc", "avg_ks", "domains", "tasks",
+metrics.json contract (docs/design.md §1.8): `{"methods": {name: {"avg_auc", "avg_ks", "domains", "tasks",
 ...}}}`; the CI and `vs_reference` keys are extras that the report and the results table read.
 """
 

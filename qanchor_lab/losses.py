@@ -5,12 +5,12 @@ Each loss is a pure function of tensors (``contrastive_loss``, ``next_token_loss
 (``ContrastiveLoss``, ``NextTokenLoss``, ``PrototypeLoss``) that holds the hyper-parameters
 and, for the contrastive loss, gathers in-batch negatives across processes.
 
-- Contrastive (DESIGN §1.5): InfoNCE on cosine similarity between the anchor embedding (behaviour +
+- Contrastive (docs/design.md §1.5): InfoNCE on cosine similarity between the anchor embedding (behaviour +
   query) and the semantic embedding of its answer, with anchor-anchor, anchor-answer and
   answer-anchor negatives, a margin rule that drops likely false negatives, and masks for rows of the
-  same user and for identical answer texts (DESIGN §6).
+  same user and for identical answer texts (docs/design.md §6).
 - Generative: next-token cross-entropy on the answer tokens.
-- Prototype (DESIGN §1.6): prototype-softmax over learnable class prototypes, used by cluster-based
+- Prototype (docs/design.md §1.6): prototype-softmax over learnable class prototypes, used by cluster-based
   soft prompt tuning.
 """
 
@@ -388,7 +388,7 @@ def prototype_loss(
     prototype_class: Tensor,
     class_weights: Tensor | None = None,
 ) -> Tensor:
-    """Prototype-softmax loss of cluster-based soft prompt tuning (DESIGN §1.6).
+    """Prototype-softmax loss of cluster-based soft prompt tuning (docs/design.md §1.6).
 
     K classes with m prototypes each (any m per class): ``prototypes`` (P, d), ``prototype_class``
     (P,) the class of each prototype, ``labels`` (N,) in [0, K). Embeddings and prototypes are

@@ -2,7 +2,7 @@
 
 The anchor tower reads `[behaviour prefix] query <user_emb>` and pools the hidden state at <user_emb>;
 the semantic tower reads an answer alone and pools its last token; both go through the same MLP head
-and are L2-normalised (DESIGN §1.3-1.4). Saved as a directory of JSON config + safetensors.
+and are L2-normalised (docs/design.md §1.3-1.4). Saved as a directory of JSON config + safetensors.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ class QAnchorConfig:
     text_encoder: Literal["minilm", "hashing"] = "minilm"  # event text encoder (hashing: cheap, for tests)
     max_events: int = 16          # most recent events kept per modality
     adapter_hidden: int = 512     # hidden width of every adapter MLP
-    tabular_slots: int = 2        # token slots the tabular aggregate vector is repeated over
+    tabular_slots: int = 8        # token slots of the tabular aggregate vector (docs/design.md §7)
     head_hidden: int = 512        # projection head: H -> head_hidden -> embed_dim (ReLU), as the authors'
     embed_dim: int = 128          # final embedding size
     use_user_token: bool = True   # ablation switch: the user token
     use_modality_tokens: bool = True  # ablation switch: the modality tokens
     use_tabular: bool = True      # ablation switch: the tabular aggregate tokens
-    event_norm: EventNorm = "none"  # "split": text to unit RMS, numeric fields standardised (encoder.py); "none": raw
-    tabular_mode: TabularMode = "repeat"  # "split": tabular_slots distinct tokens; "repeat": one token repeated
+    event_norm: EventNorm = "split"  # "split": text to unit RMS, numeric fields standardised (encoder.py); "none": raw
+    tabular_mode: TabularMode = "split"  # "split": tabular_slots distinct tokens; "repeat": one token repeated (as before)
     finetune: FineTune = "auto"   # auto: full fine-tuning for tiny, LoRA for pretrained backbones
     lora_r: int = 64              # LoRA settings of the authors
     lora_alpha: int = 32
@@ -244,7 +244,7 @@ class QAnchorModel(nn.Module):
 
         `user_rows` (N,) maps each row to a user of `users` (U distinct users, U <= N): each user's prefix
         is then computed once into a KV cache and all of that user's queries run on top of it (the same
-        numbers as full recomputation, DESIGN §2), so a batch of u users x k questions costs u prefixes."""
+        numbers as full recomputation, docs/design.md §2), so a batch of u users x k questions costs u prefixes."""
         suffix = self.make_suffix(queries, answers=answers if with_lm else None)
         if user_rows is None:
             prefix = self.encode_prefix(users.to(self.device))

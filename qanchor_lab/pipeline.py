@@ -45,7 +45,7 @@ class DemoConfig:
     seed: int = 7                  # world seed; model and training seeds derive from it
     backbone: str = "tiny"         # tiny | smollm2 | HF id / local dir
     tiny_size: str = "xs"          # xs learned faster per second than s at the same lr (sweep_pretrain)
-    max_events: int = 16
+    max_events: int = 8           # events per modality: half the prefix, twice the steps, better (docs/design.md §7)
     epochs: float = 1.5
     batch_size: int = 32
     text_encoder: str = "minilm"
@@ -60,6 +60,12 @@ class DemoConfig:
     def fast(cls) -> "DemoConfig":
         return cls(n_users=1200, tiny_size="xs", max_events=8, epochs=1.0, batch_size=32, retrieval_pairs=200,
                    tune_epochs=4, n_boot=200, max_steps=40, text_max_chars=200)
+
+    def diagnostics_size(self) -> dict:
+        """Users and QA rows the demo's diagnostics read (a quick look; `diagnose` CLI does the full one)."""
+        if self.n_users <= 1200:
+            return dict(max_users=300, max_pairs=200, geometry_users=200)
+        return dict(max_users=800, max_pairs=400, geometry_users=300)
 
     def world_config(self) -> WorldConfig:
         return WorldConfig(n_users=self.n_users, seed=self.seed)
@@ -134,15 +140,27 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
           f"pre-trained {r['trained']['top1']:.3f}  (top-5 {r['untrained']['top5']:.3f} -> {r['trained']['top5']:.3f})")
     print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
     metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
+    diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
     wall = time.perf_counter() - t0
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
-    write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r,
+    write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
                  notes=[f"world: {cfg.n_users} users, seed {cfg.seed}; backbone {cfg.backbone} ({cfg.tiny_size}); "
                         f"{summary['steps']} pre-training steps; wall time {wall:.0f} s"])
     print("\n" + results_markdown(metrics))
     print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")
     return {"metrics": metrics, "pretrain": summary, "wall_seconds": wall}
+
+
+def run_diagnostics(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True) -> dict:
+    """The representation diagnostics of the trained model beside an untrained one of the same config
+    (tune and pretrain_val users only), saved as diagnostics.json / .md in `out_dir`."""
+    from qanchor_lab.diagnostics import diagnose, save_diagnostics
+
+    size = cfg.diagnostics_size()
+    diag = diagnose(model, world, untrained=build_model(world, cfg), seed=cfg.seed, show_progress=show_progress, **size)
+    save_diagnostics(diag, out_dir)
+    return diag
 
 
 def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:

@@ -262,12 +262,14 @@ def write_report(
     retrieval: Mapping[str, Any] | None = None,
     title: str = "Q-Anchor demo report",
     notes: Sequence[str] = (),
+    diagnostics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report as one HTML file that opens offline; returns its path.
 
     metrics: as evaluate_methods returns (or metrics.json read back; its "config" and "wall_seconds"
     are shown at the end). loss_log: log.jsonl records. retrieval: {stage: answer_retrieval result}.
-    notes: extra lines shown under the title (e.g. the run's date, passed in for determinism)."""
+    notes: extra lines shown under the title (e.g. the run's date, passed in for determinism).
+    diagnostics: `qanchor_lab.diagnostics.diagnose` output, shown as its own section."""
     _check_metrics(metrics)
     figures: list[tuple[str, str, go.Figure]] = [
         ("Per-task AUC", "fig-task-auc", figure_task_bars(metrics)),
@@ -302,6 +304,9 @@ def write_report(
         # plotly.js is inlined with the first figure only; later figures reuse it
         out.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id,
                                config={"displaylogo": False}))
+    if diagnostics:
+        out.append("<h2>Representation diagnostics (tune and pre-training validation users)</h2>")
+        out.append(diagnostics_section(diagnostics, include_plotlyjs=not figures))
     if "config" in metrics or "wall_seconds" in metrics:
         out.append("<h2>Run</h2>")
         if "wall_seconds" in metrics:

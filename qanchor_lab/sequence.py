@@ -1,10 +1,10 @@
-"""Sequence assembly, in one place (DESIGN §1.3).
+"""Sequence assembly, in one place (docs/design.md §1.3).
 
     prefix: [user] [modality tokens] [<m_start> event tokens <m_end>] for each modality [<profile_start> tabular <profile_end>]
     suffix: [soft prompt] query <user_emb> [answer <eos>]      (or query [soft prompt] <user_emb>)
 
 The prefix depends only on behaviour; everything task-dependent sits in the suffix, so a prefix can be
-computed once into a KV cache and any number of suffixes run on top of it (prefix equivalence, DESIGN §2).
+computed once into a KV cache and any number of suffixes run on top of it (prefix equivalence, docs/design.md §2).
 Within a row, real prefix tokens are packed to the front and the row is right-padded to the batch's
 longest prefix; the suffix follows the padded prefix. Padding is masked out of attention and skipped by
 the position ids (`cumsum(mask) - 1`), so a row's embedding does not depend on what it is batched with.

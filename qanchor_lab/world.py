@@ -1,7 +1,7 @@
 """The synthetic UserU world: users with known latent traits, their behaviour logs, QA pairs and tasks.
 
 Every experiment in qanchor_lab is compared with a known truth, so this module simulates users whose
-behaviour comes from latent traits (DESIGN.md §4):
+behaviour comes from latent traits (docs/design.md §4):
 
 - latents: 11 correlated traits drawn around 6 persona centres, a heavy-tailed activity level and two
   per-user trends (liquidity stress and app engagement rising or falling over the window);

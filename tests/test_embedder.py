@@ -1,4 +1,4 @@
-"""Prefix equivalence (DESIGN §2), the encode() API, and prompt tuning over cached prefixes."""
+"""Prefix equivalence (docs/design.md §2), the encode() API, and prompt tuning over cached prefixes."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def test_split_event_norm_rescales_text_and_numbers_and_zeroes_padding(small_wor
     num = y[..., enc.text_dim:][mask]
     assert num.std(0).min() > 0.3 and num.abs().mean() < 3          # standardised, not log-amounts of ~5
     assert torch.all(y[~mask] == 0)
-    raw = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain")).encoder
+    raw = QAnchorModel.from_data(tiny_config(event_norm="none"), w.events, w.profiles, w.users_in("pretrain")).encoder
     assert torch.equal(raw.normalize_events(x, mask), x)
 
 
