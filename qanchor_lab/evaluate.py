@@ -50,6 +50,14 @@ METHOD_LABELS: dict[str, str] = {
     "qanchor_plus_features": "Q-Anchor (task query) + features + probe",
 }
 DIFF_KEYS = ("auc_diff", "auc_low", "auc_high", "ks_diff", "ks_low", "ks_high")
+# Does each of Q-Anchor's mechanisms matter? (question, method a, method b): a - b, paired over test users.
+MECHANISMS: tuple[tuple[str, str, str], ...] = (
+    ("pre-training", "qanchor_base", "untrained"),
+    ("the task query", "qanchor_base", "static_embedding"),
+    ("prompt tuning", "qanchor_prompt_tuned", "qanchor_base"),
+    ("toward the features", "qanchor_prompt_tuned", "logreg_features"),
+    ("the embedding next to the features", "qanchor_plus_features", "logreg_features"),
+)
 MAX_SHOWN = 5
 
 
@@ -118,6 +126,7 @@ def evaluate_methods(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    comparisons: Sequence[tuple[str, str, str]] = MECHANISMS,
 ) -> dict:
     """AUC/KS of each method on the test users, with bootstrap CIs and paired differences to `reference`.
 
@@ -129,6 +138,8 @@ def evaluate_methods(
     Methods come in `method_order`. `vs_reference` is (method - reference) on the average over tasks,
     from a paired bootstrap that resamples test users (same draws for every method and both metrics);
     it is absent when `reference` is None or not among `scores` (then "reference" is None).
+    "comparisons": [{"question", "a", "b", "auc_diff", "auc_low", "auc_high", "ks_diff", ...}] for each
+    (question, a, b) of `comparisons` whose two methods were scored (same resamples as above).
     """
     if not scores:
         raise ValueError(f"scores is empty; give at least one method (known methods: {', '.join(METHODS)})")
@@ -185,8 +196,16 @@ def evaluate_methods(
         entry["domains"] = summary["domains"]
         entry["tasks"] = summary["tasks"]
         methods[name] = entry
+    compared = []
+    for question, a, b in comparisons:
+        if a in table and b in table:
+            pair = {metric: M.paired_bootstrap(test_labels, table[a], table[b], tasks_v, metric=metric,
+                                               alternative="two-sided", **boot) for metric in M.METRICS}
+            compared.append({"question": question, "a": a, "b": b,
+                             **{f"{metric}_{key}": pair[metric][key] for metric in M.METRICS for key in ("diff", "low", "high")}})
     return {
         "methods": methods,
+        "comparisons": compared,
         "reference": ref,
         "n_test_users": int(test_labels["user_id"].nunique()),
         "n_tasks": int(test_labels["task_id"].nunique()),
@@ -284,7 +303,20 @@ def results_markdown(metrics: Mapping) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     align = ["---"] + ["---:"] * (len(header) - 1)
-    return "\n".join([line(header), "| " + " | ".join(align) + " |"] + [line(r) for r in rows]) + "\n"
+    out = "\n".join([line(header), "| " + " | ".join(align) + " |"] + [line(r) for r in rows]) + "\n"
+    if metrics.get("comparisons"):
+        out += "\n" + comparisons_markdown(metrics)
+    return out
+
+
+def comparisons_markdown(metrics: Mapping) -> str:
+    """Does each mechanism matter: paired AUC / KS differences with their CIs, one row per question."""
+    lines = ["| does it matter? | a − b | AUC diff [95% CI] | KS diff [95% CI] | CI above zero |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for c in metrics.get("comparisons", []):
+        lines.append(f"| {c['question']} | {c['a']} − {c['b']} | {_fmt(c['auc_diff'], c['auc_low'], c['auc_high'], signed=True)} | "
+                     f"{_fmt(c['ks_diff'], c['ks_low'], c['ks_high'], signed=True)} | {'yes' if c['auc_low'] > 0 else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _jsonable(value: Any) -> Any:

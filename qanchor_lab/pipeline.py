@@ -251,6 +251,9 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
     scores["qanchor_plus_features"] = trained["plus_features"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat([s.assign(method=name) for name, s in scores.items()], ignore_index=True).to_parquet(
+        out_dir / "scores.parquet", index=False)  # every method's test scores, to recompute any comparison
     metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     return metrics

@@ -37,8 +37,8 @@ from qanchor_lab.embedder import PrefixCache, extend_cache, run_cached
 from qanchor_lab.losses import prototype_loss, prototype_scores
 
 
-Normalize = Literal["none", "center", "whiten"]
-NORMALIZE: tuple[str, ...] = ("none", "center", "whiten")
+Normalize = Literal["none", "center", "standardize", "whiten"]
+NORMALIZE: tuple[str, ...] = ("none", "center", "standardize", "whiten")
 # "random_words": rows of the word-embedding table drawn at random; "query": the embeddings of the task
 # query's own tokens, repeated to n_prompt (text initialisation, Lester et al. 2021)
 PromptInit = Literal["random_words", "query"]
@@ -137,6 +137,8 @@ class TaskAdapter(nn.Module):
         if mode == "none":
             return
         self.center.copy_(emb.mean(0))
+        if mode == "standardize":  # per-dimension z-scores, the probe's StandardScaler
+            self.whiten.copy_(torch.diag(emb.std(0).clamp_min(1e-6).reciprocal()))
         if mode == "whiten":
             x = (emb - self.center).double()
             cov = x.T @ x / max(len(x) - 1, 1)                                    # (d, d)

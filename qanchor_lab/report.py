@@ -297,6 +297,10 @@ def write_report(
         out.append(f"<p>Intervals: {round(100 * boot['ci'])}% basic bootstrap over test users "
                    f"({boot['n_boot']} resamples, seed {boot['seed']}); differences are paired (same resamples).</p>")
     out.append(_table_html(metrics))
+    if metrics.get("comparisons"):
+        out.append("<h2>Does each mechanism matter?</h2>")
+        out.append("<p>Paired differences over the same bootstrap resamples of test users (a − b, average over tasks).</p>")
+        out.append(_comparisons_html(metrics["comparisons"]))
     for i, (heading, div_id, fig) in enumerate(figures):
         out.append(f"<h2>{html.escape(heading)}</h2>")
         if div_id == "fig-retrieval":
@@ -319,6 +323,16 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
     return path
+
+
+def _comparisons_html(comparisons: Sequence[Mapping[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(c['question'])}</td><td>{html.escape(c['a'])} − {html.escape(c['b'])}</td>"
+        f"<td>{c['auc_diff']:+.3f} [{c['auc_low']:+.3f}, {c['auc_high']:+.3f}]</td>"
+        f"<td>{c['ks_diff']:+.3f} [{c['ks_low']:+.3f}, {c['ks_high']:+.3f}]</td>"
+        f"<td>{'yes' if c['auc_low'] > 0 else 'no'}</td></tr>" for c in comparisons)
+    return ("<table><thead><tr><th>does it matter?</th><th>a − b</th><th>AUC diff [95% CI]</th>"
+            f"<th>KS diff [95% CI]</th><th>AUC CI above zero</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = False) -> str:
