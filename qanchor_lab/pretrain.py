@@ -61,7 +61,7 @@ class PretrainConfig:
     # question's negatives are the other users, and each user's prefix runs once for all its questions
     # (needs a QA table where users answer many intents; WorldConfig.qa_per_user_*).
     batching: Batching = "intent"
-    intents_per_batch: int = 4         # intent/grid batching: distinct intents per batch (must divide batch_size)
+    intents_per_batch: int = 4         # intent/grid batching: distinct intents per batch (best a divisor of batch_size)
     # Which rows are never each other's negatives (besides the same user): "answer_text": identical answer
     # texts; "claim": answers stating the same claim of the same intent, in any wording (world.answer_claims).
     false_negatives: FalseNegatives = "claim"
@@ -80,8 +80,8 @@ class PretrainConfig:
         for name, choices in (("batching", get_args(Batching)), ("false_negatives", get_args(FalseNegatives))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
-        if self.batching != "random" and (self.intents_per_batch < 1 or self.batch_size % self.intents_per_batch):
-            raise ValueError(f"intents_per_batch={self.intents_per_batch} must be >= 1 and divide batch_size={self.batch_size}")
+        if self.intents_per_batch < 1:
+            raise ValueError(f"intents_per_batch must be >= 1, got {self.intents_per_batch}")
         if self.margin is not None and self.margin < 0:
             raise ValueError(f"margin must be >= 0 or None, got {self.margin}")
         bad = (set(self.negatives) | set(self.answer_mask_kinds)) - {"anchor_anchor", "anchor_answer", "answer_anchor"}
@@ -171,7 +171,7 @@ def epoch_batches(pairs: PairSet, config: PretrainConfig, epoch: int, world_size
     n_int = int(pairs.intent_ids.max()) + 1
     grid = np.full((len(users), n_int), -1, np.int64)                           # (U, I) pair row or -1
     grid[user_pos, pairs.intent_ids] = np.arange(len(pairs))
-    k, u = config.intents_per_batch, config.batch_size // config.intents_per_batch
+    k, u = config.intents_per_batch, max(1, config.batch_size // config.intents_per_batch)
     user_groups = rng.permutation(len(users))[: len(users) // (u * world_size) * u * world_size].reshape(-1, u * world_size)
     steps = []
     for g in user_groups:
@@ -192,7 +192,7 @@ def epoch_order(pairs: PairSet, config: PretrainConfig, epoch: int, global_batch
     rng = np.random.default_rng([config.seed, epoch])
     if config.batching == "random":
         return rng.permutation(len(pairs))
-    per = global_batch // config.intents_per_batch
+    per = max(1, global_batch // config.intents_per_batch)  # rows of one intent side by side
     chunks, rest = [], []
     for i in range(int(pairs.intent_ids.max()) + 1 if len(pairs) else 0):
         rows = rng.permutation(np.flatnonzero(pairs.intent_ids == i))

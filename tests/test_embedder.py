@@ -246,7 +246,7 @@ def test_head_phase_lowers_the_prototype_loss_on_fixed_embeddings(tiny_model):
     assert after < before - 0.1
 
 
-@pytest.mark.parametrize("bad, match", [(dict(normalize="zscore"), "none, center, whiten|'none', 'center', 'whiten'"),
+@pytest.mark.parametrize("bad, match", [(dict(normalize="zscore"), "none, center, standardize, whiten|'none', 'center', 'standardize', 'whiten'"),
                                         (dict(prompt_init="vocab"), "random_words"),
                                         (dict(shrinkage=1.5), "shrinkage"),
                                         (dict(head_epochs=-1), "head_epochs")])
@@ -259,7 +259,8 @@ def test_prompt_tuning_config_names_the_valid_choices(bad, match):
 def test_refit_trains_on_every_tune_user_for_the_chosen_epochs(tiny_model, tiny_store):
     model = tiny_model.eval()
     cache, labels = _searchers(model, tiny_store)
-    cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query", refit=False)
+    cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query", refit=False,
+                             normalize="center")  # a normalisation fitted on users, to tell which users it saw
     plain = tune_task(model, cache, labels, "does this user search", cfg)
     refit = tune_task(model, cache, labels, "does this user search", replace(cfg, refit=True))
     assert refit.best_epoch == plain.best_epoch                                     # same selection

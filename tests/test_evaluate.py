@@ -158,7 +158,8 @@ def test_new_baselines_reach_the_table_and_report(toy, tmp_path):
     metrics = evaluate_methods(named, labels, TASKS, test, n_boot=50, seed=0)
     assert list(results_table(metrics).index) == ["logreg_features", "tfidf_features", "qanchor_prompt_tuned",
                                                   "qanchor_plus_features"]
-    assert [line.split(" | ")[0] for line in results_markdown(metrics).splitlines()[2:]] == [
+    first_table = results_markdown(metrics).split("\n\n")[0].splitlines()
+    assert [line.split(" | ")[0] for line in first_table[2:]] == [
         "| logreg_features", "| tfidf_features", "| qanchor_prompt_tuned", "| qanchor_plus_features"]
     html = write_report(tmp_path / "r.html", metrics).read_text()
     for label in ("features + event-text TF-IDF + logistic regression", "Q-Anchor (task query) + features + probe"):
@@ -255,3 +256,28 @@ def test_evaluate_run_on_a_task_subset_scores_every_method(small_world, tiny_mod
         assert set(m["tasks"]) == set(ids) and set(m["domains"]) == {"engagement", "marketing"}
     assert set(metrics["prompt_tuning"]) == set(ids)
     assert sorted(p.stem for p in (tmp_path / "adapters").glob("*.safetensors")) == sorted(ids)
+
+
+def test_mechanism_comparisons_are_paired_differences_of_scored_methods(toy, tmp_path):
+    from qanchor_lab.evaluate import comparisons_markdown
+
+    labels, scores, test = toy
+    named = {"qanchor_base": scores["qanchor_prompt_tuned"], "untrained": scores["gbdt_features"],
+             "qanchor_prompt_tuned": scores["my_method"]}
+    metrics = evaluate_methods(named, labels, TASKS, test, n_boot=200, seed=0)
+    got = {c["question"]: c for c in metrics["comparisons"]}
+    # only the pairs whose two methods were scored
+    assert set(got) == {"pre-training", "prompt tuning"}
+    m = metrics["methods"]
+    pre = got["pre-training"]
+    assert pre["a"] == "qanchor_base" and pre["b"] == "untrained"
+    assert pre["auc_diff"] == pytest.approx(m["qanchor_base"]["avg_auc"] - m["untrained"]["avg_auc"])
+    assert pre["auc_low"] > 0                       # sigma 1 vs sigma 3 noise around the true logit
+    prompt = got["prompt tuning"]                   # a random score minus a good one
+    assert prompt["auc_high"] < 0
+    # the same numbers as the reference column where the pair is (x, reference)
+    assert prompt["auc_diff"] == pytest.approx(-m["qanchor_base"]["vs_reference"]["auc_diff"])
+    md = comparisons_markdown(metrics)
+    assert "| pre-training | qanchor_base − untrained |" in md and "| yes |" in md
+    html = write_report(tmp_path / "r.html", metrics).read_text()
+    assert "Does each mechanism matter?" in html

@@ -58,8 +58,9 @@ def test_pretrain_config_names_valid_choices():
         PretrainConfig(batching="grouped")
     with pytest.raises(ValueError, match="'answer_text', 'claim'"):
         PretrainConfig(false_negatives="text")
-    with pytest.raises(ValueError, match="divide batch_size"):
-        PretrainConfig(batching="intent", batch_size=32, intents_per_batch=5)
+    with pytest.raises(ValueError, match="intents_per_batch must be >= 1"):
+        PretrainConfig(batching="intent", intents_per_batch=0)
+    PretrainConfig(batch_size=2)  # fewer rows than intents per batch: rows of one intent just stop sitting together
 
 
 def test_split_event_norm_rescales_text_and_numbers_and_zeroes_padding(small_world, tiny_store):
