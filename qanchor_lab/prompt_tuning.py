@@ -9,9 +9,10 @@ prompt and <user_emb> tokens; with the prompt first, a step also runs the query.
 
 Choices of ours (the paper publishes no code for this stage), each measured on a held-out part of the
 tune split of the default world, never on the test split:
-- the prototypes compare *whitened* embeddings (mean and shrunk covariance of the initial embeddings,
-  frozen as buffers), which turns nearest-prototype into a discriminant instead of a vote of the few
-  dominant directions of a narrow embedding cone;
+- what the prototypes compare against (`normalize`): the embeddings as they are by default. Whitening
+  (mean and shrunk covariance of the initial embeddings, frozen as buffers) suited the nearly
+  one-dimensional embeddings of the earlier pre-training; on today's it amplifies noise directions and
+  costs 0.01-0.04 AUC (docs/design.md §7.4);
 - the prototypes are first fitted alone on the initial embeddings (cheap: no LLM call) before prompt
   and prototypes train together, so the prompt is never steered by a k-means head still far from a
   decision boundary (linear probe, then fine-tune);
@@ -63,10 +64,11 @@ class PromptTuningConfig:
     batch_size: int = 64
     val_share: float = 0.25           # share of the tune split held out for early stopping
     refit: bool = True                # after early stopping, train again on all tune users for the chosen epochs
-    # what the prototypes compare against: the raw embedding, the embedding minus the initial mean, or
-    # the whitened embedding (initial mean and covariance, shrunk toward its average variance)
-    # "none" since the pre-training of docs/design.md §7: on its less collapsed embeddings whitening
-    # amplifies noise directions (tune-split study: none 0.677, center 0.658, whiten 0.629 head-only)
+    # what the prototypes compare against: the raw embedding, the embedding minus the initial mean, its
+    # per-dimension z-scores, or the whitened embedding (initial mean and covariance, shrunk toward its
+    # average variance)
+    # "none" since the pre-training of docs/design.md §7: on its less collapsed embeddings whitening amplifies
+    # noise directions (tune-split study, prototypes alone: none 0.668, center 0.658, whiten 0.629)
     normalize: Normalize = "none"
     shrinkage: float = 0.1            # whiten only: covariance shrinkage in [0, 1] (1 = centre and rescale only)
     head_epochs: int = 20             # prototype-only epochs on the initial embeddings before the joint phase
