@@ -146,11 +146,10 @@ def _join_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    na = int(a.max()) + 1 if len(a) else 0
-    edges = coo_matrix((np.ones(len(a)), (a, na + b)), shape=(na + int(b.max()) + 1, na + int(b.max()) + 1)) if len(a) else None
-    if edges is None:
+    if not len(a):
         return a
-    _, comp = connected_components(edges, directed=False)
+    n = int(a.max()) + 1 + int(b.max()) + 1                # nodes: a ids, then b ids; an edge per row
+    _, comp = connected_components(coo_matrix((np.ones(len(a)), (a, a.max() + 1 + b)), shape=(n, n)), directed=False)
     return np.unique(comp[a], return_inverse=True)[1].astype(np.int64)
 
 
