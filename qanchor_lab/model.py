@@ -29,6 +29,9 @@ from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, 
 CONFIG_NAME = "qanchor_config.json"
 WEIGHTS_NAME = "qanchor.safetensors"
 FineTune = Literal["auto", "full", "lora"]
+LEGACY_INPUTS = {"event_norm": "none", "tabular_mode": "repeat"}  # what a config without these keys meant
+# Buffers a checkpoint from before event_norm may lack; identity statistics, unused with event_norm="none".
+_OPTIONAL_BUFFERS = ("encoder.numeric_mean", "encoder.numeric_std")
 
 
 @dataclass
@@ -89,6 +92,8 @@ class QAnchorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QAnchorConfig":
         known = {f.name for f in fields(cls)}
+        # configs saved before these switches existed meant their earlier behaviour, not today's defaults
+        d = {**LEGACY_INPUTS, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -329,7 +334,8 @@ class QAnchorModel(nn.Module):
             backbone = load_saved_backbone(directory / "backbone")
         model = cls(config, backbone)
         missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS_NAME), strict=False)
-        missing = [k for k in missing if not k.startswith("llm.")]
+        missing = [k for k in missing if not k.startswith("llm.")
+                   and not (k in _OPTIONAL_BUFFERS and config.event_norm == "none")]
         if missing or unexpected:
             raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model

@@ -161,3 +161,28 @@ def test_loss_ablations_train(tiny_model, small_world, tmp_path, loss_off):
     assert summary["steps"] == 2
     key = "contrastive" if loss_off == "use_contrastive" else "ntp"
     assert summary["last"][key] == 0.0
+
+
+def test_a_model_saved_before_the_input_switches_still_loads(tiny_model, tiny_store, tmp_path):
+    """Configs without event_norm / tabular_mode (and weights without the numeric statistics) load as the
+    earlier behaviour they were saved with, not as today's defaults."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    from qanchor_lab.model import CONFIG_NAME, WEIGHTS_NAME
+
+    old = QAnchorModel.from_config(replace(tiny_model.config, event_norm="none", tabular_mode="repeat", tabular_slots=2))
+    old.eval()
+    d = old.save_pretrained(tmp_path / "old")
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    del cfg["event_norm"], cfg["tabular_mode"]
+    (d / CONFIG_NAME).write_text(json.dumps(cfg))
+    weights = {k: v for k, v in load_file(d / WEIGHTS_NAME).items() if "numeric_" not in k}
+    save_file(weights, d / WEIGHTS_NAME)
+    back = QAnchorModel.from_pretrained(d).eval()
+    assert (back.config.event_norm, back.config.tabular_mode) == ("none", "repeat")
+    batch = tiny_store.batch([0, 1, 2])
+    with torch.no_grad():
+        assert torch.allclose(old.embed(batch, ["Is this user a big spender?"] * 3),
+                              back.embed(batch, ["Is this user a big spender?"] * 3), atol=1e-6)
