@@ -236,3 +236,40 @@ def figure_tuning_pca(views: dict[str, dict[str, np.ndarray]], labels: np.ndarra
     fig.update_yaxes(title_text=f"PC2 ({ev[1]:.0%})", col=1)
     fig.update_layout(title=title or "Users and class prototypes, shared PCA basis", height=430, template="plotly_white")
     return fig
+
+
+def prototype_separation(view: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    """How well an `adapter_view`'s prototypes separate these users: the AUC of (best cosine to a class-1
+    prototype - best cosine to a class-0 one) and the mean margin of each user's own class over the other."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    cos = view["features"] @ view["prototypes"].T                                  # (N, P)
+    best = np.stack([cos[:, view["prototype_class"] == c].max(1) for c in (0, 1)], 1)  # (N, 2)
+    diff = best[:, 1] - best[:, 0]
+    return {"auc": float(roc_auc_score(labels, diff)), "own_class_margin": float(np.where(labels == 1, diff, -diff).mean())}
+
+
+def step_at_rates(model, config, batch, shares: Sequence[float] = (1.0, 0.1, 0.01)) -> pd.DataFrame:
+    """One optimisation step (pretrain.training_step) on `batch` from the same start at several learning rates
+    (shares of the config's peak rate, no schedule), on copies of `model`: the losses of the batch before and
+    after each step. The model itself is left as it is."""
+    from qanchor_lab.pretrain import PretrainStep, count_answer_tokens, make_optimizer, step_forward, training_step
+
+    n_tok = count_answer_tokens(model, batch.answers)
+    rows = []
+    for share in shares:
+        copy_ = copy.deepcopy(model)
+        module = PretrainStep(copy_, config).train()
+        optimizer, _ = make_optimizer(copy_, config, total_steps=None)
+        for group in optimizer.param_groups:
+            group["lr"] *= share
+        before = training_step(module, batch, optimizer, ntp_normalizer=n_tok, grad_clip=config.grad_clip)
+        with torch.no_grad():
+            after = step_forward(module, batch, n_tok)
+        row = {"share of peak rate": share, "learning rate": optimizer.param_groups[0]["lr"]}
+        for name, b, a in zip(("loss", "contrastive", "next-token"), before, after):
+            row |= {f"{name} before": float(b), f"{name} after": float(a)}
+        rows.append(row)
+        del copy_, module, optimizer
+    return pd.DataFrame(rows)

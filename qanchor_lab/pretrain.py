@@ -234,13 +234,17 @@ def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> 
                      pairs.answer_ids[rows], pairs.intent_ids[rows])
 
 
-def make_optimizer(model: QAnchorModel, config: PretrainConfig, total_steps: int):
-    """AdamW over the trainable parameters with linear warm-up then cosine decay: (optimizer, scheduler)."""
+def make_optimizer(model: QAnchorModel, config: PretrainConfig, total_steps: int | None):
+    """AdamW over the trainable parameters with linear warm-up then cosine decay over `total_steps`:
+    (optimizer, scheduler). `total_steps=None`: no schedule (None), the peak rate throughout (a hand step;
+    the schedule's warm-up starts at rate 0)."""
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(model), betas=(0.9, config.beta2), eps=config.eps,
                                   weight_decay=config.weight_decay)
+    if total_steps is None:
+        return optimizer, None
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps)
     return optimizer, scheduler
 

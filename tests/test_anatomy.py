@@ -200,8 +200,25 @@ def test_on_epoch_sees_every_selection_epoch_and_leaves_the_result_unchanged(tin
     views = {"before": A.adapter_view(start, model, cache), "after": A.adapter_view(watched.adapter, model, cache)}
     assert views["before"]["features"].shape == (len(labels), model.config.embed_dim)
     assert np.allclose(np.linalg.norm(views["after"]["prototypes"], axis=1), 1, atol=1e-5)
+    sep = A.prototype_separation(views["after"], labels)
+    flipped = A.prototype_separation(views["after"], 1 - labels)
+    assert np.isclose(sep["auc"] + flipped["auc"], 1) and np.isclose(sep["own_class_margin"], -flipped["own_class_margin"])
     fig = A.figure_tuning_pca(views, labels)
     assert len(fig.data) == 8 and [t.marker.symbol for t in fig.data[1::2]] == ["star"] * 4
     # one shared basis: identical inputs land on identical coordinates in both panels
     same = A.figure_tuning_pca({"a": views["before"], "b": views["before"]}, labels)
     assert np.allclose(same.data[0].x, same.data[4].x)
+
+
+def test_step_at_rates_steps_copies_and_a_zero_rate_changes_nothing(tiny_model, small_world):
+    w = small_world
+    store = tiny_model.behaviour(w.events, w.profiles, w.users_in("pretrain"))
+    cfg = PretrainConfig(batch_size=8, seed=1, lr=3e-3)
+    _, batch = _batch(tiny_model, w, store, cfg)
+    start = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    table = A.step_at_rates(tiny_model, cfg, batch, shares=(0.0, 1.0))
+    assert all(torch.equal(v, start[k]) for k, v in tiny_model.state_dict().items())   # the model is untouched
+    assert table["loss before"].nunique() == 1 and list(table["learning rate"]) == [0.0, 3e-3]
+    zero, full = table.iloc[0], table.iloc[1]
+    assert np.isclose(zero["loss after"], zero["loss before"], atol=1e-6)
+    assert not np.isclose(full["loss after"], full["loss before"], atol=1e-4)
