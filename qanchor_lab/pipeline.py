@@ -85,6 +85,12 @@ def world_dir(cfg: DemoConfig) -> Path:
     return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
 
 
+def ensure_demo_world(cfg: DemoConfig):
+    """The world of this config, generated once under `world_dir(cfg)` and read back after: every notebook
+    of one mode (DemoConfig.fast() or DemoConfig()) and the demo share it through this."""
+    return ensure_world(world_dir(cfg), cfg.world_config())
+
+
 def build_model(world, cfg: DemoConfig) -> QAnchorModel:
     return QAnchorModel.from_data(cfg.model_config(), world.events, world.profiles, world.users_in("pretrain"))
 
@@ -114,7 +120,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True) -
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
     same config, else generated/trained there. Notebooks share models through this."""
     run_dir = Path(run_dir)
-    world = ensure_world(world_dir(cfg), cfg.world_config())
+    world = ensure_demo_world(cfg)
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
     if marker.exists() and json.loads(marker.read_text()) == asdict(cfg) and (model_dir / "pretrain_summary.json").exists():

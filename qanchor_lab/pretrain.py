@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from qanchor_lab.behaviour import BehaviourStore
+from qanchor_lab.behaviour import BehaviourStore, UserBatch
 from qanchor_lab.losses import ContrastiveLoss, next_token_loss
 from qanchor_lab.model import QAnchorModel
 
@@ -205,6 +205,80 @@ def epoch_order(pairs: PairSet, config: PretrainConfig, epoch: int, global_batch
     return np.concatenate(order) if order else rest
 
 
+@dataclass
+class StepBatch:
+    """One process's rows of one optimisation step, gathered as the step module reads them."""
+
+    rows: np.ndarray                 # (N,) rows of the PairSet
+    users: UserBatch                 # behaviour of the distinct users (U <= N) if user_rows is set, else of each row
+    user_rows: np.ndarray | None     # (N,) each row's user within `users`; None when no user repeats
+    queries: list[str]               # (N,)
+    answers: list[str]               # (N,)
+    user_index: np.ndarray           # (N,) store row of each row's user: same user is never a negative
+    answer_ids: np.ndarray           # (N,) same id = never each other's negatives (same answer text or claim)
+    intent_ids: np.ndarray           # (N,) question intent of each row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> StepBatch:
+    """The batch of these pair rows (one entry of `epoch_batches`): a user asked several questions in the
+    step gets one prefix, run once and cached for each of its questions."""
+    rows = np.asarray(rows)
+    user_index = pairs.user_index[rows]
+    uniq, user_rows = np.unique(user_index, return_inverse=True)
+    repeated = len(uniq) < len(rows)
+    return StepBatch(rows, store.batch(uniq if repeated else user_index), user_rows if repeated else None,
+                     [pairs.queries[i] for i in rows], [pairs.answers[i] for i in rows], user_index,
+                     pairs.answer_ids[rows], pairs.intent_ids[rows])
+
+
+def make_optimizer(model: QAnchorModel, config: PretrainConfig, total_steps: int | None):
+    """AdamW over the trainable parameters with linear warm-up then cosine decay over `total_steps`:
+    (optimizer, scheduler). `total_steps=None`: no schedule (None), the peak rate throughout (a hand step;
+    the schedule's warm-up starts at rate 0)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(model), betas=(0.9, config.beta2), eps=config.eps,
+                                  weight_decay=config.weight_decay)
+    if total_steps is None:
+        return optimizer, None
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps)
+    return optimizer, scheduler
+
+
+def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float, device=None):
+    """(loss, contrastive, next-token, tokens) of the step module on one batch; `ntp_normalizer` is the
+    number of answer tokens the next-token loss averages over (`count_answer_tokens` in one process)."""
+    device = device if device is not None else next(module.parameters()).device
+    return module(batch.users, batch.queries, batch.answers, torch.as_tensor(batch.user_index, device=device),
+                  torch.as_tensor(batch.answer_ids, device=device), ntp_normalizer,
+                  None if batch.user_rows is None else torch.as_tensor(batch.user_rows, device=device))
+
+
+def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler=None, *, ntp_normalizer: float,
+                  grad_clip: float | None = None, accelerator=None):
+    """One optimisation step: forward, backward, gradient clipping, AdamW update and schedule step.
+    Returns (loss, contrastive, next-token, tokens) measured before the update. Without an `accelerator`
+    it runs as plain PyTorch in one process (the notebooks' hand step)."""
+    device = accelerator.device if accelerator is not None else None
+    loss, cl, ntp, n_tokens = step_forward(module, batch, ntp_normalizer, device)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    if grad_clip:
+        clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
+        clip(module.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), cl, ntp, n_tokens
+
+
 class PretrainStep(torch.nn.Module):
     """Model + losses as one module, so DDP sees a single forward."""
 
@@ -257,7 +331,6 @@ def pretrain(
 ) -> dict:
     """Pre-train `model` in place on the world's pre-training QA pairs; returns a summary dict."""
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
@@ -276,10 +349,8 @@ def pretrain(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = config.resolved_lr(model)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps)
+    optimizer, scheduler = make_optimizer(model, config, total_steps)
     step = 0
     if resume_from is not None:
         step = load_trainer_state(resume_from, optimizer, scheduler)
@@ -304,25 +375,10 @@ def pretrain(
         epoch, k = divmod(step, steps_per_epoch)
         if k == 0 or batches is None:
             batches = epoch_batches(pairs, config, epoch, world_size)
-        mine = batches[k][rank]
-        # a user asked several questions in this step gets one prefix (run once, cached for each question)
-        uniq, user_rows = np.unique(pairs.user_index[mine], return_inverse=True)
-        repeated = len(uniq) < len(mine)
-        ub = store.batch(uniq if repeated else pairs.user_index[mine])
-        queries = [pairs.queries[i] for i in mine]
-        answers = [pairs.answers[i] for i in mine]
-        n_tok_global = _global_sum(count_answer_tokens(model, answers), acc.device)
-        loss, cl, ntp, n_tokens = module(ub, queries, answers,
-                               torch.as_tensor(pairs.user_index[mine], device=acc.device),
-                               torch.as_tensor(pairs.answer_ids[mine], device=acc.device),
-                               n_tok_global / world_size,
-                               torch.as_tensor(user_rows, device=acc.device) if repeated else None)
-        acc.backward(loss)
-        if config.grad_clip:
-            acc.clip_grad_norm_(module.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = make_step_batch(pairs, batches[k][rank], store)
+        n_tok_global = _global_sum(count_answer_tokens(model, batch.answers), acc.device)
+        loss, cl, ntp, n_tokens = training_step(module, batch, optimizer, scheduler, ntp_normalizer=n_tok_global / world_size,
+                                                grad_clip=config.grad_clip, accelerator=acc)
         step += 1
         tokens_seen += int(n_tokens)
         bar.update(1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -274,12 +274,17 @@ def _epoch(adapter: TaskAdapter, opt: torch.optim.Optimizer, model, cache: Prefi
     return total / len(order)
 
 
-def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config: PromptTuningConfig | None = None) -> TuningResult:
+def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config: PromptTuningConfig | None = None,
+              *, on_epoch: Callable[[dict, TaskAdapter], None] | None = None) -> TuningResult:
     """Tune one task's soft prompt + prototypes on cached tune-split prefixes with binary `labels`.
 
     The number of joint epochs is chosen on a stratified held-out share of these users; with
     `config.refit` the adapter is then trained again from the same start on all of them for that many
-    epochs (as LogisticRegressionCV refits on all folds)."""
+    epochs (as LogisticRegressionCV refits on all folds).
+
+    `on_epoch(record, adapter)` is called with each history record of that selection phase (epoch 0 is
+    the starting adapter: initial prompt, fitted prototypes) and the live adapter, e.g. to snapshot it
+    (`copy.deepcopy(adapter)`) or embed users with it; it must not modify the adapter."""
     config = config or PromptTuningConfig()
     labels = np.asarray(labels).astype(int)
     if len(labels) != len(cache):
@@ -311,10 +316,14 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
     start = val_auc()
     best = (start, 0, {k: v.clone() for k, v in adapter.state_dict().items()})
     history, stale = [{"epoch": 0, "train_loss": float("nan"), "val_auc": start}], 0
+    if on_epoch is not None:
+        on_epoch(history[-1], adapter)
     for epoch in range(1, config.epochs + 1):
         train_loss = _epoch(adapter, opt, model, cache, labels, tr_idx, rng)
         auc = val_auc()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_auc": auc})
+        if on_epoch is not None:
+            on_epoch(history[-1], adapter)
         if auc > best[0] + 1e-4:
             best, stale = (auc, epoch, {k: v.clone() for k, v in adapter.state_dict().items()}), 0
         else:

@@ -54,34 +54,47 @@ def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return embeds[:, :width], mask[:, :width]
 
 
-def assemble_prefix(enc: EncodedUser, special: dict[str, torch.Tensor], modalities: Sequence[str]) -> Prefix:
-    """Lay out the behaviour tokens; `special` maps "<m_start>"/"<m_end>" to (H,) embeddings."""
-    parts: list[torch.Tensor] = []
-    masks: list[torch.Tensor] = []
+@dataclass
+class PrefixPart:
+    """One block of the prefix layout before packing: what its tokens are and which are real."""
+
+    kind: str                # "user" | "modality" | "start" | "event" | "end" | "tabular"
+    modality: str | None     # the block's modality (None for the user token and the modality tokens)
+    embeds: torch.Tensor     # (B, n, H)
+    mask: torch.Tensor       # (B, n) bool, True = real token
+
+
+def prefix_parts(enc: EncodedUser, special: dict[str, torch.Tensor], modalities: Sequence[str]) -> list[PrefixPart]:
+    """The prefix blocks in layout order; `special` maps "<m_start>"/"<m_end>" to (H,) embeddings.
+    `assemble_prefix` concatenates and packs exactly these (anatomy.py labels tokens by them)."""
+    parts: list[PrefixPart] = []
     some = next(iter(enc.events.values()))
     B, device = some.shape[0], some.device
     ones = torch.ones(B, 1, dtype=torch.bool, device=device)
 
-    def add(x: torch.Tensor, m: torch.Tensor) -> None:
-        parts.append(x)
-        masks.append(m)
-
-    def add_special(name: str) -> None:
-        add(special[name].view(1, 1, -1).expand(B, 1, -1), ones)
+    def add_special(kind: str, m: str) -> None:
+        name = f"<{m}_{kind}>"
+        parts.append(PrefixPart(kind, m, special[name].view(1, 1, -1).expand(B, 1, -1), ones))
 
     if enc.user is not None:
-        add(enc.user, ones)
+        parts.append(PrefixPart("user", None, enc.user, ones))
     if enc.modality is not None:
-        add(enc.modality, enc.modality_mask)
+        parts.append(PrefixPart("modality", None, enc.modality, enc.modality_mask))
     for m in modalities:
-        add_special(f"<{m}_start>")
-        add(enc.events[m], enc.event_masks[m])
-        add_special(f"<{m}_end>")
+        add_special("start", m)
+        parts.append(PrefixPart("event", m, enc.events[m], enc.event_masks[m]))
+        add_special("end", m)
     if enc.tabular is not None:
-        add_special(f"<{TABULAR_MODALITY}_start>")
-        add(enc.tabular, ones.expand(B, enc.tabular.shape[1]))
-        add_special(f"<{TABULAR_MODALITY}_end>")
-    embeds, mask = pack_left(torch.cat(parts, 1), torch.cat(masks, 1))         # (B, P, H), (B, P)
+        add_special("start", TABULAR_MODALITY)
+        parts.append(PrefixPart("tabular", TABULAR_MODALITY, enc.tabular, ones.expand(B, enc.tabular.shape[1])))
+        add_special("end", TABULAR_MODALITY)
+    return parts
+
+
+def assemble_prefix(enc: EncodedUser, special: dict[str, torch.Tensor], modalities: Sequence[str]) -> Prefix:
+    """Lay out the behaviour tokens; `special` maps "<m_start>"/"<m_end>" to (H,) embeddings."""
+    parts = prefix_parts(enc, special, modalities)
+    embeds, mask = pack_left(torch.cat([p.embeds for p in parts], 1), torch.cat([p.mask for p in parts], 1))  # (B, P, H), (B, P)
     return Prefix(embeds, mask, mask.sum(1))
 
 
