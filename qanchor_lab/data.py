@@ -592,6 +592,12 @@ _CSV_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 def read_table(path: str | Path, table: str) -> pd.DataFrame:
     """Read one table from a .parquet/.pq or .csv/.csv.gz file and validate it."""
+    return _VALIDATORS[table](read_frame(path, table))
+
+
+def read_frame(path: str | Path, table: str) -> pd.DataFrame:
+    """Read one table's file as is (ids and texts as strings from CSV), before validation: for callers
+    that validate with more context, e.g. events against a dataset's declared modalities."""
     if table not in TABLES:
         raise DataValidationError(f"unknown table {table!r}; valid tables: {', '.join(TABLES)}")
     path = Path(path)
@@ -616,7 +622,7 @@ def read_table(path: str | Path, table: str) -> pd.DataFrame:
         raise
     except (OSError, ValueError) as exc:
         raise DataValidationError(f"{table}: could not read {path}: {exc}") from None
-    return _VALIDATORS[table](df)
+    return df
 
 
 def load_world(path: str | Path, *, require_events: bool = False) -> World:

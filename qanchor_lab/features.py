@@ -208,6 +208,12 @@ class FeatureSpec:
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    @property
+    def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """(start, end) of the history window: events in [start, end) are read, others ignored."""
+        end = pd.Timestamp(self.window_end)
+        return end - pd.Timedelta(days=self.history_days), end
+
     # -- fitting --------------------------------------------------------------------------------------
     @classmethod
     def fit(
@@ -382,8 +388,7 @@ class FeatureSpec:
         unknown = sorted(set(ev["modality"].unique()) - set(self.modalities))
         if unknown:
             raise FeatureInputError(f"events.modality has value(s) {unknown}; this spec knows {self.modalities}")
-        end = pd.Timestamp(self.window_end)
-        start = end - pd.Timedelta(days=self.history_days)
+        start, end = self.window
         ev = ev[(ev["timestamp"] >= start) & (ev["timestamp"] < end)]
         uidx = uniq.get_indexer(ev["user_id"])
         ev = ev[uidx >= 0]
