@@ -293,7 +293,7 @@ class FeatureSpec:
                 f"FeatureSpec.fit: {before + after} of the reference users' {len(ref_ev)} events fall outside the "
                 f"feature window [{start}, {end}) ({before} before, {after} at or after its end) and are not in the "
                 "features; widen the window (window_start / history_days / window_end) to use them",
-                OutsideWindowWarning, stacklevel=2)
+                OutsideWindowWarning, stacklevel=1)  # raised here: Python then shows one message once, not per caller
         ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
 
         categories: dict[str, list[str]] = {}

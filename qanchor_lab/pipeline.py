@@ -170,6 +170,8 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
     model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
+    if data_dir is not None:
+        print(f"dataset {data_dir}: modalities {', '.join(world.modalities)}; counts {json.dumps(world.manifest['counts'])}")
     r = summary["retrieval"]
     print(f"\nheld-out answer retrieval, top-1 among {r['trained']['n_candidates']} candidates "
           f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
