@@ -592,7 +592,8 @@ _CSV_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 def read_table(path: str | Path, table: str) -> pd.DataFrame:
     """Read one table from a .parquet/.pq or .csv/.csv.gz file and validate it."""
-    return _VALIDATORS[table](read_frame(path, table))
+    df = read_frame(path, table)  # checks the table name first
+    return _VALIDATORS[table](df)
 
 
 def read_frame(path: str | Path, table: str) -> pd.DataFrame:
