@@ -51,6 +51,18 @@ class OutsideWindowWarning(UserWarning):
     """Events of the reference users fall outside the feature window (counted on the FeatureSpec)."""
 
 
+_WARNED: set[str] = set()  # messages already shown: one run fits the same spec several times
+
+
+def _warn_once(message: str) -> None:
+    """An OutsideWindowWarning, once per distinct message in this process (the counts stay on the spec).
+    Python's own once-per-location registry is reset by every `warnings.catch_warnings` block, which
+    pandas and this package use, so it would repeat."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, OutsideWindowWarning, stacklevel=3)
+
+
 class FeatureInputError(DataValidationError):
     """Malformed events / profiles / user ids given to the feature code; the message names the culprit.
 
@@ -293,11 +305,10 @@ class FeatureSpec:
         before = int((ref_ev["timestamp"] < start).sum())
         after = int((ref_ev["timestamp"] >= end).sum())
         if before or after:
-            warnings.warn(
+            _warn_once(
                 f"FeatureSpec.fit: {before + after} of the reference users' {len(ref_ev)} events fall outside the "
                 f"feature window [{start}, {end}) ({before} before, {after} at or after its end) and are not in the "
-                "features; widen the window (window_start / history_days / window_end) to use them",
-                OutsideWindowWarning, stacklevel=1)  # raised here: Python then shows one message once, not per caller
+                "features; widen the window (window_start / history_days / window_end) to use them")
         ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
 
         categories: dict[str, list[str]] = {}

@@ -183,7 +183,10 @@ def test_feature_window_defaults_to_all_history_without_dropping():
     assert spec.frame(ev, None, ["a"]).loc["a", "x.count_log1p"] == pytest.approx(math.log(5))
 
 
-def test_declared_window_counts_and_warns_about_what_it_leaves_out():
+def test_declared_window_counts_and_warns_about_what_it_leaves_out(monkeypatch):
+    from qanchor_lab import features
+
+    monkeypatch.setattr(features, "_WARNED", set())  # each message is shown once per process
     ev = _spread_events()
     with pytest.warns(OutsideWindowWarning, match=r"3 of the reference users' 5 events fall outside.*\(3 before, 0 at or after"):
         spec = FeatureSpec.fit(ev, None, window_end="2025-07-20", history_days=90)
@@ -191,6 +194,10 @@ def test_declared_window_counts_and_warns_about_what_it_leaves_out():
     with pytest.warns(OutsideWindowWarning, match=r"\(0 before, 2 at or after"):
         spec = FeatureSpec.fit(ev, None, window_start="2025-01-01", window_end="2025-03-01")
     assert spec.history_days == 59
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutsideWindowWarning)  # the same message again: not repeated
+        again = FeatureSpec.fit(ev, None, window_start="2025-01-01", window_end="2025-03-01")
+    assert again.events_after_window == 2  # still counted on the spec
     with pytest.raises(ValueError, match="window_start or history_days, not both"):
         FeatureSpec.fit(ev, None, window_start="2025-01-01", history_days=30)
 
