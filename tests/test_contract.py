@@ -160,6 +160,9 @@ def test_profile_only_and_single_modality_users_get_finite_embeddings(tiny_model
     norms = np.linalg.norm(emb, axis=-1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
     assert not np.allclose(emb[1], emb[2])  # the bill events reach the embedding
+    alone = tiny_model.behaviour(events, profiles, ["profile_only", "nothing_at_all"])  # no event in the batch
+    quiet = tiny_model.encode(alone, ["Will this user churn?"])  # (2, 1, d)
+    np.testing.assert_allclose(quiet[:, 0], emb[2:, 0], rtol=1e-4, atol=1e-5)  # as in the mixed batch
 
 
 # ---------------------------------------------------------------------------------------------------
