@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_data(args) -> int:
@@ -53,10 +54,12 @@ def _cmd_demo(args) -> int:
     if args.backbone:
         cfg.backbone = args.backbone
     default = "demo-fast" if args.fast else "demo"
+    if args.data:
+        default += f"-{Path(args.data).resolve().name}"
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
-    run_demo(args.out or RUNS_ROOT / default, cfg)
+    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data)
     return 0
 
 
@@ -114,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
     m.add_argument("--seed", type=int, default=None, help="world and training seed (default 7; the run goes to runs/demo-seedN)")
     m.add_argument("--backbone", default=None)
+    m.add_argument("--data", default=None, help="a directory of your own tables (data/README.md) instead of the "
+                   "synthetic world; the run goes to runs/demo-<dir name>")
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from qanchor_lab.backbone import BackboneConfig
-from qanchor_lab.data import load_world
+from qanchor_lab.data import DataValidationError, load_world
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
 from qanchor_lab.retrieval import answer_retrieval
+from qanchor_lab.schema import World
 from qanchor_lab.world import WorldConfig, ensure_world
 
 # The static-embedding baseline asks every user the same task-agnostic question.
@@ -92,7 +93,11 @@ def ensure_demo_world(cfg: DemoConfig):
 
 
 def build_model(world, cfg: DemoConfig) -> QAnchorModel:
-    return QAnchorModel.from_data(cfg.model_config(), world.events, world.profiles, world.users_in("pretrain"))
+    """A fresh model for this dataset: its declared modalities and history window, the config's settings."""
+    start, end = world.history_window
+    config = replace(cfg.model_config(), modalities=world.modalities)
+    return QAnchorModel.from_data(config, world.events, world.profiles, world.users_in("pretrain"),
+                                  window_start=start, window_end=end)
 
 
 def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> dict:
@@ -116,43 +121,84 @@ def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_pr
     return model, summary
 
 
-def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True) -> tuple[QAnchorModel, object, dict]:
+def load_dataset(data_dir) -> World:
+    """A user's own dataset (directory of tables, data/README.md) checked for what the demo needs: QA
+    pairs for pre-training, and users, tasks and labels for evaluation."""
+    from qanchor_lab.sources.byo import load
+
+    world = load(data_dir)
+    if world.qa.empty:
+        raise DataValidationError(
+            f"dataset {data_dir}: no qa table. Pre-training needs question/answer pairs about the pre-training "
+            "users: add qa.parquet or qa.csv with columns user_id, query, answer (optionally source, intent); "
+            "deriving pairs from the event log is not part of this build"
+        )
+    counts = world.users["split"].value_counts()
+    short = [s for s in ("pretrain", "pretrain_val", "tune", "test") if not counts.get(s)]
+    if short:
+        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; the demo "
+                                  "pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, scores test")
+    if world.tasks.empty or world.labels.empty:
+        raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
+                                  "(task_id, query) and a labels table (user_id, task_id, label)")
+    return world
+
+
+def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None
+                      ) -> tuple[QAnchorModel, object, dict]:
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
-    same config, else generated/trained there. Notebooks share models through this."""
+    same config (and dataset), else generated/trained there. Notebooks share models through this.
+    `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world."""
     run_dir = Path(run_dir)
-    world = ensure_demo_world(cfg)
+    if data_dir is None:
+        world = ensure_demo_world(cfg)
+        key = asdict(cfg)
+    else:
+        world = load_dataset(data_dir)
+        key = {**asdict(cfg), "data": str(Path(data_dir).resolve())}
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(cfg) and (model_dir / "pretrain_summary.json").exists():
+    if marker.exists() and json.loads(marker.read_text()) == key and (model_dir / "pretrain_summary.json").exists():
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
-    marker.write_text(json.dumps(asdict(cfg), indent=2))
+    marker.write_text(json.dumps(key, indent=2))
     return model, world, summary
 
 
-def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
-    """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json."""
+def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None) -> dict:
+    """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json.
+    `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
     from qanchor_lab.report import write_report
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress)
+    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
+    if data_dir is not None:
+        print(f"dataset {data_dir}: modalities {', '.join(world.modalities)}; counts {json.dumps(world.manifest['counts'])}")
     r = summary["retrieval"]
     print(f"\nheld-out answer retrieval, top-1 among {r['trained']['n_candidates']} candidates "
           f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
           f"pre-trained {r['trained']['top1']:.3f}  (top-5 {r['untrained']['top5']:.3f} -> {r['trained']['top5']:.3f})")
     print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
     metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
-    diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
+    notes = [f"not evaluated: {name}: {why}" for name, why in metrics["skipped_methods"].items()]
+    if "oracle" in metrics["skipped_methods"]:
+        # the diagnostics probe against the oracle score and the latent traits, which real data lacks
+        diag = None
+        notes.append("representation diagnostics skipped: they need the synthetic world's oracle and traits")
+    else:
+        diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
     wall = time.perf_counter() - t0
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
-                 notes=[f"world: {cfg.n_users} users, seed {cfg.seed}; backbone {cfg.backbone} ({cfg.tiny_size}); "
-                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s"])
+                 notes=[(f"world: {cfg.n_users} users, seed {cfg.seed}" if data_dir is None else
+                         f"dataset: {data_dir} ({len(world.users)} users, modalities {', '.join(world.modalities)})")
+                        + f"; backbone {cfg.backbone} ({cfg.tiny_size}); "
+                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s", *notes])
     print("\n" + results_markdown(metrics))
     print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")
     return {"metrics": metrics, "pretrain": summary, "wall_seconds": wall}
@@ -231,7 +277,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
     `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all."""
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
-    from qanchor_lab.evaluate import evaluate_methods
+    from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
 
     if task_ids is not None:
         unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
@@ -241,7 +287,12 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
                         labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
     out_dir = Path(out_dir)
     tune, test = world.users_in("tune"), world.users_in("test")
-    scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
+    scores: dict[str, pd.DataFrame] = {}
+    skipped: dict[str, str] = {}
+    if oracle_available(world.labels, test):
+        scores["oracle"] = oracle_scores(world.labels, test)
+    else:  # real data: no known truth; the results table and report say so
+        skipped["oracle"] = NO_ORACLE
     scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
     scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
     scores["tfidf_features"] = tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
@@ -262,6 +313,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         out_dir / "scores.parquet", index=False)  # every method's test scores, to recompute any comparison
     metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
+    metrics["skipped_methods"] = skipped
     return metrics
 
 
