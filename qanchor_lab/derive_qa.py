@@ -207,7 +207,8 @@ def _stats(events: pd.DataFrame, windows: pd.DataFrame, *, days: float | None, f
     out["n_categories"] = cats.groupby("user_id")["category"].nunique().reindex(users, fill_value=0).astype(float)
     out["amount_sum"] = g["amount"].sum().reindex(users, fill_value=0.0)
     out["amount_mean"] = g["amount"].mean().reindex(users)
-    out["days_active"] = g["timestamp"].agg(lambda t: t.dt.normalize().nunique()).reindex(users, fill_value=0).astype(float)
+    active_days = ev["timestamp"].dt.normalize().groupby(ev["user_id"]).nunique()
+    out["days_active"] = active_days.reindex(users, fill_value=0).astype(float)
     cut = windows["cutoff"].reindex(ev["user_id"]).to_numpy()
     rel_days = (ev["timestamp"].to_numpy() - cut) / np.timedelta64(1, "D")         # < 0 input, >= 0 future
     if future:
