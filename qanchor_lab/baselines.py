@@ -424,7 +424,7 @@ def _feature_matrix(world: Any, users: list[str], feature_spec: Any = None) -> t
         ref = world.users_in("pretrain")
         if not ref:
             raise DataValidationError("world has no 'pretrain' users to fit the feature spec on; pass feature_spec")
-        feature_spec = FeatureSpec.fit(world.events, world.profiles, user_ids=ref)
+        feature_spec = FeatureSpec.fit_world(world, ref)  # the dataset's declared modalities and window
     X = feature_spec.transform(world.events, world.profiles, users, standardize=True).astype(np.float64)
     return feature_spec, X
 
@@ -655,7 +655,8 @@ def text_embedding_scores(
 
     tune, test, _, tasks_v, labels_v = _world_split(world, tune_users, test_users)
     users = tune + test
-    texts = serialize_users(world.events, world.profiles, users, **(serialize_kw or {}))
+    texts = serialize_users(world.events, world.profiles, users,
+                            **{"modalities": world.modality_specs, **(serialize_kw or {})})  # declared units and titles
     vectors = encode_texts(
         _uncached(encoder), texts, batch_size=batch_size, desc="text-embedding users", show_progress=show_progress
     )

@@ -35,14 +35,17 @@ from qanchor_lab.schema import (
     QA_REQUIRED,
     QA_SOURCES,
     SCHEMA_VERSION,
-    SEQUENCE_MODALITIES,
     SPLITS,
     TABLES,
     TASK_COLUMNS,
     TASK_DEFAULTS,
     TASK_REQUIRED,
     USER_REQUIRED,
+    ModalitySpec,
     World,
+    declared_modalities,
+    declared_window,
+    modality_specs,
 )
 
 # How many offending values an error message lists before summarising the rest as a count.
@@ -326,24 +329,74 @@ def _check_unique_key(df: pd.DataFrame, table: str, key: Sequence[str]) -> None:
 def validate_events(
     df: pd.DataFrame,
     *,
-    modalities: Sequence[str] = SEQUENCE_MODALITIES,
+    modalities: Sequence[ModalitySpec | str | dict] | None = None,
     users: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Validate and normalise an events table. With `users`, also require every user to have events
-    and every event's user to be a known user."""
+    """Validate and normalise an events table.
+
+    modalities: the dataset's declared modalities (specs, dicts or names); every event's modality must be
+        one of them and its `amount` must follow that modality's sign rule (bills > 0, refunds allowed
+        where declared "any", ...). None: any well-formed modality name, amounts of any sign.
+    users: also require every event's user to be a known user. Users without events are real users
+        (profile only, or quiet in the window) and are accepted.
+
+    Exact repeats (two identical purchases on one day) are kept as separate events: a log at day or
+    second resolution cannot tell two identical events apart, and both happened, so counts and amount
+    sums stay right. `count_duplicate_events` reports how many there are."""
     out = _normalise(df, "events", EVENT_COLUMNS, EVENT_REQUIRED, EVENT_DEFAULTS)
-    _check_nonblank(out, "events", ("user_id", "text"))
-    _check_choices(out, "events", "modality", tuple(modalities))
+    _check_nonblank(out, "events", ("user_id", "text", "modality"))
+    if modalities is None:
+        try:
+            specs = modality_specs(list(dict.fromkeys(out["modality"].tolist())))
+        except ValueError as exc:
+            raise DataValidationError(f"events: column 'modality': {exc}") from None
+    else:
+        try:
+            specs = modality_specs(list(modalities))
+        except ValueError as exc:
+            raise DataValidationError(f"events: the modality declaration is invalid: {exc}") from None
+        _check_choices(out, "events", "modality", tuple(s.name for s in specs))
     _check_finite(out, "events", ("amount", "duration_s"))
     negative = (out["duration_s"].to_numpy() < 0)
     if negative.any():
         raise DataValidationError(
             f"events: column 'duration_s' has {int(negative.sum())} negative value(s) at {_users_of(out, negative)}"
         )
-    _check_duplicate_rows(out, "events")
+    _check_amount_signs(out, specs)
     if users is not None:
-        check_users_have_events(out, users)
+        _check_known_users(out, "events", pd.Index(users["user_id"].astype("str")))
     return out
+
+
+# amount rule -> (a mask of rows that break it, what the rule says)
+_SIGN_RULES = {
+    "positive": (lambda a: ~(a > 0), "> 0"),
+    "nonnegative": (lambda a: a < 0, ">= 0"),
+    "zero": (lambda a: a != 0, "0 (the modality carries no amounts)"),
+}
+
+
+def _check_amount_signs(out: pd.DataFrame, specs: Sequence[ModalitySpec]) -> None:
+    """Each modality's amounts follow its declared sign rule; the error names modality, users and values."""
+    amount = out["amount"].to_numpy()
+    mod = out["modality"].to_numpy()
+    for spec in specs:
+        if spec.amount == "any":
+            continue
+        breaks, rule = _SIGN_RULES[spec.amount]
+        bad = (mod == spec.name) & breaks(amount)
+        if bad.any():
+            hint = ("; declare amount='any' for this modality to allow refunds or credits"
+                    if spec.amount in ("positive", "nonnegative") else "")
+            raise DataValidationError(
+                f"events: column 'amount' must be {rule} for modality {spec.name!r} (its declared rule "
+                f"{spec.amount!r}); {int(bad.sum())} row(s) break it: {_value_examples(out, out['amount'], bad)}{hint}"
+            )
+
+
+def count_duplicate_events(events: pd.DataFrame) -> int:
+    """How many event rows exactly repeat an earlier row (kept as events; see validate_events)."""
+    return int(events.duplicated(keep="first").sum())
 
 
 def validate_qa(df: pd.DataFrame) -> pd.DataFrame:
@@ -495,9 +548,10 @@ def _check_known_users(frame: pd.DataFrame, table: str, known: pd.Index) -> None
         )
 
 
-def check_world(world: World, *, require_events: bool = True) -> None:
+def check_world(world: World, *, require_events: bool = False) -> None:
     """Cross-table checks on validated tables: every table's users are known users, labels name
-    known tasks, and (with `require_events`) every user has at least one event."""
+    known tasks, and (with `require_events`, off by default: a profile-only user is a real user)
+    every user has at least one event."""
     known = pd.Index(world.users["user_id"])
     if require_events:
         check_users_have_events(world.events, world.users)
@@ -565,10 +619,11 @@ def read_table(path: str | Path, table: str) -> pd.DataFrame:
     return _VALIDATORS[table](df)
 
 
-def load_world(path: str | Path, *, require_events: bool = True) -> World:
+def load_world(path: str | Path, *, require_events: bool = False) -> World:
     """Read `<table>.parquet` for every table in `schema.TABLES` plus `manifest.json` from a directory,
     validate each table and the links between them. A missing manifest reads as {}; a manifest whose
-    `schema_version` differs from this package's is an error."""
+    `schema_version` differs from this package's is an error. Events are validated against the
+    manifest's declared modalities (`schema.declared_modalities`) and its history window."""
     root = Path(path)
     if not root.is_dir():
         raise DataValidationError(f"world directory not found: {root}")
@@ -593,8 +648,20 @@ def load_world(path: str | Path, *, require_events: bool = True) -> World:
     tables = {t: read_table(root / f"{t}.parquet", t) for t in TABLES}
     tables["labels"] = validate_labels(tables["labels"], tasks=tables["tasks"])
     world = World(**tables, manifest=manifest)
+    check_contract(world, where=f"world {root}")
     check_world(world, require_events=require_events)
     return world
+
+
+def check_contract(world: World, *, where: str = "world") -> None:
+    """The manifest's declarations hold for the tables: the declared modalities parse and every event
+    follows them (names, amount signs), and the declared history window is well formed."""
+    try:
+        specs = declared_modalities(world.manifest, world.events)
+        declared_window(world.manifest)
+    except ValueError as exc:
+        raise DataValidationError(f"{where}: {exc}") from None
+    validate_events(world.events, modalities=specs)
 
 
 def save_world(world: World, path: str | Path) -> Path:

@@ -59,6 +59,26 @@ MECHANISMS: tuple[tuple[str, str, str], ...] = (
     ("the embedding next to the features", "qanchor_plus_features", "logreg_features"),
 )
 MAX_SHOWN = 5
+# Why the oracle row is missing on real data (metrics["skipped_methods"], the results table, the report).
+NO_ORACLE = "labels carry no oracle_prob (real data has no known label probability)"
+
+
+def oracle_available(labels: pd.DataFrame, test_users: Sequence[str]) -> bool:
+    """Whether the oracle can be scored: True when every test label has an oracle_prob, False when none
+    has (real data). Some but not all is an error naming the tasks, as a half-known truth is a bug."""
+    if "oracle_prob" not in labels.columns:
+        return False
+    sub = labels[labels["user_id"].isin(set(test_users))]
+    known = sub["oracle_prob"].notna().to_numpy()
+    if known.all() and len(sub):
+        return True
+    if not known.any():
+        return False
+    partial = sorted(sub.loc[~known, "task_id"].unique().tolist())
+    raise DataValidationError(
+        f"labels: oracle_prob is given for some test rows but missing for {int((~known).sum())} row(s) of "
+        f"task(s) {_shown(partial)}; give it for every row (synthetic data) or for none (real data)"
+    )
 
 
 def method_order(names: Sequence[str]) -> list[str]:
@@ -304,6 +324,8 @@ def results_markdown(metrics: Mapping) -> str:
 
     align = ["---"] + ["---:"] * (len(header) - 1)
     out = "\n".join([line(header), "| " + " | ".join(align) + " |"] + [line(r) for r in rows]) + "\n"
+    for name, why in (metrics.get("skipped_methods") or {}).items():
+        out += f"\nNot evaluated: {method_label(name)}: {why}.\n"
     if metrics.get("comparisons"):
         out += "\n" + comparisons_markdown(metrics)
     return out

@@ -2,8 +2,11 @@
 
 `FeatureSpec` is fitted once on a reference population (the pre-training users) and then turns any
 users' events + profile into one fixed-width row: counts, amounts, dwell, recency, a recent-activity
-share and active days per modality and per (modality, category), per-channel counts, and the profile
-columns. The same fitted spec feeds the model's tabular modality (standardised) and the GBDT /
+share and active days per modality and per (modality, category), per-channel counts, counts of the
+frequent words of the event text per modality (so a status written in the text, "refunded", "late",
+counts even when `category` does not carry it), and the profile columns. The history window comes from
+the dataset's declaration or the caller (default: all history); the events of the reference users
+that fall outside it are counted on the spec and warned about, never dropped silently. The same fitted spec feeds the model's tabular modality (standardised) and the GBDT /
 logistic-regression baselines, so both see exactly the same numbers. It saves to plain JSON.
 
 `serialize_user(s)` writes a user's behaviour as one text for the text-embedding baseline.
@@ -14,21 +17,37 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, SEQUENCE_MODALITIES
+from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, ModalitySpec
 
 FEATURE_SPEC_VERSION = 1
 OTHER = "other"  # the pooled bucket for categories / channels not kept at fit time
 RECENT_DAYS = 30  # the "recent" part of the window for the trend share
 _STD_FLOOR = 1e-6  # a std below this (a constant column) is replaced by 1
-_FEATURE_COLUMNS = ["user_id", "modality", "timestamp", "category", "channel", "amount", "duration_s"]
+_FEATURE_COLUMNS = ["user_id", "modality", "timestamp", "category", "channel", "text", "amount", "duration_s"]
+_WORD = re.compile(r"[^\W_]{2,}")  # words of two or more letters/digits, any script
+# A word in more than this share of a modality's events says little about anyone (e.g. "paid", "at").
+MAX_WORD_SHARE = 0.5
+
+
+def text_words(text: str) -> list[str]:
+    """The distinct lower-cased words of one event text, in order of appearance."""
+    return list(dict.fromkeys(_WORD.findall(text.lower())))
+
+
+class OutsideWindowWarning(UserWarning):
+    """Events of the reference users fall outside the feature window (counted on the FeatureSpec)."""
 
 
 class FeatureInputError(DataValidationError):
@@ -159,6 +178,12 @@ class FeatureSpec:
     mean: list[float]  # per feature, mean over the reference users (for standardize=True)
     std: list[float]  # per feature, std over the reference users, floored to 1 for constant columns
     version: int = FEATURE_SPEC_VERSION  # format version of to_dict()
+    # per modality, the frequent words of the event text counted as features (specs saved before text
+    # features existed have none and compute exactly what they did)
+    words: dict[str, list[str]] = field(default_factory=dict)
+    # reference users' events outside [end - history_days, end) at fit time: before the window / at or after its end
+    events_before_window: int = 0
+    events_after_window: int = 0
 
     def __post_init__(self) -> None:
         if self.history_days < 1:
@@ -172,9 +197,10 @@ class FeatureSpec:
             raise ValueError(f"mean ({len(self.mean)}) and std ({len(self.std)}) must match {n} feature names")
         if len(self.profile_fill) != len(self.profile_columns):
             raise ValueError("profile_fill must hold one value per profile column")
-        for m in self.categories:
-            if m not in self.modalities:
-                raise ValueError(f"categories given for {m!r}, not one of the modalities {self.modalities}")
+        for name in ("categories", "words"):
+            for m in getattr(self, name):
+                if m not in self.modalities:
+                    raise ValueError(f"{name} given for {m!r}, not one of the modalities {self.modalities}")
         if self.version != FEATURE_SPEC_VERSION:
             raise ValueError(f"FeatureSpec version {self.version} is not supported (expected {FEATURE_SPEC_VERSION})")
 
@@ -190,25 +216,41 @@ class FeatureSpec:
         profiles: pd.DataFrame | None,
         *,
         user_ids: Sequence[str] | None = None,
+        window_start: str | pd.Timestamp | None = None,
         window_end: str | pd.Timestamp | None = None,
-        history_days: int = 90,
+        history_days: int | None = None,
         max_categories: int = 12,
-        modalities: Sequence[str] = SEQUENCE_MODALITIES,
+        max_words: int = 8,
+        modalities: Sequence[str | ModalitySpec] | None = None,
     ) -> "FeatureSpec":
-        """Fit categories, channels, profile fills and standardisation on the reference users.
+        """Fit categories, channels, text words, profile fills and standardisation on the reference users.
 
         user_ids: the reference users (default: every user in events or profiles).
         window_end: end of the history window (default: the midnight after the reference users' last
-            event). max_categories: categories (and channels) kept per modality, by frequency.
+            event). window_start / history_days: its start, given as a date or as a length in days (at
+            most one of them); neither: all history, from the midnight before the reference users' first
+            event. Reference events outside the window are counted (events_before_window /
+            events_after_window) and warned about (OutsideWindowWarning).
+        max_categories: categories (and channels) kept per modality, by frequency.
+        max_words: words of the event text counted per modality: the most frequent ones among the
+            reference users' events, leaving out words in more than half of the modality's events.
+        modalities: the dataset's declared modalities, in column order (World.modality_specs); default:
+            the modalities found in `events`, by name.
         """
         if max_categories < 0:
             raise ValueError(f"max_categories must be >= 0, got {max_categories}")
-        if history_days < 1:
+        if max_words < 0:
+            raise ValueError(f"max_words must be >= 0, got {max_words}")
+        if history_days is not None and history_days < 1:
             raise ValueError(f"history_days must be >= 1, got {history_days}")
-        modalities = list(modalities)
+        if history_days is not None and window_start is not None:
+            raise ValueError("give window_start or history_days, not both")
+        ev = _clean_events(events, _FEATURE_COLUMNS)
+        if modalities is None:
+            modalities = sorted(pd.unique(ev["modality"]))  # by name: the same columns whatever the row order
+        modalities = [m.name if isinstance(m, ModalitySpec) else m for m in modalities]
         if not modalities or len(set(modalities)) != len(modalities):
             raise ValueError(f"modalities must be a non-empty list without repeats, got {modalities}")
-        ev = _clean_events(events, _FEATURE_COLUMNS)
         prof = _clean_profiles(profiles)
         if user_ids is None:
             ref = sorted(set(ev["user_id"]).union(prof.index))
@@ -225,19 +267,38 @@ class FeatureSpec:
                 raise FeatureInputError("window_end cannot be inferred: the reference users have no events")
             end = ref_ev["timestamp"].max().normalize() + pd.Timedelta(days=1)
         else:
-            end = pd.Timestamp(window_end)
-            if end.tzinfo is not None:
-                end = end.tz_convert("UTC").tz_localize(None)
+            end = _naive(window_end)
+        if window_start is not None:
+            start = _naive(window_start)
+            if not start < end:
+                raise FeatureInputError(f"window_start {start} must be before window_end {end}")
+            # the window is a whole number of days long (recency and active days count days)
+            history_days = math.ceil((end - start) / pd.Timedelta(days=1))
+        elif history_days is None:
+            if ref_ev.empty:
+                raise FeatureInputError("the window start cannot be inferred: the reference users have no events; "
+                                        "give window_start or history_days")
+            history_days = max(1, math.ceil((end - ref_ev["timestamp"].min().normalize()) / pd.Timedelta(days=1)))
         start = end - pd.Timedelta(days=history_days)
+        before = int((ref_ev["timestamp"] < start).sum())
+        after = int((ref_ev["timestamp"] >= end).sum())
+        if before or after:
+            warnings.warn(
+                f"FeatureSpec.fit: {before + after} of the reference users' {len(ref_ev)} events fall outside the "
+                f"feature window [{start}, {end}) ({before} before, {after} at or after its end) and are not in the "
+                "features; widen the window (window_start / history_days / window_end) to use them",
+                OutsideWindowWarning, stacklevel=2)
         ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
 
         categories: dict[str, list[str]] = {}
+        words: dict[str, list[str]] = {}
         channels: dict[str, list[str]] = {}
         amount_mods: list[str] = []
         duration_mods: list[str] = []
         for m in modalities:
             sub = ref_ev[ref_ev["modality"] == m]
             categories[m] = _top_values(sub["category"], max_categories)
+            words[m] = _top_words(sub["text"], max_words)
             if sub["channel"].nunique() > 1:
                 channels[m] = _top_values(sub["channel"], max_categories)
             if (sub["amount"] != 0).any():
@@ -265,6 +326,9 @@ class FeatureSpec:
             feature_names=[],
             mean=[],
             std=[],
+            words={m: w for m, w in words.items() if w},
+            events_before_window=before,
+            events_after_window=after,
         )
         spec.feature_names = spec._names()
         raw = spec._compute(ev, prof, ref)  # (n_ref, F) float64
@@ -272,6 +336,15 @@ class FeatureSpec:
         spec.mean = [float(x) for x in raw.mean(axis=0)]
         spec.std = [float(s) if s >= _STD_FLOOR else 1.0 for s in std]
         return spec
+
+    @classmethod
+    def fit_world(cls, world: Any, user_ids: Sequence[str] | None = None, **kw: Any) -> "FeatureSpec":
+        """`fit` on a World with its declared modalities and history window (default reference users: the
+        pre-training users); `kw` go to `fit`."""
+        start, end = world.history_window
+        ref = world.users_in("pretrain") if user_ids is None else list(user_ids)
+        kw = {"modalities": world.modality_specs, "window_start": start, "window_end": end, **kw}
+        return cls.fit(world.events, world.profiles, user_ids=ref, **kw)
 
     # -- column layout --------------------------------------------------------------------------------
     def _block_names(self, prefix: str, m: str) -> list[str]:
@@ -296,6 +369,7 @@ class FeatureSpec:
                 names += self._block_names(f"{m}.cat={c}", m)
             for ch in self.channels.get(m, []) + ([OTHER] if self.channels.get(m) else []):
                 names.append(f"{m}.channel={ch}.count_log1p")
+            names += [f"{m}.word={w}.count_log1p" for w in self.words.get(m, [])]
         names += [f"profile.{c}" for c in self.profile_columns]
         names.append("profile.missing")
         return names
@@ -349,6 +423,10 @@ class FeatureSpec:
                 cid = pd.Series(chan[in_m], dtype=object).map(lut).fillna(lut[OTHER]).to_numpy(np.int64)
                 cnt = np.bincount(u_m * len(buckets) + cid, minlength=n * len(buckets)).reshape(n, len(buckets))
                 cols += [np.log1p(cnt[:, g].astype(np.float64)) for g in range(len(buckets))]
+            kept_w = self.words.get(m, [])
+            if kept_w:
+                cnt = _word_counts(ev["text"].to_numpy()[in_m], u_m, kept_w, n)  # (n, W) events containing each word
+                cols += [np.log1p(cnt[:, j]) for j in range(len(kept_w))]
 
         fill = np.asarray(self.profile_fill, dtype=np.float64)  # (P,)
         if self.profile_columns:
@@ -414,7 +492,7 @@ class FeatureSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
         names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(names - set(d) - {"version"})
+        missing = sorted(names - set(d) - {"version", *_LATER_FIELDS})
         if missing:
             raise ValueError(f"FeatureSpec dict lacks key(s) {missing}")
         extra = sorted(set(d) - names)
@@ -429,6 +507,47 @@ class FeatureSpec:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "FeatureSpec":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# Fields added after FEATURE_SPEC_VERSION 1 was first saved; their defaults reproduce the old features.
+_LATER_FIELDS = ("words", "events_before_window", "events_after_window")
+
+
+def _naive(t: str | pd.Timestamp) -> pd.Timestamp:
+    """A timestamp as naive UTC (how validated events store theirs)."""
+    t = pd.Timestamp(t)
+    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+
+
+def _top_words(texts: pd.Series, k: int) -> list[str]:
+    """The k words in most events of `texts` (ties by name), leaving out English stop words ("to", "at":
+    they would take the slots of words that say something), words in more than MAX_WORD_SHARE of the
+    events and words seen once."""
+    if k == 0 or texts.empty:
+        return []
+    per_text = texts.value_counts()  # distinct texts repeat heavily: split each once
+    counts: dict[str, int] = {}
+    for text, n in per_text.items():
+        for w in text_words(text):
+            counts[w] = counts.get(w, 0) + int(n)
+    limit = MAX_WORD_SHARE * len(texts)
+    ranked = sorted(((w, c) for w, c in counts.items() if 2 <= c <= limit and w not in ENGLISH_STOP_WORDS),
+                    key=lambda kv: (-kv[1], kv[0]))
+    return [w for w, _ in ranked[:k]]
+
+
+def _word_counts(texts: np.ndarray, users: np.ndarray, words: list[str], n_users: int) -> np.ndarray:
+    """(n_users, len(words)) float64: per user, how many of their events' texts contain each word."""
+    codes, uniq = pd.factorize(pd.Series(texts, dtype=object))
+    lut = {w: j for j, w in enumerate(words)}
+    has = np.zeros((len(uniq), len(words)), dtype=np.float64)  # (distinct texts, W)
+    for i, text in enumerate(uniq):
+        for w in text_words(text):
+            j = lut.get(w)
+            if j is not None:
+                has[i, j] = 1.0
+    occ = sp.csr_matrix((np.ones(len(codes)), (users, codes)), shape=(n_users, len(uniq)))  # (n_users, distinct texts)
+    return np.asarray(occ @ has)  # (n_users, W)
 
 
 def _group_stats(
@@ -458,7 +577,13 @@ def _group_stats(
 
 
 # -- behaviour as text (text-embedding baseline) -------------------------------------------------------
-_MODALITY_TITLES = {"bill": "Bills", "miniprogram": "Mini-programs", "search": "Searches", "click": "Clicks"}
+def _spec_lookup(modalities: Sequence[str | ModalitySpec] | None) -> dict[str, ModalitySpec]:
+    """name -> spec of a modality declaration (names become specs without unit); {} for None."""
+    out: dict[str, ModalitySpec] = {}
+    for m in modalities or ():
+        spec = m if isinstance(m, ModalitySpec) else ModalitySpec(m)
+        out[spec.name] = spec
+    return out
 
 
 def _fmt_number(v: float) -> str:
@@ -479,13 +604,15 @@ def _profile_text(row: dict[str, Any] | pd.Series | None) -> str:
     return "Profile: " + (", ".join(parts) if parts else "unknown")
 
 
-def _event_strings(ev: pd.DataFrame) -> list[str]:
-    """One short string per event row: text, then amount/channel for bills, dwell for opens and clicks."""
+def _event_strings(ev: pd.DataFrame, specs: dict[str, ModalitySpec]) -> list[str]:
+    """One short string per event row: text, then the amount in its modality's declared unit (bare when
+    none is declared), the channel, and the dwell time."""
     out = []
-    for text, amount, channel, dur in zip(ev["text"], ev["amount"], ev["channel"], ev["duration_s"]):
+    for mod, text, amount, channel, dur in zip(ev["modality"], ev["text"], ev["amount"], ev["channel"], ev["duration_s"]):
         s = text
         if amount:
-            s += f" {amount:.1f} CNY"
+            unit = specs[mod].unit if mod in specs else ""
+            s += f" {amount:.1f} {unit}" if unit else f" {amount:.1f}"
         if channel and channel != "app":
             s += f" {channel}"
         if dur > 0:
@@ -494,8 +621,9 @@ def _event_strings(ev: pd.DataFrame) -> list[str]:
     return out
 
 
-def _modality_order(mods: Sequence[str]) -> list[str]:
-    canon = [m for m in SEQUENCE_MODALITIES if m in mods]
+def _modality_order(mods: Sequence[str], declared: Sequence[str]) -> list[str]:
+    """The declared order first, then any other modality by name."""
+    canon = [m for m in declared if m in mods]
     return canon + sorted(set(mods) - set(canon))
 
 
@@ -505,7 +633,7 @@ def _truncate(s: str, max_chars: int) -> str:
 
 def _serialize_many(
     ev: pd.DataFrame, profile_rows: dict[str, dict[str, Any]], user_ids: list[str],
-    max_events_per_modality: int, max_chars: int,
+    max_events_per_modality: int, max_chars: int, modalities: Sequence[str | ModalitySpec] | None,
 ) -> list[str]:
     if max_events_per_modality < 1:
         raise ValueError(f"max_events_per_modality must be >= 1, got {max_events_per_modality}")
@@ -515,7 +643,8 @@ def _serialize_many(
     uidx = uniq.get_indexer(ev["user_id"])  # (E,) position of each event's user, -1 if not asked for
     keep = uidx >= 0
     ev, uidx = ev[keep], uidx[keep]
-    mod_names = _modality_order(list(pd.unique(ev["modality"])))
+    specs = _spec_lookup(modalities)
+    mod_names = _modality_order(list(pd.unique(ev["modality"])), list(specs))
     midx = pd.Index(mod_names).get_indexer(ev["modality"])  # (E,)
     ts = ev["timestamp"].to_numpy().astype(np.int64)  # (E,)
     # by user, modality, then most recent first; lexsort is stable, so equal timestamps keep input order
@@ -525,7 +654,7 @@ def _serialize_many(
     run_len = np.diff(np.r_[starts, len(key)])  # events per (user, modality)
     rank = np.arange(len(key)) - np.repeat(starts, run_len)  # position within its run
     sel = order[rank < max_events_per_modality]
-    strings = _event_strings(ev.iloc[sel])
+    strings = _event_strings(ev.iloc[sel], specs)
     n_shown = np.minimum(run_len, max_events_per_modality)
     per_user: dict[str, list[tuple[str, int, str]]] = {}
     pos = 0
@@ -538,7 +667,7 @@ def _serialize_many(
         parts = [_profile_text(profile_rows.get(u))]
         mods = per_user.get(u, [])
         for m, total, text in mods:
-            title = _MODALITY_TITLES.get(m, m.replace("_", " ").title())
+            title = (specs[m] if m in specs else ModalitySpec(m)).display_title
             parts.append(f"{title} ({total} event{'s' if total != 1 else ''}, most recent first): {text}")
         if not mods:
             parts.append("No recorded behaviour")
@@ -555,11 +684,14 @@ def serialize_user(
     *,
     max_events_per_modality: int = 20,
     max_chars: int = 2000,
+    modalities: Sequence[str | ModalitySpec] | None = None,
 ) -> str:
     """One user's behaviour as text: profile, then per modality its event count and latest events.
 
     e.g. "Profile: age 34, city tier 2 | Bills (41 events, most recent first): Paid at FreshMart
     supermarket 58.0 CNY card; ... | Searches (3 events, most recent first): how to ...".
+    `modalities`: the dataset's declaration (World.modality_specs): their order, titles and amount
+    units; undeclared modalities are titled from their name and print amounts without a unit.
     """
     ev = _clean_events(events_of_user, _SER_COLUMNS)
     users = ev["user_id"].unique()
@@ -567,7 +699,7 @@ def serialize_user(
         raise FeatureInputError(f"events_of_user holds several users ({sorted(users)[:5]}); pass one user's events")
     uid = str(users[0]) if len(users) else "__user__"
     rows = {uid: dict(profile_row.items())} if profile_row is not None else {}
-    return _serialize_many(ev, rows, [uid], max_events_per_modality, max_chars)[0]
+    return _serialize_many(ev, rows, [uid], max_events_per_modality, max_chars, modalities)[0]
 
 
 def serialize_users(
@@ -577,6 +709,7 @@ def serialize_users(
     *,
     max_events_per_modality: int = 20,
     max_chars: int = 2000,
+    modalities: Sequence[str | ModalitySpec] | None = None,
 ) -> list[str]:
     """`serialize_user` for many users at once (one sort + groupby), in `user_ids` order."""
     ids = _check_user_ids(user_ids)
@@ -586,4 +719,4 @@ def serialize_users(
         prof = _clean_profiles(profiles)
         sub = prof.reindex([u for u in dict.fromkeys(ids) if u in prof.index])
         rows = {u: r for u, r in zip(sub.index, sub.to_dict("records"))}
-    return _serialize_many(ev, rows, ids, max_events_per_modality, max_chars)
+    return _serialize_many(ev, rows, ids, max_events_per_modality, max_chars, modalities)

@@ -23,7 +23,7 @@ from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, BehaviourStore, UserBa
 from qanchor_lab.event_encoder import get_text_encoder
 from qanchor_lab.features import FeatureSpec
 from qanchor_lab.encoder import EventNorm, HierarchicalEncoder, TabularMode
-from qanchor_lab.schema import SEQUENCE_MODALITIES, TABULAR_MODALITY
+from qanchor_lab.schema import SEQUENCE_MODALITIES, TABULAR_MODALITY, modality_specs
 from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, position_ids
 
 CONFIG_NAME = "qanchor_config.json"
@@ -37,7 +37,7 @@ _OPTIONAL_BUFFERS = ("encoder.numeric_mean", "encoder.numeric_std")
 @dataclass
 class QAnchorConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    modalities: tuple[str, ...] = SEQUENCE_MODALITIES  # sequence modalities, in prefix order
+    modalities: tuple[str, ...] = SEQUENCE_MODALITIES  # sequence modalities, in prefix order: the dataset's declared ones (World.modalities); default the synthetic world's
     text_encoder: Literal["minilm", "hashing"] = "minilm"  # event text encoder (hashing: cheap, for tests)
     max_events: int = 16          # most recent events kept per modality
     adapter_hidden: int = 512     # hidden width of every adapter MLP
@@ -73,9 +73,10 @@ class QAnchorConfig:
         for name in ("max_events", "adapter_hidden", "tabular_slots", "head_hidden", "embed_dim", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        unknown = set(self.modalities) - set(SEQUENCE_MODALITIES)
-        if unknown or not self.modalities:
-            raise ValueError(f"modalities {sorted(unknown) or '()'} invalid; choose from {SEQUENCE_MODALITIES}")
+        try:  # any declared names; each becomes the special tokens <name_start>/<name_end>
+            self.modalities = tuple(s.name for s in modality_specs(list(self.modalities)))
+        except ValueError as exc:
+            raise ValueError(f"modalities: {exc}") from None
 
     @property
     def resolved_finetune(self) -> Literal["full", "lora"]:
@@ -293,9 +294,13 @@ class QAnchorModel(nn.Module):
         return cls(config, backbone)
 
     @classmethod
-    def from_data(cls, config: QAnchorConfig, events, profiles, reference_users: Sequence[str]) -> "QAnchorModel":
-        """Fit the tabular feature spec on `reference_users` (pre-training users) and build the model."""
-        spec = FeatureSpec.fit(events, profiles, user_ids=list(reference_users))
+    def from_data(cls, config: QAnchorConfig, events, profiles, reference_users: Sequence[str], *,
+                  window_start=None, window_end=None) -> "QAnchorModel":
+        """Fit the tabular feature spec on `reference_users` (pre-training users) and build the model.
+        The feature window is [window_start, window_end) (the dataset's declared window, World.history_window);
+        unset ends come from the data (all history), see FeatureSpec.fit."""
+        spec = FeatureSpec.fit(events, profiles, user_ids=list(reference_users), modalities=config.modalities,
+                               window_start=window_start, window_end=window_end)
         text_dim = get_text_encoder(config.text_encoder).dim
         config = replace(config, event_dim=text_dim + len(NUMERIC_EVENT_FEATURES),
                          tabular_dim=len(spec.feature_names), feature_spec=spec.to_dict())

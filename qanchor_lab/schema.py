@@ -6,18 +6,91 @@ synthetic UserU world and for a user's own logs (data/README.md documents it for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping, Sequence, get_args
 
 import pandas as pd
 
 SCHEMA_VERSION = 1
 
-# Behaviour modalities that are event sequences, in their canonical order.
-SEQUENCE_MODALITIES: tuple[str, ...] = ("bill", "miniprogram", "search", "click")
 # The tabular profile is a modality too, but one row per user (profiles table), not events.
 TABULAR_MODALITY = "profile"
-MODALITIES: tuple[str, ...] = SEQUENCE_MODALITIES + (TABULAR_MODALITY,)
+
+# How `amount` may be signed in one modality (the dataset declares it per modality):
+#   "positive": every event has amount > 0 (payments); "nonnegative": >= 0;
+#   "any": refunds / credits may be negative; "zero": the modality carries no amounts (all 0.0).
+AmountSign = Literal["positive", "nonnegative", "any", "zero"]
+_MODALITY_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # a name becomes the special tokens <name_start>/<name_end>
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One behaviour modality as a dataset declares it (manifest["modalities"], docs in data/README.md)."""
+
+    name: str                  # the value of events.modality; letters, digits, "_" or "-"
+    title: str = ""            # heading in serialised text ("Bills"); default: the name, title-cased
+    unit: str = ""             # unit of `amount` in this modality ("CNY", "USD", "stars"); "" prints it bare
+    amount: AmountSign = "any"  # sign rule for `amount`, checked by data.validate_events
+    description: str = ""      # what one event is, for people
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _MODALITY_NAME.match(self.name):
+            raise ValueError(f"modality name {self.name!r} invalid: use letters, digits, '_' or '-' (no spaces)")
+        if self.name == TABULAR_MODALITY:
+            raise ValueError(f"modality name {TABULAR_MODALITY!r} is reserved for the tabular profile")
+        if self.amount not in get_args(AmountSign):
+            raise ValueError(f"modality {self.name!r}: amount={self.amount!r}; valid choices: "
+                             f"{', '.join(map(repr, get_args(AmountSign)))}")
+        for key in ("title", "unit", "description"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"modality {self.name!r}: {key} must be a string, got {getattr(self, key)!r}")
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name.replace("_", " ").replace("-", " ").title()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | str) -> "ModalitySpec":
+        """A spec from its dict (or a bare name: no unit, any sign)."""
+        if isinstance(d, str):
+            return cls(name=d)
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a modality declaration must be a name or a dict, got {type(d).__name__} {d!r}")
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ValueError(f"modality {d.get('name')!r}: unknown key(s) {extra}; valid keys: {sorted(known)}")
+        if "name" not in d:
+            raise ValueError(f"modality declaration {dict(d)!r} lacks 'name'")
+        return cls(**dict(d))
+
+
+def modality_specs(declared: Sequence[ModalitySpec | Mapping[str, Any] | str]) -> tuple[ModalitySpec, ...]:
+    """Normalise a modality declaration (specs, dicts or names) into specs; names must be unique."""
+    if isinstance(declared, (str, Mapping)) or not declared:
+        raise ValueError(f"modalities must be a non-empty list of names or specs, got {declared!r}")
+    specs = tuple(s if isinstance(s, ModalitySpec) else ModalitySpec.from_dict(s) for s in declared)
+    names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"modalities declared more than once: {repeated}")
+    return specs
+
+
+# The synthetic UserU world's declaration (qanchor_lab.world writes it into its manifest). Other
+# datasets declare their own; nothing downstream assumes these names.
+SYNTHETIC_MODALITY_SPECS: tuple[ModalitySpec, ...] = (
+    ModalitySpec("bill", "Bills", unit="CNY", amount="positive", description="a payment"),
+    ModalitySpec("miniprogram", "Mini-programs", amount="zero", description="a mini-program opened"),
+    ModalitySpec("search", "Searches", amount="zero", description="an in-app search query"),
+    ModalitySpec("click", "Clicks", amount="zero", description="a page section viewed"),
+)
+# The synthetic world's modality names, in prefix order (also QAnchorConfig's default).
+SEQUENCE_MODALITIES: tuple[str, ...] = tuple(s.name for s in SYNTHETIC_MODALITY_SPECS)
 
 POPULATIONS = ("pretrain", "downstream")
 SPLITS = ("pretrain", "pretrain_val", "tune", "test")
@@ -28,12 +101,12 @@ QA_SOURCES = ("future", "uqa")
 # optional ones are filled with their default when a user's own table lacks them.
 EVENT_COLUMNS: dict[str, str] = {
     "user_id": "str",
-    "modality": "str",      # one of SEQUENCE_MODALITIES
-    "timestamp": "datetime",  # naive UTC, inside the history window
+    "modality": "str",      # one of the dataset's declared modalities
+    "timestamp": "datetime",  # naive UTC
     "category": "str",      # merchant category / service / page section; "" when none
     "channel": "str",       # payment channel for bills, "app" otherwise
     "text": "str",          # short description, non-empty; amounts live in `amount`, not here
-    "amount": "float",      # bill amount (CNY), 0.0 for other modalities
+    "amount": "float",      # in the modality's declared unit, signed per its `amount` rule; 0.0 when none
     "duration_s": "float",  # dwell time (s) for mini-program opens and clicks, 0.0 otherwise
 }
 EVENT_REQUIRED = ("user_id", "modality", "timestamp", "text")
@@ -95,3 +168,56 @@ class World:
         if name not in TABLES:
             raise KeyError(f"unknown table {name!r}; valid tables: {', '.join(TABLES)}")
         return getattr(self, name)
+
+    @property
+    def modality_specs(self) -> tuple[ModalitySpec, ...]:
+        """The dataset's declared modalities (see `declared_modalities`)."""
+        return declared_modalities(self.manifest, self.events)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The declared modality names, in prefix order."""
+        return tuple(s.name for s in self.modality_specs)
+
+    @property
+    def history_window(self) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+        """(start, end) of the history window the dataset declares; None where it declares none (then the
+        features use all history, ending the midnight after the last event)."""
+        return declared_window(self.manifest)
+
+
+def declared_modalities(manifest: Mapping[str, Any], events: pd.DataFrame | None = None) -> tuple[ModalitySpec, ...]:
+    """A dataset's modalities: `manifest["modalities"]` when declared; the synthetic world's four for a
+    synthetic manifest written before worlds declared them; else the names found in `events`, by name
+    (the same order whatever the row order), with no unit and any sign."""
+    if manifest.get("modalities"):
+        try:
+            return modality_specs(manifest["modalities"])
+        except ValueError as exc:
+            raise ValueError(f"manifest 'modalities': {exc}") from None
+    if "generator_version" in manifest:
+        return SYNTHETIC_MODALITY_SPECS
+    if events is None or "modality" not in getattr(events, "columns", ()) or len(events) == 0:
+        raise ValueError("no modalities: the manifest declares none and there are no events to infer them from")
+    return modality_specs(sorted(str(m) for m in pd.unique(events["modality"].astype("str"))))
+
+
+def declared_window(manifest: Mapping[str, Any]) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+    """(start, end) from `manifest["history_window"]` ({"start": ISO, "end": ISO}, either optional), or
+    from a synthetic config's start_date/history_days; (None, None) when undeclared."""
+    win = manifest.get("history_window")
+    if win:
+        if not isinstance(win, Mapping) or set(win) - {"start", "end"}:
+            raise ValueError(f"manifest 'history_window' must be {{'start': ISO, 'end': ISO}}, got {win!r}")
+        try:
+            start, end = (pd.Timestamp(win[k]) if win.get(k) else None for k in ("start", "end"))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"manifest 'history_window': {exc}") from None
+        if start is not None and end is not None and not start < end:
+            raise ValueError(f"manifest 'history_window': start {start} must be before end {end}")
+        return start, end
+    cfg = manifest.get("config") or {}
+    if "start_date" in cfg and "history_days" in cfg:
+        start = pd.Timestamp(cfg["start_date"])
+        return start, start + pd.Timedelta(days=int(cfg["history_days"]))
+    return None, None

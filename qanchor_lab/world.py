@@ -38,6 +38,7 @@ from qanchor_lab.schema import (
     EVENT_COLUMNS,
     SCHEMA_VERSION,
     SEQUENCE_MODALITIES,
+    SYNTHETIC_MODALITY_SPECS,
     TABLES,
     World,
 )
@@ -1658,6 +1659,9 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
         "generator_version": GENERATOR_VERSION,
         "seed": int(config.seed),
         "config": config.to_dict(),
+        # the dataset's declarations (data/README.md): its modalities and its history window
+        "modalities": [spec.to_dict() for spec in SYNTHETIC_MODALITY_SPECS],
+        "history_window": {"start": start.isoformat(), "end": (start + pd.Timedelta(days=config.history_days)).isoformat()},
         "counts": {
             "users": {s: int((split == s).sum()) for s in ("pretrain", "pretrain_val", "tune", "test")},
             "events": {m: int((events["modality"] == m).sum()) for m in SEQUENCE_MODALITIES},

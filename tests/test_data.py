@@ -11,7 +11,7 @@ import pytest
 
 from qanchor_lab import data as D
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.schema import SCHEMA_VERSION, TABLES, World
+from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, TABLES, World
 
 
 def _events():
@@ -166,7 +166,7 @@ def test_unknown_modality_names_value_user_and_choices():
         DataValidationError,
         match=r"'modality' has unknown value\(s\) 'tiktok' in 1 row\(s\) at user\(s\) 'u1'; valid choices: bill, miniprogram, search, click",
     ):
-        D.validate_events(raw)
+        D.validate_events(raw, modalities=SEQUENCE_MODALITIES)
     # a restricted modality set is honoured
     with pytest.raises(DataValidationError, match=r"unknown value\(s\) 'search', 'click', 'miniprogram'"):
         D.validate_events(_events(), modalities=("bill",))
@@ -187,9 +187,10 @@ def test_nan_and_non_numeric_amount_named():
 
 
 def test_duplicate_rows_name_user_and_count():
+    # exact repeats of events are real (two identical purchases on one day): kept and counted
     raw = pd.concat([_events(), _events().iloc[[2, 2, 4]]], ignore_index=True)
-    with pytest.raises(DataValidationError, match=r"3 duplicate row\(s\).*'u2' \(2\), 'u3' \(1\)"):
-        D.validate_events(raw)
+    out = D.validate_events(raw)
+    assert len(out) == len(raw) and D.count_duplicate_events(out) == 3
     with pytest.raises(DataValidationError, match=r"qa: 1 duplicate row.*'u1' \(1\)"):
         D.validate_qa(pd.concat([_qa(), _qa().iloc[[0]]]))
 
@@ -266,8 +267,11 @@ def test_users_and_profiles_errors_named():
 
 def test_users_without_events_named():
     users = pd.concat([_users(), _users().iloc[[0]].assign(user_id="u9")], ignore_index=True)
+    D.validate_events(_events(), users=users)  # a profile-only user is a real user
     with pytest.raises(DataValidationError, match=r"users: 1 user\(s\) have no events: 'u9'"):
-        D.validate_events(_events(), users=users)
+        D.check_users_have_events(_events(), users)  # the strict check, on request
+    with pytest.raises(DataValidationError, match=r"events: 1 user\(s\) are not in the users table: 'u3'"):
+        D.validate_events(_events(), users=_users().iloc[:2])
     with pytest.raises(DataValidationError, match=r"events: 1 user\(s\) are not in the users table: 'u3'"):
         D.check_users_have_events(_events(), _users().iloc[:2])
 
@@ -275,7 +279,7 @@ def test_users_without_events_named():
 def test_many_offenders_are_summarised():
     raw = pd.concat([_events()] * 4, ignore_index=True).assign(user_id=[f"x{i}" for i in range(20)], modality="fax")
     with pytest.raises(DataValidationError, match=r"'x0', 'x1', 'x2', 'x3', 'x4' and 15 more") as info:
-        D.validate_events(raw)
+        D.validate_events(raw, modalities=SEQUENCE_MODALITIES)
     assert "x5" not in str(info.value)
 
 

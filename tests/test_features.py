@@ -11,6 +11,7 @@ import pytest
 
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.features import FeatureInputError, FeatureSpec, serialize_user, serialize_users
+from qanchor_lab.schema import SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS
 
 T = pd.Timestamp
 
@@ -65,7 +66,8 @@ def random_world(n_users: int = 60, n_events: int = 3000, seed: int = 0) -> tupl
 @pytest.fixture()
 def fitted() -> tuple[FeatureSpec, pd.DataFrame, pd.DataFrame]:
     events, profiles = three_users()
-    return FeatureSpec.fit(events, profiles), events, profiles
+    # a declared 90-day window and the synthetic world's four modalities (one has no events here)
+    return FeatureSpec.fit(events, profiles, history_days=90, modalities=SEQUENCE_MODALITIES), events, profiles
 
 
 def test_fit_learns_window_categories_channels(fitted):
@@ -203,13 +205,14 @@ def test_fit_on_reference_users_only():
 )
 def test_bad_input_raises_clear_error(mutate, needle):
     events, profiles = three_users()
-    spec = FeatureSpec.fit(events, profiles)
+    declared = dict(modalities=SEQUENCE_MODALITIES)  # 'tv' is not a declared modality
+    spec = FeatureSpec.fit(events, profiles, **declared)
     bad_events, bad_profiles = mutate(events, profiles)
     with pytest.raises(FeatureInputError, match=needle.replace("(", r"\(")) as info:
         spec.transform(bad_events, bad_profiles, ["u1"])
     assert isinstance(info.value, ValueError) and isinstance(info.value, DataValidationError)
     with pytest.raises(FeatureInputError, match=needle):
-        FeatureSpec.fit(bad_events, bad_profiles)
+        FeatureSpec.fit(bad_events, bad_profiles, **declared)
 
 
 def test_bad_user_ids_and_profile_columns(fitted):
@@ -235,13 +238,14 @@ def test_feature_layout_is_deterministic():
 # -- serialisation ------------------------------------------------------------------------------------
 def test_serialize_user_format_and_order():
     events, profiles = three_users()
-    text = serialize_user(events[events["user_id"] == "u1"], profiles.set_index("user_id").loc["u1"])
+    text = serialize_user(events[events["user_id"] == "u1"], profiles.set_index("user_id").loc["u1"],
+                          modalities=SYNTHETIC_MODALITY_SPECS)
     assert text == (
         "Profile: age 34, city tier 2 | "
         "Bills (2 events, most recent first): Paid at FreshMart 58.0 CNY card; Flight to Sanya 1200.0 CNY wallet | "
         "Searches (1 event, most recent first): how to save"
     )
-    u2 = serialize_user(events[events["user_id"] == "u2"], None)
+    u2 = serialize_user(events[events["user_id"] == "u2"], None, modalities=SYNTHETIC_MODALITY_SPECS)
     assert u2.startswith("Profile: unknown | Bills") and "home page (30s)" in u2
 
 
@@ -249,7 +253,7 @@ def test_serialize_limits_and_truncation():
     events, profiles = random_world()
     uid = events["user_id"].value_counts().index[0]
     mine = events[events["user_id"] == uid]
-    text = serialize_user(mine, None, max_events_per_modality=3, max_chars=10_000)
+    text = serialize_user(mine, None, max_events_per_modality=3, max_chars=10_000, modalities=SYNTHETIC_MODALITY_SPECS)
     n_bills = int((mine["modality"] == "bill").sum())
     assert f"Bills ({n_bills} events, most recent first)" in text
     bills_part = text.split("Bills")[1].split(" | ")[0]
