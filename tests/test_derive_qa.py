@@ -173,3 +173,20 @@ def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         DeriveQAConfig(**kw)
     assert DeriveQAConfig.from_dict(DeriveQAConfig(seed=5).to_dict()) == DeriveQAConfig(seed=5)
+
+
+def test_perfect_qa_learner_r2_on_derived_qa_without_oracle(derived_world):
+    """The diagnostics' perfect-learner R² reads the derived claims, and the labels when there is no oracle."""
+    from qanchor_lab.diagnostics import perfect_qa_learner_r2
+
+    with_oracle = perfect_qa_learner_r2(derived_world, "tune")
+    kept = derived_world.manifest["derived_qa"]["fit"]["kept"]
+    assert with_oracle["target"] == "oracle_logit"
+    assert with_oracle["n_intents"] == sum(not i.startswith("future_") for i in kept)
+    assert set(with_oracle["left_out_intents"]) == {i for i in kept if i.startswith("future_")}
+    assert with_oracle["claims_r2"] > 0.05
+    real = replace(derived_world, labels=derived_world.labels.assign(oracle_prob=np.nan))
+    out = perfect_qa_learner_r2(real, "tune")
+    assert out["target"] == "label" and "0/1 task label" in out["note"]
+    assert np.isfinite(out["claims_r2"]) and np.isfinite(out["features_r2"])
+    assert 0 < out["claims_r2"] < with_oracle["claims_r2"]   # label noise bounds the R² of a 0/1 target

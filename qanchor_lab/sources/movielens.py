@@ -284,7 +284,7 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     users = users.join(windows, on="user_id")
     tasks = validate_tasks(_tasks(cfg))
     world = World(
-        events=validate_events(inputs.drop(columns="genres"), modalities=MODALITIES),
+        events=validate_events(inputs.drop(columns="genres"), modalities=MODALITY_DECLARATION),
         profiles=validate_profiles(_profiles(raw_users)),
         users=validate_users(users),
         qa=validate_qa(derived.qa),
@@ -330,7 +330,7 @@ def world_dir(cfg: MovieLensConfig, root: str | Path | None = None) -> Path:
 def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | None = None) -> World:
     """The MovieLens World saved in `out_dir` (default data/movielens-100k-seedN): reused when its manifest
     records this config and source version, else built (fetching the wheel if needed) and saved."""
-    from qanchor_lab.data import MANIFEST_FILE, save_world
+    from qanchor_lab.data import MANIFEST_FILE, load_world, save_world
     from qanchor_lab.schema import TABLES
 
     cfg = cfg or MovieLensConfig()
@@ -342,8 +342,7 @@ def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | N
         except json.JSONDecodeError:
             manifest = {}
         if manifest.get("config") == cfg.to_dict() and manifest.get("source_version") == SOURCE_VERSION:
-            tables = {t: pd.read_parquet(root / f"{t}.parquet") for t in TABLES}
-            return World(**tables, manifest=manifest)
+            return load_world(root)
     world = build_movielens(cfg)
     save_world(world, root)
     return world
