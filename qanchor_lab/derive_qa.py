@@ -248,6 +248,7 @@ class QAFit:
     bounds: dict[str, list[float]]        # intent -> cut points between levels (ascending)
     vocab: dict[str, list[str]]           # intent -> values a categorical claim may name (else "other")
     modalities: list[str]
+    has_amounts: bool                     # the log carries amounts (amount intents exist)
     kept: list[str]                       # intents kept (the rest were too uninformative)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,7 +307,7 @@ def _level_answer(claim: str, bounds: Sequence[float], *, integer: bool, what: s
         rng = f"more than {_fmt_num(lo, integer)}"
     else:
         rng = f"{_fmt_num(lo + step, integer)} to {_fmt_num(hi, integer)}" if integer else \
-            f"above {_fmt_num(lo, integer)} and at most {_fmt_num(hi, integer)}"
+            f"between {_fmt_num(lo, integer)} and {_fmt_num(hi, integer)}"
     return f"{claim.capitalize()}: {rng} {what}."
 
 
@@ -388,7 +389,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool) 
         lambda s: s[_cols(s, "part:")], lambda c: f"Mostly in the {c} (UTC).", f"No activity {hist}.")
     level("recency", "uqa", (f"How recently was this user active?", f"When did this user last act before now?",
                              f"How long ago was this user's latest {ev1}?"),
-          lambda s: s["days_since_last"].to_numpy() + 1e-9, "days before the cutoff (lower is more recent)",
+          lambda s: s["days_since_last"].to_numpy() + 1e-9, f"days since the last {ev1}",
           f"Never: no {ev} {hist}.", integer=False)
     top("top_item", "uqa", (f"Which {ev1} does this user repeat most?", f"What does this user do again and again?",
                             f"Which of this user's {ev} recurs most often?"),
@@ -503,11 +504,11 @@ def derive_qa(inputs: pd.DataFrame, windows: pd.DataFrame, config: DeriveQAConfi
     catalogue = _intents(config, modalities, has_amounts)
     hist = _stats(inputs, windows, days=config.history_days, future=False)
     fut_users = windows.index[windows["window_start"].notna().to_numpy()]
-    fut = _stats(future if future is not None else inputs.iloc[:0], windows.loc[fut_users], days=config.future_days,
-                 future=True) if future is not None else None
-    if fut is not None:
-        fut = _with_history(fut, hist)
-    fit = QAFit(config=config.to_dict(), bounds={}, vocab={}, modalities=list(modalities), kept=[])
+    fut = None
+    if future is not None:
+        fut = _with_history(_stats(future, windows.loc[fut_users], days=config.future_days, future=True), hist)
+    fit = QAFit(config=config.to_dict(), bounds={}, vocab={}, modalities=list(modalities), has_amounts=has_amounts,
+                kept=[])
     report, claim_cols = [], {}
     for it in catalogue:
         stats = hist if it.source == "uqa" else fut
@@ -549,15 +550,13 @@ def _render(claims: pd.DataFrame, catalogue: Sequence[_Intent], fit: QAFit, conf
     return qa.sort_values(["user_id", "intent"], kind="stable").reset_index(drop=True)
 
 
-def claims_for(inputs: pd.DataFrame, windows: pd.DataFrame, fit: QAFit | dict, *, source: str = "uqa") -> pd.DataFrame:
-    """(users, kept intents of `source`) claims of other users under a stored fit: what a model that learned
-    every derived answer perfectly would know about them (diagnostics.perfect_qa_learner_r2)."""
+def claims_for(inputs: pd.DataFrame, windows: pd.DataFrame, fit: QAFit | dict) -> pd.DataFrame:
+    """(users, kept D_uqa intents) claims of other users under a stored fit, from their inputs alone: what a
+    model that learned every derived history answer perfectly would know (diagnostics.perfect_qa_learner_r2).
+    D_future claims need a future window, which downstream users do not have."""
     fit = QAFit.from_dict(fit) if isinstance(fit, dict) else fit
     cfg = DeriveQAConfig.from_dict(fit.config)
-    has_amounts = any(i.startswith("amount_") for i in fit.bounds)
-    catalogue = [it for it in _intents(cfg, fit.modalities, has_amounts) if it.intent_id in fit.kept and it.source == source]
-    if source != "uqa":
-        raise ValueError(f"claims_for: source={source!r}; only 'uqa' claims can be derived from inputs alone")
+    catalogue = [it for it in _intents(cfg, fit.modalities, fit.has_amounts) if it.intent_id in fit.kept and it.source == "uqa"]
     stats = _stats(inputs[inputs["user_id"].isin(windows.index)], windows, days=cfg.history_days, future=False)
     return pd.DataFrame({it.intent_id: _claims(it, stats, fit) for it in catalogue}, index=windows.index)
 

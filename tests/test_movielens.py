@@ -163,3 +163,31 @@ def test_config_validation():
         ML.MovieLensConfig(return_after_days=3)
     assert ML.MovieLensConfig.from_dict(ML.MovieLensConfig(seed=3).to_dict()).seed == 3
     assert os.environ.get("QANCHOR_CACHE") is None or str(ML.cache_dir()) == os.environ["QANCHOR_CACHE"]
+
+
+def test_demo_option_and_config():
+    from qanchor_lab.cli import build_parser
+    from qanchor_lab.pipeline import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--dataset", "movielens", "--fast"])
+    assert args.dataset == "movielens"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--dataset", "netflix"])
+    with pytest.raises(ValueError, match="dataset='netflix'; valid choices"):
+        DemoConfig(dataset="netflix")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_without_an_oracle(wheel, tmp_path):
+    """Pre-training on derived QA, prompt tuning and every method but the oracle, on the real data."""
+    from qanchor_lab.pipeline import DemoConfig, run_demo
+
+    cfg = DemoConfig.fast()
+    cfg.dataset, cfg.text_encoder, cfg.max_steps, cfg.tune_epochs, cfg.n_boot = "movielens", "hashing", 6, 1, 50
+    out = run_demo(tmp_path / "run", cfg, show_progress=False)
+    m = out["metrics"]
+    assert "oracle" not in m["methods"] and "oracle" in m["skipped_methods"]
+    assert {"qanchor_prompt_tuned", "qanchor_base", "static_embedding", "untrained", "gbdt_features",
+            "logreg_features", "tfidf_features", "text_embedding", "qanchor_plus_features"} <= set(m["methods"])
+    assert m["n_tasks"] == 5 and np.isfinite(m["perfect_qa"]["claims_r2"])
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000

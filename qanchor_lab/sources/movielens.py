@@ -58,7 +58,7 @@ from qanchor_lab.schema import SCHEMA_VERSION, World
 WHEEL_REQUIREMENT = "recbole==1.2.1"
 WHEEL_NAME = "recbole-1.2.1-py3-none-any.whl"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
-SOURCE_VERSION = 1
+SOURCE_VERSION = 2  # bump when the tables or the manifest of one config change
 MODALITIES = ("liked", "mixed", "disliked")
 MODALITY_PHRASES = {"liked": "ratings of 4 or 5 stars", "mixed": "ratings of 3 stars", "disliked": "ratings of 1 or 2 stars"}
 # The declaration the manifest carries (schema.ModalitySpec fields): amounts are the rating in stars.
