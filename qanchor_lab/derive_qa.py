@@ -4,7 +4,9 @@ A dataset that brings no `qa` table still gets both kinds of pre-training pairs 
 
 - D_uqa-style pairs about a user's *history* (the input window before their cutoff): activity level,
   volume per modality, the dominant modality and category, breadth of categories, typical and total
-  amounts, trend inside the window, active days, time of day, recency, most repeated item.
+  amounts, trend inside the window, active days, time of day, recency, most repeated item; and about
+  their profile (each one-hot group or numeric column of the profiles table), so pre-training also
+  teaches the embedding to keep the tabular modality.
 - D_future-style pairs about the user's *next window* after the cutoff: will they be active and how much,
   when they come back, which modality and category, new categories, typical amount, how many active days.
 
@@ -39,6 +41,7 @@ from qanchor_lab.data import DataValidationError
 
 CutoffKind = Literal["global", "per_user"]
 NONE = "none"
+OTHER = "(other)"  # a categorical claim outside the fitted vocabulary (a real value may be called "other")
 LEVEL_NAMES = {1: ("some",), 2: ("low", "high"), 3: ("low", "medium", "high")}
 DAY_PARTS = ("night", "morning", "afternoon", "evening")  # hours 0-5, 6-11, 12-17, 18-23
 MIN_TREND_EVENTS = 4       # fewer input events than this: too few to call a trend
@@ -58,7 +61,7 @@ class DeriveQAConfig:
     cutoff: CutoffKind = "global"      # derive_world_qa: one cutoff for all ("global") or first event + input_days
     input_days: float | None = None    # per_user cutoff: days of input after a user's first event
     max_majority: float = 0.8          # drop an intent whose most common claim covers more of the users
-    max_categories: int = 12           # categorical claims name the population's top values; the rest is "other"
+    max_categories: int = 12           # categorical claims name the population's top values; the rest is OTHER
     levels: int = 3                    # count/amount levels among users with some activity (terciles)
     seed: int = 0                      # paraphrase choice per (user, intent)
     event_noun: tuple[str, str] = ("event", "events")  # singular, plural: "rating", "ratings"
@@ -68,6 +71,7 @@ class DeriveQAConfig:
     amounts_add_up: bool = True        # totals make sense (money); False for ratings or scores
     history_phrase: str = "in the observed period"  # how answers name the input window
     modality_phrases: dict[str, str] = field(default_factory=dict)  # modality -> "ratings of 4-5 stars" etc.
+    profile_intents: bool = True       # also ask about the profile table's columns (occupation, income band, ...)
 
     def __post_init__(self) -> None:
         self.event_noun = tuple(self.event_noun)
@@ -246,9 +250,10 @@ class QAFit:
 
     config: dict[str, Any]
     bounds: dict[str, list[float]]        # intent -> cut points between levels (ascending)
-    vocab: dict[str, list[str]]           # intent -> values a categorical claim may name (else "other")
+    vocab: dict[str, list[str]]           # intent -> values a categorical claim may name (else OTHER)
     modalities: list[str]
     has_amounts: bool                     # the log carries amounts (amount intents exist)
+    profile: dict[str, list[str]]         # profile subjects asked about: name -> its columns (see profile_subjects)
     kept: list[str]                       # intents kept (the rest were too uninformative)
 
     def to_dict(self) -> dict[str, Any]:
@@ -275,14 +280,14 @@ def _level_claims(values: np.ndarray, bounds: Sequence[float], active: np.ndarra
 
 
 def _top_claims(counts: pd.DataFrame, vocab: Sequence[str]) -> np.ndarray:
-    """The column with the largest count (first on ties, in sorted column order); "other" when it is not
+    """The column with the largest count (first on ties, in sorted column order); OTHER when it is not
     in `vocab`; "none" when every count is zero."""
     if counts.shape[1] == 0:
         return np.full(len(counts), NONE, dtype=object)
     c = counts[sorted(counts.columns)]
     names = np.asarray([str(x).split(":", 1)[1] for x in c.columns], dtype=object)
     best = names[c.to_numpy().argmax(1)]
-    best = np.where(np.isin(best, list(vocab)), best, "other")
+    best = np.where(np.isin(best, list(vocab)), best, OTHER)
     return np.where(c.to_numpy().sum(1) > 0, best, NONE).astype(object)
 
 
@@ -316,13 +321,48 @@ class _Intent:
     intent_id: str
     source: str                           # "uqa" (history) or "future"
     queries: tuple[str, str, str]
-    kind: str                             # "level" (fitted bounds), "top" (vocabulary) or "fixed" (own claims)
+    kind: str                             # "level" (bounds fitted on positive values, 0 = none), "plevel" (bounds
+                                          # on all values: profile numbers), "top" (vocabulary), "fixed" (own claims)
     value: Callable[[pd.DataFrame], Any]  # stats -> values (level), counts frame (top) or claims (fixed)
     answer: Callable[[str, "QAFit"], str]
 
 
-def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool) -> list[_Intent]:
-    """The intent catalogue for a log with these modalities (amount intents only when amounts exist)."""
+def profile_subjects(profiles: pd.DataFrame | None) -> dict[str, list[str]]:
+    """The profile's columns as question subjects: binary columns that share the prefix before their first
+    "_" and hold at most one 1 per user form one categorical subject (a one-hot group such as occupation_*);
+    every other column is a subject of its own."""
+    if profiles is None:
+        return {}
+    cols = [c for c in profiles.columns if c != "user_id"]
+    binary = {c for c in cols if profiles[c].isin([0, 1]).all()}
+    groups: dict[str, list[str]] = {}
+    for c in cols:
+        key = c.split("_", 1)[0] if c in binary and "_" in c else c
+        groups.setdefault(key, []).append(c)
+    out: dict[str, list[str]] = {}
+    for key, members in groups.items():
+        if len(members) > 1 and profiles[members].sum(axis=1).le(1).all():
+            tokens = [m.split("_") for m in members]          # name: the "_"-words all members share
+            shared = [t[0] for t in zip(*tokens) if len(set(t)) == 1]
+            out["_".join(shared[: min(len(t) for t in tokens) - 1]) or key] = members
+        else:
+            out.update({c: [c] for c in members})
+    return out
+
+
+def _with_profile(stats: pd.DataFrame, profiles: pd.DataFrame | None, fit_profile: dict[str, list[str]]) -> pd.DataFrame:
+    """History stats plus `prof:<column>` for the profile subjects (NaN for users without a profile row)."""
+    cols = [c for members in fit_profile.values() for c in members]
+    if not cols or profiles is None:
+        return stats
+    prof = profiles.set_index("user_id")[cols].reindex(stats.index)
+    return stats.join(prof.add_prefix("prof:"))
+
+
+def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
+             profile: dict[str, list[str]] | None = None) -> list[_Intent]:
+    """The intent catalogue for a log with these modalities (amount intents only when amounts exist) and
+    these profile subjects."""
     ev1, ev = cfg.event_noun
     cat1, cats = cfg.category_noun
     hist = cfg.history_phrase
@@ -359,7 +399,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool) 
         f"Nothing: no {ev} {hist}.")
     top("top_category", "uqa", (f"Which {cat1} does this user engage with most?", f"What is this user's favourite {cat1}?",
                                 f"Where is most of this user's activity concentrated?"),
-        lambda s: s[_cols(s, "cat:")], lambda c: f"Mostly {c}." if c != "other" else f"Mostly a less common {cat1}.",
+        lambda s: s[_cols(s, "cat:")], lambda c: f"Mostly {c}." if c != OTHER else f"Mostly a less common {cat1}.",
         f"No {cat1} on record {hist}.")
     level("category_breadth", "uqa", (f"How varied are this user's interests?",
                                       f"How many different {cats} does this user engage with?",
@@ -395,7 +435,26 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool) 
                             f"Which of this user's {ev} recurs most often?"),
         lambda s: pd.DataFrame({f"t:{t}": (s["top_text"] == t) & (s["top_text_n"] >= 2) for t in
                                 sorted(set(s["top_text"]) - {""})}, index=s.index),
-        lambda c: f"Most often: {c}." if c != "other" else f"A less common {ev1}, repeated.", f"No repeated {ev1}.")
+        lambda c: f"Most often: {c}." if c != OTHER else f"A less common {ev1}, repeated.", f"No repeated {ev1}.")
+
+    for name, members in (profile or {}).items():
+        phrase = name.replace("_", " ")
+        if len(members) > 1:   # a one-hot group: the column that is 1 names the claim
+            prefix = len(name) + 1
+            top(f"profile:{name}", "uqa", (f"What is this user's {phrase}?", f"Which {phrase} does this user have?",
+                                           f"What {phrase} is on this user's profile?"),
+                lambda s, members=members, prefix=prefix: s[[f"prof:{c}" for c in members]].fillna(0).set_axis(
+                    [f"p:{c[prefix:]}" for c in members], axis=1),
+                lambda c, phrase=phrase: f"{phrase.capitalize()}: {c.replace('_', ' ')}." if c != OTHER
+                else f"A less common {phrase}.", f"No {phrase} on the profile.")
+        else:                  # a number: levels fitted on every user's value
+            col = f"prof:{members[0]}"
+            I.append(_Intent(f"profile:{name}", "uqa", (f"What is this user's {phrase}?",
+                                                        f"How high is this user's {phrase}?",
+                                                        f"Is this user's {phrase} high or low?"),
+                             "plevel", lambda s, col=col: s[col].to_numpy(dtype=float),
+                             lambda c, fit, iid=f"profile:{name}", phrase=phrase: _level_answer(
+                                 c, fit.bounds[iid], integer=False, what=f"{phrase}", none=f"No {phrase} on the profile.")))
 
     # --- D_future: the window after the cutoff
     level("future_activity", "future", (f"How active will this user be {fut}?", f"Will this user come back {fut}?",
@@ -415,7 +474,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool) 
     top("future_category", "future", (f"Which {cat1} will this user engage with most {fut}?",
                                       f"What {cat1} will lead this user's activity {fut}?",
                                       f"Where will most of this user's activity go {fut}?"),
-        lambda s: s[_cols(s, "cat:")], lambda c: f"Mostly {c} {fut}." if c != "other" else f"A less common {cat1} {fut}.",
+        lambda s: s[_cols(s, "cat:")], lambda c: f"Mostly {c} {fut}." if c != OTHER else f"A less common {cat1} {fut}.",
         f"No {cat1} {fut}.")
     level("future_active_days", "future", (f"On how many days will this user be active {fut}?",
                                            f"How regularly will this user show up {fut}?",
@@ -461,6 +520,11 @@ def _claims(it: _Intent, stats: pd.DataFrame, fit: QAFit) -> np.ndarray:
     if it.kind == "level":
         v = np.asarray(v, dtype=float)
         return _level_claims(v, fit.bounds[it.intent_id], np.nan_to_num(v) > 0)   # zero or no events: "none"
+    if it.kind == "plevel":
+        v = np.asarray(v, dtype=float)
+        names = np.asarray(LEVEL_NAMES[len(fit.bounds[it.intent_id]) + 1], dtype=object)
+        lv = names[np.searchsorted(np.asarray(fit.bounds[it.intent_id], dtype=float), np.nan_to_num(v), side="left")]
+        return np.where(np.isfinite(v), lv, NONE).astype(object)
     if it.kind == "top":
         return _top_claims(v, fit.vocab[it.intent_id])
     return np.asarray(v, dtype=object)
@@ -470,6 +534,11 @@ def _fit(it: _Intent, stats: pd.DataFrame, cfg: DeriveQAConfig) -> tuple[list[fl
     v = it.value(stats)
     if it.kind == "level":
         return _fit_bounds(np.asarray(v, dtype=float), cfg.levels), []
+    if it.kind == "plevel":    # profile numbers: quantiles of every value, zero and negative included
+        v = np.asarray(v, dtype=float)
+        v = v[np.isfinite(v)]
+        q = np.quantile(v, np.arange(1, cfg.levels) / cfg.levels, method="lower") if len(v) else []
+        return [float(b) for b in np.unique(q) if b < v.max()], []
     if it.kind == "top":
         names = [str(c).split(":", 1)[1] for c in v.columns]
         wins = pd.Series(_top_claims(v, names))
@@ -493,22 +562,26 @@ class DerivedQA:
 
 
 def derive_qa(inputs: pd.DataFrame, windows: pd.DataFrame, config: DeriveQAConfig, *,
-              future: pd.DataFrame | None = None, modalities: Sequence[str] | None = None) -> DerivedQA:
-    """QA pairs for the users of `windows` (index user_id; see `window_frame`): D_uqa from `inputs`, D_future
-    from `future` for users whose window is known (`window_start` not NaT). Levels and vocabularies are
-    fitted on these users. Runs `check_no_leakage` first."""
+              future: pd.DataFrame | None = None, modalities: Sequence[str] | None = None,
+              profiles: pd.DataFrame | None = None) -> DerivedQA:
+    """QA pairs for the users of `windows` (index user_id; see `window_frame`): D_uqa from `inputs` (and the
+    `profiles` table, when given and `config.profile_intents`), D_future from `future` for users whose window
+    is known (`window_start` not NaT). Levels and vocabularies are fitted on these users. Runs
+    `check_no_leakage` first."""
     check_no_leakage(inputs, windows, future=future)
     if modalities is None:
         modalities = sorted(set(inputs["modality"]) | (set(future["modality"]) if future is not None else set()))
     has_amounts = bool((inputs["amount"] != 0).any())
-    catalogue = _intents(config, modalities, has_amounts)
+    profile = profile_subjects(profiles) if config.profile_intents else {}
+    catalogue = _intents(config, modalities, has_amounts, profile)
     hist = _stats(inputs, windows, days=config.history_days, future=False)
     fut_users = windows.index[windows["window_start"].notna().to_numpy()]
     fut = None
     if future is not None:
         fut = _with_history(_stats(future, windows.loc[fut_users], days=config.future_days, future=True), hist)
+    hist = _with_profile(hist, profiles, profile)
     fit = QAFit(config=config.to_dict(), bounds={}, vocab={}, modalities=list(modalities), has_amounts=has_amounts,
-                kept=[])
+                profile=profile, kept=[])
     report, claim_cols = [], {}
     for it in catalogue:
         stats = hist if it.source == "uqa" else fut
@@ -550,14 +623,19 @@ def _render(claims: pd.DataFrame, catalogue: Sequence[_Intent], fit: QAFit, conf
     return qa.sort_values(["user_id", "intent"], kind="stable").reset_index(drop=True)
 
 
-def claims_for(inputs: pd.DataFrame, windows: pd.DataFrame, fit: QAFit | dict) -> pd.DataFrame:
+def claims_for(inputs: pd.DataFrame, windows: pd.DataFrame, fit: QAFit | dict,
+               profiles: pd.DataFrame | None = None) -> pd.DataFrame:
     """(users, kept D_uqa intents) claims of other users under a stored fit, from their inputs alone: what a
     model that learned every derived history answer perfectly would know (diagnostics.perfect_qa_learner_r2).
     D_future claims need a future window, which downstream users do not have."""
     fit = QAFit.from_dict(fit) if isinstance(fit, dict) else fit
     cfg = DeriveQAConfig.from_dict(fit.config)
-    catalogue = [it for it in _intents(cfg, fit.modalities, fit.has_amounts) if it.intent_id in fit.kept and it.source == "uqa"]
+    if fit.profile and profiles is None:
+        raise ValueError(f"claims_for: the fit asks about profile subjects {sorted(fit.profile)}; pass the profiles table")
+    catalogue = [it for it in _intents(cfg, fit.modalities, fit.has_amounts, fit.profile)
+                 if it.intent_id in fit.kept and it.source == "uqa"]
     stats = _stats(inputs[inputs["user_id"].isin(windows.index)], windows, days=cfg.history_days, future=False)
+    stats = _with_profile(stats, profiles, fit.profile)
     return pd.DataFrame({it.intent_id: _claims(it, stats, fit) for it in catalogue}, index=windows.index)
 
 
@@ -598,7 +676,8 @@ def derive_world_qa(world, config: DeriveQAConfig):
         cut = (first.reindex(pre) + pd.Timedelta(days=float(config.input_days))).dropna()
     windows = window_frame(cut.index, cut, config.future_days)
     inputs, future = split_log(ev, windows, config.history_days)
-    derived = derive_qa(inputs, windows, config, future=future, modalities=sorted(ev["modality"].unique()))
+    derived = derive_qa(inputs, windows, config, future=future, modalities=sorted(ev["modality"].unique()),
+                        profiles=world.profiles)
     down = world.users.loc[~world.users["user_id"].isin(pre), "user_id"]
     down_end = ev["timestamp"].max().normalize() + pd.Timedelta(days=1)
     all_windows = pd.concat([windows, window_frame(down, down_end, None)])

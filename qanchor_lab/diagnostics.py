@@ -511,7 +511,7 @@ def _uqa_claims(world, users: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
                              "'cutoff' column (see derive_qa.derive_world_qa)")
         windows = world.users.set_index("user_id").loc[ids, ["cutoff", "window_start", "window_end"]]
         windows = windows.assign(window_start=pd.NaT, window_end=pd.NaT)   # D_uqa: the input window only
-        claims = claims_for(world.events[world.events["user_id"].isin(ids)], windows, fit)
+        claims = claims_for(world.events[world.events["user_id"].isin(ids)], windows, fit, profiles=world.profiles)
         future = [i for i in fit["kept"] if i not in claims.columns]
         return claims, future
     cfg = world.manifest.get("config", {}) if world.manifest else {}

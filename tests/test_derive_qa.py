@@ -71,7 +71,8 @@ def test_claims_per_intent_are_what_answer_claims_reads(small_world, derived_wor
     assert (keys == qa["intent"] + "|" + qa["answer"]).all()
     # the claim of each row re-derived from its user's history/future equals the claim its answer states
     inputs, windows, future = _split(small_world, derived_world)
-    derived = derive_qa(inputs, windows, CFG, future=future, modalities=sorted(small_world.events["modality"].unique()))
+    derived = derive_qa(inputs, windows, CFG, future=future, modalities=sorted(small_world.events["modality"].unique()),
+                        profiles=small_world.profiles)
     claims = derived.claims.stack().rename("claim").reset_index().rename(columns={"level_1": "intent"})
     merged = qa.merge(claims, on=["user_id", "intent"], how="left")
     assert merged["claim"].notna().all()
@@ -144,8 +145,11 @@ def test_claims_for_reproduces_the_fit(small_world, derived_world):
 
     fit = QAFit.from_dict(derived_world.manifest["derived_qa"]["fit"])
     inputs, windows, future = _split(small_world, derived_world)
-    derived = derive_qa(inputs, windows, CFG, future=future, modalities=fit.modalities)
-    again = claims_for(inputs, windows, fit)
+    derived = derive_qa(inputs, windows, CFG, future=future, modalities=fit.modalities, profiles=small_world.profiles)
+    again = claims_for(inputs, windows, fit, profiles=small_world.profiles)
+    assert any(c.startswith("profile:") for c in again.columns)
+    with pytest.raises(ValueError, match="pass the profiles table"):
+        claims_for(inputs, windows, fit)
     uqa = list(again.columns)
     assert uqa and all(i in derived.claims.columns for i in uqa)
     pd.testing.assert_frame_equal(again, derived.claims[uqa].astype(object), check_dtype=False)
@@ -190,3 +194,25 @@ def test_perfect_qa_learner_r2_on_derived_qa_without_oracle(derived_world):
     assert out["target"] == "label" and "0/1 task label" in out["note"]
     assert np.isfinite(out["claims_r2"]) and np.isfinite(out["features_r2"])
     assert 0 < out["claims_r2"] < with_oracle["claims_r2"]   # label noise bounds the R² of a 0/1 target
+
+
+def test_profile_subjects_and_a_real_value_called_other():
+    """One-hot groups become one categorical subject named by their shared words; a category whose real
+    value is "other" stays distinct from the bucket of values outside the fitted vocabulary."""
+    from qanchor_lab.derive_qa import OTHER, profile_subjects
+
+    prof = pd.DataFrame({"user_id": list("abcde"), "job_other": [1, 0, 0, 0, 1], "job_nurse": [0, 1, 0, 1, 0],
+                         "job_pilot": [0, 0, 1, 0, 0], "zip_region_1": [1, 1, 0, 0, 1], "zip_region_2": [0, 0, 1, 1, 0],
+                         "has_car": [1, 0, 1, 0, 1], "income": [10.0, 20.0, 30.0, 40.0, 50.0]})
+    subjects = profile_subjects(prof)
+    assert subjects == {"job": ["job_other", "job_nurse", "job_pilot"], "zip_region": ["zip_region_1", "zip_region_2"],
+                        "has_car": ["has_car"], "income": ["income"]}
+    ev = pd.DataFrame({"user_id": list("abcde"), "modality": "m", "category": "x", "channel": "app", "text": "t",
+                       "amount": 0.0, "duration_s": 0.0, "timestamp": pd.Timestamp("2024-01-01")})
+    windows = window_frame(list("abcde"), pd.Timestamp("2024-02-01"), None)
+    d = derive_qa(ev, windows, DeriveQAConfig(max_categories=2, max_majority=1.0), profiles=prof)
+    job = d.claims["profile:job"]
+    assert job.tolist() == ["other", "nurse", OTHER, "nurse", "other"]     # pilot is outside the top 2
+    rows = d.qa[d.qa["intent"] == "profile:job"].set_index("user_id")["answer"]
+    assert (rows["a"], rows["b"], rows["c"]) == ("Job: other.", "Job: nurse.", "A less common job.")
+    assert set(d.claims["profile:income"]) == {"low", "medium", "high"}

