@@ -2,8 +2,10 @@
 
 Each distinct event text is encoded once (cached on disk by the text encoder); an event's vector is
 `[text vector, log1p(amount), log1p(days since previous event of that modality), recency]`. Per user and
-modality the `max_events` most recent events are kept, oldest first. The tabular modality is the
-standardised hand-crafted feature vector of features.py.
+modality the `max_events` most recent events inside the feature spec's history window are kept, oldest
+first; a modality a user never used (or a user with no events at all) is all padding, so such users get
+an embedding from what they have. The tabular modality is the standardised hand-crafted feature vector
+of features.py.
 """
 
 from __future__ import annotations
@@ -40,11 +42,16 @@ class UserBatch:
         )
 
 
-def sorted_events(events: pd.DataFrame, user_ids, modalities: Sequence[str]) -> pd.DataFrame:
+def sorted_events(events: pd.DataFrame, user_ids, modalities: Sequence[str],
+                  window: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> pd.DataFrame:
     """These users' events of these modalities, sorted by (user, modality, time): the order numeric
-    fields are computed in."""
-    ev = events.loc[events["user_id"].isin(set(user_ids)) & events["modality"].isin(modalities),
-                    ["user_id", "modality", "timestamp", "text", "amount"]]
+    fields are computed in. `window` (start, end) keeps only events in [start, end): the feature spec's
+    history window, so the sequences and the tabular features see the same days and a later (label)
+    window never reaches the model."""
+    keep = events["user_id"].isin(set(user_ids)) & events["modality"].isin(modalities)
+    if window is not None:
+        keep &= (events["timestamp"] >= window[0]) & (events["timestamp"] < window[1])
+    ev = events.loc[keep, ["user_id", "modality", "timestamp", "text", "amount"]]
     return ev.sort_values(["user_id", "modality", "timestamp"], kind="stable")
 
 
@@ -128,7 +135,7 @@ class BehaviourStore:
         """Pack `user_ids` (in this order) from validated events/profiles tables."""
         user_ids = list(user_ids)
         pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, name="user_id"))
-        ev = sorted_events(events, user_ids, modalities)
+        ev = sorted_events(events, user_ids, modalities, feature_spec.window)
 
         texts, text_idx = np.unique(ev["text"].to_numpy(dtype=object).astype(str), return_inverse=True)
         text_vectors = text_encoder.encode(list(texts)) if len(texts) else np.zeros((0, text_encoder.dim), np.float32)

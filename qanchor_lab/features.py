@@ -208,6 +208,12 @@ class FeatureSpec:
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    @property
+    def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """(start, end) of the history window: events in [start, end) are read, others ignored."""
+        end = pd.Timestamp(self.window_end)
+        return end - pd.Timedelta(days=self.history_days), end
+
     # -- fitting --------------------------------------------------------------------------------------
     @classmethod
     def fit(
@@ -287,7 +293,7 @@ class FeatureSpec:
                 f"FeatureSpec.fit: {before + after} of the reference users' {len(ref_ev)} events fall outside the "
                 f"feature window [{start}, {end}) ({before} before, {after} at or after its end) and are not in the "
                 "features; widen the window (window_start / history_days / window_end) to use them",
-                OutsideWindowWarning, stacklevel=2)
+                OutsideWindowWarning, stacklevel=1)  # raised here: Python then shows one message once, not per caller
         ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
 
         categories: dict[str, list[str]] = {}
@@ -382,8 +388,7 @@ class FeatureSpec:
         unknown = sorted(set(ev["modality"].unique()) - set(self.modalities))
         if unknown:
             raise FeatureInputError(f"events.modality has value(s) {unknown}; this spec knows {self.modalities}")
-        end = pd.Timestamp(self.window_end)
-        start = end - pd.Timedelta(days=self.history_days)
+        start, end = self.window
         ev = ev[(ev["timestamp"] >= start) & (ev["timestamp"] < end)]
         uidx = uniq.get_indexer(ev["user_id"])
         ev = ev[uidx >= 0]

@@ -305,7 +305,7 @@ class QAnchorModel(nn.Module):
         config = replace(config, event_dim=text_dim + len(NUMERIC_EVENT_FEATURES),
                          tabular_dim=len(spec.feature_names), feature_spec=spec.to_dict())
         model = cls.from_config(config)
-        numeric = event_numeric_fields(sorted_events(events, reference_users, config.modalities), spec)  # (E, 3)
+        numeric = event_numeric_fields(sorted_events(events, reference_users, config.modalities, spec.window), spec)  # (E, 3)
         if len(numeric):
             model.encoder.set_numeric_stats(numeric.mean(0), numeric.std(0))
         return model

@@ -19,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from qanchor_lab.backbone import BackboneConfig
-from qanchor_lab.data import load_world
+from qanchor_lab.data import DataValidationError, load_world
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
 from qanchor_lab.retrieval import answer_retrieval
+from qanchor_lab.schema import World
 from qanchor_lab.world import WorldConfig, ensure_world
 
 # The static-embedding baseline asks every user the same task-agnostic question.
@@ -139,30 +140,66 @@ def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_pr
     return model, summary
 
 
-def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True) -> tuple[QAnchorModel, object, dict]:
+def load_dataset(data_dir, *, seed: int = 0) -> World:
+    """A user's own dataset (directory of tables, data/README.md) checked for what the demo needs: QA
+    pairs for pre-training (derived from the event log by derive_qa when the dataset has none), and users,
+    tasks and labels for evaluation."""
+    from qanchor_lab.derive_qa import DeriveQAConfig, derive_world_qa
+    from qanchor_lab.sources.byo import load
+
+    world = load(data_dir)
+    if world.qa.empty:
+        # no QA table: D_uqa/D_future pairs from the log, the pre-training users' last 30 days as their future
+        units = {m.unit for m in world.modality_specs if m.amount != "zero"}
+        qa_cfg = DeriveQAConfig(seed=seed, amount_unit=units.pop() if len(units) == 1 else "")
+        world = derive_world_qa(world, qa_cfg)
+        print(f"dataset {data_dir}: no qa table; derived {len(world.qa)} QA pairs from the event log "
+              f"(global cutoff, {qa_cfg.future_days:g}-day future window; derive_qa)")
+    counts = world.users["split"].value_counts()
+    short = [s for s in ("pretrain", "pretrain_val", "tune", "test") if not counts.get(s)]
+    if short:
+        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; the demo "
+                                  "pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, scores test")
+    if world.tasks.empty or world.labels.empty:
+        raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
+                                  "(task_id, query) and a labels table (user_id, task_id, label)")
+    return world
+
+
+def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None
+                      ) -> tuple[QAnchorModel, object, dict]:
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
-    same config, else generated/trained there. Notebooks share models through this."""
+    same config (and dataset), else generated/trained there. Notebooks share models through this.
+    `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world."""
     run_dir = Path(run_dir)
-    world = ensure_dataset(cfg)
+    if data_dir is None:
+        world = ensure_dataset(cfg)
+        key = asdict(cfg)
+    else:
+        world = load_dataset(data_dir, seed=cfg.seed)
+        key = {**asdict(cfg), "data": str(Path(data_dir).resolve())}
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(cfg) and (model_dir / "pretrain_summary.json").exists():
+    if marker.exists() and json.loads(marker.read_text()) == key and (model_dir / "pretrain_summary.json").exists():
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
-    marker.write_text(json.dumps(asdict(cfg), indent=2))
+    marker.write_text(json.dumps(key, indent=2))
     return model, world, summary
 
 
-def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
-    """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json."""
+def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None) -> dict:
+    """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json.
+    `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
     from qanchor_lab.report import write_report
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress)
+    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
+    if data_dir is not None:
+        print(f"dataset {data_dir}: modalities {', '.join(world.modalities)}; counts {json.dumps(world.manifest['counts'])}")
     r = summary["retrieval"]
     print(f"\nheld-out answer retrieval, top-1 among {r['trained']['n_candidates']} candidates "
           f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
@@ -188,7 +225,9 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True) -> dict:
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
-                 notes=[f"{dataset_note(world, cfg)}; backbone {cfg.backbone} ({cfg.tiny_size}); "
+                 notes=[(dataset_note(world, cfg) if data_dir is None else
+                         f"dataset: {data_dir} ({len(world.users)} users, modalities {', '.join(world.modalities)})")
+                        + f"; backbone {cfg.backbone} ({cfg.tiny_size}); "
                         f"{summary['steps']} pre-training steps; wall time {wall:.0f} s", *notes])
     print("\n" + results_markdown(metrics))
     print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -119,6 +119,8 @@ _F = {name: i for i, name in enumerate(FEATURES)}
 # config
 
 Timing = Literal["flat", "stress", "app"]
+QAStyle = Literal["counts", "graded"]
+QA_STYLES: tuple[str, ...] = ("counts", "graded")
 
 
 @dataclass
@@ -143,18 +145,25 @@ class WorldConfig:
     qa_per_user_max: int = 8         # most QA pairs generated per pre-training user
     future_qa_weight: float = 2.0    # sampling weight of a D_future intent relative to a D_uqa intent
     salient_qa_boost: float = 3.0    # weight multiplier for intents whose answer is not a null claim ("none")
+    # What the QA synthesiser asks about the following month (docs/design.md §7.6). "counts": how many of a rare
+    # event kind happen next month (mostly "none"); "graded": how likely each kind is, judged from the history
+    # and the next month together, plus how app use and money troubles change next month. Only the QA table
+    # depends on it: events, profiles, users and labels come from their own random streams.
+    qa_style: QAStyle = "counts"
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             want_int = f.type in ("int", int)
+            if f.name == "qa_style":
+                continue
             ok = isinstance(value, str) if f.name == "start_date" else (
                 isinstance(value, (int, np.integer) if want_int else (int, float, np.integer, np.floating))
                 and not isinstance(value, bool))
             if not ok:
                 kind = "a date string" if f.name == "start_date" else ("an integer" if want_int else "a number")
                 raise ValueError(f"WorldConfig.{f.name} must be {kind}, got {value!r}")
-            if f.name != "start_date":  # plain Python numbers keep to_dict/JSON identical for equal configs
+            if f.name not in ("start_date", "qa_style"):  # plain Python numbers keep to_dict/JSON identical for equal configs
                 setattr(self, f.name, int(value) if want_int else float(value))
         if not isinstance(self.n_users, (int, np.integer)) or isinstance(self.n_users, bool) or self.n_users < 40:
             raise ValueError(f"WorldConfig.n_users must be an integer >= 40, got {self.n_users!r}")
@@ -172,6 +181,8 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.history_days must be an integer >= 14, got {self.history_days!r}")
         if not isinstance(self.future_days, (int, np.integer)) or self.future_days < 7:
             raise ValueError(f"WorldConfig.future_days must be an integer >= 7, got {self.future_days!r}")
+        if self.qa_style not in QA_STYLES:
+            raise ValueError(f"WorldConfig.qa_style must be one of {', '.join(QA_STYLES)}; got {self.qa_style!r}")
         if not float(self.difficulty) > 0.0 or not math.isfinite(float(self.difficulty)):
             raise ValueError(f"WorldConfig.difficulty must be a positive number, got {self.difficulty!r}")
         if not 1.0 <= float(self.events_per_user) <= 2000.0:
@@ -937,6 +948,7 @@ class Intent:
     answers: dict[str, tuple[str, ...]]
     claim: Callable[[pd.DataFrame], np.ndarray] = field(repr=False)
     null_claims: frozenset[str] = frozenset({"none", "few", "0|0"})  # "nothing to report" claims
+    styles: tuple[str, ...] = QA_STYLES           # the WorldConfig.qa_style values that ask this intent
 
 
 _COUNT_WORDS = {"one": "one", "two": "two", "few": "a few", "many": "many"}
@@ -1065,6 +1077,49 @@ def _travel_answers() -> dict[str, tuple[str, ...]]:
             out[f"{f}|{h}"] = (f"Yes: {phrase} {be} expected.", f"Likely: {phrase} next month.",
                                f"A trip is likely, with {phrase}.")
     return out
+
+
+_STRESS_KEYS = [f"{m}:{k}" for m, k in sorted(STRESS_KINDS)]
+
+
+def _likelihood_intent(intent_id: str, queries, keys, what: str) -> Intent:
+    """Graded D_future: how likely `what` is next month, from the monthly rate over history and next month."""
+    answers = {
+        "none": (f"Very unlikely: no {what} so far and none next month.", f"No: {what} never show up."),
+        "unlikely": (f"Unlikely: {what} are rare for this user.", f"Only a small chance of {what} next month."),
+        "possible": (f"Possible: {what} happen now and then.", f"There is a fair chance of {what} next month."),
+        "likely": (f"Likely: {what} are a regular habit.", f"Yes, {what} are expected next month as usual."),
+    }
+
+    def claim(ev: pd.DataFrame) -> np.ndarray:
+        n = _col(ev, keys, "n:") + _col(ev, keys, "fut_n:")
+        rate = n * 30.0 / (ev["days"].to_numpy(dtype=np.float64) + ev["future_days"].to_numpy(dtype=np.float64))
+        return _levels(rate, n > 0, [0.35, 1.0], ["unlikely", "possible", "likely"])
+
+    return Intent(intent_id, "future", tuple(queries), answers, claim, styles=("graded",))
+
+
+def _change_intent(intent_id: str, queries, keys, what: str, *, min_total: int) -> Intent:
+    """Graded D_future: next month's rate of `what` against the history's monthly rate (up/down by > 30%)."""
+    answers = {
+        "none": (f"No {what} before or next month.", f"Nothing to compare: no {what} at all."),
+        "few": (f"Too little {what} to tell a change.", f"Hardly any {what}, so no clear change."),
+        "quiet": (f"It stops: no {what} next month.", f"Goes quiet next month, with no {what}."),
+        "up": (f"More: {what} rises next month.", f"Yes, {what} increases over the usual level."),
+        "down": (f"Less: {what} falls next month.", f"No, {what} drops below the usual level."),
+        "flat": (f"About the same {what} as usual.", f"No big change in {what} next month."),
+    }
+
+    def claim(ev: pd.DataFrame) -> np.ndarray:
+        past = _per_month(ev, _col(ev, keys, "n:"))
+        fut_n = _col(ev, keys, "fut_n:")
+        nxt = _per_month(ev, fut_n, "future_days")
+        total = _col(ev, keys, "n:") + fut_n
+        out = _change(past, nxt, total >= min_total, "up", "down", "flat", "few")
+        out = np.where((fut_n == 0) & (past > 0) & (total >= min_total), "quiet", out)
+        return np.where(total == 0, "none", out).astype(object)
+
+    return Intent(intent_id, "future", tuple(queries), answers, claim, styles=("graded",))
 
 
 def _build_intents() -> dict[str, Intent]:
@@ -1286,10 +1341,10 @@ def _build_intents() -> dict[str, Intent]:
                            ["low", "moderate", "high"])))
 
     # D_future: grounded in the following window
-    I.append(Intent("future_travel", "future", (
+    travel_queries = (
         "Will this user book travel next month?", "Is a trip likely for this user in the coming month?",
-        "Will this user pay for flights or hotels next month?", "Any travel bookings expected for this user next month?"),
-        _travel_answers(), _travel_claim))
+        "Will this user pay for flights or hotels next month?", "Any travel bookings expected for this user next month?")
+    I.append(Intent("future_travel", "future", travel_queries, _travel_answers(), _travel_claim, styles=("counts",)))
     fut_no = "No {x} is expected next month."
     future_counts = [
         ("future_abroad", ("Will this user spend money abroad next month?",
@@ -1322,7 +1377,21 @@ def _build_intents() -> dict[str, Intent]:
          (fut_no.format(x="coupon use"), "Unlikely to redeem coupons.")),
     ]
     for intent_id, queries, keys, noun, nos in future_counts:
-        I.append(_count_intent(intent_id, "future", queries, keys, noun, nos))
+        I.append(replace(_count_intent(intent_id, "future", queries, keys, noun, nos), styles=("counts",)))
+    # "graded" style: the same questions answered with a likelihood read from both windows, not a count of next
+    # month's rare events (mostly "none"), plus how app use and money troubles change next month.
+    likely = [(iid, queries, keys, noun[1]) for iid, queries, keys, noun, _ in future_counts]
+    likely.append(("future_travel", travel_queries, ["bill:flight", "bill:hotel"], "flight or hotel payments"))
+    for intent_id, queries, keys, what in likely:
+        I.append(_likelihood_intent(f"{intent_id}_graded", queries, keys, what))
+    I.append(_change_intent("future_app_change", (
+        "Will this user use the app more or less next month?", "How will this user's app use change next month?",
+        "Is this user's engagement with the app going up or down next month?"),
+        _APP_KEYS + _APP_SEARCH_KEYS, "app use", min_total=4))
+    I.append(_change_intent("future_money_troubles", (
+        "Will this user's money troubles get worse next month?", "Is this user heading into financial difficulty next month?",
+        "Will this user need more loans, advances or repayment help next month than before?"),
+        _STRESS_KEYS, "borrowing, repayment and cash-shortage activity", min_total=2))
     new_answers = {"none": ("No new mini-programs are expected.", "Will stick to the usual services.")}
     for b, word in _COUNT_WORDS.items():
         noun = "new mini-program" if b == "one" else "new mini-programs"
@@ -1381,7 +1450,7 @@ def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: Wor
     Like an LLM asked to write about salient behaviour, the synthesiser prefers intents where the
     user has something to report (`salient_qa_boost`) but still asks the rest.
     Returns the qa columns plus a `hallucinated` flag, before self-reflection."""
-    intents = list(INTENTS.values())
+    intents = [it for it in INTENTS.values() if config.qa_style in it.styles]
     n, n_int = len(evidence), len(intents)
     claims = [it.claim(evidence) for it in intents]
     weights = np.array([config.future_qa_weight if it.source == "future" else 1.0 for it in intents])[None, :]

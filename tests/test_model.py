@@ -94,8 +94,12 @@ def test_from_pretrained_names_a_wrong_directory(tmp_path):
 def test_config_validation_names_valid_choices():
     with pytest.raises(ValueError, match="valid choices"):
         tiny_config(finetune="half")
+    # any declared modality names are valid (datasets declare their own); malformed ones are not
+    assert tiny_config(modalities=("bill", "telepathy")).modalities == ("bill", "telepathy")
     with pytest.raises(ValueError, match="modalities"):
-        tiny_config(modalities=("bill", "telepathy"))
+        tiny_config(modalities=("bill", "bill"))
+    with pytest.raises(ValueError, match="modalities"):
+        tiny_config(modalities=("bill", "tele pathy"))
 
 
 def _small_pretrain(model, world, tmp_path, **kw):

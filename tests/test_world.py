@@ -13,6 +13,7 @@ import pytest
 
 from qanchor_lab import schema
 from qanchor_lab.world import (
+    answer_claims,
     INTENTS,
     TASK_SPECS,
     WorldConfig,
@@ -66,6 +67,7 @@ def _words(text: str) -> set[str]:
     ({"difficulty": 0.0}, "difficulty"),
     ({"hallucination_rate": 1.0}, "hallucination_rate"),
     ({"qa_per_user_min": 5, "qa_per_user_max": 2}, "qa_per_user_min"),
+    ({"qa_style": "essay"}, "qa_style"),
 ])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -257,6 +259,29 @@ def test_self_reflection_drop_share_follows_the_hallucination_rate():
     sr = noisy.manifest["self_reflection"]
     assert sr["drop_share"] > 0.85 and sr["kept"] == len(noisy.qa)
     assert sr["generated"] == sr["kept"] + sr["dropped"]
+
+
+def test_graded_qa_changes_only_what_pretraining_is_told():
+    counts = generate_world(WorldConfig(n_users=1200, seed=3, qa_style="counts"))
+    graded = generate_world(WorldConfig(n_users=1200, seed=3, qa_style="graded"))
+    for table in ("events", "profiles", "users", "labels"):
+        pd.testing.assert_frame_equal(getattr(counts, table), getattr(graded, table), obj=table)
+    assert not counts.qa["answer"].equals(graded.qa["answer"])
+    style_of = {iid: it.styles for iid, it in INTENTS.items()}
+    assert all("graded" in style_of[i] for i in graded.qa["intent"].unique())
+    assert all("counts" in style_of[i] for i in counts.qa["intent"].unique())
+
+    def null_share(w):
+        fut = w.qa[w.qa["source"] == "future"]
+        claims = pd.Series(answer_claims(fut)).str.split("|", n=1).str[1]
+        return claims.isin(["none", "few", "0|0"]).mean()
+
+    # graded D_future answers say something about far more users than next month's rare-event counts
+    assert null_share(graded) < null_share(counts) - 0.08
+    pre = graded.users_in("pretrain", "pretrain_val")
+    ev = build_evidence(graded.events[graded.events["user_id"].isin(pre)], graded.profiles[graded.profiles["user_id"].isin(pre)],
+                        start_date="2026-01-01", history_days=90)
+    assert verify_answers(graded.qa[graded.qa["source"] == "uqa"], ev).all()
 
 
 # ----------------------------------------------------------------------------------------------

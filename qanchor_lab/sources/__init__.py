@@ -1,0 +1,29 @@
+"""Data sources: every source returns the same validated tables, a `schema.World`.
+
+- `synthetic`: the UserU generator (qanchor_lab.world), with its modalities and window declared.
+- `byo`: your own tables from Parquet, CSV or pandas DataFrames (the contract: data/README.md).
+
+`load_source(name, **kw)` picks one by name; sources are imported only when used, so a source with
+heavy or optional dependencies costs nothing until asked for.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from qanchor_lab.schema import World
+
+# name -> "module:function" returning a World; add a source by adding a line.
+SOURCES: dict[str, str] = {
+    "synthetic": "qanchor_lab.sources.synthetic_source:load",
+    "byo": "qanchor_lab.sources.byo:load",
+}
+
+
+def load_source(name: str, **kwargs: Any) -> World:
+    """The World of source `name` (see SOURCES); `kwargs` go to that source's `load`."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown data source {name!r}; valid sources: {', '.join(SOURCES)}")
+    module, func = SOURCES[name].split(":")
+    return getattr(import_module(module), func)(**kwargs)

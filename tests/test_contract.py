@@ -1,0 +1,335 @@
+"""The data contract for real logs (issue 10): each defect found converting real logs has a regression
+test here, and a hand-built log (qanchor_lab.sources.example, not the synthetic generator) runs end to
+end through the byo source, pre-training and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qanchor_lab import data as D
+from qanchor_lab.data import DataValidationError
+from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available, results_markdown
+from qanchor_lab.features import FeatureSpec, OutsideWindowWarning, serialize_users
+from qanchor_lab.schema import SYNTHETIC_MODALITY_SPECS, ModalitySpec, World
+from qanchor_lab.sources import byo, load_source
+from qanchor_lab.sources.example import SHOP_MANIFEST, shop_log
+
+T = pd.Timestamp
+
+
+@pytest.fixture(scope="module")
+def shop():
+    """(tables, manifest, world) of the hand-built shop log."""
+    tables, manifest = shop_log(120, seed=0)
+    return tables, manifest, byo.load(tables, manifest=manifest)
+
+
+def _tables(shop):
+    return {k: v.copy() for k, v in shop[0].items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# modalities are declared by the dataset
+
+
+def test_dataset_declares_its_modalities(shop):
+    _, manifest, world = shop
+    assert world.modalities == ("order", "review", "support")
+    assert [s.unit for s in world.modality_specs] == ["USD", "", ""]
+    # without a declaration: the names found in the events, by name, no unit, any sign
+    tables = _tables(shop)
+    plain = byo.load(tables)
+    assert plain.modalities == ("order", "review", "support")
+    assert all(s.unit == "" and s.amount == "any" for s in plain.modality_specs)
+    # the synthetic world declares its four, and old synthetic manifests still read as them
+    assert World(*[pd.DataFrame()] * 6, manifest={"generator_version": 1}).modality_specs == SYNTHETIC_MODALITY_SPECS
+
+
+def test_undeclared_modality_and_bad_declarations_are_named(shop):
+    tables = _tables(shop)
+    tables["events"].loc[3, "modality"] = "wishlist"
+    with pytest.raises(DataValidationError, match=r"'modality' has unknown value\(s\) 'wishlist'.*user\(s\) 'c0000'.*order, review, support"):
+        byo.load(tables, manifest=SHOP_MANIFEST)
+    bad = {**SHOP_MANIFEST, "modalities": [{"name": "order", "amount": "sometimes"}]}
+    with pytest.raises(DataValidationError, match=r"amount='sometimes'; valid choices: 'positive'"):
+        byo.load(_tables(shop), manifest=bad)
+    with pytest.raises(ValueError, match=r"reserved for the tabular profile"):
+        ModalitySpec("profile")
+    from qanchor_lab.model import QAnchorConfig
+
+    assert QAnchorConfig(modalities=("order", "review")).modalities == ("order", "review")
+    with pytest.raises(ValueError, match=r"modality name 'two words' invalid"):
+        QAnchorConfig(modalities=("two words",))
+
+
+def test_saved_world_keeps_its_declarations(shop, tmp_path):
+    _, _, world = shop
+    tables = {k: v for k, v in vars(world).items() if k != "manifest"}
+    tables["profiles"] = world.profiles  # has columns here
+    D.save_world(world, tmp_path / "w")
+    back = D.load_world(tmp_path / "w")
+    assert back.modality_specs == world.modality_specs and back.history_window == world.history_window
+    # the declared sign rule is checked when a saved world is read back
+    manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    manifest["modalities"][0]["amount"] = "positive"
+    (tmp_path / "w" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataValidationError, match=r"must be > 0 for modality 'order'"):
+        D.load_world(tmp_path / "w")
+
+
+# ---------------------------------------------------------------------------------------------------
+# refunds and units
+
+
+def test_amount_sign_rules_follow_the_declaration(shop):
+    tables, _, _ = shop
+    events = tables["events"]
+    refund_user = events.loc[events["amount"] < 0, "user_id"].iloc[0]
+    positive = [{"name": "order", "amount": "positive"}, "review", "support"]
+    with pytest.raises(DataValidationError, match=rf"'amount' must be > 0 for modality 'order'.*user '{refund_user}': -\d+.*amount='any'"):
+        D.validate_events(events, modalities=positive)
+    D.validate_events(events, modalities=SHOP_MANIFEST["modalities"])  # refunds declared: accepted
+    bad = events.copy()
+    bad.loc[bad["modality"] == "review", "amount"] = 3.0
+    with pytest.raises(DataValidationError, match=r"must be 0 \(the modality carries no amounts\) for modality 'review'"):
+        D.validate_events(bad, modalities=SHOP_MANIFEST["modalities"])
+
+
+def test_serialisation_prints_the_declared_unit(shop):
+    _, _, world = shop
+    uid = world.events.loc[world.events["modality"] == "order", "user_id"].iloc[0]
+    declared = serialize_users(world.events, world.profiles, [uid], modalities=world.modality_specs)[0]
+    assert "Orders (" in declared and " USD" in declared and "CNY" not in declared
+    bare = serialize_users(world.events, world.profiles, [uid])[0]
+    assert "USD" not in bare and "CNY" not in bare and "Order (" in bare
+    # the synthetic world keeps its currency because it declares it
+    syn = pd.DataFrame({"user_id": ["u"], "modality": ["bill"], "timestamp": [T("2026-01-02")], "text": ["Paid"],
+                        "amount": [12.5]})
+    assert "Paid 12.5 CNY" in serialize_users(syn, None, ["u"], modalities=SYNTHETIC_MODALITY_SPECS)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# duplicates, users without events
+
+
+def test_exact_repeats_are_kept_and_counted(shop):
+    tables, _, world = shop
+    assert len(world.events) == len(tables["events"])  # nothing merged or dropped
+    n_dup = int(tables["events"].duplicated().sum())
+    assert n_dup > 0 and world.manifest["counts"]["duplicate_event_rows"] == n_dup
+    ev = world.events
+    dup_user = ev.loc[ev.duplicated(keep="first"), "user_id"].iloc[0]
+    spec = FeatureSpec.fit_world(world)
+    row = spec.frame(ev, world.profiles, [dup_user]).loc[dup_user]
+    start, end = world.history_window
+    mine = ev[(ev["user_id"] == dup_user) & (ev["modality"] == "order") & (ev["timestamp"] >= start) & (ev["timestamp"] < end)]
+    assert row["order.count_log1p"] == pytest.approx(math.log1p(len(mine)), rel=1e-5)  # both repeats count
+
+
+def test_users_without_events_are_real_users(shop):
+    _, _, world = shop
+    have = set(world.events["user_id"])
+    quiet = [u for u in world.users["user_id"] if u not in have]
+    assert quiet, "the example has profile-only users"
+    no_review = [u for u in have if not ((world.events["user_id"] == u) & (world.events["modality"] == "review")).any()]
+    assert no_review
+    with pytest.raises(DataValidationError, match=r"have no events"):
+        D.check_users_have_events(world.events, world.users)  # only on request
+    D.check_world(world)  # the default accepts them
+
+
+def test_profile_only_and_single_modality_users_get_finite_embeddings(tiny_model, small_world):
+    w = small_world
+    real = w.users_in("test")[0]
+    bill_only = w.events[(w.events["user_id"] == real) & (w.events["modality"] == "bill")].assign(user_id="bill_only")
+    events = pd.concat([w.events, bill_only], ignore_index=True)
+    profiles = pd.concat([w.profiles, w.profiles[w.profiles["user_id"] == real].assign(user_id="profile_only")])
+    ids = [real, "bill_only", "profile_only", "nothing_at_all"]
+    store = tiny_model.behaviour(events, profiles, ids)
+    batch = store.batch(store.indices(ids))
+    assert not batch.masks["search"][1].any() and not any(batch.masks[m][2].any() for m in batch.masks)
+    emb = tiny_model.eval().encode(store, ["Will this user churn?", "Will this user travel?"])  # (4, 2, d)
+    assert emb.shape[:2] == (4, 2) and np.isfinite(emb).all()
+    norms = np.linalg.norm(emb, axis=-1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+    assert not np.allclose(emb[1], emb[2])  # the bill events reach the embedding
+
+
+# ---------------------------------------------------------------------------------------------------
+# windows
+
+
+def _spread_events():
+    """One user with events over 200 days, another only at the start."""
+    ts = [T("2025-01-01") + pd.Timedelta(days=d) for d in (0, 50, 120, 199)]
+    return pd.DataFrame({"user_id": ["a"] * 4 + ["b"], "modality": ["x"] * 5,
+                         "timestamp": ts + [T("2025-01-03")], "text": ["e"] * 5})
+
+
+def test_feature_window_defaults_to_all_history_without_dropping():
+    ev = _spread_events()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutsideWindowWarning)
+        spec = FeatureSpec.fit(ev, None)
+    assert spec.history_days == 200 and spec.window_end == "2025-07-20T00:00:00"
+    assert spec.events_before_window == spec.events_after_window == 0
+    assert spec.frame(ev, None, ["a"]).loc["a", "x.count_log1p"] == pytest.approx(math.log(5))
+
+
+def test_declared_window_counts_and_warns_about_what_it_leaves_out():
+    ev = _spread_events()
+    with pytest.warns(OutsideWindowWarning, match=r"3 of the reference users' 5 events fall outside.*\(3 before, 0 at or after"):
+        spec = FeatureSpec.fit(ev, None, window_end="2025-07-20", history_days=90)
+    assert (spec.events_before_window, spec.events_after_window) == (3, 0)
+    with pytest.warns(OutsideWindowWarning, match=r"\(0 before, 2 at or after"):
+        spec = FeatureSpec.fit(ev, None, window_start="2025-01-01", window_end="2025-03-01")
+    assert spec.history_days == 59
+    with pytest.raises(ValueError, match="window_start or history_days, not both"):
+        FeatureSpec.fit(ev, None, window_start="2025-01-01", history_days=30)
+
+
+def test_the_declared_window_reaches_features_and_sequences(shop, tiny_model):
+    from qanchor_lab.pipeline import DemoConfig, build_model
+
+    _, _, world = shop
+    spec = FeatureSpec.fit_world(world)
+    assert spec.window == world.history_window
+    assert spec.events_before_window > 0 and spec.events_after_window > 0
+    cfg = replace(DemoConfig.fast(), text_encoder="hashing")
+    model = build_model(world, cfg)
+    assert model.config.modalities == world.modalities and model.feature_spec.window == world.history_window
+    # a user whose only support ticket lies after the window has an empty support sequence
+    ev = world.events
+    late = ev[ev["timestamp"] >= world.history_window[1]]
+    uid = next(u for u in late["user_id"] if not ((ev["user_id"] == u) & (ev["modality"] == "support")
+                                                   & (ev["timestamp"] < world.history_window[1])).any())
+    store = model.behaviour(ev, world.profiles, [uid])
+    assert not store.batch([0]).masks["support"].any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# text reaches the hand-crafted features
+
+
+def test_a_status_in_the_text_counts_in_the_features(shop):
+    _, _, world = shop
+    spec = FeatureSpec.fit_world(world)
+    assert "returned" in spec.words["order"]
+    start, end = world.history_window
+    ev = world.events[(world.events["timestamp"] >= start) & (world.events["timestamp"] < end)]
+    n_returned = ev[ev["text"].str.contains("returned")].groupby("user_id").size()
+    uid = n_returned.idxmax()
+    value = spec.frame(world.events, world.profiles, [uid]).loc[uid, "order.word=returned.count_log1p"]
+    assert value == pytest.approx(math.log1p(n_returned[uid]), rel=1e-5)
+
+
+def test_specs_saved_before_text_features_load_unchanged(shop):
+    _, _, world = shop
+    spec = FeatureSpec.fit_world(world, max_words=0)
+    old = {k: v for k, v in spec.to_dict().items() if k not in ("words", "events_before_window", "events_after_window")}
+    again = FeatureSpec.from_dict(old)
+    np.testing.assert_array_equal(again.transform(world.events, world.profiles, ["c0001"]),
+                                  spec.transform(world.events, world.profiles, ["c0001"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation without an oracle
+
+
+def test_oracle_is_skipped_when_labels_carry_no_oracle_prob(shop):
+    _, _, world = shop
+    test = world.users_in("test")
+    assert not oracle_available(world.labels, test)
+    with_oracle = world.labels.assign(oracle_prob=0.5)
+    assert oracle_available(with_oracle, test)
+    half = with_oracle.copy()
+    half.loc[half.index[:3], "oracle_prob"] = np.nan
+    with pytest.raises(DataValidationError, match=r"oracle_prob is given for some test rows but missing"):
+        oracle_available(half, test)
+    scores = {"const": world.labels[["user_id", "task_id"]].assign(score=np.arange(len(world.labels)) % 7)}
+    metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=10, seed=0)
+    metrics["skipped_methods"] = {"oracle": NO_ORACLE}
+    assert "Not evaluated: oracle (true probability): labels carry no oracle_prob" in results_markdown(metrics)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the byo source
+
+
+def test_byo_reads_csv_parquet_and_frames_alike(shop, tmp_path):
+    tables, manifest, world = shop
+    for fmt in ("csv", "parquet"):
+        d = tmp_path / fmt
+        d.mkdir()
+        for name, df in tables.items():
+            getattr(df, f"to_{fmt}")(d / f"{name}.{fmt}", index=False)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        back = load_source("byo", source=d)
+        for name in ("events", "users", "qa", "tasks", "labels"):
+            pd.testing.assert_frame_equal(back.table(name), world.table(name), check_dtype=False)
+        assert back.manifest["counts"] == world.manifest["counts"]
+
+
+def test_byo_errors_name_table_column_user_value(shop, tmp_path):
+    tables = _tables(shop)
+    with pytest.raises(DataValidationError, match=r"missing required table\(s\) 'users'"):
+        byo.load({"events": tables["events"]})
+    with pytest.raises(DataValidationError, match=r"unknown table name\(s\) 'orders'"):
+        byo.load({**tables, "orders": tables["events"]})
+    users = tables["users"].copy()
+    users.loc[0, "split"] = "test"  # a pre-training user in the test split
+    with pytest.raises(DataValidationError, match=r"users: 1 user\(s\) have a split outside their population \('c0000': pretrain/test"):
+        byo.load({**tables, "users": users})
+    labels = pd.concat([tables["labels"], tables["labels"].iloc[[0]].assign(user_id="c0001")])
+    with pytest.raises(DataValidationError, match=r"labels: 1 row\(s\) belong to users outside the downstream population: 'c0001'"):
+        byo.load({**tables, "labels": labels})
+    events = tables["events"].astype({"timestamp": object})
+    events.loc[5, "timestamp"] = "yesterday"
+    with pytest.raises(DataValidationError, match=r"events: column 'timestamp' has 1 unparseable.*'yesterday'"):
+        byo.load({**tables, "events": events})
+    no_qa = {k: v for k, v in tables.items() if k != "qa"}
+    assert byo.load(no_qa).qa.empty  # optional for the source...
+    d = tmp_path / "no_qa"
+    d.mkdir()
+    for name, df in no_qa.items():
+        df.to_csv(d / f"{name}.csv", index=False)
+    from qanchor_lab.pipeline import load_dataset
+
+    world = load_dataset(d)  # ...and the demo derives pre-training pairs from the event log (derive_qa)
+    assert set(world.qa["source"]) == {"uqa", "future"}
+    assert set(world.qa["user_id"]) <= set(world.users_in("pretrain", "pretrain_val"))
+
+
+@pytest.mark.slow
+def test_hand_built_log_runs_end_to_end(shop, tmp_path):
+    """A user's own directory (CSV, custom modalities, repeats, refunds, quiet users, events outside the
+    window, no oracle) through load_dataset, pre-training and every method of the evaluation."""
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run, load_dataset, pretrain_world
+
+    tables, manifest, _ = shop
+    d = tmp_path / "my_shop"
+    d.mkdir()
+    for name, df in tables.items():
+        df.to_csv(d / f"{name}.csv", index=False)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    world = load_dataset(d)
+    cfg = replace(DemoConfig.fast(), text_encoder="hashing", max_steps=3, batch_size=8, tune_epochs=1, n_boot=20,
+                  retrieval_pairs=40, text_max_chars=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideWindowWarning)  # the example has events outside its window
+        model, summary = pretrain_world(world, tmp_path / "run" / "model", cfg, show_progress=False)
+        metrics = evaluate_run(model, world, cfg, tmp_path / "run", show_progress=False)
+    assert summary["steps"] == 3 and model.config.modalities == ("order", "review", "support")
+    assert "oracle" not in metrics["methods"] and metrics["skipped_methods"] == {"oracle": NO_ORACLE}
+    expected = {"gbdt_features", "logreg_features", "tfidf_features", "text_embedding", "static_embedding",
+                "untrained", "qanchor_base", "qanchor_prompt_tuned", "qanchor_plus_features"}
+    assert set(metrics["methods"]) == expected
+    for entry in metrics["methods"].values():
+        assert 0.0 <= entry["avg_auc"] <= 1.0 and set(entry["tasks"]) == set(tables["tasks"]["task_id"])
