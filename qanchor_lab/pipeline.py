@@ -91,6 +91,9 @@ class DemoConfig:
 
 
 def world_dir(cfg: DemoConfig) -> Path:
+    """Where the demo's dataset lives (diagnose finds a run's data through this too)."""
+    if cfg.dataset == "movielens":
+        return DATA_ROOT / f"movielens-100k-seed{cfg.seed}"
     return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
 
 
@@ -99,7 +102,7 @@ def ensure_dataset(cfg: DemoConfig):
     if cfg.dataset == "movielens":
         from qanchor_lab.sources.movielens import MovieLensConfig, ensure_movielens
 
-        return ensure_movielens(cfg=MovieLensConfig(seed=cfg.seed))
+        return ensure_movielens(world_dir(cfg), MovieLensConfig(seed=cfg.seed))
     return ensure_world(world_dir(cfg), cfg.world_config())
 
 

@@ -175,6 +175,9 @@ def test_demo_option_and_config():
         build_parser().parse_args(["demo", "--dataset", "netflix"])
     with pytest.raises(ValueError, match="dataset='netflix'; valid choices"):
         DemoConfig(dataset="netflix")
+    from qanchor_lab.pipeline import world_dir
+
+    assert world_dir(DemoConfig(dataset="movielens", seed=3)).name == "movielens-100k-seed3"  # where diagnose looks
 
 
 @pytest.mark.slow

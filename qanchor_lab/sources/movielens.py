@@ -322,20 +322,18 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     return world
 
 
-def world_dir(cfg: MovieLensConfig, root: str | Path | None = None) -> Path:
-    from qanchor_lab.pipeline import DATA_ROOT
-
-    return Path(root or DATA_ROOT) / f"movielens-100k-seed{cfg.seed}"
-
-
 def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | None = None) -> World:
-    """The MovieLens World saved in `out_dir` (default data/movielens-100k-seedN): reused when its manifest
-    records this config and source version, else built (fetching the wheel if needed) and saved."""
+    """The MovieLens World saved in `out_dir` (default: pipeline.world_dir, data/movielens-100k-seedN): reused
+    when its manifest records this config and source version, else built (fetching the wheel if needed) and saved."""
     from qanchor_lab.data import MANIFEST_FILE, load_world, save_world
     from qanchor_lab.schema import TABLES
 
     cfg = cfg or MovieLensConfig()
-    root = Path(out_dir) if out_dir is not None else world_dir(cfg)
+    if out_dir is None:
+        from qanchor_lab.pipeline import DemoConfig, world_dir
+
+        out_dir = world_dir(DemoConfig(dataset="movielens", seed=cfg.seed))
+    root = Path(out_dir)
     path = root / MANIFEST_FILE
     if path.is_file() and all((root / f"{t}.parquet").is_file() for t in TABLES):
         try:
