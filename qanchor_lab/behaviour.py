@@ -1,7 +1,7 @@
 """Pack users' event logs into fixed-size tensors the hierarchical encoder reads.
 
 Each distinct event text is encoded once (cached on disk by the text encoder); an event's vector is
-`[text vector, log1p(amount), log1p(days since previous event of that modality), recency]`. Per user and
+`[text vector, signed log1p(amount), log1p(days since previous event of that modality), recency]`. Per user and
 modality the `max_events` most recent events inside the feature spec's history window are kept, oldest
 first; a modality a user never used (or a user with no events at all) is all padding, so such users get
 an embedding from what they have. The tabular modality is the standardised hand-crafted feature vector
@@ -56,8 +56,9 @@ def sorted_events(events: pd.DataFrame, user_ids, modalities: Sequence[str],
 
 
 def event_numeric_fields(ev: pd.DataFrame, feature_spec: FeatureSpec) -> np.ndarray:
-    """(E, 3) numeric fields of events sorted by `sorted_events`: log1p(amount), log1p(days since the
+    """(E, 3) numeric fields of events sorted by `sorted_events`: sign(amount) log1p(|amount|), log1p(days since the
     previous event of the same user and modality), and days before the window end / window length."""
+    amount = ev["amount"].to_numpy(dtype=np.float64)                 # (E,) negative for refunds / credits
     window_end = pd.Timestamp(feature_spec.window_end)
     days_before_end = (window_end - ev["timestamp"]).dt.total_seconds().to_numpy() / 86400.0
     same_group = (ev["user_id"].to_numpy() == np.roll(ev["user_id"].to_numpy(), 1)) & (
@@ -65,7 +66,7 @@ def event_numeric_fields(ev: pd.DataFrame, feature_spec: FeatureSpec) -> np.ndar
     same_group[:1] = False
     gap = np.where(same_group, np.roll(days_before_end, 1) - days_before_end, feature_spec.history_days)
     return np.stack([
-        np.log1p(np.clip(ev["amount"].to_numpy(dtype=np.float64), 0, None)),
+        np.sign(amount) * np.log1p(np.abs(amount)),  # signed: a refund stays a refund
         np.log1p(np.clip(gap, 0, None)),
         days_before_end / feature_spec.history_days,
     ], axis=1).astype(np.float32)                                     # (E, 3)

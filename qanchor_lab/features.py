@@ -4,7 +4,8 @@
 users' events + profile into one fixed-width row: counts, amounts, dwell, recency, a recent-activity
 share and active days per modality and per (modality, category), per-channel counts, counts of the
 frequent words of the event text per modality (so a status written in the text, "refunded", "late",
-counts even when `category` does not carry it), and the profile columns. The history window comes from
+counts even when `category` does not carry it), refund counts and sums where a modality has negative
+amounts, and the profile columns. The history window comes from
 the dataset's declaration or the caller (default: all history); the events of the reference users
 that fall outside it are counted on the spec and warned about, never dropped silently. The same fitted spec feeds the model's tabular modality (standardised) and the GBDT /
 logistic-regression baselines, so both see exactly the same numbers. It saves to plain JSON.
@@ -184,6 +185,9 @@ class FeatureSpec:
     # reference users' events outside [end - history_days, end) at fit time: before the window / at or after its end
     events_before_window: int = 0
     events_after_window: int = 0
+    # modalities with negative amounts (refunds, credits) among the reference events: they get a refund
+    # count and refund sum; the amount features above sum the positive amounts only
+    refund_modalities: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.history_days < 1:
@@ -300,6 +304,7 @@ class FeatureSpec:
         words: dict[str, list[str]] = {}
         channels: dict[str, list[str]] = {}
         amount_mods: list[str] = []
+        refund_mods: list[str] = []
         duration_mods: list[str] = []
         for m in modalities:
             sub = ref_ev[ref_ev["modality"] == m]
@@ -309,6 +314,8 @@ class FeatureSpec:
                 channels[m] = _top_values(sub["channel"], max_categories)
             if (sub["amount"] != 0).any():
                 amount_mods.append(m)
+            if (sub["amount"] < 0).any():
+                refund_mods.append(m)
             if (sub["duration_s"] > 0).any():
                 duration_mods.append(m)
 
@@ -335,6 +342,7 @@ class FeatureSpec:
             words={m: w for m, w in words.items() if w},
             events_before_window=before,
             events_after_window=after,
+            refund_modalities=refund_mods,
         )
         spec.feature_names = spec._names()
         raw = spec._compute(ev, prof, ref)  # (n_ref, F) float64
@@ -376,6 +384,8 @@ class FeatureSpec:
             for ch in self.channels.get(m, []) + ([OTHER] if self.channels.get(m) else []):
                 names.append(f"{m}.channel={ch}.count_log1p")
             names += [f"{m}.word={w}.count_log1p" for w in self.words.get(m, [])]
+            if m in self.refund_modalities:
+                names += [f"{m}.refund.count_log1p", f"{m}.refund.amount_sum_log1p"]
         names += [f"profile.{c}" for c in self.profile_columns]
         names.append("profile.missing")
         return names
@@ -397,7 +407,8 @@ class FeatureSpec:
         age = ((end - ev["timestamp"]).to_numpy() / np.timedelta64(1, "D")).astype(np.float64)  # (E,) days before end
         day = ((ev["timestamp"] - start).to_numpy() // np.timedelta64(1, "D")).astype(np.int64)  # (E,)
         recent = age <= RECENT_DAYS  # (E,)
-        amount = ev["amount"].to_numpy(np.float64)  # (E,)
+        signed = ev["amount"].to_numpy(np.float64)  # (E,) refunds / credits negative
+        amount = np.clip(signed, 0.0, None)  # (E,) the amount features sum what was paid; refunds apart below
         dur = ev["duration_s"].to_numpy(np.float64)  # (E,)
         mod = ev["modality"].to_numpy()
         cat = ev["category"].to_numpy()
@@ -432,6 +443,10 @@ class FeatureSpec:
             if kept_w:
                 cnt = _word_counts(ev["text"].to_numpy()[in_m], u_m, kept_w, n)  # (n, W) events containing each word
                 cols += [np.log1p(cnt[:, j]) for j in range(len(kept_w))]
+            if m in self.refund_modalities:
+                neg = signed[in_m] < 0
+                cols += [np.log1p(np.bincount(u_m[neg], minlength=n).astype(np.float64)),
+                         np.log1p(np.bincount(u_m[neg], weights=-signed[in_m][neg], minlength=n))]
 
         fill = np.asarray(self.profile_fill, dtype=np.float64)  # (P,)
         if self.profile_columns:
@@ -515,7 +530,7 @@ class FeatureSpec:
 
 
 # Fields added after FEATURE_SPEC_VERSION 1 was first saved; their defaults reproduce the old features.
-_LATER_FIELDS = ("words", "events_before_window", "events_after_window")
+_LATER_FIELDS = ("words", "events_before_window", "events_after_window", "refund_modalities")
 
 
 def _naive(t: str | pd.Timestamp) -> pd.Timestamp:

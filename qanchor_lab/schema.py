@@ -81,7 +81,7 @@ def modality_specs(declared: Sequence[ModalitySpec | Mapping[str, Any] | str]) -
     return specs
 
 
-# The synthetic UserU world's declaration (qanchor_lab.world writes it into its manifest). Other
+# The synthetic UserU world's declaration (qanchor_lab.sources.synthetic writes it into its manifest). Other
 # datasets declare their own; nothing downstream assumes these names.
 SYNTHETIC_MODALITY_SPECS: tuple[ModalitySpec, ...] = (
     ModalitySpec("bill", "Bills", unit="CNY", amount="positive", description="a payment"),

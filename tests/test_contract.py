@@ -230,13 +230,35 @@ def test_a_status_in_the_text_counts_in_the_features(shop):
     assert value == pytest.approx(math.log1p(n_returned[uid]), rel=1e-5)
 
 
-def test_specs_saved_before_text_features_load_unchanged(shop):
+def test_refunds_are_features_and_keep_their_sign_in_sequences(shop):
+    from qanchor_lab.behaviour import event_numeric_fields, sorted_events
+
     _, _, world = shop
+    spec = FeatureSpec.fit_world(world)
+    assert spec.refund_modalities == ["order"]
+    start, end = world.history_window
+    ev = world.events[(world.events["timestamp"] >= start) & (world.events["timestamp"] < end)]
+    refunds = ev[ev["amount"] < 0].groupby("user_id")["amount"].agg(["size", "sum"])
+    uid = refunds["size"].idxmax()
+    row = spec.frame(world.events, world.profiles, [uid]).loc[uid]
+    assert row["order.refund.count_log1p"] == pytest.approx(math.log1p(refunds.loc[uid, "size"]), rel=1e-5)
+    assert row["order.refund.amount_sum_log1p"] == pytest.approx(math.log1p(-refunds.loc[uid, "sum"]), rel=1e-5)
+    paid = ev[(ev["user_id"] == uid) & (ev["modality"] == "order") & (ev["amount"] > 0)]["amount"].sum()
+    assert row["order.amount_sum_log1p"] == pytest.approx(math.log1p(paid), rel=1e-5)  # what was paid, not net
+    mine = sorted_events(world.events, [uid], ["order"], spec.window)
+    numeric = event_numeric_fields(mine, spec)  # (E, 3)
+    np.testing.assert_array_equal(numeric[:, 0] < 0, mine["amount"].to_numpy() < 0)
+
+
+def test_specs_saved_before_text_features_load_unchanged(small_world):
+    world = small_world  # no refunds, and no words: what a version-1 spec computed
     spec = FeatureSpec.fit_world(world, max_words=0)
-    old = {k: v for k, v in spec.to_dict().items() if k not in ("words", "events_before_window", "events_after_window")}
+    old = {k: v for k, v in spec.to_dict().items()
+           if k not in ("words", "events_before_window", "events_after_window", "refund_modalities")}
     again = FeatureSpec.from_dict(old)
-    np.testing.assert_array_equal(again.transform(world.events, world.profiles, ["c0001"]),
-                                  spec.transform(world.events, world.profiles, ["c0001"]))
+    ids = world.users_in("test")[:50]
+    np.testing.assert_array_equal(again.transform(world.events, world.profiles, ids),
+                                  spec.transform(world.events, world.profiles, ids))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Data sources: every source returns the same validated tables, a `schema.World`.
 
-- `synthetic`: the UserU generator (qanchor_lab.world), with its modalities and window declared.
+- `synthetic`: the UserU generator (qanchor_lab.sources.synthetic), with its modalities and window declared.
 - `byo`: your own tables from Parquet, CSV or pandas DataFrames (the contract: data/README.md).
 
 `load_source(name, **kw)` picks one by name; sources are imported only when used, so a source with
@@ -16,7 +16,7 @@ from qanchor_lab.schema import World
 
 # name -> "module:function" returning a World; add a source by adding a line.
 SOURCES: dict[str, str] = {
-    "synthetic": "qanchor_lab.sources.synthetic_source:load",
+    "synthetic": "qanchor_lab.sources.synthetic:load",
     "byo": "qanchor_lab.sources.byo:load",
 }
 
