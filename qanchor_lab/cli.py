@@ -51,9 +51,13 @@ def _cmd_demo(args) -> int:
     from qanchor_lab.pipeline import RUNS_ROOT, DemoConfig, run_demo
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    cfg.dataset = args.dataset
+    cfg.__post_init__()
     if args.backbone:
         cfg.backbone = args.backbone
-    default = "demo-fast" if args.fast else "demo"
+    if args.data and args.dataset != "synthetic":
+        raise ValueError(f"give --data DIR or --dataset {args.dataset}, not both")
+    default = ("demo" if args.dataset == "synthetic" else f"demo-{args.dataset}") + ("-fast" if args.fast else "")
     if args.data:
         default += f"-{Path(args.data).resolve().name}"
     if args.seed is not None:
@@ -117,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
     m.add_argument("--seed", type=int, default=None, help="world and training seed (default 7; the run goes to runs/demo-seedN)")
     m.add_argument("--backbone", default=None)
+    m.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"],
+                   help="synthetic UserU world (default) or MovieLens-100K (fetched once from the PyPI wheel "
+                        "recbole==1.2.1 into ~/.cache/qanchor_lab; runs/demo-movielens)")
     m.add_argument("--data", default=None, help="a directory of your own tables (data/README.md) instead of the "
-                   "synthetic world; the run goes to runs/demo-<dir name>")
+                   "synthetic world; the run goes to runs/demo-<dir name>; without a qa table, QA pairs are "
+                   "derived from the event log")
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 

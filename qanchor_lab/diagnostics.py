@@ -15,7 +15,8 @@ stage of the model keeps about users whose truth the synthetic world knows:
 - `claim_accuracy`: on held-out pre-training users, is the answer the anchor embedding is closest to
   the right claim? Compared with the majority claim and with logistic regression / GBDT on the model's
   own tabular input (the yardstick a model that reads its input should reach).
-- `perfect_qa_learner_r2`: how much of the oracle score the D_uqa claims could explain at best.
+- `perfect_qa_learner_r2`: how much of the oracle score (the task label on real data) the D_uqa claims could
+  explain at best, for the synthetic QA or QA derived from any log (derive_qa).
 
 Everything is judged on downstream `tune` users or `pretrain_val` users, never on `test` users, and is
 deterministic given `seed`. `diagnose` runs it all (trained and untrained side by side) and returns a
@@ -476,50 +477,92 @@ def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int 
 PERFECT_QA_NOTE = ("D_future intents ({n}) are left out: their claims come from a future window that downstream "
                    "users do not have in the world. The one-hot D_uqa claims are what a model that learned every "
                    "D_uqa answer perfectly would know.")
+NO_ORACLE_TARGET = ("the labels carry no oracle_prob (real data), so the target is the 0/1 task label itself: "
+                    "R² of a linear probability model, bounded well below 1 by the label noise")
 
 
-def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature_spec=None, folds: int = 5,
-                          seed: int = 0) -> dict[str, Any]:
-    """Ridge R² of the one-hot D_uqa claims of `users` against each task's oracle score, next to the R²
-    of the FeatureSpec vector (the model's tabular input) for the same users.
+def _perfect_qa_targets(world, users: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """(users, tasks) target of the perfect-learner probe and its name: the oracle logit where the labels
+    carry oracle_prob, else the 0/1 labels (real data has no known truth)."""
+    lab = world.labels[world.labels["user_id"].isin(set(users))]
+    if lab.empty:
+        return pd.DataFrame(index=pd.Index(list(users), name="user_id")), "oracle_logit"
+    if lab["oracle_prob"].notna().all():
+        return oracle_targets(world, users), "oracle_logit"
+    y = lab.pivot(index="user_id", columns="task_id", values="label").reindex(list(users))
+    if y.isna().any().any():
+        missing = y.index[y.isna().any(axis=1)].tolist()
+        raise ValueError(f"{len(missing)} user(s) lack task labels, e.g. {missing[:5]}")
+    return y[[t for t in world.tasks["task_id"] if t in y.columns]].astype(np.float64), "label"
 
-    Claims are derived with `INTENTS[i].claim` from evidence built over the history window only
-    (`build_evidence` with the manifest's start_date/history_days). `feature_spec` defaults to one
-    fitted on the world's `pretrain` users, as `QAnchorModel.from_data` does. Needs users with labels."""
-    from qanchor_lab.features import FeatureSpec
 
-    users = _check_users(world, users)
-    oracle = oracle_targets(world, users)
-    if oracle.shape[1] == 0:
-        raise ValueError("perfect_qa_learner_r2 needs users with task labels (the tune split), "
-                         f"the {len(users)} given have none")
+def _uqa_claims(world, users: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """(users, D_uqa intents) claims from the history window, and the D_future intents left out: the
+    world's derived-QA fit when its QA was derived from the log (manifest `derived_qa`), else the
+    synthetic world's INTENTS over the manifest's history window."""
+    ids = pd.Index(users)
+    derived = (world.manifest or {}).get("derived_qa")
+    if derived:
+        from qanchor_lab.derive_qa import claims_for
+
+        fit = derived["fit"]
+        if "cutoff" not in world.users.columns:
+            raise ValueError("perfect_qa_learner_r2: the world's QA was derived but its users table lacks the "
+                             "'cutoff' column (see derive_qa.derive_world_qa)")
+        windows = world.users.set_index("user_id").loc[ids, ["cutoff", "window_start", "window_end"]]
+        windows = windows.assign(window_start=pd.NaT, window_end=pd.NaT)   # D_uqa: the input window only
+        claims = claims_for(world.events[world.events["user_id"].isin(ids)], windows, fit, profiles=world.profiles)
+        future = [i for i in fit["kept"] if i not in claims.columns]
+        return claims, future
     cfg = world.manifest.get("config", {}) if world.manifest else {}
     if "start_date" not in cfg or "history_days" not in cfg:
         raise ValueError("perfect_qa_learner_r2: the world's manifest lacks config.start_date/history_days, "
-                         "which the evidence window needs")
-    ids = pd.Index(users)
+                         "which the evidence window needs, and has no derived_qa fit")
     evidence = build_evidence(world.events[world.events["user_id"].isin(ids)],
                               world.profiles[world.profiles["user_id"].isin(ids)],
                               start_date=cfg["start_date"], history_days=int(cfg["history_days"]))
     evidence = evidence.reindex(ids)
     uqa = [i for i, it in INTENTS.items() if it.source == "uqa"]
     future = [i for i, it in INTENTS.items() if it.source != "uqa"]
-    claims = pd.DataFrame({i: INTENTS[i].claim(evidence) for i in uqa}, index=ids)
+    return pd.DataFrame({i: INTENTS[i].claim(evidence) for i in uqa}, index=ids), future
+
+
+def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature_spec=None, folds: int = 5,
+                          seed: int = 0) -> dict[str, Any]:
+    """Ridge R² of the one-hot D_uqa claims of `users` against each task's target, next to the R² of the
+    FeatureSpec vector (the model's tabular input) for the same users.
+
+    The target is the oracle score (logit of oracle_prob) in the synthetic world and the 0/1 task label
+    where the dataset has no oracle. Claims are the synthetic INTENTS' over the history window, or, for a
+    world whose QA was derived from its log (`derive_qa`), the derived D_uqa intents under the stored fit.
+    `feature_spec` defaults to one fitted on the world's `pretrain` users over its declared history window,
+    as the demo's model is. Needs users with labels."""
+    from qanchor_lab.features import FeatureSpec
+
+    users = _check_users(world, users)
+    target, target_name = _perfect_qa_targets(world, users)
+    if target.shape[1] == 0:
+        raise ValueError("perfect_qa_learner_r2 needs users with task labels (the tune split), "
+                         f"the {len(users)} given have none")
+    claims, future = _uqa_claims(world, users)
     onehot = pd.get_dummies(claims.astype(str), prefix_sep="=").to_numpy(np.float64)   # (U, sum of claims)
     spec = FeatureSpec.from_dict(feature_spec) if isinstance(feature_spec, dict) else feature_spec
     if spec is None:
-        spec = FeatureSpec.fit(world.events, world.profiles, user_ids=world.users_in("pretrain"))
+        start, end = world.history_window
+        spec = FeatureSpec.fit(world.events, world.profiles, user_ids=world.users_in("pretrain"),
+                               window_start=start, window_end=end, modalities=world.modality_specs)
     feats = spec.transform(world.events, world.profiles, users, standardize=True)     # (U, F)
-    Y = oracle.to_numpy()
+    Y = target.to_numpy()
     r2_claims = probe_r2_many(onehot, Y, folds=folds, seed=seed)
     r2_feats = probe_r2_many(feats, Y, folds=folds, seed=seed)
     return {
-        "n_users": len(users), "n_intents": len(uqa), "n_columns": int(onehot.shape[1]),
+        "n_users": len(users), "n_intents": int(claims.shape[1]), "n_columns": int(onehot.shape[1]),
+        "target": target_name,
         "claims_r2": float(r2_claims.mean()), "features_r2": float(r2_feats.mean()),
         "per_task": [{"task_id": t, "claims_r2": float(a), "features_r2": float(b)}
-                     for t, a, b in zip(oracle.columns, r2_claims, r2_feats)],
+                     for t, a, b in zip(target.columns, r2_claims, r2_feats)],
         "left_out_intents": future,
-        "note": PERFECT_QA_NOTE.format(n=len(future)),
+        "note": PERFECT_QA_NOTE.format(n=len(future)) + ("" if target_name == "oracle_logit" else f" Here {NO_ORACLE_TARGET}."),
     }
 
 
@@ -698,7 +741,8 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
           "margin_*: cos(anchor, own answer) - mean cos(anchor, other-claim answers).")
     pq = diag["perfect_qa"]
     parts.append(f"## Perfect QA learner\n\nOne-hot D_uqa claims ({pq['n_intents']} intents, {pq['n_columns']} "
-                 f"columns) vs the FeatureSpec vector, ridge R² against the oracle score on {pq['n_users']} tune "
+                 f"columns) vs the FeatureSpec vector, ridge R² against the "
+                 f"{'oracle score' if pq.get('target', 'oracle_logit') == 'oracle_logit' else '0/1 task label'} on {pq['n_users']} tune "
                  f"users: claims {_fmt(pq['claims_r2'])}, features {_fmt(pq['features_r2'])}.\n\n"
                  + _md_table(pq["per_task"], ["task_id", "claims_r2", "features_r2"]) + f"\n\nNote: {pq['note']}")
     return "\n\n".join(parts) + "\n"

@@ -40,8 +40,12 @@ DATA_ROOT = Path(os.environ.get("QANCHOR_DATA", project_root() / "data"))
 RUNS_ROOT = Path(os.environ.get("QANCHOR_RUNS", project_root() / "runs"))
 
 
+DATASETS = ("synthetic", "movielens")  # what `dataset` may name: the UserU world or a named real source
+
+
 @dataclass
 class DemoConfig:
+    dataset: str = "synthetic"     # synthetic (UserU, n_users) | movielens (MovieLens-100K, sources/movielens.py)
     n_users: int = 6000            # synthetic world size
     seed: int = 7                  # world seed; model and training seeds derive from it
     backbone: str = "tiny"         # tiny | smollm2 | HF id / local dir
@@ -56,6 +60,10 @@ class DemoConfig:
     n_boot: int = 1000             # bootstrap resamples for the CIs
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
     text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r}; valid choices: {', '.join(map(repr, DATASETS))}")
 
     @classmethod
     def fast(cls) -> "DemoConfig":
@@ -83,13 +91,29 @@ class DemoConfig:
 
 
 def world_dir(cfg: DemoConfig) -> Path:
+    """Where the demo's dataset lives (diagnose finds a run's data through this too)."""
+    if cfg.dataset == "movielens":
+        return DATA_ROOT / f"movielens-100k-seed{cfg.seed}"
     return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
 
 
 def ensure_demo_world(cfg: DemoConfig):
-    """The world of this config, generated once under `world_dir(cfg)` and read back after: every notebook
-    of one mode (DemoConfig.fast() or DemoConfig()) and the demo share it through this."""
+    """The World of this config, generated (or fetched) once under `world_dir(cfg)` and read back after: the
+    synthetic UserU world of `n_users`, or a named source (its seed is `seed`). Every notebook of one mode
+    (DemoConfig.fast() or DemoConfig()) and the demo share it through this."""
+    if cfg.dataset == "movielens":
+        from qanchor_lab.sources.movielens import MovieLensConfig, ensure_movielens
+
+        return ensure_movielens(world_dir(cfg), MovieLensConfig(seed=cfg.seed))
     return ensure_world(world_dir(cfg), cfg.world_config())
+
+
+def dataset_note(world, cfg: DemoConfig) -> str:
+    """One line naming the data of a run for the report."""
+    if cfg.dataset == "synthetic":
+        return f"world: {cfg.n_users} users, seed {cfg.seed}"
+    counts = world.manifest.get("counts", {}).get("users", {})
+    return f"dataset: {cfg.dataset} ({', '.join(f'{k} {v}' for k, v in counts.items())} users), seed {cfg.seed}"
 
 
 def build_model(world, cfg: DemoConfig) -> QAnchorModel:
@@ -121,18 +145,21 @@ def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_pr
     return model, summary
 
 
-def load_dataset(data_dir) -> World:
+def load_dataset(data_dir, *, seed: int = 0) -> World:
     """A user's own dataset (directory of tables, data/README.md) checked for what the demo needs: QA
-    pairs for pre-training, and users, tasks and labels for evaluation."""
+    pairs for pre-training (derived from the event log by derive_qa when the dataset has none), and users,
+    tasks and labels for evaluation."""
+    from qanchor_lab.derive_qa import DeriveQAConfig, derive_world_qa
     from qanchor_lab.sources.byo import load
 
     world = load(data_dir)
     if world.qa.empty:
-        raise DataValidationError(
-            f"dataset {data_dir}: no qa table. Pre-training needs question/answer pairs about the pre-training "
-            "users: add qa.parquet or qa.csv with columns user_id, query, answer (optionally source, intent); "
-            "deriving pairs from the event log is not part of this build"
-        )
+        # no QA table: D_uqa/D_future pairs from the log, the pre-training users' last 30 days as their future
+        units = {m.unit for m in world.modality_specs if m.amount != "zero"}
+        qa_cfg = DeriveQAConfig(seed=seed, amount_unit=units.pop() if len(units) == 1 else "")
+        world = derive_world_qa(world, qa_cfg)
+        print(f"dataset {data_dir}: no qa table; derived {len(world.qa)} QA pairs from the event log "
+              f"(global cutoff, {qa_cfg.future_days:g}-day future window; derive_qa)")
     counts = world.users["split"].value_counts()
     short = [s for s in ("pretrain", "pretrain_val", "tune", "test") if not counts.get(s)]
     if short:
@@ -154,7 +181,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
         world = ensure_demo_world(cfg)
         key = asdict(cfg)
     else:
-        world = load_dataset(data_dir)
+        world = load_dataset(data_dir, seed=cfg.seed)
         key = {**asdict(cfg), "data": str(Path(data_dir).resolve())}
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
@@ -189,13 +216,21 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
         # the diagnostics probe against the oracle score and the latent traits, which real data lacks
         diag = None
         notes.append("representation diagnostics skipped: they need the synthetic world's oracle and traits")
+        if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
+            from qanchor_lab.diagnostics import perfect_qa_learner_r2
+
+            pq = perfect_qa_learner_r2(world, "tune", feature_spec=model.config.feature_spec, seed=cfg.seed)
+            metrics["perfect_qa"] = pq
+            notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
+                         f"R² against the {pq['target']} on {pq['n_users']} tune users: claims {pq['claims_r2']:.3f}, "
+                         f"features {pq['features_r2']:.3f}")
     else:
         diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
     wall = time.perf_counter() - t0
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
-                 notes=[(f"world: {cfg.n_users} users, seed {cfg.seed}" if data_dir is None else
+                 notes=[(dataset_note(world, cfg) if data_dir is None else
                          f"dataset: {data_dir} ({len(world.users)} users, modalities {', '.join(world.modalities)})")
                         + f"; backbone {cfg.backbone} ({cfg.tiny_size}); "
                         f"{summary['steps']} pre-training steps; wall time {wall:.0f} s", *notes])

@@ -334,8 +334,9 @@ def test_byo_errors_name_table_column_user_value(shop, tmp_path):
         df.to_csv(d / f"{name}.csv", index=False)
     from qanchor_lab.pipeline import load_dataset
 
-    with pytest.raises(DataValidationError, match=r"no qa table.*user_id, query, answer"):
-        load_dataset(d)  # ...but the demo needs pre-training pairs
+    world = load_dataset(d)  # ...and the demo derives pre-training pairs from the event log (derive_qa)
+    assert set(world.qa["source"]) == {"uqa", "future"}
+    assert set(world.qa["user_id"]) <= set(world.users_in("pretrain", "pretrain_val"))
 
 
 @pytest.mark.slow
