@@ -623,7 +623,19 @@ def _fmt_number(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
-def _profile_text(row: dict[str, Any] | pd.Series | None) -> str:
+def _flag_columns(profile_rows: dict[str, dict[str, Any]]) -> frozenset[str]:
+    """Profile columns that are 0/1 flags over these users (e.g. one-hot occupation columns)."""
+    values: dict[str, set] = {}
+    for row in profile_rows.values():
+        for k, v in row.items():
+            if k != "user_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+                values.setdefault(k, set()).add(float(v))
+    return frozenset(k for k, vs in values.items() if vs <= {0.0, 1.0})
+
+
+def _profile_text(row: dict[str, Any] | pd.Series | None, flags: frozenset[str] = frozenset()) -> str:
+    """ "Profile: age 34, city tier 2, occupation engineer": a flag column is named when set and left out when
+    not, so a wide one-hot profile does not fill the text encoder's few hundred word pieces with zeros."""
     if row is None:
         return "Profile: unknown"
     parts = []
@@ -631,6 +643,10 @@ def _profile_text(row: dict[str, Any] | pd.Series | None) -> str:
         if k == "user_id" or v is None or (isinstance(v, float) and math.isnan(v)):
             continue
         label = str(k).replace("_", " ")
+        if k in flags:
+            if float(v) == 1.0:
+                parts.append(label)
+            continue
         parts.append(f"{label} {_fmt_number(float(v))}" if isinstance(v, (int, float, np.number)) else f"{label} {v}")
     return "Profile: " + (", ".join(parts) if parts else "unknown")
 
@@ -694,8 +710,9 @@ def _serialize_many(
         per_user.setdefault(uniq[u], []).append((mod_names[m], total, "; ".join(strings[pos : pos + shown])))
         pos += shown
     out = []
+    flags = _flag_columns(profile_rows) if len(profile_rows) > 1 else frozenset()  # one row cannot tell a flag
     for u in user_ids:
-        parts = [_profile_text(profile_rows.get(u))]
+        parts = [_profile_text(profile_rows.get(u), flags)]
         mods = per_user.get(u, [])
         for m, total, text in mods:
             title = (specs[m] if m in specs else ModalitySpec(m)).display_title

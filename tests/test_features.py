@@ -283,3 +283,14 @@ def test_serialize_rejects_bad_input():
         serialize_users(events, profiles, [3])
     with pytest.raises(ValueError, match="max_events_per_modality"):
         serialize_users(events, profiles, ["u1"], max_events_per_modality=0)
+
+
+def test_serialisation_names_set_flags_and_drops_unset_ones():
+    # a wide one-hot profile (MovieLens occupations) must not fill MiniLM's 256 word pieces with zeros
+    ev = pd.DataFrame({"user_id": ["a", "b"], "modality": ["liked", "liked"],
+                       "timestamp": pd.to_datetime(["2026-01-01", "2026-01-02"]), "text": ["rated 5/5: Heat", "rated 4/5: Alien"]})
+    prof = pd.DataFrame({"user_id": ["a", "b"], "occupation_artist": [1.0, 0.0], "occupation_doctor": [0.0, 1.0],
+                         "age": [30.0, 0.0]})
+    a, b = serialize_users(ev, prof, ["a", "b"])
+    assert a.startswith("Profile: occupation artist, age 30 |") and "doctor" not in a
+    assert b.startswith("Profile: occupation doctor, age 0 |") and "artist" not in b
