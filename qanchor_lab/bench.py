@@ -7,6 +7,9 @@
   (the query joins the cache once per task).
 - `pretrain`: pre-training tokens/s against a bare backbone forward+backward on the same sequences,
   both as a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound).
+- `explorer`: the query explorer opened over 2,000 users: time to embed a new free-text query over the
+  cached population and time from submitting it to the updated figure (embed + layout + restyle), medians
+  of several new queries, beside the 1 s / 3 s targets (issue 9).
 Timings alternate the two contenders and take medians.
 """
 
@@ -23,7 +26,7 @@ from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.world import WorldConfig, generate_world
 
-Bench = Literal["kv", "prompt", "pretrain"]
+Bench = Literal["kv", "prompt", "pretrain", "explorer"]
 QUERIES = [
     "Is this user likely to repay the credit bill late next month?",
     "Will this user respond to a phone call about a cash reserve product?",
@@ -239,6 +242,54 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
             "bare_body_tokens_per_second": body_tps, "ratio_vs_bare_body": ours_tps / body_tps}
 
 
+EXPLORER_QUERIES = [
+    "Is this user planning a wedding?", "Will this user buy a new phone next month?",
+    "Is this user saving for a house?", "Does this user have young children?",
+    "Will this user switch to another bank?", "Is this user about to retire?",
+    "Will this user book a ski holiday?", "Does this user shop mostly at night?",
+    "Is this user a university student?", "Will this user buy a car this year?",
+    "Does this user care about cashback offers?", "Will this user open a savings account?",
+]
+TARGET_EMBED_S, TARGET_UPDATE_S = 1.0, 3.0   # issue 9: embeddings in <= 1 s, figure updated in <= 3 s
+
+
+def bench_explorer(fast: bool = False, n_users: int = 2000, method: str = "umap", repeats: int = 5) -> dict:
+    """Open the explorer (the demo's default model sizes, untrained: speed does not depend on the weights)
+    and time new free-text queries: embedding alone, and submit -> figure updated (embed + layout + restyle)."""
+    from qanchor_lab.explorer import embed_query, explore
+
+    world, model, _, _ = _setup(fast)
+    start = time.perf_counter()
+    ex = explore(model, world, n_users=n_users, method=method)
+    open_s = time.perf_counter() - start
+    queries = [q for q in EXPLORER_QUERIES if q not in ex.tasks.values()]
+    if len(queries) < 2 * repeats + 1:
+        raise ValueError(f"bench_explorer: at most {(len(queries) - 1) // 2} repeats, got {repeats}")
+    ex.show_text(queries.pop())            # warm-up (first-call costs of the layout code)
+    embed, update, layout, figure = [], [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        embed_query(model, ex.population.cache, queries.pop(), batch_size=ex.config.batch_size)
+        embed.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ex.show_text(queries.pop())         # a query never seen: embedded, placed and drawn
+        update.append(time.perf_counter() - t0)
+        layout.append(ex.timings["layout"])
+        figure.append(ex.timings["figure"])
+    med = statistics.median
+    return {"users": len(ex.population), "method": method, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+            "mean_prefix_tokens": float(ex.population.cache.lengths.float().mean()),
+            "open_seconds": open_s, "prefix_cache_seconds": ex.population.seconds_cache,
+            "embed_task_queries_seconds": ex.timings["embed_task_queries"],
+            "align_task_queries_seconds": ex.timings["align_task_queries"],
+            "embed_seconds": med(embed), "update_seconds": med(update),
+            "layout_seconds": med(layout), "figure_seconds": med(figure),
+            "embed_seconds_all": embed, "update_seconds_all": update,
+            "target_embed_seconds": TARGET_EMBED_S, "target_update_seconds": TARGET_UPDATE_S,
+            "meets_embed_target": med(embed) <= TARGET_EMBED_S, "meets_update_target": med(update) <= TARGET_UPDATE_S}
+
+
 def run(what: Bench, fast: bool = False) -> dict:
     torch.manual_seed(0)
-    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain}[what](fast=fast)
+    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain,
+            "explorer": bench_explorer}[what](fast=fast)
