@@ -214,3 +214,16 @@ def test_load_adapters_reads_saved_adapters(adapter, small_world, tmp_path):
     loaded = load_adapters(tmp_path)
     assert list(loaded) == [task0]
     torch.testing.assert_close(loaded[task0].prompt, adapter.prompt)
+
+
+@pytest.mark.slow
+def test_bench_explorer_reports_both_latencies_beside_the_targets():
+    from qanchor_lab.bench import TARGET_EMBED_S, TARGET_UPDATE_S, bench_explorer
+
+    result = bench_explorer(fast=True, n_users=120, method="pca", repeats=2)
+    assert result["users"] == 120 and result["method"] == "pca"
+    assert (result["target_embed_seconds"], result["target_update_seconds"]) == (TARGET_EMBED_S, TARGET_UPDATE_S)
+    for figures in result["by_torch_threads"].values():
+        assert len(figures["embed_seconds_all"]) == len(figures["update_seconds_all"]) == 2
+        assert 0 < figures["embed_seconds"] and 0 < figures["layout_seconds"] < figures["update_seconds"]
+    assert result["embed_seconds"] == result["by_torch_threads"][result["torch_threads"]]["embed_seconds"]
