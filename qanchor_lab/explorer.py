@@ -438,7 +438,7 @@ class QueryExplorer(widgets.HBox):
                              hoverinfo="text", marker=dict(size=5, opacity=0.8),
                              selected=dict(marker=dict(size=8, opacity=1)), unselected=dict(marker=dict(opacity=0.35)))],
             layout=dict(width=self.config.width, height=self.config.height, dragmode="lasso",
-                        margin=dict(l=10, r=10, t=60, b=10), hoverlabel=dict(align="left"),
+                        margin=dict(l=10, r=40, t=60, b=10), hoverlabel=dict(align="left"),
                         xaxis=dict(showticklabels=False, zeroline=False), yaxis=dict(showticklabels=False, zeroline=False),
                         legend=dict(orientation="h", y=-0.02)))
         self.fig.data[0].on_selection(self._on_selection)
@@ -455,6 +455,7 @@ class QueryExplorer(widgets.HBox):
         controls = widgets.VBox([self.task_dropdown, widgets.HBox([self.text, self.submit]), self.prompt_toggle,
                                  widgets.HBox([self.colour, self.animate]), self.method_toggle, self.status])
         super().__init__([widgets.VBox([controls, self.fig]), self.panel])
+        self.add_class("qanchor-explorer")  # a handle for pages and browser tests
         self._refresh(animate=False)
 
     # ----- computation (no widget code) -----
@@ -575,7 +576,9 @@ class QueryExplorer(widgets.HBox):
         title, colour, legend = self.colour_values()
         numeric = not legend and not isinstance(colour, list)
         marker = dict(color=colour, colorscale="Viridis" if numeric else None, showscale=numeric,
-                      colorbar=dict(title=dict(text=title.replace(": ", ":<br>"), side="right")) if numeric else None)
+                      # title on top, one short line per clause, so it fits the colour bar's width
+                      colorbar=dict(title=dict(text=title.replace(": ", ":<br>").replace(", ", ",<br>"), side="top",
+                                               font=dict(size=11))) if numeric else None)
         trace = self.fig.data[0]
         animate = animate and self.config.transition_ms > 0
         if animate:  # plotly.js tweens the points from the old positions to the new ones
