@@ -338,7 +338,10 @@ class Population:
             store = model.behaviour(world.events, world.profiles, ids)
         if len(ids) < 4:
             raise ValueError(f"explore: need at least 4 users, got {len(ids)}")
-        store.indices(ids)  # names unknown users
+        try:
+            store.indices(ids)
+        except KeyError as e:  # the store names the unknown users; a ValueError like every other bad input here
+            raise ValueError(f"explore: {e.args[0]}") from None
         model.eval()
         start = time.perf_counter()
         cache = _cache_in_chunks(model, store, ids, chunk=batch_size)

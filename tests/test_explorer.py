@@ -192,6 +192,9 @@ def test_explore_over_a_bare_store_uses_the_given_queries(_tiny_model_session, t
     assert list(ex.tasks) == ["query 1"] and ex.colour.options[0] == "score" and len(ex.fig.data[0].x) == 40
     with pytest.raises(ValueError, match="queries"):
         explore(_tiny_model_session, tiny_store, n_users=40, method="pca")
+    with pytest.raises(ValueError, match="u_nobody"):
+        explore(_tiny_model_session, tiny_store, users=["u_nobody"] + tiny_store.user_ids[:9], method="pca",
+                queries=["Is this user a student?"])
 
 
 def test_bad_input_gets_clear_errors(_tiny_model_session, small_world, population, explorer, tmp_path):
