@@ -230,3 +230,16 @@ def test_bench_explorer_reports_both_latencies_beside_the_targets():
         assert len(figures["embed_seconds_all"]) == len(figures["update_seconds_all"]) == 2
         assert 0 < figures["embed_seconds"] and 0 < figures["layout_seconds"] < figures["update_seconds"]
     assert result["embed_seconds"] == result["by_torch_threads"][result["torch_threads"]]["embed_seconds"]
+
+
+@pytest.mark.slow
+def test_aligned_umap_option_aligns_task_queries(population, _tiny_model_session, small_world):
+    """ExplorerConfig(align="aligned_umap"): umap-learn's AlignedUMAP over the task queries at open time."""
+    embs = [embed_query(_tiny_model_session, population.cache, q)[:60] for q in small_world.tasks["query"].iloc[:2]]
+    config = ExplorerConfig(align="aligned_umap", n_neighbors=10)
+    aligned = align_layouts(embs, "umap", config=config)
+    unaligned = [project(e, "umap", seed=i, config=config) for i, e in enumerate(embs)]
+    assert [a.shape for a in aligned] == [(60, 2), (60, 2)]
+    assert displacement(aligned[1], aligned[0]) < displacement(unaligned[1], unaligned[0])
+    warm = align_layouts(embs, "umap", config=ExplorerConfig(align="warm_start", n_neighbors=10))
+    assert not np.allclose(aligned[0], warm[0])                                   # the option is really another method
