@@ -254,52 +254,53 @@ def bench_explorer(fast: bool = False, n_users: int = 2000, method: str = "umap"
     """Open the explorer (the demo's default model sizes, untrained: speed does not depend on the weights)
     and time new free-text queries: embedding alone, and submit -> figure updated (embed + layout + restyle).
 
-    Timed at 1 torch thread and at torch's default (2 on the 2-core machines): on a shared, oversubscribed
-    machine two threads wait on each other and run several times slower than one, so both are reported;
-    the top-level figures are for torch's default."""
-    from qanchor_lab.explorer import embed_query, explore
+    Timed with the explorer's default of one torch thread and with torch's own setting (2 on the 2-core
+    machines): on a shared machine two threads wait on each other whenever anything else runs, so both are
+    reported; the top-level figures are for the explorer's default (ExplorerConfig.threads)."""
+    from qanchor_lab.explorer import ExplorerConfig, embed_query, explore, torch_threads
 
     world, model, _, _ = _setup(fast)
-    default_threads = torch.get_num_threads()
+    config = ExplorerConfig()
     start = time.perf_counter()
-    ex = explore(model, world, n_users=n_users, method=method)
+    ex = explore(model, world, n_users=n_users, method=method, config=config)
     open_s = time.perf_counter() - start
     queries = [q for q in EXPLORER_QUERIES if q not in ex.tasks.values()]
-    settings = sorted({1, default_threads})
+    settings = {"explorer_default": config.threads, "torch_default": None}
     if len(queries) < len(settings) * (2 * repeats + 1):
         raise ValueError(f"bench_explorer: at most {len(queries) // len(settings) // 2 - 1} repeats, got {repeats}")
-    by_threads = {}
-    try:
-        for threads in settings:
-            torch.set_num_threads(threads)
-            ex.show_text(queries.pop())            # warm-up (first-call costs of the layout code)
-            embed, update, layout, figure = [], [], [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
+    by_setting = {}
+    for name, threads in settings.items():
+        ex.config.threads = threads
+        ex.show_text(queries.pop())            # warm-up (first-call costs of the layout code)
+        embed, update, layout, figure = [], [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch_threads(threads):
                 embed_query(model, ex.population.cache, queries.pop(), batch_size=ex.config.batch_size)
-                embed.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                ex.show_text(queries.pop())         # a query never seen: embedded, placed and drawn
-                update.append(time.perf_counter() - t0)
-                layout.append(ex.timings["layout"])
-                figure.append(ex.timings["figure"])
-            med = statistics.median
-            by_threads[threads] = {"embed_seconds": med(embed), "update_seconds": med(update),
-                                   "layout_seconds": med(layout), "figure_seconds": med(figure),
-                                   "embed_seconds_all": embed, "update_seconds_all": update,
-                                   "meets_embed_target": med(embed) <= TARGET_EMBED_S,
-                                   "meets_update_target": med(update) <= TARGET_UPDATE_S}
-    finally:
-        torch.set_num_threads(default_threads)
-    main = by_threads[default_threads]
-    return {"users": len(ex.population), "method": method, "repeats": repeats, "torch_threads": default_threads,
+            embed.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ex.show_text(queries.pop())         # a query never seen: embedded, placed and drawn
+            update.append(time.perf_counter() - t0)
+            layout.append(ex.timings["layout"])
+            figure.append(ex.timings["figure"])
+        with torch_threads(threads):
+            used = torch.get_num_threads()
+        med = statistics.median
+        by_setting[name] = {"torch_threads": used, "embed_seconds": med(embed), "update_seconds": med(update),
+                            "layout_seconds": med(layout), "figure_seconds": med(figure),
+                            "embed_seconds_all": embed, "update_seconds_all": update,
+                            "meets_embed_target": med(embed) <= TARGET_EMBED_S,
+                            "meets_update_target": med(update) <= TARGET_UPDATE_S}
+    ex.config.threads = config.threads
+    main = by_setting["explorer_default"]
+    return {"users": len(ex.population), "method": method, "repeats": repeats,
             "mean_prefix_tokens": float(ex.population.cache.lengths.float().mean()),
             "open_seconds": open_s, "prefix_cache_seconds": ex.population.seconds_cache,
             "embed_task_queries_seconds": ex.timings["embed_task_queries"],
             "align_task_queries_seconds": ex.timings["align_task_queries"],
             **{k: v for k, v in main.items() if not k.endswith("_all")},
             "target_embed_seconds": TARGET_EMBED_S, "target_update_seconds": TARGET_UPDATE_S,
-            "by_torch_threads": by_threads}
+            "by_threads": by_setting}
 
 
 def run(what: Bench, fast: bool = False) -> dict:

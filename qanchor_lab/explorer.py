@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import html
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
 
@@ -55,6 +56,10 @@ class ExplorerConfig:
     warm_epochs: int = 30             # epochs of a UMAP started from existing coordinates (enough to settle)
     align: Align = "warm_start"       # how task-query layouts are aligned at open time (module docstring)
     batch_size: int = 256             # users per suffix run over the prefix cache
+    # torch threads for the explorer's LLM passes (None: torch's own setting). On the shared 2-core machines two
+    # threads wait on each other whenever anything else runs: a new query over 2,000 users took 0.86 s at one
+    # thread and 7.3 s at two with one other busy process (bench explorer)
+    threads: int | None = 1
     max_timeline_users: int = 3       # selected users whose timelines the side panel shows
     max_timeline_events: int = 12     # most recent events shown per selected user
     transition_ms: int = 600          # animated transition between two queries (when "animate" is ticked)
@@ -70,6 +75,8 @@ class ExplorerConfig:
                 raise ValueError(f"ExplorerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.n_neighbors < 2:
             raise ValueError(f"ExplorerConfig.n_neighbors must be >= 2, got {self.n_neighbors}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"ExplorerConfig.threads must be None or >= 1, got {self.threads}")
         if not 0 <= self.min_dist <= 1:
             raise ValueError(f"ExplorerConfig.min_dist must lie in [0, 1], got {self.min_dist}")
         if self.transition_ms < 0:
@@ -85,6 +92,18 @@ class ExplorerConfig:
 
 # ----------------------------------------------------------------------------------------------
 # embedding queries over a cached population
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with `n` torch threads (None: leave torch's setting), restoring the setting after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -319,7 +338,7 @@ class Population:
 
     @classmethod
     def build(cls, model, world_or_store, *, users: Sequence[str] | None = None, n_users: int = 2000,
-              seed: int = 0, batch_size: int = 256) -> "Population":
+              seed: int = 0, batch_size: int = 256, threads: int | None = None) -> "Population":
         from qanchor_lab.pipeline import _cache_in_chunks
 
         world = None if isinstance(world_or_store, BehaviourStore) else world_or_store
@@ -344,7 +363,8 @@ class Population:
             raise ValueError(f"explore: {e.args[0]}") from None
         model.eval()
         start = time.perf_counter()
-        cache = _cache_in_chunks(model, store, ids, chunk=batch_size)
+        with torch_threads(threads):
+            cache = _cache_in_chunks(model, store, ids, chunk=batch_size)
         seconds = time.perf_counter() - start
         if world is None:
             return cls(ids, cache, hover=[f"<b>{html.escape(u)}</b>" for u in ids], seconds_cache=seconds)
@@ -467,13 +487,14 @@ class QueryExplorer(widgets.HBox):
         if key in self._views:
             return self._views[key]
         pop, bs = self.population, self.config.batch_size
-        if key[0] == "task" and key[2] == PROMPT:
-            emb, score = embed_tuned(self.model, pop.cache, self.adapters[key[1]], batch_size=bs)
-            kind = "adapter P(positive)"
-        else:
-            query = self.tasks[key[1]] if key[0] == "task" else key[1]
-            emb = embed_query(self.model, pop.cache, query, batch_size=bs)
-            score, kind = answer_projection(self.model, emb), "cos(Yes) − cos(No), no labels"
+        with torch_threads(self.config.threads):
+            if key[0] == "task" and key[2] == PROMPT:
+                emb, score = embed_tuned(self.model, pop.cache, self.adapters[key[1]], batch_size=bs)
+                kind = "adapter P(positive)"
+            else:
+                query = self.tasks[key[1]] if key[0] == "task" else key[1]
+                emb = embed_query(self.model, pop.cache, query, batch_size=bs)
+                score, kind = answer_projection(self.model, emb), "cos(Yes) − cos(No), no labels"
         self._views[key] = {"emb": emb, "score": score, "score_kind": kind}
         return self._views[key]
 
@@ -640,7 +661,7 @@ def explore(model, world_or_store, *, users: Sequence[str] | None = None, n_user
     Prefix caches are built here, once; every later query runs only its own tokens."""
     config = config or ExplorerConfig()
     population = Population.build(model, world_or_store, users=users, n_users=n_users, seed=seed,
-                                  batch_size=config.batch_size)
+                                  batch_size=config.batch_size, threads=config.threads)
     return QueryExplorer(model, population, adapters=adapters, method=method, seed=seed, config=config, queries=queries)
 
 

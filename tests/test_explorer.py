@@ -202,6 +202,8 @@ def test_bad_input_gets_clear_errors(_tiny_model_session, small_world, populatio
         explore(_tiny_model_session, small_world, users=["u_nobody"] + population.user_ids[:10], method="pca")
     with pytest.raises(ValueError, match="align must be one of"):
         ExplorerConfig(align="procrustes")
+    with pytest.raises(ValueError, match="threads"):
+        ExplorerConfig(threads=0)
     with pytest.raises(ValueError, match="method must be one of"):
         explorer.set_method("tsne")
     with pytest.raises(ValueError, match="type a question"):
@@ -226,10 +228,12 @@ def test_bench_explorer_reports_both_latencies_beside_the_targets():
     result = bench_explorer(fast=True, n_users=120, method="pca", repeats=2)
     assert result["users"] == 120 and result["method"] == "pca"
     assert (result["target_embed_seconds"], result["target_update_seconds"]) == (TARGET_EMBED_S, TARGET_UPDATE_S)
-    for figures in result["by_torch_threads"].values():
+    assert set(result["by_threads"]) == {"explorer_default", "torch_default"}
+    assert result["by_threads"]["explorer_default"]["torch_threads"] == ExplorerConfig().threads
+    for figures in result["by_threads"].values():
         assert len(figures["embed_seconds_all"]) == len(figures["update_seconds_all"]) == 2
         assert 0 < figures["embed_seconds"] and 0 < figures["layout_seconds"] < figures["update_seconds"]
-    assert result["embed_seconds"] == result["by_torch_threads"][result["torch_threads"]]["embed_seconds"]
+    assert result["embed_seconds"] == result["by_threads"]["explorer_default"]["embed_seconds"]
 
 
 @pytest.mark.slow
@@ -243,3 +247,18 @@ def test_aligned_umap_option_aligns_task_queries(population, _tiny_model_session
     assert displacement(aligned[1], aligned[0]) < displacement(unaligned[1], unaligned[0])
     warm = align_layouts(embs, "umap", config=ExplorerConfig(align="warm_start", n_neighbors=10))
     assert not np.allclose(aligned[0], warm[0])                                   # the option is really another method
+
+
+def test_explorer_passes_run_with_the_configured_threads(explorer, monkeypatch):
+    import qanchor_lab.explorer as module
+
+    seen, real = [], module.embed_query
+    monkeypatch.setattr(module, "embed_query", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        explorer.config.threads = 1
+        explorer.show_text("Will this user move to another city?")
+        assert seen == [1] and torch.get_num_threads() == 2                     # used one, then restored
+    finally:
+        torch.set_num_threads(before)
