@@ -57,8 +57,8 @@ class ExplorerConfig:
     align: Align = "warm_start"       # how task-query layouts are aligned at open time (module docstring)
     batch_size: int = 256             # users per suffix run over the prefix cache
     # torch threads for the explorer's LLM passes (None: torch's own setting). On the shared 2-core machines two
-    # threads wait on each other whenever anything else runs: a new query over 2,000 users took 0.86 s at one
-    # thread and 7.3 s at two with one other busy process (bench explorer)
+    # threads wait on each other whenever anything else runs: a new query over 2,000 users took 0.82 s at one
+    # thread and 7.3 s at two while one other process kept a core busy (bench explorer)
     threads: int | None = 1
     max_timeline_users: int = 3       # selected users whose timelines the side panel shows
     max_timeline_events: int = 12     # most recent events shown per selected user
