@@ -477,7 +477,9 @@ class QueryExplorer(widgets.HBox):
 
         controls = widgets.VBox([self.task_dropdown, widgets.HBox([self.text, self.submit]), self.prompt_toggle,
                                  widgets.HBox([self.colour, self.animate]), self.method_toggle, self.status])
-        super().__init__([widgets.VBox([controls, self.fig]), self.panel])
+        # the column is as wide as the figure, so the browser never clips the colour bar
+        left = widgets.VBox([controls, self.fig], layout=widgets.Layout(min_width=f"{self.config.width + 10}px"))
+        super().__init__([left, self.panel])
         self.add_class("qanchor-explorer")  # a handle for pages and browser tests
         self._refresh(animate=False)
 
