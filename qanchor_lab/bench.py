@@ -7,6 +7,9 @@
   (the query joins the cache once per task).
 - `pretrain`: pre-training tokens/s against a bare backbone forward+backward on the same sequences,
   both as a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound).
+- `explorer`: the query explorer opened over 2,000 users: time to embed a new free-text query over the
+  cached population and time from submitting it to the updated figure (embed + layout + restyle), medians
+  of several new queries, beside the 1 s / 3 s targets (issue 9).
 Timings alternate the two contenders and take medians.
 """
 
@@ -23,7 +26,7 @@ from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.world import WorldConfig, generate_world
 
-Bench = Literal["kv", "prompt", "pretrain"]
+Bench = Literal["kv", "prompt", "pretrain", "explorer"]
 QUERIES = [
     "Is this user likely to repay the credit bill late next month?",
     "Will this user respond to a phone call about a cash reserve product?",
@@ -239,6 +242,68 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
             "bare_body_tokens_per_second": body_tps, "ratio_vs_bare_body": ours_tps / body_tps}
 
 
+# new free-text questions (none is a task query): each timed query must be one the explorer has not seen
+EXPLORER_QUERIES = [f"{ask} {topic}?" for ask in ("Will this user", "Is this user likely to", "Does this user plan to")
+                    for topic in ("plan a wedding", "buy a new phone", "save for a house", "switch to another bank",
+                                  "book a ski holiday", "open a savings account", "buy a car this year",
+                                  "shop mostly at night")]
+TARGET_EMBED_S, TARGET_UPDATE_S = 1.0, 3.0   # issue 9: embeddings in <= 1 s, figure updated in <= 3 s
+
+
+def bench_explorer(fast: bool = False, n_users: int = 2000, method: str = "umap", repeats: int = 5) -> dict:
+    """Open the explorer (the demo's default model sizes, untrained: speed does not depend on the weights)
+    and time new free-text queries: embedding alone, and submit -> figure updated (embed + layout + restyle).
+
+    Timed with the explorer's default of one torch thread and with torch's own setting (2 on the 2-core
+    machines): on a shared machine two threads wait on each other whenever anything else runs, so both are
+    reported; the top-level figures are for the explorer's default (ExplorerConfig.threads)."""
+    from qanchor_lab.explorer import ExplorerConfig, embed_query, explore, torch_threads
+
+    world, model, _, _ = _setup(fast)
+    config = ExplorerConfig()
+    start = time.perf_counter()
+    ex = explore(model, world, n_users=n_users, method=method, config=config)
+    open_s = time.perf_counter() - start
+    queries = [q for q in EXPLORER_QUERIES if q not in ex.tasks.values()]
+    settings = {"explorer_default": config.threads, "torch_default": None}
+    if len(queries) < len(settings) * (2 * repeats + 1):
+        raise ValueError(f"bench_explorer: at most {len(queries) // len(settings) // 2 - 1} repeats, got {repeats}")
+    by_setting = {}
+    for name, threads in settings.items():
+        ex.config.threads = threads
+        ex.show_text(queries.pop())            # warm-up (first-call costs of the layout code)
+        embed, update, layout, figure = [], [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch_threads(threads):
+                embed_query(model, ex.population.cache, queries.pop(), batch_size=ex.config.batch_size)
+            embed.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ex.show_text(queries.pop())         # a query never seen: embedded, placed and drawn
+            update.append(time.perf_counter() - t0)
+            layout.append(ex.timings["layout"])
+            figure.append(ex.timings["figure"])
+        with torch_threads(threads):
+            used = torch.get_num_threads()
+        med = statistics.median
+        by_setting[name] = {"torch_threads": used, "embed_seconds": med(embed), "update_seconds": med(update),
+                            "layout_seconds": med(layout), "figure_seconds": med(figure),
+                            "embed_seconds_all": embed, "update_seconds_all": update,
+                            "meets_embed_target": med(embed) <= TARGET_EMBED_S,
+                            "meets_update_target": med(update) <= TARGET_UPDATE_S}
+    ex.config.threads = config.threads
+    main = by_setting["explorer_default"]
+    return {"users": len(ex.population), "method": method, "repeats": repeats,
+            "mean_prefix_tokens": float(ex.population.cache.lengths.float().mean()),
+            "open_seconds": open_s, "prefix_cache_seconds": ex.population.seconds_cache,
+            "embed_task_queries_seconds": ex.timings["embed_task_queries"],
+            "align_task_queries_seconds": ex.timings["align_task_queries"],
+            **{k: v for k, v in main.items() if not k.endswith("_all")},
+            "target_embed_seconds": TARGET_EMBED_S, "target_update_seconds": TARGET_UPDATE_S,
+            "by_threads": by_setting}
+
+
 def run(what: Bench, fast: bool = False) -> dict:
     torch.manual_seed(0)
-    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain}[what](fast=fast)
+    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain,
+            "explorer": bench_explorer}[what](fast=fast)
