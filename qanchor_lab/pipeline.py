@@ -220,6 +220,17 @@ def _cache_in_chunks(model, store, users, chunk: int = 256):
     return concat_caches(parts)
 
 
+def restrict_tasks(world, task_ids: Sequence[str] | None):
+    """The world with only these tasks (and their labels); `None` keeps every task."""
+    if task_ids is None:
+        return world
+    unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
+    if unknown or not task_ids:
+        raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
+    return replace(world, tasks=world.tasks[world.tasks["task_id"].isin(task_ids)].reset_index(drop=True),
+                   labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
+
+
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
                  show_progress: bool = True) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
@@ -227,12 +238,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
     from qanchor_lab.evaluate import evaluate_methods
 
-    if task_ids is not None:
-        unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
-        if unknown or not task_ids:
-            raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
-        world = replace(world, tasks=world.tasks[world.tasks["task_id"].isin(task_ids)].reset_index(drop=True),
-                        labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
+    world = restrict_tasks(world, task_ids)
     out_dir = Path(out_dir)
     tune, test = world.users_in("tune"), world.users_in("test")
     scores: dict[str, pd.DataFrame] = {"oracle": oracle_scores(world.labels, test)}
