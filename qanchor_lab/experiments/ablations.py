@@ -54,14 +54,14 @@ def variants(base: RunConfig, names=None) -> dict[str, RunConfig]:
 
 def run_ablations(*, fast: bool = False, seeds: int | None = None, base: RunConfig | None = None, names=None,
                   out: Path | None = None, root: Path | None = None, device: str = "cpu", jobs: int = 1,
-                  show_progress: bool = True) -> Experiment:
+                  show_progress: bool = True, world=None) -> Experiment:
     """Every ablation at every seed; the tidy table and the summary against the full model."""
     vs = variants(base or base_config(fast), names)
     if REFERENCE not in vs:
         raise ValueError(f"names must include the reference {REFERENCE!r}")
     return run_experiment("ablations" + ("-fast" if fast else ""), vs, reference=REFERENCE,
                           seeds=seeds_for(fast, seeds), out=out, root=root, device=device, jobs=jobs,
-                          show_progress=show_progress, params=variant_params(vs, REFERENCE))
+                          show_progress=show_progress, params=variant_params(vs, REFERENCE), world=world)
 
 
 def paper_check(summary: pd.DataFrame, method: str | None = None) -> pd.DataFrame:

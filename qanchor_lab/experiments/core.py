@@ -48,12 +48,13 @@ class Experiment:
     variants: dict[str, RunConfig] = field(repr=False)
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    world: object = field(default=None, repr=False)
 
     def compare_to(self, reference: str) -> pd.DataFrame:
         """The summary recomputed against another variant (e.g. the best one, to see where gains saturate)."""
         if reference not in self.variants:
             raise ValueError(f"reference {reference!r} is not a variant; variants: {', '.join(self.variants)}")
-        return summarize(self.runs, self.variants, reference, self.variants[reference])
+        return summarize(self.runs, self.variants, reference, self.variants[reference], world=self.world)
 
 
 def seeds_for(fast: bool, n: int | None = None) -> list[int]:
@@ -82,11 +83,13 @@ def _run_job(cfg_dict: dict, root: str, device: str, threads: int) -> str:
 
 def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: str, seeds: Sequence[int],
                    out: Path | None = None, root: Path | None = None, device: str = "cpu", jobs: int = 1,
-                   show_progress: bool = True, params: Mapping[str, Mapping[str, object]] | None = None) -> Experiment:
+                   show_progress: bool = True, params: Mapping[str, Mapping[str, object]] | None = None,
+                   world=None) -> Experiment:
     """Run every variant at every seed (cached), then tabulate and compare against `reference`.
 
     `params` maps a variant to columns added to its table rows (e.g. {"n_prompt": 4}); `out` is where the
-    tables go (default runs/experiments/tables/<name>/)."""
+    tables go (default runs/experiments/tables/<name>/); `world` is the variants' world when already loaded
+    (every variant must then use that world's config)."""
     if reference not in variants:
         raise ValueError(f"reference {reference!r} is not a variant; variants: {', '.join(variants)}")
     if not seeds:
@@ -96,9 +99,13 @@ def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: s
     root = Path(root or EXPERIMENTS_ROOT)
     t0 = time.perf_counter()
     cfgs = {(v, s): c.with_seed(s) for v, c in variants.items() for s in seeds}
-    worlds = {c.world.to_dict().__repr__(): c for c in cfgs.values()}
-    for c in worlds.values():  # generate each world once, before any worker reads it
-        load_world_for(c)
+    if world is not None:
+        bad = [v for (v, _), c in cfgs.items() if not _same_world(world, c)]
+        if bad:
+            raise ValueError(f"variant(s) {sorted(set(bad))} use another world config than the `world` given")
+    else:
+        for c in {repr(c.world.to_dict()): c for c in cfgs.values()}.values():  # each world once, before workers read it
+            world = load_world_for(c)
     if jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         todo = {c.model_key(): c for c in cfgs.values() if c.pretrained and not (root / c.key() / "run.json").exists()}
@@ -108,13 +115,12 @@ def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: s
             list(tqdm(pool.map(_run_job, [c.to_dict() for c in cfgs.values()], *_rep(len(cfgs), str(root), device, threads)),
                       total=len(cfgs), desc=f"{name}: runs", disable=not show_progress))
     runs: dict[tuple[str, int], RunResult] = {}
-    world = None
     for (v, s), c in tqdm(cfgs.items(), desc=name, disable=not show_progress or jobs > 1):
         world = world if world is not None and _same_world(world, c) else load_world_for(c)
         runs[(v, s)] = run(c, root=root, device=device, world=world)
     table = tidy_table(runs, params)
-    summary = summarize(runs, cfgs_by_variant(cfgs), reference, variants[reference])
-    exp = Experiment(name, reference, table, summary, runs, dict(variants), seconds=time.perf_counter() - t0)
+    summary = summarize(runs, cfgs_by_variant(cfgs), reference, variants[reference], world=world)
+    exp = Experiment(name, reference, table, summary, runs, dict(variants), seconds=time.perf_counter() - t0, world=world)
     exp.paths = save_experiment(exp, out or root / "tables" / name)
     return exp
 
@@ -170,9 +176,10 @@ def _stacked_truth(world, seeds: Sequence[int]) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def summarize(runs: Mapping[tuple[str, int], RunResult], variants: Mapping[str, RunConfig], reference: str,
-              ref_cfg: RunConfig) -> pd.DataFrame:
+              ref_cfg: RunConfig, *, world=None) -> pd.DataFrame:
     """Per variant x method: means over seeds, CIs, paired differences to `reference` and a verdict."""
-    world = restrict_tasks(load_world_for(ref_cfg), ref_cfg.eval.task_ids)
+    world = world if world is not None and _same_world(world, ref_cfg) else load_world_for(ref_cfg)
+    world = restrict_tasks(world, ref_cfg.eval.task_ids)
     boot = dict(n_boot=ref_cfg.eval.n_boot, seed=ref_cfg.eval.boot_seed, ci=ref_cfg.eval.ci)
     seeds_of: dict[str, list[int]] = {}
     for v, s in runs:

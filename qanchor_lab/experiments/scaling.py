@@ -47,13 +47,13 @@ def grid_variants(base: RunConfig, grid: dict[str, Sequence]) -> tuple[dict[str,
 
 def run_scaling(*, fast: bool = False, seeds: int | None = None, grid: dict | None = None, base: RunConfig | None = None,
                 out: Path | None = None, root: Path | None = None, device: str = "cpu", jobs: int = 1,
-                show_progress: bool = True) -> Experiment:
+                show_progress: bool = True, world=None) -> Experiment:
     grid = dict(grid or (FAST_GRID if fast else FULL_GRID))
     if device == "cuda" and "smollm2" not in grid["size"]:
         grid["size"] = tuple(grid["size"]) + ("smollm2",)
     vs, ref, params = grid_variants(base or base_config(fast), grid)
     return run_experiment("scaling" + ("-fast" if fast else ""), vs, reference=ref, seeds=seeds_for(fast, seeds),
-                          out=out, root=root, device=device, jobs=jobs, show_progress=show_progress, params=params)
+                          out=out, root=root, device=device, jobs=jobs, show_progress=show_progress, params=params, world=world)
 
 
 def scaling_table(exp: Experiment) -> pd.DataFrame:

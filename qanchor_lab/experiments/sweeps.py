@@ -59,10 +59,10 @@ def sweep_variants(name: str, base: RunConfig, values: Sequence | None = None, *
 
 def run_sweep(name: str, *, fast: bool = False, seeds: int | None = None, values: Sequence | None = None,
               base: RunConfig | None = None, out: Path | None = None, root: Path | None = None,
-              device: str = "cpu", jobs: int = 1, show_progress: bool = True) -> Experiment:
+              device: str = "cpu", jobs: int = 1, show_progress: bool = True, world=None) -> Experiment:
     vs, ref, params = sweep_variants(name, base or base_config(fast), values, fast=fast)
     return run_experiment(name + ("-fast" if fast else ""), vs, reference=ref, seeds=seeds_for(fast, seeds), out=out,
-                          root=root, device=device, jobs=jobs, show_progress=show_progress, params=params)
+                          root=root, device=device, jobs=jobs, show_progress=show_progress, params=params, world=world)
 
 
 def saturation(exp: Experiment, param: str, method: str = "qanchor_prompt_tuned") -> dict:
