@@ -19,7 +19,7 @@ from qanchor_lab.experiments.core import Experiment, run_experiment, seeds_for
 # sweep name -> (dotted key, full-mode values, fast-mode values); the reference is the base config's value
 SWEEPS: dict[str, tuple[str, tuple, tuple]] = {
     "prompt_tokens": ("tuning.n_prompt", (0, 1, 2, 4, 6, 8, 12, 16), (0, 1, 6, 16)),
-    "tuning_epochs": ("tuning.epochs", (0, 1, 2, 5, 10, 20), (0, 1, 2, 4)),
+    "tuning_epochs": ("tuning.epochs", (0, 1, 2, 5, 10, 20), (0, 1)),
     "prompt_init": ("tuning.prompt_init", ("random_words", "query"), ("random_words", "query")),
     "prototypes": ("tuning.prototypes_per_class", (1, 2, 4), (1, 3)),
 }
