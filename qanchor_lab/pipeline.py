@@ -170,9 +170,11 @@ def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:
 
 
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
-                   adapters_dir: Path | None = None, with_features: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
+                   adapters_dir: Path | None = None, with_features: bool = True,
+                   with_probes: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
-    hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users."""
+    hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
+    `with_probes=False` skips the three probe methods (prompt-tuned scores only)."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
     tune, test = world.users_in("tune"), world.users_in("test")
@@ -180,18 +182,20 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     store = model.behaviour(world.events, world.profiles, users)
     tasks = world.tasks
     queries = tasks["query"].tolist()
-    emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
-    by_query = {q: emb[:, i] for i, q in enumerate(queries)}
-    row = {u: i for i, u in enumerate(users)}
+    out = {}
+    if with_probes:
+        emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
+        by_query = {q: emb[:, i] for i, q in enumerate(queries)}
+        row = {u: i for i, u in enumerate(users)}
 
-    def embed_fn(ids, query):
-        idx = [row[u] for u in ids]
-        return (by_query[query] if query is not None else emb[:, -1])[idx]
+        def embed_fn(ids, query):
+            idx = [row[u] for u in ids]
+            return (by_query[query] if query is not None else emb[:, -1])[idx]
 
-    out = {"base": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks),
-           "static": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)}
-    if with_features:
-        out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
+        out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks)
+        out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)
+        if with_features:
+            out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
     if tuning is None:
         return out, {}
 
