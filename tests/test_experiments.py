@@ -68,6 +68,18 @@ def test_dict_round_trip_and_hash_stability():
     assert (seeded.seed, seeded.pretrain.seed, seeded.model.backbone.seed, seeded.tuning.seed) == (3, 3, 3, 3)
 
 
+def test_full_config_is_the_demo_run():
+    from qanchor_lab.experiments.config import from_demo
+    from qanchor_lab.pipeline import DemoConfig
+
+    demo = DemoConfig()
+    cfg = get_config()
+    assert cfg.world.to_dict() == demo.world_config().to_dict()
+    assert cfg.model.to_dict() == demo.model_config().to_dict() | {"backbone": cfg.model.backbone.to_dict()}
+    assert (cfg.pretrain.epochs, cfg.tuning.n_prompt, cfg.seed) == (demo.epochs, demo.n_prompt, 0)
+    assert from_demo(demo).seed == demo.seed == from_demo(demo).pretrain.seed
+
+
 def test_from_dict_rejects_unknown_nested_keys():
     d = get_config(fast=True).to_dict()
     d["model"]["backbone"]["tiny_sise"] = "s"

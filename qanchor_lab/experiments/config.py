@@ -170,17 +170,21 @@ class RunConfig:
         )
 
 
+def from_demo(demo) -> RunConfig:
+    """The run the demo makes of a pipeline.DemoConfig: its world, model, pre-training and tuning configs
+    (the demo's seed is the world's and the training seed)."""
+    return RunConfig(world=demo.world_config(), model=demo.model_config(), pretrain=demo.pretrain_config(),
+                     tuning=demo.tuning_config(), eval=EvalConfig(n_boot=demo.n_boot)).with_seed(demo.seed)
+
+
 def get_config(fast: bool = False) -> RunConfig:
-    """The default run: the demo's world, model and pre-training (pipeline.DemoConfig), or its fast variant."""
+    """The default run: the demo's (pipeline.DemoConfig) world, model, pre-training and prompt tuning at
+    pre-training seed 0, or the fast variant (RunConfig.fast)."""
     if fast:
         return RunConfig.fast()
-    return RunConfig(
-        world=WorldConfig(n_users=6000, seed=7),
-        model=QAnchorConfig(backbone=BackboneConfig(name="tiny", tiny_size="xs", seed=0), max_events=8),
-        pretrain=PretrainConfig(epochs=1.5, batch_size=32, seed=0),
-        tuning=PromptTuningConfig(n_prompt=6, epochs=10, seed=0),
-        eval=EvalConfig(n_boot=1000),
-    )
+    from qanchor_lab.pipeline import DemoConfig
+
+    return from_demo(DemoConfig()).with_seed(0)
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
