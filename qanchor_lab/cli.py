@@ -1,4 +1,4 @@
-"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose} ...` (also installed as `qanchor`)."""
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,experiment} ...` (also installed as `qanchor`)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,18 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_experiment(args) -> int:
+    from qanchor_lab.experiments import run_named
+
+    exp = run_named(args.name, fast=args.fast, seeds=args.seeds, out=args.out, device=args.device, jobs=args.jobs)
+    cols = ["variant", "method", "n_seeds", "auc", "auc_low", "auc_high", "ks", "auc_diff", "auc_diff_low",
+            "auc_diff_high", "verdict"]
+    table = exp.summary[cols]
+    print(table.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else table.to_string(index=False))
+    print(f"\n{len(exp.runs)} runs in {exp.seconds:.1f} s; wrote {exp.paths['results']} and {exp.paths['summary']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qanchor", description="Query-as-Anchor user representations: data, pre-training, demo, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
     g.set_defaults(func=_cmd_diagnose)
+
+    from qanchor_lab.experiments import EXPERIMENTS
+
+    e = sub.add_parser("experiment", help="an experiment family over pre-training seeds, cached under runs/experiments/")
+    e.add_argument("name", choices=EXPERIMENTS)
+    e.add_argument("--fast", action="store_true", help="small world, few steps, 1 seed (CI / notebooks' fast mode)")
+    e.add_argument("--seeds", type=int, default=None, help="pre-training seeds per variant (default 3; 1 with --fast)")
+    e.add_argument("--out", default=None, help="where results.csv/summary.csv go (default runs/experiments/tables/NAME)")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="pre-training device (scoring runs on the CPU)")
+    e.add_argument("--jobs", type=int, default=1, help="parallel processes (each pre-trains/runs one config)")
+    e.set_defaults(func=_cmd_experiment)
     return p
 
 

@@ -257,9 +257,11 @@ def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:
 
 
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
-                   adapters_dir: Path | None = None, with_features: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
+                   adapters_dir: Path | None = None, with_features: bool = True,
+                   with_probes: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
-    hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users."""
+    hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
+    `with_probes=False` skips the three probe methods (prompt-tuned scores only)."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
     tune, test = world.users_in("tune"), world.users_in("test")
@@ -267,18 +269,20 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     store = model.behaviour(world.events, world.profiles, users)
     tasks = world.tasks
     queries = tasks["query"].tolist()
-    emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
-    by_query = {q: emb[:, i] for i, q in enumerate(queries)}
-    row = {u: i for i, u in enumerate(users)}
+    out = {}
+    if with_probes:
+        emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
+        by_query = {q: emb[:, i] for i, q in enumerate(queries)}
+        row = {u: i for i, u in enumerate(users)}
 
-    def embed_fn(ids, query):
-        idx = [row[u] for u in ids]
-        return (by_query[query] if query is not None else emb[:, -1])[idx]
+        def embed_fn(ids, query):
+            idx = [row[u] for u in ids]
+            return (by_query[query] if query is not None else emb[:, -1])[idx]
 
-    out = {"base": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks),
-           "static": embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)}
-    if with_features:
-        out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
+        out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks)
+        out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)
+        if with_features:
+            out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
     if tuning is None:
         return out, {}
 
@@ -307,6 +311,17 @@ def _cache_in_chunks(model, store, users, chunk: int = 256):
     return concat_caches(parts)
 
 
+def restrict_tasks(world, task_ids: Sequence[str] | None):
+    """The world with only these tasks (and their labels); `None` keeps every task."""
+    if task_ids is None:
+        return world
+    unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
+    if unknown or not task_ids:
+        raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
+    return replace(world, tasks=world.tasks[world.tasks["task_id"].isin(task_ids)].reset_index(drop=True),
+                   labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
+
+
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
                  show_progress: bool = True) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
@@ -314,12 +329,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
 
-    if task_ids is not None:
-        unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
-        if unknown or not task_ids:
-            raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
-        world = replace(world, tasks=world.tasks[world.tasks["task_id"].isin(task_ids)].reset_index(drop=True),
-                        labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
+    world = restrict_tasks(world, task_ids)
     out_dir = Path(out_dir)
     tune, test = world.users_in("tune"), world.users_in("test")
     scores: dict[str, pd.DataFrame] = {}

@@ -1,0 +1,32 @@
+"""Experiments as a library layer: one nested run config (config.py), cached runs (runner.py), variant
+comparison over seeds with paired bootstrap CIs (core.py), the experiment families (ablations.py,
+sweeps.py, scaling.py) and plotly figures for their tables (figures.py).
+
+    from qanchor_lab.experiments import get_config, run_ablations
+    exp = run_ablations(fast=True)
+    exp.summary
+"""
+
+from qanchor_lab.experiments.ablations import run_ablations
+from qanchor_lab.experiments.config import EvalConfig, RunConfig, get_config
+from qanchor_lab.experiments.core import Experiment, run_experiment
+from qanchor_lab.experiments.runner import RunResult, ensure_model, run
+from qanchor_lab.experiments.scaling import run_scaling
+from qanchor_lab.experiments.sweeps import run_sweep
+
+EXPERIMENTS = ("ablations", "prompt_tokens", "tuning_epochs", "prompt_init", "prototypes", "scaling")
+
+
+def run_named(name: str, **kw) -> Experiment:
+    """One experiment by its CLI name (see EXPERIMENTS)."""
+    if name == "ablations":
+        return run_ablations(**kw)
+    if name == "scaling":
+        return run_scaling(**kw)
+    if name in EXPERIMENTS:
+        return run_sweep(name, **kw)
+    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+
+
+__all__ = ["EXPERIMENTS", "EvalConfig", "Experiment", "RunConfig", "RunResult", "ensure_model", "get_config", "run",
+           "run_ablations", "run_experiment", "run_named", "run_scaling", "run_sweep"]

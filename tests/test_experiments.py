@@ -1,0 +1,193 @@
+"""The experiments layer: dotted overrides, cache keys and reuse, ablation switches, a tiny experiment."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qanchor_lab.experiments import RunConfig, get_config
+from qanchor_lab.experiments import runner as R
+from qanchor_lab.experiments.core import verdict
+from qanchor_lab.world import WorldConfig
+from tests.conftest import tiny_config
+
+
+def _tiny_run_config(**over) -> RunConfig:
+    """The session world (1200 users, seed 11), the conftest tiny model, 2 pre-training steps, 1 task."""
+    cfg = RunConfig(world=WorldConfig(n_users=1200, seed=11), model=tiny_config())
+    return cfg.override({"pretrain.max_steps": 2, "pretrain.batch_size": 16, "tuning.epochs": 1,
+                         "tuning.head_epochs": 2, "tuning.n_prompt": 2, "eval.task_ids": ["dormancy_churn"],
+                         "eval.n_boot": 100, **over})
+
+
+# ----- configuration -----
+
+def test_override_by_dotted_key_changes_only_that_leaf():
+    cfg = get_config(fast=True)
+    new = cfg.override({"pretrain.lr": 1e-3, "model.use_user_token": False, "model.backbone.tiny_size": "s"})
+    assert new.pretrain.lr == 1e-3 and new.model.use_user_token is False and new.model.backbone.tiny_size == "s"
+    assert cfg.pretrain.lr is None and cfg.model.use_user_token is True  # the original is untouched
+    assert set(new.diff(cfg)) == {"pretrain.lr", "model.use_user_token", "model.backbone.tiny_size"}
+
+
+def test_unknown_key_error_names_the_valid_keys():
+    cfg = get_config(fast=True)
+    with pytest.raises(ValueError, match=r"unknown config key 'pretrain\.lrr'.*valid keys there:.*\blr\b"):
+        cfg.override({"pretrain.lrr": 1e-3})
+    with pytest.raises(ValueError, match=r"'modle'.*valid keys there:.*model.*pretrain"):
+        cfg.override({"modle.use_user_token": False})
+    with pytest.raises(ValueError, match="is a section"):
+        cfg.override({"pretrain": 3})
+
+
+def test_override_values_are_validated_by_the_stage_config():
+    cfg = get_config(fast=True)
+    with pytest.raises(ValueError, match="prompt_init"):
+        cfg.override({"tuning.prompt_init": "zeros"})
+    with pytest.raises(ValueError, match="use_contrastive / use_generative"):
+        cfg.override({"pretrain.use_contrastive": False, "pretrain.use_generative": False})
+    with pytest.raises(ValueError, match="pretrain_users"):
+        cfg.override({"pretrain_users": 0.0})
+
+
+def test_dict_round_trip_and_hash_stability():
+    cfg = get_config(fast=True)
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict() and again.key() == cfg.key() and again.model_key() == cfg.model_key()
+    assert cfg.override({"pretrain.lr": 1e-3}).key() != cfg.key()
+    # bootstrap settings do not change the scores, so they do not change the cache key
+    assert cfg.override({"eval.n_boot": 17}).key() == cfg.key()
+    # a prompt-tuning change reuses the pre-trained model, a pre-training change does not
+    assert cfg.override({"tuning.n_prompt": 2}).model_key() == cfg.model_key()
+    assert cfg.override({"pretrain.alpha": 0.5}).model_key() != cfg.model_key()
+    seeded = cfg.with_seed(3)
+    assert (seeded.seed, seeded.pretrain.seed, seeded.model.backbone.seed, seeded.tuning.seed) == (3, 3, 3, 3)
+
+
+def test_full_config_is_the_demo_run():
+    from qanchor_lab.experiments.config import from_demo
+    from qanchor_lab.pipeline import DemoConfig
+
+    demo = DemoConfig()
+    cfg = get_config()
+    assert cfg.world.to_dict() == demo.world_config().to_dict()
+    assert cfg.model.to_dict() == demo.model_config().to_dict() | {"backbone": cfg.model.backbone.to_dict()}
+    assert (cfg.pretrain.epochs, cfg.tuning.n_prompt, cfg.seed) == (demo.epochs, demo.n_prompt, 0)
+    assert from_demo(demo).seed == demo.seed == from_demo(demo).pretrain.seed
+
+
+def test_from_dict_rejects_unknown_nested_keys():
+    d = get_config(fast=True).to_dict()
+    d["model"]["backbone"]["tiny_sise"] = "s"
+    with pytest.raises(ValueError, match=r"model\.backbone\.tiny_sise"):
+        RunConfig.from_dict(d)
+
+
+# ----- ablation switches reach the model's input and the loss -----
+
+def test_token_switches_change_the_input_sequence(small_world):
+    from qanchor_lab.model import QAnchorModel
+
+    w = small_world
+    users = w.users_in("pretrain")[:4]
+    base = _tiny_run_config()
+    lengths = {}
+    for name, over in {"full": {}, "no_user": {"model.use_user_token": False},
+                       "no_modality": {"model.use_modality_tokens": False}}.items():
+        cfg = base.override(over)
+        model = QAnchorModel.from_data(cfg.model, w.events, w.profiles, w.users_in("pretrain"))
+        store = model.behaviour(w.events, w.profiles, users)
+        lengths[name] = model.encode_prefix(store.batch(store.indices(users))).lengths
+    n_mod = len(base.model.modalities)
+    assert torch.equal(lengths["no_user"], lengths["full"] - 1)            # one user token fewer per user
+    dropped = lengths["full"] - lengths["no_modality"]                      # one token per modality the user has
+    assert ((dropped >= 1) & (dropped <= n_mod)).all()
+
+
+def test_loss_switches_change_the_pretraining_loss(small_world, tiny_model):
+    from qanchor_lab.pretrain import PretrainStep, make_pairs
+
+    w = small_world
+    users = w.users_in("pretrain")[:8]
+    store = tiny_model.behaviour(w.events, w.profiles, users)
+    pairs = make_pairs(w.qa, store)
+    rows = np.arange(min(8, len(pairs)))
+    args = (store.batch(pairs.user_index[rows]), [pairs.queries[i] for i in rows], [pairs.answers[i] for i in rows],
+            torch.as_tensor(pairs.user_index[rows]), torch.as_tensor(pairs.answer_ids[rows]), 10.0)
+    out = {}
+    for name, over in {"full": {}, "no_cl": {"pretrain.use_contrastive": False},
+                       "no_ntp": {"pretrain.use_generative": False}}.items():
+        with torch.no_grad():
+            out[name] = PretrainStep(tiny_model, _tiny_run_config(**over).pretrain)(*args)
+    (loss, cl, ntp, _), (l_nocl, cl0, ntp1, _), (l_nontp, cl1, ntp0, _) = out["full"], out["no_cl"], out["no_ntp"]
+    assert cl > 0 and ntp > 0
+    assert cl0 == 0 and torch.isclose(l_nocl, ntp1) and torch.isclose(ntp1, ntp)
+    assert ntp0 == 0 and torch.isclose(l_nontp, cl1) and torch.isclose(cl1, cl)
+
+
+# ----- cache -----
+
+@pytest.mark.slow
+def test_second_run_loads_from_cache_without_training(small_world, tmp_path, monkeypatch):
+    cfg = _tiny_run_config(**{"eval.methods": ["qanchor_base"]})
+    first = R.run(cfg, root=tmp_path, world=small_world)
+    assert not first.cached and (tmp_path / cfg.key() / "config.json").exists()
+    assert json.loads((tmp_path / cfg.key() / "config.json").read_text()) == cfg.to_dict()
+    stamp = (tmp_path / cfg.key() / "run.json").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("a cached run must not train or score again")
+
+    real_scores = R.qanchor_scores
+    monkeypatch.setattr(R, "pretrain", boom)
+    monkeypatch.setattr(R, "qanchor_scores", boom)
+    second = R.run(cfg, root=tmp_path, world=small_world)
+    assert second.cached and (tmp_path / cfg.key() / "run.json").stat().st_mtime_ns == stamp
+    pd.testing.assert_frame_equal(second.scores, first.scores)
+    # a tuning-only change re-scores but reuses the pre-trained model (pretrain still patched to fail)
+    monkeypatch.setattr(R, "qanchor_scores", real_scores)
+    other = R.run(cfg.override({"eval.methods": ["qanchor_base"], "tuning.n_prompt": 1}), root=tmp_path, world=small_world)
+    assert not other.cached and other.record["model_key"] == first.record["model_key"]
+
+
+# ----- a tiny experiment end to end -----
+
+@pytest.mark.slow
+def test_tiny_ablation_experiment_writes_tidy_table_with_cis(small_world, tmp_path):
+    from qanchor_lab.experiments.ablations import paper_check, run_ablations
+
+    base = _tiny_run_config(**{"eval.methods": ["qanchor_base"]})
+    exp = run_ablations(base=base, names=["full", "no_user_token"], seeds=2, root=tmp_path, out=tmp_path / "t",
+                        show_progress=False, world=small_world)
+    t = exp.table
+    assert len(t) == 2 * 2 * 1  # variants x seeds x tasks (one method)
+    assert {"variant", "seed", "method", "task_id", "auc", "ks", "model.use_user_token"} <= set(t.columns)
+    assert t.groupby("variant")["model.use_user_token"].first().to_dict() == {"full": True, "no_user_token": False}
+    s = exp.summary.set_index("variant")
+    for col in ("auc", "auc_low", "auc_high", "auc_diff", "auc_diff_low", "auc_diff_high", "verdict", "sentence"):
+        assert s[col].notna().all(), col
+    assert (s["auc_low"] <= s["auc"]).all() and (s["auc"] <= s["auc_high"]).all()
+    assert s.loc["full", "verdict"] == "reference" and s.loc["full", "auc_diff"] == 0
+    assert s.loc["no_user_token", "n_seeds"] == 2
+    # the summary's AUC is the mean over seeds of each run's average over tasks
+    mean = t[t["variant"] == "no_user_token"].groupby("seed")["auc"].mean().mean()
+    assert s.loc["no_user_token", "auc"] == pytest.approx(mean)
+    assert (tmp_path / "t" / "results.parquet").exists() and (tmp_path / "t" / "summary.csv").exists()
+    check = paper_check(exp.summary)
+    assert list(check["variant"]) == ["no_user_token"] and check["reproduces"].iloc[0]
+    # rerunning the same experiment loads every run from the cache
+    again = run_ablations(base=base, names=["full", "no_user_token"], seeds=2, root=tmp_path, out=tmp_path / "t",
+                          show_progress=False, world=small_world)
+    assert all(r.cached for r in again.runs.values())
+    pd.testing.assert_frame_equal(again.summary, exp.summary)
+
+
+def test_verdict_words():
+    assert verdict(-0.01, -0.02, 0.005) == "within noise (CI includes 0)"
+    assert verdict(-0.01, -0.02, -0.001, seed_sd=0.02) == "within seed noise (|diff| <= seed sd)"
+    assert verdict(-0.01, -0.02, -0.001, seed_sd=0.001) == "worse than reference"
+    assert verdict(0.01, 0.001, 0.02) == "better than reference"
