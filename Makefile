@@ -30,8 +30,9 @@ test: test-unit test-notebooks
 test-unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
+# One torch thread per kernel: on 2 cores, two threads run tiny models 5-10x slower whenever anything else is busy.
 test-notebooks: $(STAMP)
-	QANCHOR_FAST=1 $(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=300 notebooks
+	QANCHOR_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=300 notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

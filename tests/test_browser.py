@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "08_query_explorer.ipynb"
-TIMEOUT_MS = 420_000  # the fast-mode notebook, plus a model trained on the spot if notebook 02 never ran
+NOTEBOOK = ROOT / "notebooks" / "10_query_explorer.ipynb"
+TIMEOUT_MS = 420_000  # the fast-mode notebook, plus a model trained on the spot if notebook 03 never ran
 
 
 def _requirements() -> tuple[str, object]:

@@ -28,7 +28,7 @@ from qanchor_lab.world import WorldConfig
 
 Method = Literal["qanchor_base", "qanchor_prompt_tuned"]
 METHODS: tuple[str, ...] = get_args(Method)
-# Four tasks, at least one per domain, for fast mode (as notebook 03's fast mode).
+# Four tasks, at least one per domain, for fast mode (as notebook 04's fast mode).
 FAST_TASKS: tuple[str, ...] = ("dormancy_churn", "credit_delinquency", "liquidity_shortfall", "ivr_cash_reserve")
 STAGES: tuple[str, ...] = ("world", "model", "pretrain", "tuning", "eval")
 # Fields of the run that never change the scores a run produces (kept out of its cache key).

@@ -1,4 +1,4 @@
-"""A small hand-built shop log in the bring-your-own format: the worked example of notebook 09 and the
+"""A small hand-built shop log in the bring-your-own format: the worked example of notebook 11 and the
 end-to-end test of a dataset that does not come from the synthetic generator.
 
 Written by hand with a few readable rules, not simulated: each user has a return habit and an activity
