@@ -142,6 +142,15 @@ def test_deterministic_and_cached(world, wheel, tmp_path):
     assert loaded.manifest["config"] == ML.MovieLensConfig().to_dict()
 
 
+def test_registered_as_a_source(world, wheel, tmp_path):
+    from qanchor_lab.sources import load_source
+
+    got = load_source("movielens", out_dir=tmp_path / "ml")   # same default config as the `world` fixture
+    pd.testing.assert_frame_equal(got.labels, world.labels)
+    with pytest.raises(TypeError, match="label_dayz"):
+        load_source("movielens", out_dir=tmp_path / "x", label_dayz=3)
+
+
 def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_RETRIES", "0")

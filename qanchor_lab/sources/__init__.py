@@ -2,6 +2,7 @@
 
 - `synthetic`: the UserU generator (qanchor_lab.sources.synthetic), with its modalities and window declared.
 - `byo`: your own tables from Parquet, CSV or pandas DataFrames (the contract: data/README.md).
+- `movielens`: MovieLens-100K read offline from the recbole wheel (qanchor_lab.sources.movielens).
 
 `load_source(name, **kw)` picks one by name; sources are imported only when used, so a source with
 heavy or optional dependencies costs nothing until asked for.
@@ -18,6 +19,7 @@ from qanchor_lab.schema import World
 SOURCES: dict[str, str] = {
     "synthetic": "qanchor_lab.sources.synthetic:load",
     "byo": "qanchor_lab.sources.byo:load",
+    "movielens": "qanchor_lab.sources.movielens:load",
 }
 
 

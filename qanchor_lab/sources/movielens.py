@@ -345,3 +345,8 @@ def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | N
     world = build_movielens(cfg)
     save_world(world, root)
     return world
+
+
+def load(out_dir: str | Path | None = None, **config: Any) -> World:
+    """`sources.load_source("movielens", seed=7, ...)`: ensure_movielens with MovieLensConfig(**config)."""
+    return ensure_movielens(out_dir, MovieLensConfig(**config))
