@@ -626,6 +626,33 @@ def read_frame(path: str | Path, table: str) -> pd.DataFrame:
     return df
 
 
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest.json of a dataset directory as a dict ({} when there is none); a file that is not a JSON
+    object is an error naming it."""
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataValidationError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise DataValidationError(f"{path}: must hold a JSON object")
+    return manifest
+
+
+def saved_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of a complete saved world in `root`, or {} when a table or the manifest is missing or
+    unreadable: what the ensure_* helpers compare with their config before reusing a directory."""
+    root = Path(root)
+    if not all((root / f"{t}.parquet").is_file() for t in TABLES):
+        return {}
+    try:
+        return read_manifest(root)
+    except DataValidationError:
+        return {}
+
+
 def load_world(path: str | Path, *, require_events: bool = False) -> World:
     """Read `<table>.parquet` for every table in `schema.TABLES` plus `manifest.json` from a directory,
     validate each table and the links between them. A missing manifest reads as {}; a manifest whose
@@ -637,15 +664,8 @@ def load_world(path: str | Path, *, require_events: bool = False) -> World:
     missing = [f"{t}.parquet" for t in TABLES if not (root / f"{t}.parquet").is_file()]
     if missing:
         raise DataValidationError(f"world {root}: missing table file(s) {_shown(missing)}")
-    manifest: dict[str, Any] = {}
-    manifest_path = root / MANIFEST_FILE
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataValidationError(f"world {root}: {MANIFEST_FILE} is not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise DataValidationError(f"world {root}: {MANIFEST_FILE} must hold a JSON object")
+    manifest = read_manifest(root)
+    if manifest:
         version = manifest.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise DataValidationError(

@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal, Sequence, get_args
 import numpy as np
 import pandas as pd
 
+from qanchor_lab.configs import DictConfig
 from qanchor_lab.data import DataValidationError
 
 CutoffKind = Literal["global", "per_user"]
@@ -53,7 +54,7 @@ class LeakageError(DataValidationError):
 
 
 @dataclass
-class DeriveQAConfig:
+class DeriveQAConfig(DictConfig):
     """How QA pairs are derived from a log; JSON-able via to_dict/from_dict."""
 
     future_days: float = 30.0          # length of the D_future window after each user's cutoff
@@ -100,13 +101,6 @@ class DeriveQAConfig:
         d["event_noun"], d["category_noun"] = list(self.event_noun), list(self.category_noun)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeriveQAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DeriveQAConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------

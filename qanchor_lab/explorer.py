@@ -26,7 +26,7 @@ from __future__ import annotations
 import html
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import ipywidgets as widgets
@@ -35,6 +35,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
+from qanchor_lab.configs import DictConfig
 from qanchor_lab.behaviour import BehaviourStore
 from qanchor_lab.embedder import PrefixCache, run_cached
 
@@ -49,7 +50,7 @@ QUERY, PROMPT = "task query", "tuned prompt"
 
 
 @dataclass
-class ExplorerConfig:
+class ExplorerConfig(DictConfig):
     n_neighbors: int = 15             # UMAP neighbourhood size (clamped below the population size)
     min_dist: float = 0.1             # UMAP minimum distance between embedded points
     reference_epochs: int = 200       # epochs of the reference UMAP (first task query), from a PCA start
@@ -82,12 +83,6 @@ class ExplorerConfig:
         if self.transition_ms < 0:
             raise ValueError(f"ExplorerConfig.transition_ms must be >= 0, got {self.transition_ms}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExplorerConfig":
-        return cls(**d)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ declared window, so nothing is dropped or merged silently.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,13 @@ import pandas as pd
 
 from qanchor_lab.data import (
     CSV_SUFFIXES,
-    MANIFEST_FILE,
     PARQUET_SUFFIXES,
     DataValidationError,
     _shown,
     check_world,
     count_duplicate_events,
     read_frame,
+    read_manifest,
     validate_events,
     validate_labels,
     validate_profiles,
@@ -101,16 +100,7 @@ def _from_directory(root: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]
             raise DataValidationError(f"{name}: more than one file in {root}: {_shown([f.name for f in files])}; keep one")
         if files:
             frames[name] = read_frame(files[0], name)  # validated in _assemble
-    manifest: dict[str, Any] = {}
-    path = root / MANIFEST_FILE
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataValidationError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(manifest, dict):
-            raise DataValidationError(f"{path}: must hold a JSON object")
-    return frames, manifest
+    return frames, read_manifest(root)
 
 
 def _empty(columns: Mapping[str, str]) -> pd.DataFrame:

@@ -36,13 +36,14 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from qanchor_lab.configs import DictConfig
 from qanchor_lab.data import (
     DataValidationError,
     validate_events,
@@ -122,7 +123,7 @@ def read_raw(wheel: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFram
 
 
 @dataclass
-class MovieLensConfig:
+class MovieLensConfig(DictConfig):
     """How MovieLens-100K becomes the tables; JSON-able via to_dict/from_dict."""
 
     input_days: int = 7             # input window: the first days of a user's activity (day 0 = first rating's day)
@@ -151,17 +152,6 @@ class MovieLensConfig:
         if self.heavy_ratings < 1:
             raise ValueError(f"heavy_ratings must be >= 1, got {self.heavy_ratings}")
         pd.Timestamp(self.origin)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MovieLensConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MovieLensConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
     def qa_config(self) -> DeriveQAConfig:
         return DeriveQAConfig(future_days=float(self.label_days), history_days=float(self.input_days), seed=self.seed,
@@ -325,8 +315,7 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
 def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | None = None) -> World:
     """The MovieLens World saved in `out_dir` (default: pipeline.world_dir, data/movielens-100k-seedN): reused
     when its manifest records this config and source version, else built (fetching the wheel if needed) and saved."""
-    from qanchor_lab.data import MANIFEST_FILE, load_world, save_world
-    from qanchor_lab.schema import TABLES
+    from qanchor_lab.data import load_world, save_world, saved_manifest
 
     cfg = cfg or MovieLensConfig()
     if out_dir is None:
@@ -334,14 +323,9 @@ def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | N
 
         out_dir = world_dir(DemoConfig(dataset="movielens", seed=cfg.seed))
     root = Path(out_dir)
-    path = root / MANIFEST_FILE
-    if path.is_file() and all((root / f"{t}.parquet").is_file() for t in TABLES):
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-        if manifest.get("config") == cfg.to_dict() and manifest.get("source_version") == SOURCE_VERSION:
-            return load_world(root)
+    manifest = saved_manifest(root)
+    if manifest.get("config") == cfg.to_dict() and manifest.get("source_version") == SOURCE_VERSION:
+        return load_world(root)
     world = build_movielens(cfg)
     save_world(world, root)
     return world

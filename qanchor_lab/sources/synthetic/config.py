@@ -8,6 +8,7 @@ from typing import get_args, Literal
 
 import numpy as np
 import pandas as pd
+from qanchor_lab.configs import DictConfig
 
 # ----------------------------------------------------------------------------------------------
 # latent traits and personas
@@ -83,7 +84,7 @@ QA_STYLES: tuple[str, ...] = ("counts", "graded")
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(DictConfig):
     """Size, seed and realism knobs of the synthetic UserU world."""
 
     n_users: int = 6000              # total users (pre-training + downstream); default size used by the demo
@@ -169,15 +170,3 @@ class WorldConfig:
                 "10 users in the pre-training or the downstream population"
             )
 
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict of every field (the manifest stores it)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WorldConfig:
-        """Inverse of `to_dict`; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"WorldConfig: unknown field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
-        return cls(**d)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from qanchor_lab.data import MANIFEST_FILE, load_world, save_world
+from qanchor_lab.data import load_world, save_world, saved_manifest
 from qanchor_lab.metrics import ks
-from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS, TABLES, World
+from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS, World
 from qanchor_lab.sources.synthetic.config import _F, PERSONAS, TRAITS, WorldConfig
 from qanchor_lab.sources.synthetic.qa import _synthesise_qa, build_evidence, verify_answers
 from qanchor_lab.sources.synthetic.simulation import _events_frame, _profiles, _sample_latents, _simulate
@@ -168,15 +167,10 @@ def ensure_world(out_dir: str | Path, config: WorldConfig, *, show_progress: boo
     """Reuse the world in `out_dir` when its manifest records this config (and this generator and
     schema version); otherwise generate it, save it there and return it."""
     root = Path(out_dir)
-    path = root / MANIFEST_FILE
-    if path.is_file() and all((root / f"{t}.parquet").is_file() for t in TABLES):
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-        if (manifest.get("config") == config.to_dict() and manifest.get("schema_version") == SCHEMA_VERSION
-                and manifest.get("generator_version") == GENERATOR_VERSION):
-            return load_world(root)
+    manifest = saved_manifest(root)
+    if (manifest.get("config") == config.to_dict() and manifest.get("schema_version") == SCHEMA_VERSION
+            and manifest.get("generator_version") == GENERATOR_VERSION):
+        return load_world(root)
     world = generate_world(config, show_progress=show_progress)
     save_world(world, root)
     return world
