@@ -261,14 +261,15 @@ def step_at_rates(model, config, batch, shares: Sequence[float] = (1.0, 0.1, 0.0
     for share in shares:
         copy_ = copy.deepcopy(model)
         module = PretrainStep(copy_, config).train()
-        optimizer, _ = make_optimizer(copy_, config, total_steps=None)
+        optimizer, _ = make_optimizer(module, config, total_steps=None)
         for group in optimizer.param_groups:
             group["lr"] *= share
         before = training_step(module, batch, optimizer, ntp_normalizer=n_tok, grad_clip=config.grad_clip)
         with torch.no_grad():
             after = step_forward(module, batch, n_tok)
         row = {"share of peak rate": share, "learning rate": optimizer.param_groups[0]["lr"]}
-        for name, b, a in zip(("loss", "contrastive", "next-token"), before, after):
+        names = ("loss", "contrastive", "next-token") + (("reconstruction",) if config.reconstruction else ())
+        for name, b, a in zip(names, before, after):
             row |= {f"{name} before": float(b), f"{name} after": float(a)}
         rows.append(row)
         del copy_, module, optimizer

@@ -227,8 +227,8 @@ def _total_variance(M: np.ndarray | sp.csr_matrix) -> float:
     return float(M.var(axis=0).sum())
 
 
-def _fit_logreg(Z, y: np.ndarray, Zt, config: ProbeConfig) -> tuple[float, np.ndarray]:
-    """(best mean CV AUC over config.Cs, P(y=1) for Zt) of the CV-tuned L2 logistic regression."""
+def _logreg_cv(Z, y: np.ndarray, config: ProbeConfig) -> LogisticRegressionCV:
+    """The CV-tuned L2 logistic regression of every probe, fitted on (Z, y)."""
     model = LogisticRegressionCV(
         Cs=list(config.Cs),
         l1_ratios=(0.0,),
@@ -239,9 +239,32 @@ def _fit_logreg(Z, y: np.ndarray, Zt, config: ProbeConfig) -> tuple[float, np.nd
         use_legacy_attributes=False,
     )
     with threadpool_limits(limits=config.n_threads):
-        model.fit(Z, y)
+        return model.fit(Z, y)
+
+
+def _fit_logreg(Z, y: np.ndarray, Zt, config: ProbeConfig) -> tuple[float, np.ndarray]:
+    """(best mean CV AUC over config.Cs, P(y=1) for Zt) of the CV-tuned L2 logistic regression."""
+    model = _logreg_cv(Z, y, config)
+    with threadpool_limits(limits=config.n_threads):
         proba = model.predict_proba(Zt)[:, 1].astype(np.float64)
     return float(model.scores_.mean(axis=0).max()), proba  # scores_: (folds, l1_ratios, Cs)
+
+
+def fit_linear_probe(X, y, config: ProbeConfig | None = None) -> dict[str, np.ndarray]:
+    """The probe of `probe_scores` (StandardScaler + CV-tuned L2 logistic regression) fitted on (X, y), as
+    plain arrays, so that P(y=1 | x) = sigmoid(((x - mean) / scale) @ coef + intercept) can be computed
+    anywhere (e.g. inside a prompt-tuning adapter, in torch): {"mean", "scale", "coef", "intercept"}."""
+    config = config or ProbeConfig()
+    y = np.asarray(y)
+    X = _check_matrix(X, len(y), "probe X")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"probe y must hold 0/1 labels; found {sorted(set(y.tolist()))[:5]}")
+    y = y.astype(np.int64)
+    _check_classes(y, "probe", config.cv)
+    scaler = StandardScaler().fit(X)
+    model = _logreg_cv(scaler.transform(X), y, config)
+    return {"mean": scaler.mean_.astype(np.float32), "scale": scaler.scale_.astype(np.float32),
+            "coef": model.coef_.reshape(-1).astype(np.float32), "intercept": model.intercept_.reshape(1).astype(np.float32)}
 
 
 def probe_scores(

@@ -188,14 +188,14 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
     store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
     pairs = make_pairs(world.qa, store)
     module = PretrainStep(model, PretrainConfig(batch_size=batch_size))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
     rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
     counts = {}
 
     def ours() -> None:
         n = 0
         for r in rows:
-            loss, _, _, n_tok = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
+            loss, *_, n_tok = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
                                        [pairs.answers[i] for i in r], torch.as_tensor(pairs.user_index[r]),
                                        torch.as_tensor(pairs.answer_ids[r]), None)
             loss.backward(); opt.step(); opt.zero_grad()

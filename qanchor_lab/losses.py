@@ -10,6 +10,8 @@ and, for the contrastive loss, gathers in-batch negatives across processes.
   answer-anchor negatives, a margin rule that drops likely false negatives, and masks for rows of the
   same user and for identical answer texts (docs/design.md §6).
 - Generative: next-token cross-entropy on the answer tokens.
+- Reconstruction (docs/design.md §7): a linear map from the anchor embedding back to the user's standardised
+  tabular vector; an optional pre-training term that keeps the embedding from forgetting its input.
 - Prototype (docs/design.md §1.6): prototype-softmax over learnable class prototypes, used by cluster-based
   soft prompt tuning.
 """
@@ -32,11 +34,13 @@ __all__ = [
     "NegativeKind",
     "NextTokenLoss",
     "PrototypeLoss",
+    "ReconstructionLoss",
     "contrastive_loss",
     "gather_with_grad",
     "next_token_loss",
     "prototype_loss",
     "prototype_scores",
+    "reconstruction_loss",
 ]
 
 
@@ -340,6 +344,33 @@ class NextTokenLoss(nn.Module):
         normalizer: float | Tensor | None = None,
     ) -> Tensor:
         return next_token_loss(logits, targets, mask, normalizer=normalizer)
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+def reconstruction_loss(predicted: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error between ``predicted`` and ``target`` (both (B, F)), averaged over rows and
+    features. With standardised targets a predictor that knows nothing (zeros) scores about 1."""
+    if predicted.shape != target.shape or predicted.ndim != 2:
+        raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} must both be (B, F)")
+    return (predicted.float() - target.float()).pow(2).mean()
+
+
+class ReconstructionLoss(nn.Module):
+    """A linear decoder from the embedding (B, d) to the tabular input (B, F), scored by
+    ``reconstruction_loss``. The contrastive objective alone lets every user collapse onto the few claims
+    of the question asked (docs/design.md §7); asking the same embedding to also give back the user's
+    profile keeps what the input knew. The decoder is training-only: it is not part of the saved model."""
+
+    def __init__(self, embed_dim: int, tabular_dim: int):
+        super().__init__()
+        self.decoder = nn.Linear(embed_dim, tabular_dim)
+
+    def forward(self, embeddings: Tensor, tabular: Tensor) -> Tensor:
+        # unit-norm embeddings to unit RMS: otherwise the decoder needs weights ~sqrt(d) times its
+        # initialisation, which AdamW at a pre-training rate of 3e-4 does not reach in a few hundred steps
+        return reconstruction_loss(self.decoder(embeddings * embeddings.shape[-1] ** 0.5), tabular)  # scalar
 
 
 # --------------------------------------------------------------------------- prototypes

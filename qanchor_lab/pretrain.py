@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
-from qanchor_lab.losses import ContrastiveLoss, next_token_loss
+from qanchor_lab.losses import ContrastiveLoss, ReconstructionLoss, next_token_loss
 from qanchor_lab.model import QAnchorModel
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
@@ -32,6 +32,7 @@ Batching = Literal["random", "intent", "grid"]
 FalseNegatives = Literal["answer_text", "claim"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
 PRETRAINED_LR = 1e-4  # the authors' LoRA learning rate
+RECONSTRUCTION_NAME = "reconstruction.safetensors"  # the training-only decoder of a checkpoint, for resuming
 
 
 @dataclass
@@ -51,6 +52,12 @@ class PretrainConfig:
     margin: float | None = None
     negatives: tuple[NegativeKind, ...] = ("anchor_anchor", "anchor_answer", "answer_anchor")
     alpha: float = 1.0                 # weight of the next-token loss: L = L_cl + alpha * L_ntp
+    # Weight of the input-reconstruction loss (losses.ReconstructionLoss): a linear decoder gives the user's
+    # standardised tabular vector back from the anchor embedding, L += reconstruction * L_rec. 0 is the
+    # paper's objective, under which every user collapses onto the few claims of the question asked. 10 was
+    # chosen on tune users (docs/design.md §7.8: 0, 1, 3, 10, 30); 30 keeps a little more of the input but
+    # lets the reconstruction dominate the contrastive and next-token losses.
+    reconstruction: float = 10.0
     use_contrastive: bool = True       # ablation switch
     use_generative: bool = True        # ablation switch
     holdout_paraphrases: bool = True   # keep one paraphrase per D_uqa intent out of training, to test on
@@ -89,6 +96,8 @@ class PretrainConfig:
             raise ValueError(f"negatives or answer_mask_kinds {sorted(bad)} invalid; choose from anchor_anchor, anchor_answer, answer_anchor")
         if not (self.use_contrastive or self.use_generative):
             raise ValueError("at least one of use_contrastive / use_generative must be on")
+        if self.reconstruction < 0:
+            raise ValueError(f"reconstruction must be >= 0, got {self.reconstruction}")
         if self.epochs <= 0 or self.batch_size < 2:
             raise ValueError(f"epochs must be > 0 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
 
@@ -234,14 +243,16 @@ def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> 
                      pairs.answer_ids[rows], pairs.intent_ids[rows])
 
 
-def make_optimizer(model: QAnchorModel, config: PretrainConfig, total_steps: int | None):
-    """AdamW over the trainable parameters with linear warm-up then cosine decay over `total_steps`:
-    (optimizer, scheduler). `total_steps=None`: no schedule (None), the peak rate throughout (a hand step;
-    the schedule's warm-up starts at rate 0)."""
+def make_optimizer(model: "QAnchorModel | PretrainStep", config: PretrainConfig, total_steps: int | None):
+    """AdamW over the trainable parameters of the model or of the step module (which adds the training-only
+    reconstruction decoder), with linear warm-up then cosine decay over `total_steps`: (optimizer,
+    scheduler). `total_steps=None`: no schedule (None), the peak rate throughout (a hand step; the
+    schedule's warm-up starts at rate 0)."""
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(model), betas=(0.9, config.beta2), eps=config.eps,
+    qanchor = model.model if isinstance(model, PretrainStep) else model
+    optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(qanchor), betas=(0.9, config.beta2), eps=config.eps,
                                   weight_decay=config.weight_decay)
     if total_steps is None:
         return optimizer, None
@@ -249,9 +260,24 @@ def make_optimizer(model: QAnchorModel, config: PretrainConfig, total_steps: int
     return optimizer, scheduler
 
 
-def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float, device=None):
-    """(loss, contrastive, next-token, tokens) of the step module on one batch; `ntp_normalizer` is the
-    number of answer tokens the next-token loss averages over (`count_answer_tokens` in one process)."""
+class StepLosses(NamedTuple):
+    """What one pre-training forward gives: the total and its parts (parts detached)."""
+
+    loss: torch.Tensor            # contrastive + alpha * next-token + reconstruction weight * reconstruction
+    contrastive: torch.Tensor
+    ntp: torch.Tensor             # next-token
+    reconstruction: torch.Tensor  # 0 when PretrainConfig.reconstruction is 0
+    n_tokens: torch.Tensor        # tokens through the decoder
+
+    def parts(self) -> dict[str, float]:
+        """The losses by name, as floats (for logs and tables)."""
+        return {"loss": float(self.loss), "contrastive": float(self.contrastive), "ntp": float(self.ntp),
+                "reconstruction": float(self.reconstruction)}
+
+
+def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float, device=None) -> StepLosses:
+    """The step module's losses on one batch; `ntp_normalizer` is the number of answer tokens the next-token
+    loss averages over (`count_answer_tokens` in one process)."""
     device = device if device is not None else next(module.parameters()).device
     return module(batch.users, batch.queries, batch.answers, torch.as_tensor(batch.user_index, device=device),
                   torch.as_tensor(batch.answer_ids, device=device), ntp_normalizer,
@@ -259,16 +285,17 @@ def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float
 
 
 def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler=None, *, ntp_normalizer: float,
-                  grad_clip: float | None = None, accelerator=None):
+                  grad_clip: float | None = None, accelerator=None) -> StepLosses:
     """One optimisation step: forward, backward, gradient clipping, AdamW update and schedule step.
-    Returns (loss, contrastive, next-token, tokens) measured before the update. Without an `accelerator`
-    it runs as plain PyTorch in one process (the notebooks' hand step)."""
+    Returns the losses measured before the update. Without an `accelerator` it runs as plain PyTorch in
+    one process (the notebooks' hand step). The optimizer should hold the step module's parameters
+    (`make_optimizer(module, ...)`), which include the reconstruction decoder."""
     device = accelerator.device if accelerator is not None else None
-    loss, cl, ntp, n_tokens = step_forward(module, batch, ntp_normalizer, device)
+    out = step_forward(module, batch, ntp_normalizer, device)
     if accelerator is not None:
-        accelerator.backward(loss)
+        accelerator.backward(out.loss)
     else:
-        loss.backward()
+        out.loss.backward()
     if grad_clip:
         clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
         clip(module.parameters(), grad_clip)
@@ -276,11 +303,11 @@ def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), cl, ntp, n_tokens
+    return out._replace(loss=out.loss.detach())
 
 
 class PretrainStep(torch.nn.Module):
-    """Model + losses as one module, so DDP sees a single forward."""
+    """Model + losses as one module, so DDP sees a single forward; it returns `StepLosses`."""
 
     def __init__(self, model: QAnchorModel, config: PretrainConfig):
         super().__init__()
@@ -288,6 +315,11 @@ class PretrainStep(torch.nn.Module):
         self.config = config
         self.contrastive = ContrastiveLoss(temperature=config.temperature, margin=config.margin, negatives=config.negatives,
                                            answer_id_kinds=config.answer_mask_kinds)
+        self.reconstruction = None
+        if config.reconstruction > 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)  # the same decoder for the same seed, whatever ran before
+                self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim)
 
     def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None):
         c = self.config
@@ -300,7 +332,14 @@ class PretrainStep(torch.nn.Module):
             ntp = next_token_loss(logits, targets, torch.ones_like(targets, dtype=torch.bool), normalizer=ntp_normalizer)
         else:
             ntp = zero
-        return cl + c.alpha * ntp, cl.detach(), ntp.detach(), out["n_tokens"]
+        if self.reconstruction is not None:
+            tabular = users.tabular.to(out["anchor"].device)                        # (U or N, F)
+            tabular = tabular if user_rows is None else tabular[user_rows]           # (N, F)
+            rec = self.reconstruction(out["anchor"], tabular)
+        else:
+            rec = zero
+        loss = cl + c.alpha * ntp + c.reconstruction * rec
+        return StepLosses(loss, cl.detach(), ntp.detach(), rec.detach(), out["n_tokens"])
 
 
 def _global_sum(x: float, device) -> float:
@@ -350,14 +389,17 @@ def pretrain(
         total_steps = min(total_steps, config.max_steps)
 
     lr = config.resolved_lr(model)
-    optimizer, scheduler = make_optimizer(model, config, total_steps)
-    step = 0
-    if resume_from is not None:
-        step = load_trainer_state(resume_from, optimizer, scheduler)
-    if not config.use_contrastive:  # the projection head gets no gradient; DDP needs every trainable parameter used
+    if not config.use_contrastive and not config.reconstruction:
+        # the projection head gets no gradient; DDP needs every trainable parameter used
         for p in model.head.parameters():
             p.requires_grad_(False)
     module = PretrainStep(model, config)
+    optimizer, scheduler = make_optimizer(module, config, total_steps)
+    step = 0
+    if resume_from is not None:
+        step = load_trainer_state(resume_from, optimizer, scheduler)
+        if module.reconstruction is not None:
+            module.reconstruction.load_state_dict(load_file(Path(resume_from) / RECONSTRUCTION_NAME))
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
 
     log_path = out_dir / "log.jsonl"
@@ -377,23 +419,23 @@ def pretrain(
             batches = epoch_batches(pairs, config, epoch, world_size)
         batch = make_step_batch(pairs, batches[k][rank], store)
         n_tok_global = _global_sum(count_answer_tokens(model, batch.answers), acc.device)
-        loss, cl, ntp, n_tokens = training_step(module, batch, optimizer, scheduler, ntp_normalizer=n_tok_global / world_size,
-                                                grad_clip=config.grad_clip, accelerator=acc)
+        losses = training_step(module, batch, optimizer, scheduler, ntp_normalizer=n_tok_global / world_size,
+                               grad_clip=config.grad_clip, accelerator=acc)
         step += 1
-        tokens_seen += int(n_tokens)
+        tokens_seen += int(losses.n_tokens)
         bar.update(1)
-        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": float(loss.detach()),
-                "contrastive": float(cl), "ntp": float(ntp), "lr": scheduler.get_last_lr()[0],
-                "seconds": round(time.perf_counter() - t0, 3)}
+        last = {"step": step, "epoch": round(step / steps_per_epoch, 4), **losses.parts(),
+                "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 3)}
         if acc.is_main_process and (step % config.log_every == 0 or step == total_steps):
             with log_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{last['loss']:.3f}", cl=f"{last['contrastive']:.3f}", ntp=f"{last['ntp']:.3f}")
+            bar.set_postfix(loss=f"{last['loss']:.3f}", cl=f"{last['contrastive']:.3f}", ntp=f"{last['ntp']:.3f}",
+                            **({"rec": f"{last['reconstruction']:.3f}"} if config.reconstruction else {}))
         if config.save_every and step % config.save_every == 0 and step < total_steps:
-            save_checkpoint(acc.unwrap_model(module).model, optimizer, scheduler, step, config, out_dir / f"checkpoint-{step}", acc)
+            save_checkpoint(acc.unwrap_model(module), optimizer, scheduler, step, config, out_dir / f"checkpoint-{step}", acc)
     bar.close()
     seconds = time.perf_counter() - t0
-    save_checkpoint(acc.unwrap_model(module).model, optimizer, scheduler, step, config, out_dir, acc)
+    save_checkpoint(acc.unwrap_model(module), optimizer, scheduler, step, config, out_dir, acc)
     module.eval()
     summary = {"steps": step, "pairs": len(pairs), "heldout_queries": len(exclude), "lr": lr, "seconds": seconds,
                "tokens": tokens_seen, "tokens_per_second": tokens_seen / max(seconds, 1e-9), "last": last}
@@ -402,12 +444,20 @@ def pretrain(
     return summary
 
 
-def save_checkpoint(model: QAnchorModel, optimizer, scheduler, step: int, config: PretrainConfig, directory, acc=None) -> None:
-    """Model (JSON + safetensors) plus optimizer tensors (safetensors) and trainer state (JSON); no pickle."""
+def save_checkpoint(model: "QAnchorModel | PretrainStep", optimizer, scheduler, step: int, config: PretrainConfig,
+                    directory, acc=None) -> None:
+    """Model (JSON + safetensors) plus optimizer tensors (safetensors) and trainer state (JSON); no pickle.
+    Given the step module, its training-only reconstruction decoder is saved too, for resuming."""
     if acc is not None and not acc.is_main_process:
         acc.wait_for_everyone()
         return
     directory = Path(directory)
+    if isinstance(model, PretrainStep):
+        if model.reconstruction is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.reconstruction.state_dict().items()},
+                      directory / RECONSTRUCTION_NAME)
+        model = model.model
     model.save_pretrained(directory)
     state = optimizer.state_dict()
     tensors, meta = {}, {}

@@ -17,7 +17,11 @@ tune split of the default world, never on the test split:
   and prototypes train together, so the prompt is never steered by a k-means head still far from a
   decision boundary (linear probe, then fine-tune);
 - the number of joint epochs is chosen by early stopping on a held-out share of the tune users (soft
-  prompts overfit a few hundred positives), then the adapter is trained again on all of them.
+  prompts overfit a few hundred positives), then the adapter is trained again on all of them;
+- what scores a user (`readout`): by default the base method's probe (StandardScaler + CV-tuned logistic
+  regression) fitted on the tuned embeddings of all tune users, so that prompt-tuned and base differ only by
+  the soft prompt; the prototype softmax stays available (the paper's) and is what tuning and early
+  stopping use either way.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ PROMPT_INIT: tuple[str, ...] = ("random_words", "query")
 # prompt and <user_emb> tokens.
 PromptPosition = Literal["before_query", "after_query"]
 PROMPT_POSITION: tuple[str, ...] = ("before_query", "after_query")
+# How a tuned adapter scores a user: "prototypes": the prototype softmax the prompt was tuned with (the paper's);
+# "probe": the same probe as the base method (StandardScaler + CV-tuned logistic regression) fitted on the
+# tuned embeddings of the tune users, so prompt-tuned and base differ only by the soft prompt.
+Readout = Literal["prototypes", "probe"]
+READOUT: tuple[str, ...] = ("prototypes", "probe")
 
 
 @dataclass
@@ -74,6 +83,10 @@ class PromptTuningConfig:
     head_epochs: int = 20             # prototype-only epochs on the initial embeddings before the joint phase
     head_lr: float = 1e-2             # Adam lr of that prototype-only phase
     prompt_init: PromptInit = "random_words"
+    # "probe" since the reconstruction pre-training (docs/design.md §7.8): on tune users (70% fit, 30% scored) the
+    # prototype head read 0.004-0.008 AUC less than a probe on the same tuned embeddings (two pre-training
+    # seeds; 0.011 on the model before); "prototypes" is the paper's
+    readout: Readout = "probe"
     seed: int = 0
 
     def __post_init__(self):
@@ -83,6 +96,8 @@ class PromptTuningConfig:
             raise ValueError(f"prompt_position must be one of {PROMPT_POSITION}, got {self.prompt_position!r}")
         if self.prompt_init not in PROMPT_INIT:
             raise ValueError(f"prompt_init must be one of {PROMPT_INIT}, got {self.prompt_init!r}")
+        if self.readout not in READOUT:
+            raise ValueError(f"readout must be one of {READOUT}, got {self.readout!r}")
         if not 0 <= self.shrinkage <= 1:
             raise ValueError(f"shrinkage must lie in [0, 1], got {self.shrinkage}")
         if self.head_epochs < 0 or self.epochs < 0:
@@ -107,6 +122,11 @@ class TaskAdapter(nn.Module):
         # measuring from their mean (and in whitened coordinates) lets the class structure show.
         self.register_buffer("center", torch.zeros(embed_dim))
         self.register_buffer("whiten", torch.eye(embed_dim))
+        # the probe read-out (config.readout="probe"), fitted by `fit_probe` after tuning
+        self.register_buffer("probe_mean", torch.zeros(embed_dim))
+        self.register_buffer("probe_scale", torch.ones(embed_dim))
+        self.register_buffer("probe_coef", torch.zeros(embed_dim))
+        self.register_buffer("probe_intercept", torch.zeros(1))
         self.query = query
         self.config = config
         self._suffix = None  # the step's suffix, tokenised on first use
@@ -150,8 +170,26 @@ class TaskAdapter(nn.Module):
             inv_sqrt = evals.clamp_min(1e-12 * evals.max()).rsqrt()
             self.whiten.copy_((evecs * inv_sqrt) @ evecs.T)                       # (d, d) symmetric
 
-    def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
+    def prototype_probs(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, 2) class probabilities of the prototype softmax (what tuning optimises)."""
         return prototype_scores(self.features(emb), self.prototypes, self.prototype_class, temperature=self.config.temperature)
+
+    def class_probs(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, 2) class probabilities of the adapter's read-out (`config.readout`)."""
+        if self.config.readout == "prototypes":
+            return self.prototype_probs(emb)
+        z = (emb - self.probe_mean) / self.probe_scale                             # (B, d)
+        p = torch.sigmoid(z @ self.probe_coef + self.probe_intercept)              # (B,)
+        return torch.stack([1 - p, p], 1)                                          # (B, 2)
+
+    @torch.no_grad()
+    def fit_probe(self, emb: torch.Tensor, labels: np.ndarray) -> None:
+        """Fit the probe read-out on tuned embeddings (N, d) of labelled users (baselines.fit_linear_probe)."""
+        from qanchor_lab.baselines import fit_linear_probe
+
+        fitted = fit_linear_probe(emb.numpy(), labels)
+        for name in ("mean", "scale", "coef", "intercept"):
+            getattr(self, f"probe_{name}").copy_(torch.from_numpy(fitted[name]))
 
     @torch.no_grad()
     def score(self, model, cache: PrefixCache, batch_size: int = 256) -> np.ndarray:
@@ -165,9 +203,7 @@ class TaskAdapter(nn.Module):
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt": self.prompt.detach().contiguous(), "prototypes": self.prototypes.detach().contiguous(),
-                   "prototype_class": self.prototype_class, "center": self.center,
-                   "whiten": self.whiten}, path.with_suffix(".safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path.with_suffix(".safetensors"))
         path.with_suffix(".json").write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
         return path.with_suffix(".safetensors")
 
@@ -176,11 +212,14 @@ class TaskAdapter(nn.Module):
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         t = load_file(path.with_suffix(".safetensors"))
-        cfg = PromptTuningConfig(**meta["config"])
+        cfg = PromptTuningConfig(**{"readout": "prototypes", **meta["config"]})  # saved before readout existed: prototypes
         n_classes = int(t["prototype_class"].max()) + 1
         a = cls(t["prompt"].shape[0], t["prompt"].shape[1], t["prototypes"].shape[1], n_classes,
                 t["prototypes"].shape[0] // n_classes, meta["query"], cfg)
-        a.load_state_dict(t)
+        # adapters saved before the probe read-out existed hold no probe tensors (and read out by prototypes)
+        missing, unexpected = a.load_state_dict(t, strict=False)
+        if unexpected or any(not (k.startswith("probe_") and cfg.readout == "prototypes") for k in missing):
+            raise ValueError(f"{path}: adapter tensors do not match (missing {missing}, unexpected {unexpected})")
         return a
 
 
@@ -309,7 +348,7 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
 
     def val_auc() -> float:
         with torch.no_grad():
-            probs = adapter.class_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
+            probs = adapter.prototype_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
         return float(roc_auc_score(labels[va_idx], probs))
 
     # epoch 0 (initial prompt, fitted prototypes) is a candidate too: tuning must earn its keep on validation
@@ -330,14 +369,16 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
             stale += 1
             if stale >= config.patience:
                 break
+    every = np.arange(len(labels))
     if not config.refit:
         adapter.load_state_dict(best[2])
-        return TuningResult(adapter, best[1], best[0], history)
-    every = np.arange(len(labels))
-    adapter = _start(model, cache, labels, every, query, config, np.random.default_rng(config.seed))
-    opt = torch.optim.Adam(adapter.parameters(), lr=config.lr)
-    for _ in range(best[1]):
-        _epoch(adapter, opt, model, cache, labels, every, rng)
+    else:
+        adapter = _start(model, cache, labels, every, query, config, np.random.default_rng(config.seed))
+        opt = torch.optim.Adam(adapter.parameters(), lr=config.lr)
+        for _ in range(best[1]):
+            _epoch(adapter, opt, model, cache, labels, every, rng)
+    if config.readout == "probe":
+        adapter.fit_probe(_embed_rows(adapter, model, cache, every), labels)
     return TuningResult(adapter, best[1], best[0], history)
 
 

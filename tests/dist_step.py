@@ -33,7 +33,7 @@ def main(out: Path) -> None:
     step = acc.prepare(PretrainStep(model, PretrainConfig(batch_size=max(per, 2))))
     answers = [pairs.answers[i] for i in mine]
     n_tok = _global_sum(count_answer_tokens(model, answers), acc.device)
-    loss, cl, ntp, _ = step(store.batch(pairs.user_index[mine]), [pairs.queries[i] for i in mine], answers,
+    loss, *_ = step(store.batch(pairs.user_index[mine]), [pairs.queries[i] for i in mine], answers,
                             torch.as_tensor(pairs.user_index[mine]), torch.as_tensor(pairs.answer_ids[mine]),
                             n_tok / acc.num_processes)
     acc.backward(loss)

@@ -178,6 +178,19 @@ def test_probe_scores_direct():
         B.probe_scores(X[:300], y[:300], X[300:], extra_train=sp.csr_matrix(X[:300]), extra_test=sp.csr_matrix(X[300:]))
 
 
+def test_fit_linear_probe_is_the_probe_of_probe_scores():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6)) * rng.uniform(0.5, 5, size=6)
+    y = (X[:, 0] / 2 + X[:, 1] + rng.normal(size=300) > 0.5).astype(int)
+    cfg = B.ProbeConfig(seed=2)
+    fitted = B.fit_linear_probe(X[:200], y[:200], cfg)
+    z = (X[200:] - fitted["mean"]) / fitted["scale"]
+    mine = 1 / (1 + np.exp(-(z @ fitted["coef"] + fitted["intercept"][0])))
+    np.testing.assert_allclose(mine, B.probe_scores(X[:200], y[:200], X[200:], cfg), atol=1e-5)
+    with pytest.raises(DataValidationError, match="at least 3 of each"):
+        B.fit_linear_probe(X[:50], np.r_[np.ones(2), np.zeros(48)])
+
+
 def test_probe_extra_block_is_not_drowned_by_a_wide_one():
     """One informative column beside 300 noise columns: a plain hstack shrinks it with the noise;
     rescaling the block by a CV-chosen share lets it lead. Dense and sparse blocks agree."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qanchor_lab.baselines import probe_scores
 from qanchor_lab.embedder import CachedEmbedder, build_prefix_cache, run_cached
 from qanchor_lab.losses import prototype_loss
 from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter, tune_task
@@ -173,10 +174,46 @@ def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_st
     assert 0 <= result.best_epoch <= 8 and len(result.history) >= result.best_epoch + 1
     assert result.history[0]["epoch"] == 0  # the initialisation is a candidate too
     scores = result.adapter.score(model, cache)
+    # the default read-out is the base method's probe, fitted on the tuned embeddings of the tune users
+    assert result.adapter.config.readout == "probe"
+    with torch.no_grad():
+        tuned = result.adapter.embed(model, cache).numpy()
+    np.testing.assert_allclose(scores, probe_scores(tuned, labels, tuned), atol=1e-5)
     path = result.adapter.save(tmp_path / "task")
     again = TaskAdapter.load(path).score(model, cache)
     assert np.allclose(scores, again, atol=1e-6)
     assert not any(p.requires_grad for p in model.parameters())  # backbone and encoder stay frozen
+
+
+def test_adapter_readouts_and_an_adapter_saved_before_the_probe_readout(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    emb, labels = torch.randn(60, 4), np.r_[np.ones(30), np.zeros(30)].astype(int)
+    emb[labels == 1, 0] += 1.0
+    protos = TaskAdapter(2, 8, 4, 2, 1, "q", PromptTuningConfig(readout="prototypes"))
+    protos.prototypes.data.normal_()
+    assert torch.allclose(protos.class_probs(emb), protos.prototype_probs(emb))
+    probe = TaskAdapter(2, 8, 4, 2, 1, "q", PromptTuningConfig())
+    probe.prototypes.data.copy_(protos.prototypes.data)
+    probe.fit_probe(emb, labels)
+    np.testing.assert_allclose(probe.class_probs(emb)[:, 1].numpy(), probe_scores(emb.numpy(), labels, emb.numpy()), atol=1e-5)
+    assert not torch.allclose(probe.class_probs(emb), probe.prototype_probs(emb))
+    # an adapter saved before the probe read-out existed: no probe tensors, no readout key -> prototypes
+    path = protos.save(tmp_path / "old")
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("probe_")}, path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["config"]["readout"]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    old = TaskAdapter.load(path)
+    assert old.config.readout == "prototypes" and torch.allclose(old.class_probs(emb), protos.class_probs(emb))
+    # a probe adapter must carry its probe
+    path = probe.save(tmp_path / "new")
+    save_file({k: v for k, v in load_file(path).items() if k != "probe_coef"}, path)
+    with pytest.raises(ValueError, match="probe_coef"):
+        TaskAdapter.load(path)
 
 
 def test_tune_task_rejects_single_class_labels(tiny_model, tiny_store):
@@ -248,6 +285,7 @@ def test_head_phase_lowers_the_prototype_loss_on_fixed_embeddings(tiny_model):
 
 @pytest.mark.parametrize("bad, match", [(dict(normalize="zscore"), "none, center, standardize, whiten|'none', 'center', 'standardize', 'whiten'"),
                                         (dict(prompt_init="vocab"), "random_words"),
+                                        (dict(readout="logistic"), "prototypes', 'probe"),
                                         (dict(shrinkage=1.5), "shrinkage"),
                                         (dict(head_epochs=-1), "head_epochs")])
 def test_prompt_tuning_config_names_the_valid_choices(bad, match):

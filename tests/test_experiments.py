@@ -120,13 +120,18 @@ def test_loss_switches_change_the_pretraining_loss(small_world, tiny_model):
             torch.as_tensor(pairs.user_index[rows]), torch.as_tensor(pairs.answer_ids[rows]), 10.0)
     out = {}
     for name, over in {"full": {}, "no_cl": {"pretrain.use_contrastive": False},
-                       "no_ntp": {"pretrain.use_generative": False}}.items():
+                       "no_ntp": {"pretrain.use_generative": False}, "no_rec": {"pretrain.reconstruction": 0.0}}.items():
         with torch.no_grad():
             out[name] = PretrainStep(tiny_model, _tiny_run_config(**over).pretrain)(*args)
-    (loss, cl, ntp, _), (l_nocl, cl0, ntp1, _), (l_nontp, cl1, ntp0, _) = out["full"], out["no_cl"], out["no_ntp"]
-    assert cl > 0 and ntp > 0
-    assert cl0 == 0 and torch.isclose(l_nocl, ntp1) and torch.isclose(ntp1, ntp)
-    assert ntp0 == 0 and torch.isclose(l_nontp, cl1) and torch.isclose(cl1, cl)
+    full, no_cl, no_ntp, no_rec = out["full"], out["no_cl"], out["no_ntp"], out["no_rec"]
+    beta = _tiny_run_config().pretrain.reconstruction
+    assert beta > 0 and full.contrastive > 0 and full.ntp > 0 and full.reconstruction > 0
+    assert torch.isclose(full.loss, full.contrastive + full.ntp + beta * full.reconstruction)
+    assert no_cl.contrastive == 0 and torch.isclose(no_cl.loss, no_cl.ntp + beta * no_cl.reconstruction)
+    assert no_ntp.ntp == 0 and torch.isclose(no_ntp.loss, no_ntp.contrastive + beta * no_ntp.reconstruction)
+    assert no_rec.reconstruction == 0 and torch.isclose(no_rec.loss, full.contrastive + full.ntp)
+    # the decoder starts from the same seed in every variant: the same reconstruction without the other terms
+    assert torch.isclose(no_cl.reconstruction, full.reconstruction) and torch.isclose(no_ntp.reconstruction, full.reconstruction)
 
 
 # ----- cache -----

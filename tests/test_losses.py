@@ -15,11 +15,13 @@ from qanchor_lab.losses import (
     ContrastiveLoss,
     NextTokenLoss,
     PrototypeLoss,
+    ReconstructionLoss,
     contrastive_loss,
     gather_with_grad,
     next_token_loss,
     prototype_loss,
     prototype_scores,
+    reconstruction_loss,
 )
 
 # --------------------------------------------------------------------------- contrastive
@@ -471,3 +473,28 @@ def test_prototype_module_init_from_and_training():
         PrototypeLoss(num_classes=2, dim=8, class_weights=torch.ones(3))
     with pytest.raises(ValueError, match=r"embeddings must be \(N, 8\)"):
         single.init_from(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))
+
+
+def test_reconstruction_loss_is_the_mean_squared_error_and_checks_shapes():
+    torch.manual_seed(0)
+    target = torch.randn(6, 5)
+    assert reconstruction_loss(target, target).item() == 0.0
+    pred = torch.randn(6, 5)
+    assert torch.isclose(reconstruction_loss(pred, target), ((pred - target) ** 2).mean())
+    with pytest.raises(ValueError, match="must both be"):
+        reconstruction_loss(pred, target[:, :4])
+
+
+def test_reconstruction_module_decodes_the_embedding_and_learns():
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(64, 8), dim=-1)
+    tabular = emb @ torch.randn(8, 5)                                   # linearly decodable from emb
+    loss = ReconstructionLoss(8, 5)
+    assert torch.isclose(loss(emb, tabular), reconstruction_loss(loss.decoder(emb * 8 ** 0.5), tabular))
+    opt = torch.optim.Adam(loss.parameters(), lr=0.05)
+    first = loss(emb, tabular).item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss(emb, tabular).backward()
+        opt.step()
+    assert loss(emb, tabular).item() < 0.05 * first

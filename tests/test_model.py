@@ -118,15 +118,18 @@ def test_pretraining_reduces_loss_and_writes_logs_and_checkpoint(tiny_model, sma
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tiny_model, small_world, tmp_path):
+@pytest.mark.parametrize("reconstruction", [0.0, 2.0])
+def test_resume_continues_exactly(tiny_model, small_world, tmp_path, reconstruction):
     import copy
 
     straight = copy.deepcopy(tiny_model)
-    _small_pretrain(straight, small_world, tmp_path / "a", max_steps=4, save_every=2)
+    _small_pretrain(straight, small_world, tmp_path / "a", max_steps=4, save_every=2, reconstruction=reconstruction)
     mid = tmp_path / "a" / "checkpoint-2"
     assert json.loads((mid / "trainer_state.json").read_text())["step"] == 2
+    # the training-only reconstruction decoder travels with the checkpoint, not with the model
+    assert (mid / "reconstruction.safetensors").exists() == bool(reconstruction)
     resumed = QAnchorModel.from_pretrained(mid)
-    cfg = PretrainConfig(epochs=1.0, batch_size=8, max_steps=4, log_every=1, seed=3)
+    cfg = PretrainConfig(epochs=1.0, batch_size=8, max_steps=4, log_every=1, seed=3, reconstruction=reconstruction)
     summary = pretrain(resumed, small_world, cfg, tmp_path / "b", resume_from=mid, show_progress=False)
     assert summary["steps"] == 4
     for (name, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):

@@ -2,7 +2,8 @@
 
 Variants (each one dotted-key override of the same base config, same world, same seeds):
 full (reference), no_user_token, no_modality_tokens, neither (no user and no modality tokens),
-no_contrastive, no_generative (pre-training losses), no_pretraining (the initialised model).
+no_contrastive, no_generative (pre-training losses), no_reconstruction (the paper's objective: without our
+input-reconstruction term, docs/design.md §7.8), no_pretraining (the initialised model).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ABLATIONS: dict[str, dict] = {
     "neither": {"model.use_user_token": False, "model.use_modality_tokens": False},
     "no_contrastive": {"pretrain.use_contrastive": False},
     "no_generative": {"pretrain.use_generative": False},
+    "no_reconstruction": {"pretrain.reconstruction": 0.0},
     "no_pretraining": {"pretrained": False},
 }
 # The paper's qualitative claims (docs/design.md §1.8), as (variant, expected sign of AUC - full AUC, claim).
@@ -31,6 +33,7 @@ PAPER_CLAIMS: tuple[tuple[str, int, str], ...] = (
     ("neither", -1, "removing user and modality tokens costs (a little)"),
     ("no_contrastive", -1, "removing contrastive learning costs the most of all ablations"),
     ("no_generative", -1, "(not listed in §1.8) the joint objective implies the next-token loss helps"),
+    ("no_reconstruction", -1, "(ours, not the paper's) the reconstruction term keeps the user's input in the embedding"),
     ("no_pretraining", -1, "without pre-training performance collapses"),
 )
 
