@@ -227,6 +227,15 @@ def _total_variance(M: np.ndarray | sp.csr_matrix) -> float:
     return float(M.var(axis=0).sum())
 
 
+def _probe_labels(y: np.ndarray, what: str, config: ProbeConfig) -> np.ndarray:
+    """`y` as int64 0/1 labels with at least `config.cv` of each class, or an error naming `what`."""
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{what} must hold 0/1 labels; found {sorted(set(y.tolist()))[:5]}")
+    y = y.astype(np.int64)
+    _check_classes(y, "probe", config.cv)
+    return y
+
+
 def _logreg_cv(Z, y: np.ndarray, config: ProbeConfig) -> LogisticRegressionCV:
     """The CV-tuned L2 logistic regression of every probe, fitted on (Z, y)."""
     model = LogisticRegressionCV(
@@ -257,10 +266,7 @@ def fit_linear_probe(X, y, config: ProbeConfig | None = None) -> dict[str, np.nd
     config = config or ProbeConfig()
     y = np.asarray(y)
     X = _check_matrix(X, len(y), "probe X")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"probe y must hold 0/1 labels; found {sorted(set(y.tolist()))[:5]}")
-    y = y.astype(np.int64)
-    _check_classes(y, "probe", config.cv)
+    y = _probe_labels(y, "probe y", config)
     scaler = StandardScaler().fit(X)
     model = _logreg_cv(scaler.transform(X), y, config)
     return {"mean": scaler.mean_.astype(np.float32), "scale": scaler.scale_.astype(np.float32),
@@ -301,10 +307,7 @@ def probe_scores(
         raise ValueError(f"probe: train_X has {X.shape[1]} columns but test_X has {Xt.shape[1]}")
     if (extra_train is None) != (extra_test is None):
         raise ValueError("probe: give extra_train and extra_test together, or neither")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"probe train_y must hold 0/1 labels; found {sorted(set(y.tolist()))[:5]}")
-    y = y.astype(np.int64)
-    _check_classes(y, "probe", config.cv)
+    y = _probe_labels(y, "probe train_y", config)
     scaler = StandardScaler().fit(X)  # on the training rows only, as a pipeline would
     Z, Zt = scaler.transform(X), scaler.transform(Xt)
     if extra_train is None:
