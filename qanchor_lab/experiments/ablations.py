@@ -42,7 +42,7 @@ def base_config(fast: bool) -> RunConfig:
     """The reference run. Fast mode: few steps, the task query + probe only (prompt tuning off)."""
     cfg = get_config(fast)
     if fast:
-        cfg = cfg.override({"pretrain.max_steps": 8, "eval.methods": ["qanchor_base"],
+        cfg = cfg.override({"pretrain.max_steps": 4, "eval.methods": ["qanchor_base"],
                             "eval.task_ids": ["dormancy_churn", "credit_delinquency"]})
     return cfg
 
