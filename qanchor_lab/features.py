@@ -224,6 +224,13 @@ class FeatureSpec:
     def n_features(self) -> int:
         return len(self.feature_names)
 
+    def feature_groups(self) -> list[str]:
+        """The group of each feature, in column order: the modality it describes, or "profile"."""
+        # longest modality name first, so that a modality named like another's prefix ("bill", "bill_pay")
+        # claims its own columns
+        by_length = sorted(self.modalities, key=len, reverse=True)
+        return [next((m for m in by_length if name.startswith(f"{m}.")), "profile") for name in self.feature_names]
+
     @property
     def window(self) -> tuple[pd.Timestamp, pd.Timestamp]:
         """(start, end) of the history window: events in [start, end) are read, others ignored."""

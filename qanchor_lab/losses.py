@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Literal, Sequence, get_args
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -349,28 +350,52 @@ class NextTokenLoss(nn.Module):
 # --------------------------------------------------------------------------- reconstruction
 
 
-def reconstruction_loss(predicted: Tensor, target: Tensor) -> Tensor:
+def reconstruction_loss(predicted: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean squared error between ``predicted`` and ``target`` (both (B, F)), averaged over rows and
-    features. With standardised targets a predictor that knows nothing (zeros) scores about 1."""
+    features, each feature's squared error times ``weights`` (F,) when given (weights of mean 1 keep the
+    scale). With standardised targets a predictor that knows nothing (zeros) scores about 1."""
     if predicted.shape != target.shape or predicted.ndim != 2:
         raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} must both be (B, F)")
-    return (predicted.float() - target.float()).pow(2).mean()
+    error = (predicted.float() - target.float()).pow(2)                       # (B, F)
+    if weights is not None:
+        if tuple(weights.shape) != (target.shape[1],):
+            raise ValueError(f"weights {tuple(weights.shape)} must have one entry per feature ({target.shape[1]},)")
+        error = error * weights.to(error)                                     # (B, F)
+    return error.mean()
+
+
+def group_weights(groups: Sequence[str]) -> Tensor:
+    """Per-feature weights (F,) under which every group of features carries the same total weight:
+    1 / (size of the feature's group), rescaled to mean 1."""
+    if not len(groups):
+        raise ValueError("group_weights needs at least one feature")
+    _, inverse, counts = np.unique(np.asarray(list(groups), dtype=object), return_inverse=True, return_counts=True)
+    w = 1.0 / counts[inverse]
+    return torch.as_tensor(w / w.mean(), dtype=torch.float32)
 
 
 class ReconstructionLoss(nn.Module):
     """A linear decoder from the embedding (B, d) to the tabular input (B, F), scored by
     ``reconstruction_loss``. The contrastive objective alone lets every user collapse onto the few claims
     of the question asked (docs/design.md §7); asking the same embedding to also give back the user's
-    profile keeps what the input knew. The decoder is training-only: it is not part of the saved model."""
+    profile keeps what the input knew. The decoder is training-only: it is not part of the saved model.
+    ``weights`` (F,): per-feature weights of the squared error (e.g. ``group_weights``); None weighs every
+    feature the same."""
 
-    def __init__(self, embed_dim: int, tabular_dim: int):
+    def __init__(self, embed_dim: int, tabular_dim: int, weights: Tensor | None = None):
         super().__init__()
         self.decoder = nn.Linear(embed_dim, tabular_dim)
+        if weights is not None and tuple(weights.shape) != (tabular_dim,):
+            raise ValueError(f"weights {tuple(weights.shape)} must have one entry per feature ({tabular_dim},)")
+        # not persistent: a checkpoint's decoder file holds the decoder alone, and the weights follow from the
+        # config and the feature spec
+        self.register_buffer("weights", None if weights is None else weights.float(), persistent=False)
 
     def forward(self, embeddings: Tensor, tabular: Tensor) -> Tensor:
         # unit-norm embeddings to unit RMS: otherwise the decoder needs weights ~sqrt(d) times its
         # initialisation, which AdamW at a pre-training rate of 3e-4 does not reach in a few hundred steps
-        return reconstruction_loss(self.decoder(embeddings * embeddings.shape[-1] ** 0.5), tabular)  # scalar
+        predicted = self.decoder(embeddings * embeddings.shape[-1] ** 0.5)    # (B, F)
+        return reconstruction_loss(predicted, tabular, self.weights)          # scalar
 
 
 # --------------------------------------------------------------------------- prototypes

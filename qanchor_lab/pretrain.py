@@ -24,12 +24,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
-from qanchor_lab.losses import ContrastiveLoss, ReconstructionLoss, next_token_loss
+from qanchor_lab.losses import ContrastiveLoss, ReconstructionLoss, group_weights, next_token_loss
 from qanchor_lab.model import QAnchorModel
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
 Batching = Literal["random", "intent", "grid"]
 FalseNegatives = Literal["answer_text", "claim"]
+# How the reconstruction weighs the tabular vector's features (PretrainConfig.reconstruction_weighting)
+ReconstructionWeighting = Literal["group", "feature"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
 PRETRAINED_LR = 1e-4  # the authors' LoRA learning rate
 RECONSTRUCTION_NAME = "reconstruction.safetensors"  # the training-only decoder of a checkpoint, for resuming
@@ -54,10 +56,16 @@ class PretrainConfig:
     alpha: float = 1.0                 # weight of the next-token loss: L = L_cl + alpha * L_ntp
     # Weight of the input-reconstruction loss (losses.ReconstructionLoss): a linear decoder gives the user's
     # standardised tabular vector back from the anchor embedding, L += reconstruction * L_rec. 0 is the
-    # paper's objective, under which every user collapses onto the few claims of the question asked. 10 was
-    # chosen on tune users (docs/design.md §7.8: 0, 1, 3, 10, 30); 30 keeps a little more of the input but
-    # lets the reconstruction dominate the contrastive and next-token losses.
-    reconstruction: float = 10.0
+    # paper's objective, under which every user collapses onto the few claims of the question asked. 5 was
+    # chosen on tune users with group weighting (docs/design.md §7.10: 3, 5, 10 and 30 score alike; 5 keeps
+    # 0.89 of the input's probe R^2 and lets the contrastive loss fall to 1.5-2.6, where 10 holds it at ~3.0).
+    reconstruction: float = 5.0
+    # How the reconstruction weighs the tabular features. "group": every feature group (one modality's
+    # features, or the profile's) carries the same total weight, so the default world's 12 profile columns
+    # (credit limit, bureau score, income) count as much as its 99 bill columns; on tune users it raised the
+    # probe AUC by 0.013-0.018 over "feature" at the same weight (docs/design.md §7.10). "feature": every
+    # column the same (§7.8).
+    reconstruction_weighting: ReconstructionWeighting = "group"
     use_contrastive: bool = True       # ablation switch
     use_generative: bool = True        # ablation switch
     holdout_paraphrases: bool = True   # keep one paraphrase per D_uqa intent out of training, to test on
@@ -84,7 +92,8 @@ class PretrainConfig:
     def __post_init__(self):
         self.negatives = tuple(self.negatives)
         self.answer_mask_kinds = tuple(self.answer_mask_kinds)
-        for name, choices in (("batching", get_args(Batching)), ("false_negatives", get_args(FalseNegatives))):
+        for name, choices in (("batching", get_args(Batching)), ("false_negatives", get_args(FalseNegatives)),
+                              ("reconstruction_weighting", get_args(ReconstructionWeighting))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
         if self.intents_per_batch < 1:
@@ -319,7 +328,9 @@ class PretrainStep(torch.nn.Module):
         if config.reconstruction > 0:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)  # the same decoder for the same seed, whatever ran before
-                self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim)
+                weights = (group_weights(model.feature_spec.feature_groups())
+                           if config.reconstruction_weighting == "group" else None)
+                self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim, weights)
 
     def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None):
         c = self.config

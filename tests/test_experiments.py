@@ -132,6 +132,18 @@ def test_loss_switches_change_the_pretraining_loss(small_world, tiny_model):
     assert no_rec.reconstruction == 0 and torch.isclose(no_rec.loss, full.contrastive + full.ntp)
     # the decoder starts from the same seed in every variant: the same reconstruction without the other terms
     assert torch.isclose(no_cl.reconstruction, full.reconstruction) and torch.isclose(no_ntp.reconstruction, full.reconstruction)
+    # the weighting switch: "group" weighs each feature group alike, "feature" each column alike
+    from qanchor_lab.losses import group_weights
+    step = PretrainStep(tiny_model, _tiny_run_config().pretrain)
+    assert _tiny_run_config().pretrain.reconstruction_weighting == "group"
+    assert torch.equal(step.reconstruction.weights, group_weights(tiny_model.feature_spec.feature_groups()))
+    assert not torch.allclose(step.reconstruction.weights, torch.ones_like(step.reconstruction.weights))
+    flat = PretrainStep(tiny_model, _tiny_run_config(**{"pretrain.reconstruction_weighting": "feature"}).pretrain)
+    assert flat.reconstruction.weights is None
+    with torch.no_grad():
+        assert not torch.isclose(flat(*args).reconstruction, full.reconstruction)
+    with pytest.raises(ValueError, match="reconstruction_weighting.*valid choices"):
+        _tiny_run_config(**{"pretrain.reconstruction_weighting": "column"})
 
 
 # ----- cache -----

@@ -235,6 +235,21 @@ def test_feature_layout_is_deterministic():
     np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
 
 
+
+def test_feature_groups_name_the_modality_or_the_profile(fitted):
+    spec = fitted[0]
+    groups = spec.feature_groups()
+    assert len(groups) == spec.n_features
+    for name, group in zip(spec.feature_names, groups):
+        assert group == (name.split(".")[0] if not name.startswith("profile.") else "profile"), name
+    assert set(groups) == set(spec.modalities) | {"profile"}
+    # a modality whose name extends another's keeps its own columns
+    spec2 = FeatureSpec.from_dict({**spec.to_dict(), "modalities": spec.modalities + ["bill_pay"],
+                                   "feature_names": spec.feature_names + ["bill_pay.count_log1p"],
+                                   "mean": spec.mean + [0.0], "std": spec.std + [1.0]})
+    assert spec2.feature_groups()[-1] == "bill_pay"
+
+
 # -- serialisation ------------------------------------------------------------------------------------
 def test_serialize_user_format_and_order():
     events, profiles = three_users()

@@ -18,6 +18,7 @@ from qanchor_lab.losses import (
     ReconstructionLoss,
     contrastive_loss,
     gather_with_grad,
+    group_weights,
     next_token_loss,
     prototype_loss,
     prototype_scores,
@@ -498,3 +499,30 @@ def test_reconstruction_module_decodes_the_embedding_and_learns():
         loss(emb, tabular).backward()
         opt.step()
     assert loss(emb, tabular).item() < 0.05 * first
+
+
+def test_weighted_reconstruction_weighs_each_feature_and_checks_the_weights():
+    torch.manual_seed(0)
+    target, pred = torch.randn(6, 3), torch.randn(6, 3)
+    w = torch.tensor([2.0, 0.5, 0.5])
+    assert torch.isclose(reconstruction_loss(pred, target, w), ((pred - target) ** 2 * w).mean())
+    assert torch.isclose(reconstruction_loss(pred, target, torch.ones(3)), reconstruction_loss(pred, target))
+    with pytest.raises(ValueError, match="one entry per feature"):
+        reconstruction_loss(pred, target, torch.ones(4))
+    with pytest.raises(ValueError, match="one entry per feature"):
+        ReconstructionLoss(8, 3, torch.ones(2))
+    module = ReconstructionLoss(8, 3, w)
+    emb = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    assert torch.isclose(module(emb, target), reconstruction_loss(module.decoder(emb * 8 ** 0.5), target, w))
+    assert set(module.state_dict()) == {"decoder.weight", "decoder.bias"}   # checkpoints hold the decoder alone
+
+
+def test_group_weights_give_every_group_the_same_total_weight():
+    groups = ["bill"] * 6 + ["search"] * 3 + ["profile"]
+    w = group_weights(groups)
+    assert w.shape == (10,) and torch.isclose(w.mean(), torch.tensor(1.0))
+    totals = {g: float(w[[i for i, x in enumerate(groups) if x == g]].sum()) for g in set(groups)}
+    assert max(totals.values()) - min(totals.values()) < 1e-5
+    assert torch.allclose(group_weights(["a", "a"]), torch.ones(2))
+    with pytest.raises(ValueError, match="at least one"):
+        group_weights([])
