@@ -171,6 +171,16 @@ def load_dataset(data_dir, *, seed: int = 0) -> World:
     return world
 
 
+def run_key(cfg: DemoConfig, data_dir=None) -> dict:
+    """What a demo's pre-trained model depends on, as JSON: the demo config, the model and pre-training configs it
+    resolves to (library defaults included, so that a changed default retrains rather than reusing an older
+    model), and the dataset directory when it is a user's own."""
+    key = {**asdict(cfg), "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
+    if data_dir is not None:
+        key["data"] = str(Path(data_dir).resolve())
+    return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
+
+
 def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None
                       ) -> tuple[QAnchorModel, object, dict]:
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
@@ -179,10 +189,10 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     run_dir = Path(run_dir)
     if data_dir is None:
         world = ensure_demo_world(cfg)
-        key = asdict(cfg)
+        key = run_key(cfg)
     else:
         world = load_dataset(data_dir, seed=cfg.seed)
-        key = {**asdict(cfg), "data": str(Path(data_dir).resolve())}
+        key = run_key(cfg, data_dir)
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
     if marker.exists() and json.loads(marker.read_text()) == key and (model_dir / "pretrain_summary.json").exists():

@@ -281,3 +281,19 @@ def test_mechanism_comparisons_are_paired_differences_of_scored_methods(toy, tmp
     assert "| pre-training | qanchor_base − untrained |" in md and "| yes |" in md
     html = write_report(tmp_path / "r.html", metrics).read_text()
     assert "Does each mechanism matter?" in html
+
+
+def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch, tmp_path):
+    """A changed library default (here the reconstruction weight) must retrain, not reuse an older model."""
+    from dataclasses import replace
+
+    from qanchor_lab.pipeline import DemoConfig, run_key
+
+    cfg = DemoConfig()
+    key = run_key(cfg)
+    assert json.loads(json.dumps(key)) == key                      # what the marker file gives back
+    assert key["pretrain_config"]["reconstruction"] == cfg.pretrain_config().reconstruction
+    original = DemoConfig.pretrain_config
+    monkeypatch.setattr(DemoConfig, "pretrain_config", lambda self: replace(original(self), reconstruction=0.5))
+    assert run_key(cfg) != key
+    assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
