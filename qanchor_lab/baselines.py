@@ -10,6 +10,7 @@ positive), one row per (test user, task), in tasks-table order then test-user or
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
@@ -449,9 +450,14 @@ def embedding_probe_scores(
         list(zip(task_ids, tasks_v["query"])), desc="probing tasks", unit="task", disable=not show_progress
     ):
         pos, y = _tune_targets(labels_v, task_id, tune)
+        _check_classes(y, f"task {task_id!r} (tune split)", config.cv)
         stacking = features is not None and combine == "stack"
-        _check_classes(y, f"task {task_id!r} (tune split{', stacked probes' if stacking else ''})",
-                       stacking_min_per_class(config) if stacking else config.cv)
+        if stacking and min(int(y.sum()), int(len(y) - y.sum())) < stacking_min_per_class(config):
+            # too few of a class to blend out-of-fold: this task falls back to one probe over both blocks
+            warnings.warn(f"task {task_id!r}: {int(y.sum())} positive / {int(len(y) - y.sum())} negative tune "
+                          f"labels, fewer than the {stacking_min_per_class(config)} of each a blend needs; "
+                          "features and embedding share one probe for this task", stacklevel=2)
+            stacking = False
         if static is None:
             emb = _check_matrix(embed_fn(users, query), len(users), f"task {task_id!r}: embed_fn(users, query)")
         else:
@@ -459,7 +465,7 @@ def embedding_probe_scores(
         try:
             if features is None:
                 per_task.append(probe_scores(emb[pos], y, emb[len(tune):], config))
-            elif combine == "stack":
+            elif stacking:
                 per_task.append(stacked_probe_scores([features[pos], emb[pos]], y,
                                                      [features[len(tune):], emb[len(tune):]], config))
             else:

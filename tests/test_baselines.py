@@ -450,3 +450,18 @@ def test_stacked_probes_weigh_complementary_blocks_and_check_their_input():
     assert stacking_min_per_class(ProbeConfig()) == 5
     with pytest.raises(DataValidationError, match="stacked probe.*4 positive.*at least 5"):
         stacked_probe_scores([A[:40], Bk[:40]], few, [A[:5], Bk[:5]])
+
+
+def test_a_task_too_rare_to_blend_falls_back_to_one_probe_with_a_warning():
+    rng = np.random.default_rng(0)
+    n_tune, n_test = 120, 40
+    users = [f"u{i}" for i in range(n_tune + n_test)]
+    y = np.zeros(n_tune + n_test, dtype=int)
+    y[[0, 10, 20, 30, n_tune, n_tune + 1]] = 1                 # 4 tune positives: enough to probe, not to blend
+    labels = pd.DataFrame({"user_id": users, "task_id": "t", "label": y})
+    tasks = pd.DataFrame({"task_id": ["t"], "domain": ["risk"], "query": ["Will it happen?"], "positive_rate": [0.05]})
+    feats = rng.normal(size=(n_tune + n_test, 5))
+    emb = lambda ids, q: rng.normal(size=(len(ids), 4))        # noqa: E731
+    with pytest.warns(UserWarning, match="task 't': 4 positive.*one probe"):
+        out = B.embedding_probe_scores(emb, users[:n_tune], users[n_tune:], labels, tasks, features=feats)
+    assert len(out) == n_test and np.isfinite(out["score"]).all()
