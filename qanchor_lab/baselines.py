@@ -142,8 +142,8 @@ class TfidfConfig:
 # Adding 0 (features alone) or picking one share for all tasks did no better: the CV is too noisy.
 EMBEDDING_SHARES: tuple[float, ...] = (0.0625, 0.25, 1.0, 4.0)
 # How features and an embedding are combined (combined_probe_scores): two probes blended, or one probe over both
-Combine = Literal["stack", "one_probe"]
-# The embedding probe's weights tried by the blend of stacked_probe_scores (0: the features alone, 1: the embedding alone)
+Combine = Literal["blend", "one_probe"]
+# The embedding probe's weights tried by the blend of blended_probe_scores (0: the features alone, 1: the embedding alone)
 BLEND_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -351,12 +351,12 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def stacking_min_per_class(config: ProbeConfig, folds: int = 5) -> int:
-    """The fewest rows of each class `stacked_probe_scores` can work with."""
+def blend_min_per_class(config: ProbeConfig, folds: int = 5) -> int:
+    """The fewest rows of each class `blended_probe_scores` can work with."""
     return max(folds, -(-config.cv * folds // (folds - 1)))
 
 
-def stacked_probe_scores(
+def blended_probe_scores(
     train_blocks: Sequence[Any],
     train_y,
     test_blocks: Sequence[Any],
@@ -367,8 +367,8 @@ def stacked_probe_scores(
 ) -> np.ndarray:
     """Two blocks of columns (e.g. the hand-crafted features and an embedding) combined by blending two
     probes: one `probe_scores` probe per block, each with its own CV-chosen C, and the score
-    (1 - w) * z(logit of the first) + w * z(logit of the second), z a standardisation over the rows scored
-    together. w is chosen from `weights` by out-of-fold AUC (`folds` stratified folds of the training rows,
+    (1 - w) * z(logit of the first) + w * z(logit of the second), z standardising each probe's logits by
+    their mean and spread over the rows it was fitted on. w is chosen from `weights` by out-of-fold AUC (`folds` stratified folds of the training rows,
     shuffled by config.seed; mean AUC over the folds, ties to the smaller w), so w = 0 (the first block alone)
     and w = 1 (the second alone) stay possible; test rows get the probes refitted on all training rows.
     One probe over the blocks side by side pays for the width of both: next to 282 feature columns, a 128-d
@@ -377,18 +377,18 @@ def stacked_probe_scores(
     probes' scale and a negative weight put one task below chance. Returns (n_test,) float64 scores
     (a ranking, not probabilities)."""
     config = config or ProbeConfig()
-    y = _probe_labels(np.asarray(train_y), "stacked probe train_y", config)
+    y = _probe_labels(np.asarray(train_y), "blended probe train_y", config)
     if len(train_blocks) != 2 or len(test_blocks) != 2:
-        raise ValueError(f"stacked probe: give two train blocks and their two test blocks; got "
+        raise ValueError(f"blended probe: give two train blocks and their two test blocks; got "
                          f"{len(train_blocks)} train and {len(test_blocks)} test blocks")
     if folds < 2:
-        raise ValueError(f"stacked probe: folds must be >= 2; got {folds}")
+        raise ValueError(f"blended probe: folds must be >= 2; got {folds}")
     weights = tuple(float(w) for w in weights)
     if not weights or any(not 0 <= w <= 1 for w in weights):
-        raise ValueError(f"stacked probe: weights must be numbers in [0, 1]; got {weights!r}")
+        raise ValueError(f"blended probe: weights must be numbers in [0, 1]; got {weights!r}")
     # every held-out fold needs a row of each class, and every fold's probe runs its own config.cv-fold CV
-    _check_classes(y, "stacked probe", stacking_min_per_class(config, folds))
-    blocks = [_check_matrix(b, len(y), f"stacked probe train block {j}") for j, b in enumerate(train_blocks)]
+    _check_classes(y, "blended probe", blend_min_per_class(config, folds))
+    blocks = [_check_matrix(b, len(y), f"blended probe train block {j}") for j, b in enumerate(train_blocks)]
     tests = [np.asarray(b, dtype=np.float64) for b in test_blocks]
 
     def scaled_logits(B_fit, y_fit, B_eval):
@@ -420,7 +420,7 @@ def embedding_probe_scores(
     show_progress: bool = False,
     features: np.ndarray | None = None,
     embedding_shares: Sequence[float] = (1.0,),
-    combine: Combine = "stack",
+    combine: Combine = "blend",
 ) -> pd.DataFrame:
     """One logistic probe per task on tune users' embeddings; scores for every test user.
 
@@ -429,7 +429,7 @@ def embedding_probe_scores(
     and reused for every task. Only tune users' labels are read.
 
     `features`: optional (len(tune) + len(test), F) columns, rows tune users then test users, fitted
-    beside the embedding: `combine="stack"` stacks a probe on each (`stacked_probe_scores`); "one_probe" fits
+    beside the embedding: `combine="blend"` blends a probe on each (`blended_probe_scores`); "one_probe" fits
     one probe over both, the embedding's share of the variance picked from `embedding_shares` by the probe's
     CV (probe_scores' extra block)."""
     if combine not in get_args(Combine):
@@ -451,13 +451,13 @@ def embedding_probe_scores(
     ):
         pos, y = _tune_targets(labels_v, task_id, tune)
         _check_classes(y, f"task {task_id!r} (tune split)", config.cv)
-        stacking = features is not None and combine == "stack"
-        if stacking and min(int(y.sum()), int(len(y) - y.sum())) < stacking_min_per_class(config):
+        blending = features is not None and combine == "blend"
+        if blending and min(int(y.sum()), int(len(y) - y.sum())) < blend_min_per_class(config):
             # too few of a class to blend out-of-fold: this task falls back to one probe over both blocks
             warnings.warn(f"task {task_id!r}: {int(y.sum())} positive / {int(len(y) - y.sum())} negative tune "
-                          f"labels, fewer than the {stacking_min_per_class(config)} of each a blend needs; "
+                          f"labels, fewer than the {blend_min_per_class(config)} of each a blend needs; "
                           "features and embedding share one probe for this task", stacklevel=2)
-            stacking = False
+            blending = False
         if static is None:
             emb = _check_matrix(embed_fn(users, query), len(users), f"task {task_id!r}: embed_fn(users, query)")
         else:
@@ -465,8 +465,8 @@ def embedding_probe_scores(
         try:
             if features is None:
                 per_task.append(probe_scores(emb[pos], y, emb[len(tune):], config))
-            elif stacking:
-                per_task.append(stacked_probe_scores([features[pos], emb[pos]], y,
+            elif blending:
+                per_task.append(blended_probe_scores([features[pos], emb[pos]], y,
                                                      [features[len(tune):], emb[len(tune):]], config))
             else:
                 per_task.append(probe_scores(
@@ -692,14 +692,14 @@ def combined_probe_scores(
     embedding_shares: Sequence[float] = EMBEDDING_SHARES,
     query_dependent: bool = True,
     show_progress: bool = False,
-    combine: Combine = "stack",
+    combine: Combine = "blend",
 ) -> pd.DataFrame:
     """The hand-crafted features and a user embedding together, the way a team would deploy an
     embedding: next to the features it already has, not instead of them.
 
-    `combine="stack"` (default): a probe on the features and a probe on the embedding, stacked by a
-    logistic regression on their out-of-fold logits (`stacked_probe_scores`). On tune users of the default
-    world (70% fit, 30% scored) it scored 0.732 against 0.717 for one probe over both and 0.726 for the
+    `combine="blend"` (default): a probe on the features and a probe on the embedding, blended with a weight
+    chosen by out-of-fold AUC (`blended_probe_scores`). On tune users of the default world (70% fit, 30%
+    scored) it scored 0.733 against 0.717 for one probe over both and 0.726 for the
     embedding alone (docs/design.md §7.10). "one_probe": the earlier combination, described next.
 
     The features (as `feature_scores` computes them) and embed_fn's output are each standardised and

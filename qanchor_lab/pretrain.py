@@ -58,7 +58,7 @@ class PretrainConfig:
     # standardised tabular vector back from the anchor embedding, L += reconstruction * L_rec. 0 is the
     # paper's objective, under which every user collapses onto the few claims of the question asked. 5 was
     # chosen on tune users with group weighting (docs/design.md §7.10: 3, 5, 10 and 30 score alike; 5 keeps
-    # 0.89 of the input's probe R^2 and lets the contrastive loss fall to 1.5-2.6, where 10 holds it at ~3.0).
+    # 0.89 of the input's probe R^2 and lets the contrastive loss fall to 2.5-2.8, where 10 holds it at 3.3-3.4).
     reconstruction: float = 5.0
     # How the reconstruction weighs the tabular features. "group": every feature group (one modality's
     # features, or the profile's) carries the same total weight, so the default world's 12 profile columns

@@ -423,8 +423,8 @@ def test_tfidf_config_validation(kw, match):
         B.TfidfConfig(**kw)
 
 
-def test_stacked_probes_weigh_complementary_blocks_and_check_their_input():
-    from qanchor_lab.baselines import ProbeConfig, probe_scores, stacked_probe_scores, stacking_min_per_class
+def test_blended_probes_weigh_complementary_blocks_and_check_their_input():
+    from qanchor_lab.baselines import ProbeConfig, probe_scores, blended_probe_scores, blend_min_per_class
 
     rng = np.random.default_rng(0)
     n = 900
@@ -435,21 +435,21 @@ def test_stacked_probes_weigh_complementary_blocks_and_check_their_input():
     Bk = np.hstack([b, rng.normal(size=(n, 3))])
     tr, te = np.arange(600), np.arange(600, n)
     auc = lambda s: roc_auc_score(y[te], s)  # noqa: E731
-    stacked = auc(stacked_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]]))
+    blended = auc(blended_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]]))
     alone = max(auc(probe_scores(A[tr], y[tr], A[te])), auc(probe_scores(Bk[tr], y[tr], Bk[te])))
-    assert stacked > alone + 0.03          # both signals, each read by its own probe
-    again = stacked_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]])
-    np.testing.assert_array_equal(again, stacked_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]]))
+    assert blended > alone + 0.03          # both signals, each read by its own probe
+    again = blended_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]])
+    np.testing.assert_array_equal(again, blended_probe_scores([A[tr], Bk[tr]], y[tr], [A[te], Bk[te]]))
     with pytest.raises(ValueError, match="two train blocks and their two test blocks"):
-        stacked_probe_scores([A[tr], Bk[tr]], y[tr], [A[te]])
+        blended_probe_scores([A[tr], Bk[tr]], y[tr], [A[te]])
     # a user's score does not depend on who else is scored
-    np.testing.assert_allclose(stacked_probe_scores([A[tr], Bk[tr]], y[tr], [A[te][:50], Bk[te][:50]]),
+    np.testing.assert_allclose(blended_probe_scores([A[tr], Bk[tr]], y[tr], [A[te][:50], Bk[te][:50]]),
                                again[:50], rtol=1e-9)
     few = np.zeros(40, dtype=int)
     few[:4] = 1
-    assert stacking_min_per_class(ProbeConfig()) == 5
-    with pytest.raises(DataValidationError, match="stacked probe.*4 positive.*at least 5"):
-        stacked_probe_scores([A[:40], Bk[:40]], few, [A[:5], Bk[:5]])
+    assert blend_min_per_class(ProbeConfig()) == 5
+    with pytest.raises(DataValidationError, match="blended probe.*4 positive.*at least 5"):
+        blended_probe_scores([A[:40], Bk[:40]], few, [A[:5], Bk[:5]])
 
 
 def test_a_task_too_rare_to_blend_falls_back_to_one_probe_with_a_warning():
