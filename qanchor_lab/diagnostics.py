@@ -15,6 +15,8 @@ stage of the model keeps about users whose truth the synthetic world knows:
 - `claim_accuracy`: on held-out pre-training users, is the answer the anchor embedding is closest to
   the right claim? Compared with the majority claim and with logistic regression / GBDT on the model's
   own tabular input (the yardstick a model that reads its input should reach).
+- `query_selectivity`: does a question make the embedding more informative about its own answer? A claim
+  probe on the embedding under the intent's own query against the same probe under the generic query.
 - `perfect_qa_learner_r2`: how much of the oracle score (the task label on real data) the D_uqa claims could
   explain at best, for the synthetic QA or QA derived from any log (derive_qa).
 
@@ -39,6 +41,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.model_selection import KFold
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
@@ -51,6 +54,7 @@ TREND_COLUMNS = ("trend_liquidity", "trend_engagement")
 JUDGED_SPLITS = ("tune", "pretrain_val")  # users the diagnostics may be judged on (never "test")
 CLAIM_SPLITS = ("pretrain_val", "pretrain")  # splits with QA rows
 MIN_FIT_ROWS = 30                # fewer training rows than this for an intent: the yardstick uses 3-fold CV
+SELECTIVITY_TRAIN_ROWS = 300     # pretrain rows per intent that query_selectivity's probes are fitted on (bounds its cost)
 LOGIT_EPS = 1e-6
 
 
@@ -429,6 +433,12 @@ def model_claim_predictions(model, scored: pd.DataFrame, store, *, batch_size: i
     return out
 
 
+def _overall_rows(rows: pd.DataFrame, summarise) -> list[dict[str, Any]]:
+    """`overall` rows per source (future / uqa) and for all, from per-row results."""
+    out = [{"intent": "overall", "source": source, **summarise(g)} for source, g in rows.groupby("source", sort=True)]
+    return out + [{"intent": "overall", "source": "all", **summarise(rows)}]
+
+
 def _accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Per intent and overall (per source and all) accuracies of the model and the baselines."""
     def summarise(g: pd.DataFrame) -> dict[str, Any]:
@@ -444,10 +454,7 @@ def _accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = [{"intent": intent, "source": g["source"].iloc[0], **summarise(g)}
            for intent, g in rows.groupby("intent", sort=True)]
     out.sort(key=lambda r: (r["source"], r["intent"]))
-    for source, g in rows.groupby("source", sort=True):
-        out.append({"intent": "overall", "source": source, **summarise(g)})
-    out.append({"intent": "overall", "source": "all", **summarise(rows)})
-    return pd.DataFrame(out)
+    return pd.DataFrame(out + _overall_rows(rows, summarise))
 
 
 def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int | None = 600, seed: int = 0,
@@ -468,6 +475,91 @@ def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int 
         store = model.behaviour(world.events, world.profiles, sorted(set(baselines["user_id"])))
     rows = model_claim_predictions(model, baselines, store, show_progress=show_progress)
     return _accuracy_table(rows)
+
+
+def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: int | None = 600,
+                      max_train_per_intent: int | None = SELECTIVITY_TRAIN_ROWS, seed: int = 0, store=None,
+                      generic_query: str | None = None, batch_size: int = 64,
+                      show_progress: bool = False) -> pd.DataFrame:
+    """Does a question make the embedding more informative about its own answer?
+
+    Per intent, a logistic probe of the claim is fitted on pretrain rows and scored on the `claim_rows` of
+    `split`, once on each user's embedding under the intent's own (first) query and once under the generic
+    query. Q-Anchor's premise is that the first reads better: the question selects what the embedding keeps.
+    A linear probe is blind to any invertible linear map of the same information, so `selectivity` (own minus
+    generic accuracy) is above zero only when the question changes *which* user information the embedding
+    holds, or computes something a linear read of the generic embedding cannot (docs/design.md §7.11).
+
+    One row per intent (intents with fewer than MIN_FIT_ROWS training rows are left out), then `overall`
+    rows per source and for all, weighted by rows; overall rows carry a paired 95% CI of the selectivity
+    (normal approximation over rows). Columns: intent, source, n, own_acc, generic_acc, majority_acc,
+    selectivity, selectivity_low, selectivity_high. `store` must hold the users of both row sets."""
+    from qanchor_lab.embedder import CachedEmbedder
+    from qanchor_lab.pipeline import GENERIC_QUERY
+
+    generic_query = generic_query if generic_query is not None else GENERIC_QUERY
+    scored, train = claim_rows(world, split=split, max_pairs=max_pairs, seed=seed)
+    if store is None:
+        store = model.behaviour(world.events, world.profiles,
+                                sorted(set(scored["user_id"]) | set(train["user_id"])))
+    # the rows the probes fit on (at most max_train_per_intent pretrain rows per intent) and score
+    fit_rows = []
+    for intent, t in train.groupby("intent", sort=True):
+        if max_train_per_intent is not None and len(t) > max_train_per_intent:
+            t = t.iloc[np.sort(np.random.default_rng(seed).choice(len(t), max_train_per_intent, replace=False))]
+        if len(t) >= MIN_FIT_ROWS:
+            fit_rows.append(t)
+    if not fit_rows:
+        raise ValueError(f"query_selectivity: no intent has {MIN_FIT_ROWS} or more pretrain QA rows to fit a probe on")
+    train = pd.concat(fit_rows, ignore_index=True)
+    scored = scored[scored["intent"].isin(set(train["intent"]))].reset_index(drop=True)
+    if scored.empty:
+        raise ValueError(f"query_selectivity: no {split} QA row asks an intent with {MIN_FIT_ROWS} or more pretrain rows")
+    rows = pd.concat([train, scored], ignore_index=True)
+    own_query = [INTENTS[i].queries[0] for i in rows["intent"]]
+    embedder = CachedEmbedder(model.eval(), store)
+    own = embedder.encode_pairs(rows["user_id"].tolist(), own_query, batch_size=batch_size,
+                                show_progress_bar=show_progress)                         # (rows, d)
+    users = list(dict.fromkeys(rows["user_id"]))
+    generic = embedder.encode(users, [generic_query], batch_size=batch_size)[:, 0]      # (users, d)
+    generic = generic[pd.Index(users).get_indexer(rows["user_id"])]                     # (rows, d)
+    emb = np.stack([own, generic], 1)                                                   # (rows, 2, d)
+    is_train = np.arange(len(rows)) < len(train)
+    results = []
+    for intent in sorted(scored["intent"].unique()):
+        this = (rows["intent"] == intent).to_numpy()
+        it, is_ = np.flatnonzero(this & is_train), np.flatnonzero(this & ~is_train)
+        s = rows.iloc[is_]
+        y = rows["claim"].to_numpy()[it]
+        counts = pd.Series(y).value_counts()
+        majority = sorted(counts.index[counts == counts.max()])[0]
+        row = s[["intent", "claim"]].copy()
+        row["source"] = INTENTS[intent].source
+        row["majority_hit"] = (row["claim"] == majority).to_numpy()
+        for j, name in ((0, "own"), (1, "generic")):
+            if len(set(y)) < 2:
+                pred = np.full(len(s), y[0], dtype=object)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+                    pred = probe.fit(emb[it, j], y).predict(emb[is_, j])
+            row[f"{name}_hit"] = pred == row["claim"].to_numpy()
+        results.append(row)
+    rows = pd.concat(results, ignore_index=True)
+
+    def summarise(g: pd.DataFrame, with_ci: bool = True) -> dict[str, Any]:
+        diff = g["own_hit"].to_numpy(float) - g["generic_hit"].to_numpy(float)
+        out = {"n": int(len(g)), "own_acc": float(g["own_hit"].mean()), "generic_acc": float(g["generic_hit"].mean()),
+               "majority_acc": float(g["majority_hit"].mean()), "selectivity": float(diff.mean())}
+        half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if with_ci and len(diff) > 1 else math.nan
+        out.update(selectivity_low=out["selectivity"] - half, selectivity_high=out["selectivity"] + half)
+        return out
+
+    per_intent = [{"intent": i, "source": g["source"].iloc[0], **summarise(g, with_ci=False)}
+                  for i, g in rows.groupby("intent", sort=True)]
+    per_intent.sort(key=lambda r: (r["source"], r["intent"]))
+    return pd.DataFrame(per_intent + _overall_rows(rows, summarise))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,16 +693,18 @@ def _store_key(model) -> str:
 
 
 def diagnose(model, world, *, untrained=None, query: str | None = None, max_users: int | None = 1500,
-             max_pairs: int | None = 600, geometry_users: int | None = 500, seed: int = 0,
+             max_pairs: int | None = 600, geometry_users: int | None = 500, selectivity: bool = True, seed: int = 0,
              show_progress: bool = False) -> dict[str, Any]:
     """Every diagnostic for `model` (and `untrained`, when given, side by side) as a JSON-able dict.
 
     Stage probes use up to `max_users` tune users (drawn with `seed`), query geometry the first
-    `geometry_users` of them; claim accuracy uses up to `max_pairs` pretrain_val QA rows. `query`
+    `geometry_users` of them; claim accuracy and query selectivity (`selectivity=False` skips it) use up to
+    `max_pairs` pretrain_val QA rows. `query`
     defaults to the first task's query; geometry runs over every task query plus the generic query.
 
     Keys: query, seed, n_users, max_pairs, geometry_users, retention_target, models, stages / geometry /
-    claims ({model name: stage table records / query_geometry dict / claim table records}), summary
+    claims / selectivity ({model name: stage table records / query_geometry dict / claim table records /
+    query_selectivity records}), summary
     ({model name: headline numbers}), perfect_qa (model-free), seconds."""
     from qanchor_lab.pipeline import GENERIC_QUERY
 
@@ -625,7 +719,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
     out: dict[str, Any] = {"query": query, "seed": seed, "n_users": len(users), "max_pairs": max_pairs,
                            "geometry_users": len(users[:geometry_users]),
                            "retention_target": RETENTION_TARGET, "models": list(models),
-                           "stages": {}, "geometry": {}, "claims": {}, "summary": {}}
+                           "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "summary": {}}
     for name, m in models.items():
         m.eval()
         key = _store_key(m)
@@ -655,6 +749,13 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
         }
+        if selectivity:
+            sel = query_selectivity(m, world, max_pairs=max_pairs, seed=seed, store=store, show_progress=show_progress)
+            top = sel[(sel["intent"] == "overall") & (sel["source"] == "all")].iloc[0]
+            out["selectivity"][name] = _records(sel)
+            out["summary"][name].update(own_query_probe_acc=top["own_acc"], generic_query_probe_acc=top["generic_acc"],
+                                        query_selectivity=top["selectivity"], query_selectivity_low=top["selectivity_low"],
+                                        query_selectivity_high=top["selectivity_high"])
     out["perfect_qa"] = perfect_qa_learner_r2(world, users, feature_spec=model.config.feature_spec, seed=seed)
     out["seconds"] = time.perf_counter() - t0
     return _jsonable(out)
@@ -739,6 +840,14 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
         + "\n\nacc_*: share of rows whose nearest answer wording states the true claim; majority / logreg / gbdt: "
           "the intent's most common claim and classifiers on the tabular input, fitted on pretrain rows; "
           "margin_*: cos(anchor, own answer) - mean cos(anchor, other-claim answers).")
+    if diag.get("selectivity"):
+        sel = [{"model": n, **r} for n in names for r in diag["selectivity"][n] if r["intent"] == "overall"]
+        parts.append("## Query selectivity (pretrain_val QA rows)\n\n" + _md_table(sel, [
+            "model", "source", "n", "own_acc", "generic_acc", "majority_acc", "selectivity", "selectivity_low",
+            "selectivity_high"])
+            + "\n\nA logistic probe of the claim, fitted per intent on pretrain rows, reading the embedding under the "
+              "intent's own query (own_acc) or the generic query (generic_acc); selectivity = own - generic with a "
+              "paired 95% CI. Above zero: the question makes the embedding more informative about its own answer.")
     pq = diag["perfect_qa"]
     parts.append(f"## Perfect QA learner\n\nOne-hot D_uqa claims ({pq['n_intents']} intents, {pq['n_columns']} "
                  f"columns) vs the FeatureSpec vector, ridge R² against the "

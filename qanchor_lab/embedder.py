@@ -160,6 +160,37 @@ class CachedEmbedder:
                 out[start:start + len(chunk), idx] = emb.view(len(chunk), len(idx), -1).cpu().numpy()
         return out
 
+    @torch.no_grad()
+    def encode_pairs(self, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
+                     show_progress_bar: bool = False) -> np.ndarray:
+        """(rows, dim) embeddings of one query per row, e.g. the QA rows of many users.
+
+        Rows are taken user by user, `batch_size` distinct users at a time: each user's prefix is computed
+        once however many rows it has, and each distinct query runs once on the rows that ask it."""
+        self.model.eval()
+        user_ids, queries = list(user_ids), list(queries)
+        if len(user_ids) != len(queries):
+            raise ValueError(f"encode_pairs: {len(user_ids)} user ids for {len(queries)} queries")
+        out = np.zeros((len(user_ids), self.model.config.embed_dim), np.float32)
+        rows_of: dict[str, list[int]] = {}
+        for i, u in enumerate(user_ids):
+            rows_of.setdefault(u, []).append(i)
+        users = list(rows_of)
+        for start in tqdm(range(0, len(users), batch_size), desc="encode", disable=not show_progress_bar):
+            chunk = users[start:start + batch_size]
+            cache = self.prefix_cache(chunk)
+            by_query: dict[str, tuple[list[int], list[int]]] = {}        # query -> (cache rows, output rows)
+            for j, u in enumerate(chunk):
+                for i in rows_of[u]:
+                    slot = by_query.setdefault(queries[i], ([], []))
+                    slot[0].append(j)
+                    slot[1].append(i)
+            for query, (cache_rows, rows) in by_query.items():
+                suffix = self.model.make_suffix([query]).tile(len(rows))
+                emb = run_cached(self.model, cache.select(torch.tensor(cache_rows)), suffix)   # (n, d)
+                out[rows] = emb.cpu().numpy()
+        return out
+
 
 def concat_caches(parts: list[PrefixCache]) -> PrefixCache:
     """Stack caches of different users (padding each to the longest prefix)."""

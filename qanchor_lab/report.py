@@ -338,7 +338,7 @@ def _comparisons_html(comparisons: Sequence[Mapping[str, Any]]) -> str:
 def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = False) -> str:
     """An HTML fragment for `qanchor_lab.diagnostics.diagnose` output: headline table, probe R² and
     retention per stage (untrained vs trained, with a bar chart), query geometry, overall claim accuracy
-    against the majority claim and the tabular yardstick, and the perfect-QA-learner bound.
+    against the majority claim and the tabular yardstick, query selectivity, and the perfect-QA-learner bound.
 
     Pass include_plotlyjs=True when the page has no plotly.js yet (write_report inlines it with its first
     figure). Deterministic: fixed div id, no timestamps."""
@@ -378,6 +378,13 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
     claims = claim_comparison(diag)
     out.append(table(claims[claims["intent"] == "overall"].to_dict("records"),
                      ["source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc"]))
+    if diag.get("selectivity"):
+        out.append("<h3>Query selectivity</h3><p>Does a question make the embedding more informative about its own "
+                   "answer? A claim probe per intent on the embedding under the intent's own query against the same "
+                   "probe under the generic query (held-out pre-training users; paired 95% CI).</p>")
+        out.append(table([{"model": n, **r} for n in names for r in diag["selectivity"][n] if r["intent"] == "overall"],
+                         ["model", "source", "n", "own_acc", "generic_acc", "majority_acc", "selectivity",
+                          "selectivity_low", "selectivity_high"]))
     pq = diag["perfect_qa"]
     out.append(f"<p>Perfect QA learner: one-hot D_uqa claims explain oracle-score R² {cell(pq['claims_r2'])} "
                f"against {cell(pq['features_r2'])} for the tabular features. {html.escape(pq['note'])}</p>")

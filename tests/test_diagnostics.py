@@ -238,6 +238,82 @@ def test_model_claim_prediction_follows_the_nearest_wording(tiny_model, small_wo
     assert rows["pred"].tolist() == [target[i] for i in scored["intent"]]
 
 
+# ----- query selectivity ------------------------------------------------------------------------------
+
+
+def _fake_encoders(claim_of, informative: str):
+    """CachedEmbedder.encode_pairs / encode replacements. Every user gets fixed noise under any query; with
+    `informative="own"` a row's own-query embedding one-hot encodes the user's true claim of the intent."""
+    intents_of: dict[str, list[str]] = {}
+    for iid, it in INTENTS.items():  # a graded intent asks its counts twin's questions
+        intents_of.setdefault(it.queries[0], []).append(iid)
+    col = {(iid, c): k for iid, it in INTENTS.items() for k, c in enumerate(sorted(it.answers))}
+    d = max(len(it.answers) for it in INTENTS.values())
+
+    def noise(user):
+        return np.random.default_rng(abs(hash(user)) % 2**32).normal(size=d).astype(np.float32)
+
+    def encode_pairs(self, users, queries, *, batch_size=64, show_progress_bar=False):
+        out = np.stack([noise(u) for u in users])                            # (N, d)
+        if informative == "own":
+            for i, (u, q) in enumerate(zip(users, queries)):
+                for intent in intents_of[q]:
+                    c = claim_of.get((u, intent))
+                    if c is not None:
+                        out[i] = 0.0
+                        out[i, col[(intent, c)]] = 1.0
+        return out
+
+    def encode(self, users, queries, *, batch_size=64, prompt=None, show_progress_bar=False):
+        return np.stack([np.stack([noise(u)] * len(queries)) for u in users])   # (U, Q, d)
+    return encode_pairs, encode
+
+
+def _claims_by_user(world, max_pairs):
+    scored, train = D.claim_rows(world, max_pairs=max_pairs, seed=0)
+    rows = pd.concat([scored, train])
+    return {(u, i): c for u, i, c in zip(rows["user_id"], rows["intent"], rows["claim"])}
+
+
+def test_query_selectivity_finds_an_informative_question_and_nothing_else(tiny_model, small_world, tiny_store,
+                                                                          monkeypatch):
+    from qanchor_lab.embedder import CachedEmbedder
+
+    claim_of = _claims_by_user(small_world, 120)
+    pairs, grid = _fake_encoders(claim_of, "own")
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", pairs)
+    monkeypatch.setattr(CachedEmbedder, "encode", grid)
+    table = D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store)
+    top = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    # the probe can only name claims it saw among the pretrain rows of the intent
+    scored, train = D.claim_rows(small_world, max_pairs=120, seed=0)
+    kept = set(table.loc[table["intent"] != "overall", "intent"])
+    seen = train.groupby("intent")["claim"].agg(set)
+    rows = scored[scored["intent"].isin(kept)]
+    reachable = np.mean([c in seen[i] for i, c in zip(rows["intent"], rows["claim"])])
+    assert top["own_acc"] >= reachable - 0.05 and top["own_acc"] - top["generic_acc"] > 0.3
+    assert top["selectivity"] == pytest.approx(top["own_acc"] - top["generic_acc"])
+    assert top["selectivity_low"] > 0 and top["selectivity_low"] < top["selectivity"] < top["selectivity_high"]
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encoders(claim_of, "neither")[0])
+    flat = D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store)
+    assert (flat["selectivity"] == 0).all() and (flat["own_acc"] == flat["generic_acc"]).all()
+
+
+def test_query_selectivity_on_the_small_world(tiny_model, small_world, tiny_store):
+    scored, train = D.claim_rows(small_world, max_pairs=120, seed=0)
+    table = D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store)
+    per_intent = table[table["intent"] != "overall"]
+    fit_counts = train["intent"].value_counts()
+    assert set(per_intent["intent"]) == {i for i in scored["intent"].unique() if fit_counts.get(i, 0) >= D.MIN_FIT_ROWS}
+    overall = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    assert overall["n"] == per_intent["n"].sum()
+    for c in ("own_acc", "generic_acc", "majority_acc", "selectivity"):
+        assert overall[c] == pytest.approx((per_intent[c] * per_intent["n"]).sum() / overall["n"])
+    assert table.equals(D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store))  # deterministic
+    with pytest.raises(ValueError, match="MIN_FIT_ROWS|pretrain QA rows"):
+        D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store, max_train_per_intent=5)
+
+
 # ----- perfect QA learner -----------------------------------------------------------------------------
 
 
@@ -280,6 +356,8 @@ def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
         assert diag["stages"][name][-1]["stage"] == "embedding"
         assert len(diag["geometry"][name]["per_query"]) == len(small_world.tasks) + 1
         assert diag["summary"][name]["claim_acc"] is not None
+        assert diag["selectivity"][name][-1]["intent"] == "overall"
+        assert diag["summary"][name]["query_selectivity"] == diag["selectivity"][name][-1]["selectivity"]
     # the inputs do not depend on the model; the head perturbation changes only the embedding stage
     t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
     assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
@@ -293,7 +371,7 @@ def test_markdown_report_section_and_figure(small_diag, tmp_path):
 
     md = D.diagnostics_markdown(small_diag)
     for heading in ("## Headline", "## Oracle-score R² per stage", "## Query geometry", "## Claim accuracy",
-                    "## Perfect QA learner"):
+                    "## Query selectivity", "## Perfect QA learner"):
         assert heading in md
     assert "prefix_layer_0" in md and "acc_untrained" in md
     fig = D.figure_stage_r2(small_diag)

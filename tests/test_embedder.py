@@ -52,6 +52,20 @@ def test_queries_of_equal_length_share_a_batch_and_keep_their_columns(tiny_model
     assert np.abs(cached - full).max() <= 1e-5
 
 
+def test_encode_pairs_equals_full_recompute_row_by_row(tiny_model, tiny_store):
+    """One query per row, users repeated and interleaved, chunks that split a user's rows from others'."""
+    model = tiny_model.eval()
+    users = _mixed_users(tiny_store, model, n=6)
+    row_users = [users[i % 6] for i in range(11)] + [users[0]]
+    row_queries = [QUERIES[(i * 2) % 3] for i in range(12)]
+    got = CachedEmbedder(model, tiny_store).encode_pairs(row_users, row_queries, batch_size=4)     # (12, d)
+    with torch.no_grad():
+        full = model.embed(tiny_store.batch(tiny_store.indices(row_users)), row_queries).numpy()
+    assert got.shape == (12, model.config.embed_dim) and np.abs(got - full).max() <= 1e-5
+    with pytest.raises(ValueError, match="2 user ids for 1 queries"):
+        CachedEmbedder(model, tiny_store).encode_pairs(users[:2], QUERIES[:1])
+
+
 def test_cached_prefix_with_soft_prompt_equals_full(tiny_model, tiny_store):
     model = tiny_model.eval()
     users = _mixed_users(tiny_store, model, n=6)
