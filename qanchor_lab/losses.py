@@ -398,6 +398,59 @@ class ReconstructionLoss(nn.Module):
         return reconstruction_loss(predicted, tabular, self.weights)          # scalar
 
 
+# --------------------------------------------------------------------------- answer sets
+
+
+def answer_set_loss(anchors: Tensor, candidates: Tensor, row_group: Tensor, candidate_group: Tensor,
+                    row_claim: Tensor, candidate_claim: Tensor, *, temperature: float = 0.07) -> Tensor:
+    """Each anchor against every candidate answer of its own question: multi-positive InfoNCE.
+
+    ``anchors`` (N, d) and ``candidates`` (K, d) are L2-normalised here. Row i competes over the candidates
+    j with ``candidate_group[j] == row_group[i]`` (its intent's answer wordings); the positives are those
+    that also state its claim (``candidate_claim[j] == row_claim[i]``):
+    ``-log(Σ_pos exp(s_ij/τ) / Σ_group exp(s_ij/τ))``, averaged over the rows that have a positive and at
+    least one other claim to tell it from (a question with one claim teaches nothing here)."""
+    if anchors.ndim != 2 or candidates.ndim != 2 or anchors.shape[1] != candidates.shape[1]:
+        raise ValueError(f"anchors (N, d) and candidates (K, d) must share d, got {tuple(anchors.shape)} "
+                         f"and {tuple(candidates.shape)}")
+    n, k = anchors.shape[0], candidates.shape[0]
+    for name, ids, size in (("row_group", row_group, n), ("row_claim", row_claim, n),
+                            ("candidate_group", candidate_group, k), ("candidate_claim", candidate_claim, k)):
+        if tuple(ids.shape) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(ids.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    sims = F.normalize(anchors, dim=-1) @ F.normalize(candidates, dim=-1).T / temperature  # (N, K)
+    in_group = row_group[:, None] == candidate_group[None, :]                                  # (N, K)
+    positive = in_group & (row_claim[:, None] == candidate_claim[None, :])                     # (N, K)
+    useful = positive.any(1) & (in_group & ~positive).any(1)                                   # (N,)
+    if not bool(useful.any()):
+        return sims.sum() * 0.0
+    neg_inf = torch.finfo(sims.dtype).min
+    all_ = torch.logsumexp(sims.masked_fill(~in_group, neg_inf), dim=1)                       # (N,)
+    pos = torch.logsumexp(sims.masked_fill(~positive, neg_inf), dim=1)                        # (N,)
+    return (all_ - pos)[useful].mean()
+
+
+class AnswerSetLoss(nn.Module):
+    """``answer_set_loss`` at a fixed temperature. In-batch answers rarely include the other claims of an
+    anchor's own question (a batch holds a few rows per intent, most stating its common claim), so the
+    contrastive loss alone never teaches the anchor to tell them apart (docs/design.md §7.12); this term
+    puts every answer wording of the question in the candidate set."""
+
+    def __init__(self, temperature: float = 0.07):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, anchors: Tensor, candidates: Tensor, row_group: Tensor, candidate_group: Tensor,
+                row_claim: Tensor, candidate_claim: Tensor) -> Tensor:
+        return answer_set_loss(anchors, candidates, row_group, candidate_group, row_claim, candidate_claim,
+                               temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
 # --------------------------------------------------------------------------- prototypes
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
-from qanchor_lab.losses import ContrastiveLoss, ReconstructionLoss, group_weights, next_token_loss
+from qanchor_lab.losses import AnswerSetLoss, ContrastiveLoss, ReconstructionLoss, group_weights, next_token_loss
 from qanchor_lab.model import QAnchorModel
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
@@ -66,6 +66,13 @@ class PretrainConfig:
     # probe AUC by 0.013-0.018 over "feature" at the same weight (docs/design.md §7.10). "feature": every
     # column the same (§7.8).
     reconstruction_weighting: ReconstructionWeighting = "group"
+    # Weight of the answer-set loss (losses.AnswerSetLoss): each anchor against every answer wording its question
+    # has among the training pairs, the wordings of its own claim positive, L += answer_set * L_set. 0 is the
+    # paper's objective, under which the anchor points at its question's majority answer or worse. 1 was chosen
+    # on pretrain_val and tune users (docs/design.md §7.12): claim accuracy 0.44 / 0.46 -> 0.51 / 0.51 (majority
+    # 0.48) at the same probe AUC; 3 costs probe AUC and retention for no further gain. A contrastive term: off
+    # with use_contrastive=False
+    answer_set: float = 1.0
     use_contrastive: bool = True       # ablation switch
     use_generative: bool = True        # ablation switch
     holdout_paraphrases: bool = True   # keep one paraphrase per D_uqa intent out of training, to test on
@@ -107,6 +114,8 @@ class PretrainConfig:
             raise ValueError("at least one of use_contrastive / use_generative must be on")
         if self.reconstruction < 0:
             raise ValueError(f"reconstruction must be >= 0, got {self.reconstruction}")
+        if self.answer_set < 0:
+            raise ValueError(f"answer_set must be >= 0, got {self.answer_set}")
         if self.epochs <= 0 or self.batch_size < 2:
             raise ValueError(f"epochs must be > 0 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
 
@@ -125,6 +134,11 @@ class PairSet:
     answers: list[str]
     answer_ids: np.ndarray   # (N,) same id for rows that are never each other's negatives (same answer or claim)
     intent_ids: np.ndarray   # (N,) question intent (the query text where a dataset gives no intent)
+    claim_ids: np.ndarray    # (N,) the claim each answer states (world.answer_claims), one id per (intent, claim)
+    # every distinct (intent, answer wording) among the rows: the candidates of the answer-set loss
+    candidate_texts: list[str]
+    candidate_intent: np.ndarray  # (K,) intent id of each candidate
+    candidate_claim: np.ndarray   # (K,) claim id of each candidate
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -149,13 +163,17 @@ def make_pairs(qa: pd.DataFrame, store: BehaviourStore, exclude_queries: set[str
     rows = qa[qa["user_id"].isin(store.index) & ~qa["query"].isin(exclude_queries)]
     answers = rows["answer"].astype(str).tolist()
     _, answer_ids = np.unique(np.asarray(answers, dtype=object), return_inverse=True)
+    _, claim_ids = np.unique(answer_claims(rows).astype(str), return_inverse=True)
     if false_negatives == "claim":
-        answer_ids = _join_ids(answer_ids, np.unique(answer_claims(rows), return_inverse=True)[1])
+        answer_ids = _join_ids(answer_ids, claim_ids)
     intent = rows["intent"].astype(str) if "intent" in rows.columns else pd.Series("", index=rows.index)
     intent = np.where(intent.to_numpy() == "", rows["query"].astype(str).to_numpy(), intent.to_numpy())
     _, intent_ids = np.unique(intent.astype(str), return_inverse=True)
+    # candidates: one entry per distinct (intent, wording), in order of first appearance
+    seen = pd.DataFrame({"intent": intent_ids, "text": answers, "claim": claim_ids}).drop_duplicates(["intent", "text"])
     return PairSet(np.asarray(store.indices(rows["user_id"].tolist())), rows["query"].astype(str).tolist(),
-                   answers, answer_ids.astype(np.int64), intent_ids.astype(np.int64))
+                   answers, answer_ids.astype(np.int64), intent_ids.astype(np.int64), claim_ids.astype(np.int64),
+                   seen["text"].tolist(), seen["intent"].to_numpy(np.int64), seen["claim"].to_numpy(np.int64))
 
 
 def _join_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,9 +253,25 @@ class StepBatch:
     user_index: np.ndarray           # (N,) store row of each row's user: same user is never a negative
     answer_ids: np.ndarray           # (N,) same id = never each other's negatives (same answer text or claim)
     intent_ids: np.ndarray           # (N,) question intent of each row
+    answer_set: "AnswerSet"          # the rows' claims and every answer wording of their intents
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+class AnswerSet(NamedTuple):
+    """What the answer-set loss reads for one batch (losses.answer_set_loss)."""
+
+    row_intent: np.ndarray | torch.Tensor        # (N,) intent id of each row
+    row_claim: np.ndarray | torch.Tensor         # (N,) claim id of each row
+    texts: list[str]                             # (K,) every answer wording of the batch's intents
+    candidate_intent: np.ndarray | torch.Tensor  # (K,)
+    candidate_claim: np.ndarray | torch.Tensor   # (K,)
+
+    def to(self, device) -> "AnswerSet":
+        t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+        return AnswerSet(t(self.row_intent), t(self.row_claim), self.texts, t(self.candidate_intent),
+                         t(self.candidate_claim))
 
 
 def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> StepBatch:
@@ -247,9 +281,13 @@ def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> 
     user_index = pairs.user_index[rows]
     uniq, user_rows = np.unique(user_index, return_inverse=True)
     repeated = len(uniq) < len(rows)
+    intents = pairs.intent_ids[rows]
+    cand = np.flatnonzero(np.isin(pairs.candidate_intent, intents))
+    answer_set = AnswerSet(intents, pairs.claim_ids[rows], [pairs.candidate_texts[i] for i in cand],
+                           pairs.candidate_intent[cand], pairs.candidate_claim[cand])
     return StepBatch(rows, store.batch(uniq if repeated else user_index), user_rows if repeated else None,
                      [pairs.queries[i] for i in rows], [pairs.answers[i] for i in rows], user_index,
-                     pairs.answer_ids[rows], pairs.intent_ids[rows])
+                     pairs.answer_ids[rows], intents, answer_set)
 
 
 def make_optimizer(model: "QAnchorModel | PretrainStep", config: PretrainConfig, total_steps: int | None):
@@ -272,16 +310,17 @@ def make_optimizer(model: "QAnchorModel | PretrainStep", config: PretrainConfig,
 class StepLosses(NamedTuple):
     """What one pre-training forward gives: the total and its parts (parts detached)."""
 
-    loss: torch.Tensor            # contrastive + alpha * next-token + reconstruction weight * reconstruction
+    loss: torch.Tensor            # contrastive + alpha * next-token + the weighted reconstruction and answer-set terms
     contrastive: torch.Tensor
     ntp: torch.Tensor             # next-token
     reconstruction: torch.Tensor  # 0 when PretrainConfig.reconstruction is 0
     n_tokens: torch.Tensor        # tokens through the decoder
+    answer_set: torch.Tensor | float = 0.0  # 0 when PretrainConfig.answer_set is 0
 
     def parts(self) -> dict[str, float]:
         """The losses by name, as floats (for logs and tables)."""
         return {"loss": float(self.loss), "contrastive": float(self.contrastive), "ntp": float(self.ntp),
-                "reconstruction": float(self.reconstruction)}
+                "reconstruction": float(self.reconstruction), "answer_set": float(self.answer_set)}
 
 
 def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float, device=None) -> StepLosses:
@@ -290,7 +329,8 @@ def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float
     device = device if device is not None else next(module.parameters()).device
     return module(batch.users, batch.queries, batch.answers, torch.as_tensor(batch.user_index, device=device),
                   torch.as_tensor(batch.answer_ids, device=device), ntp_normalizer,
-                  None if batch.user_rows is None else torch.as_tensor(batch.user_rows, device=device))
+                  None if batch.user_rows is None else torch.as_tensor(batch.user_rows, device=device),
+                  answer_set=batch.answer_set.to(device))
 
 
 def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler=None, *, ntp_normalizer: float,
@@ -331,8 +371,11 @@ class PretrainStep(torch.nn.Module):
                 weights = (group_weights(model.feature_spec.feature_groups())
                            if config.reconstruction_weighting == "group" else None)
                 self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim, weights)
+        self.answer_set_loss = (AnswerSetLoss(config.temperature) if config.answer_set > 0 and config.use_contrastive
+                                else None)
 
-    def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None):
+    def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None,
+                answer_set: AnswerSet | None = None):
         c = self.config
         out = self.model(users, queries, answers, user_rows=user_rows, with_answer_tower=c.use_contrastive,
                          with_lm=c.use_generative)
@@ -349,8 +392,14 @@ class PretrainStep(torch.nn.Module):
             rec = self.reconstruction(out["anchor"], tabular)
         else:
             rec = zero
-        loss = cl + c.alpha * ntp + c.reconstruction * rec
-        return StepLosses(loss, cl.detach(), ntp.detach(), rec.detach(), out["n_tokens"])
+        if self.answer_set_loss is not None and answer_set is not None and answer_set.texts:
+            candidates = self.model.embed_answers(answer_set.texts)                 # (K, d)
+            in_set = self.answer_set_loss(out["anchor"], candidates, answer_set.row_intent, answer_set.candidate_intent,
+                                          answer_set.row_claim, answer_set.candidate_claim)
+        else:
+            in_set = zero
+        loss = cl + c.alpha * ntp + c.reconstruction * rec + c.answer_set * in_set
+        return StepLosses(loss, cl.detach(), ntp.detach(), rec.detach(), out["n_tokens"], in_set.detach())
 
 
 def _global_sum(x: float, device) -> float:

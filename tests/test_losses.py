@@ -15,6 +15,7 @@ from qanchor_lab.losses import (
     ContrastiveLoss,
     NextTokenLoss,
     PrototypeLoss,
+    AnswerSetLoss,
     ReconstructionLoss,
     contrastive_loss,
     gather_with_grad,
@@ -22,6 +23,7 @@ from qanchor_lab.losses import (
     next_token_loss,
     prototype_loss,
     prototype_scores,
+    answer_set_loss,
     reconstruction_loss,
 )
 
@@ -526,3 +528,30 @@ def test_group_weights_give_every_group_the_same_total_weight():
     assert torch.allclose(group_weights(["a", "a"]), torch.ones(2))
     with pytest.raises(ValueError, match="at least one"):
         group_weights([])
+
+
+# ----- answer sets ------------------------------------------------------------------------------------
+
+
+def test_answer_set_loss_by_hand_positives_groups_and_useless_rows():
+    torch.manual_seed(0)
+    anchors, cands = torch.randn(3, 4), torch.randn(5, 4)
+    cand_group = torch.tensor([0, 0, 0, 1, 2])            # intent 0: three wordings; intents 1, 2: one each
+    cand_claim = torch.tensor([7, 7, 8, 9, 5])            # intent 0: claim 7 in two wordings, claim 8 in one
+    row_group, row_claim = torch.tensor([0, 0, 1]), torch.tensor([7, 8, 9])
+    got = answer_set_loss(anchors, cands, row_group, cand_group, row_claim, cand_claim, temperature=0.5)
+    s = F.normalize(anchors, dim=-1) @ F.normalize(cands, dim=-1).T / 0.5
+    row0 = torch.logsumexp(s[0, :3], 0) - torch.logsumexp(s[0, :2], 0)     # two positive wordings
+    row1 = torch.logsumexp(s[1, :3], 0) - s[1, 2]
+    # row 2's intent has a single claim: nothing to tell apart, left out of the mean
+    assert torch.isclose(got, (row0 + row1) / 2)
+    assert torch.isclose(AnswerSetLoss(0.5)(anchors, cands, row_group, cand_group, row_claim, cand_claim), got)
+    # pointing each anchor at its own claim's wordings drives the loss toward 0
+    aligned = torch.stack([cands[0] + cands[1], cands[2], cands[3]])
+    assert answer_set_loss(aligned * 50, cands, row_group, cand_group, row_claim, cand_claim, temperature=0.01) < 1e-3
+    only_useless = answer_set_loss(anchors[2:].requires_grad_(), cands, row_group[2:], cand_group, row_claim[2:], cand_claim)
+    assert only_useless.item() == 0.0 and only_useless.requires_grad
+    with pytest.raises(ValueError, match=r"row_claim must have shape \(3,\)"):
+        answer_set_loss(anchors, cands, row_group, cand_group, row_claim[:2], cand_claim)
+    with pytest.raises(ValueError, match="share d"):
+        answer_set_loss(anchors, cands[:, :3], row_group, cand_group, row_claim, cand_claim)

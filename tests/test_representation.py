@@ -53,6 +53,60 @@ def test_intent_batches_hold_few_intents_and_cover_every_row(small_world, tiny_s
     assert not np.array_equal(order, epoch_order(pairs, cfg, epoch=1, global_batch=16))
 
 
+def test_answer_set_candidates_cover_every_wording_of_the_batch_intents(small_world, tiny_store):
+    from qanchor_lab.pretrain import make_step_batch
+
+    qa = small_world.qa[small_world.qa["user_id"].isin(tiny_store.index)]
+    pairs = make_pairs(qa, tiny_store)
+    keys = answer_claims(qa)
+    # one candidate per distinct (intent, wording), its claim id the rows' claim id
+    distinct = {(i, a) for i, a in zip(pairs.intent_ids.tolist(), pairs.answers)}
+    assert len(pairs.candidate_texts) == len(distinct)
+    assert set(zip(pairs.candidate_intent.tolist(), pairs.candidate_texts)) == distinct
+    claim_of_row = {(i, a): c for i, a, c in zip(pairs.intent_ids.tolist(), pairs.answers, pairs.claim_ids.tolist())}
+    assert all(claim_of_row[(i, t)] == c for i, t, c in
+               zip(pairs.candidate_intent.tolist(), pairs.candidate_texts, pairs.candidate_claim.tolist()))
+    for c in np.unique(pairs.claim_ids)[:50]:                  # a claim id is one (intent, claim) of the world
+        assert len(set(keys[pairs.claim_ids == c])) == 1
+    rows = np.arange(0, len(pairs), max(1, len(pairs) // 12))[:12]
+    batch = make_step_batch(pairs, rows, tiny_store)
+    aset = batch.answer_set
+    assert np.array_equal(aset.row_intent, pairs.intent_ids[rows]) and np.array_equal(aset.row_claim, pairs.claim_ids[rows])
+    wanted = {(i, t) for i, t in zip(pairs.candidate_intent.tolist(), pairs.candidate_texts) if i in set(aset.row_intent.tolist())}
+    assert set(zip(aset.candidate_intent.tolist(), aset.texts)) == wanted and len(aset.texts) == len(wanted)
+
+
+def test_answer_set_term_adds_to_the_loss_and_trains_the_answer_tower(small_world, tiny_model):
+    from qanchor_lab.pretrain import PretrainStep, make_step_batch, step_forward
+
+    users = small_world.users_in("pretrain")[:16]
+    store = tiny_model.behaviour(small_world.events, small_world.profiles, users)
+    pairs = make_pairs(small_world.qa, store)
+    batch = make_step_batch(pairs, np.arange(min(16, len(pairs))), store)
+    off = PretrainConfig(reconstruction=0.0, answer_set=0.0, seed=3)
+    on = replace(off, answer_set=2.0)
+    with torch.no_grad():
+        base = step_forward(PretrainStep(tiny_model, off), batch, 10.0)
+        full = step_forward(PretrainStep(tiny_model, on), batch, 10.0)
+    assert float(base.answer_set) == 0.0 and full.answer_set > 0
+    assert torch.isclose(full.loss, base.loss + 2.0 * full.answer_set)
+    assert torch.isclose(full.contrastive, base.contrastive) and full.parts()["answer_set"] == float(full.answer_set)
+    # the term's gradient reaches the model: the total's gradient changes when it is switched on
+    grads = {}
+    for name, cfg in (("off", off), ("on", on)):
+        tiny_model.zero_grad(set_to_none=True)
+        step_forward(PretrainStep(tiny_model, cfg), batch, 10.0).loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in tiny_model.head.parameters()])
+    assert not torch.allclose(grads["on"], grads["off"])
+    tiny_model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="answer_set must be >= 0"):
+        PretrainConfig(answer_set=-1.0)
+    # a contrastive term: switched off with the contrastive loss
+    with torch.no_grad():
+        no_cl = step_forward(PretrainStep(tiny_model, replace(on, use_contrastive=False)), batch, 10.0)
+    assert float(no_cl.answer_set) == 0.0 and float(no_cl.contrastive) == 0.0
+
+
 def test_pretrain_config_names_valid_choices():
     with pytest.raises(ValueError, match="'random', 'intent'"):
         PretrainConfig(batching="grouped")

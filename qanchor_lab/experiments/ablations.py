@@ -2,8 +2,9 @@
 
 Variants (each one dotted-key override of the same base config, same world, same seeds):
 full (reference), no_user_token, no_modality_tokens, neither (no user and no modality tokens),
-no_contrastive, no_generative (pre-training losses), no_reconstruction (the paper's objective: without our
-input-reconstruction term, docs/design.md §7.8), no_pretraining (the initialised model).
+no_contrastive, no_generative (pre-training losses), no_reconstruction (without our input-reconstruction term,
+docs/design.md §7.8), no_answer_set (without our answer-set term, §7.12; with both off: the paper's objective),
+no_pretraining (the initialised model).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ABLATIONS: dict[str, dict] = {
     "no_contrastive": {"pretrain.use_contrastive": False},
     "no_generative": {"pretrain.use_generative": False},
     "no_reconstruction": {"pretrain.reconstruction": 0.0},
+    "no_answer_set": {"pretrain.answer_set": 0.0},
     "no_pretraining": {"pretrained": False},
 }
 # The paper's qualitative claims (docs/design.md §1.8), as (variant, expected sign of AUC - full AUC, claim).
