@@ -119,6 +119,11 @@ class PretrainConfig:
         if self.epochs <= 0 or self.batch_size < 2:
             raise ValueError(f"epochs must be > 0 and batch_size >= 2 (got {self.epochs}, {self.batch_size})")
 
+    @property
+    def uses_answer_set(self) -> bool:
+        """Whether the step adds the answer-set term (a contrastive term: off with the contrastive loss)."""
+        return self.answer_set > 0 and self.use_contrastive
+
     def resolved_lr(self, model: QAnchorModel) -> float:
         if self.lr is not None:
             return self.lr
@@ -371,8 +376,7 @@ class PretrainStep(torch.nn.Module):
                 weights = (group_weights(model.feature_spec.feature_groups())
                            if config.reconstruction_weighting == "group" else None)
                 self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim, weights)
-        self.answer_set_loss = (AnswerSetLoss(config.temperature) if config.answer_set > 0 and config.use_contrastive
-                                else None)
+        self.answer_set_loss = AnswerSetLoss(config.temperature) if config.uses_answer_set else None
 
     def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None,
                 answer_set: AnswerSet | None = None):
@@ -490,7 +494,8 @@ def pretrain(
             with log_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             bar.set_postfix(loss=f"{last['loss']:.3f}", cl=f"{last['contrastive']:.3f}", ntp=f"{last['ntp']:.3f}",
-                            **({"rec": f"{last['reconstruction']:.3f}"} if config.reconstruction else {}))
+                            **({"rec": f"{last['reconstruction']:.3f}"} if config.reconstruction else {}),
+                            **({"set": f"{last['answer_set']:.3f}"} if config.uses_answer_set else {}))
         if config.save_every and step % config.save_every == 0 and step < total_steps:
             save_checkpoint(acc.unwrap_model(module), optimizer, scheduler, step, config, out_dir / f"checkpoint-{step}", acc)
     bar.close()
