@@ -12,6 +12,8 @@ and, for the contrastive loss, gathers in-batch negatives across processes.
 - Generative: next-token cross-entropy on the answer tokens.
 - Reconstruction (docs/design.md §7): a linear map from the anchor embedding back to the user's standardised
   tabular vector; an optional pre-training term that keeps the embedding from forgetting its input.
+- Answer set (docs/design.md §7.12): each anchor against every answer wording of its own question, the wordings
+  of its claim positive; an optional pre-training term that teaches the anchor to tell its question's answers apart.
 - Prototype (docs/design.md §1.6): prototype-softmax over learnable class prototypes, used by cluster-based
   soft prompt tuning.
 """
@@ -31,11 +33,13 @@ ALL_NEGATIVES: tuple[NegativeKind, ...] = get_args(NegativeKind)
 
 __all__ = [
     "ALL_NEGATIVES",
+    "AnswerSetLoss",
     "ContrastiveLoss",
     "NegativeKind",
     "NextTokenLoss",
     "PrototypeLoss",
     "ReconstructionLoss",
+    "answer_set_loss",
     "contrastive_loss",
     "gather_with_grad",
     "next_token_loss",
