@@ -368,8 +368,9 @@ def blended_probe_scores(
     """Two blocks of columns (e.g. the hand-crafted features and an embedding) combined by blending two
     probes: one `probe_scores` probe per block, each with its own CV-chosen C, and the score
     (1 - w) * z(logit of the first) + w * z(logit of the second), z standardising each probe's logits by
-    their mean and spread over the rows it was fitted on. w is chosen from `weights` by out-of-fold AUC (`folds` stratified folds of the training rows,
-    shuffled by config.seed; mean AUC over the folds, ties to the smaller w), so w = 0 (the first block alone)
+    their mean and spread over the rows it was fitted on. w is chosen from `weights` by out-of-fold AUC
+    (`folds` stratified folds of the training rows, shuffled by config.seed; mean AUC over the folds, ties
+    to the smaller w), so w = 0 (the first block alone)
     and w = 1 (the second alone) stay possible; test rows get the probes refitted on all training rows.
     One probe over the blocks side by side pays for the width of both: next to 282 feature columns, a 128-d
     embedding that beats the features alone scored below itself (docs/design.md §7.10). A free logistic

@@ -523,7 +523,6 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     users = list(dict.fromkeys(rows["user_id"]))
     generic = embedder.encode(users, [generic_query], batch_size=batch_size)[:, 0]      # (users, d)
     generic = generic[pd.Index(users).get_indexer(rows["user_id"])]                     # (rows, d)
-    emb = np.stack([own, generic], 1)                                                   # (rows, 2, d)
     is_train = np.arange(len(rows)) < len(train)
     results = []
     for intent in sorted(scored["intent"].unique()):
@@ -536,14 +535,14 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
         row = s[["intent", "claim"]].copy()
         row["source"] = INTENTS[intent].source
         row["majority_hit"] = (row["claim"] == majority).to_numpy()
-        for j, name in ((0, "own"), (1, "generic")):
+        for name, emb in (("own", own), ("generic", generic)):
             if len(set(y)) < 2:
                 pred = np.full(len(s), y[0], dtype=object)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)
                     probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-                    pred = probe.fit(emb[it, j], y).predict(emb[is_, j])
+                    pred = probe.fit(emb[it], y).predict(emb[is_])
             row[f"{name}_hit"] = pred == row["claim"].to_numpy()
         results.append(row)
     rows = pd.concat(results, ignore_index=True)
