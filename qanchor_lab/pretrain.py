@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence, get_args
@@ -35,6 +36,10 @@ ReconstructionWeighting = Literal["group", "feature"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
 PRETRAINED_LR = 1e-4  # the authors' LoRA learning rate
 RECONSTRUCTION_NAME = "reconstruction.safetensors"  # the training-only decoder of a checkpoint, for resuming
+# PretrainConfig fields that set how long a run goes and how often it logs or saves: resuming with other values is
+# what resuming is for, so `resume_changes` leaves them out
+RUN_LENGTH_FIELDS = frozenset({"epochs", "max_steps", "save_every", "log_every"})
+NOT_RECORDED = "not recorded"  # a field the checkpoint's config lacks: it was written before the option existed
 
 
 @dataclass
@@ -461,9 +466,7 @@ def pretrain(
     optimizer, scheduler = make_optimizer(module, config, total_steps)
     step = 0
     if resume_from is not None:
-        step = load_trainer_state(resume_from, optimizer, scheduler)
-        if module.reconstruction is not None:
-            module.reconstruction.load_state_dict(load_file(Path(resume_from) / RECONSTRUCTION_NAME))
+        step = _resume(resume_from, module, optimizer, scheduler, config)
     module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
 
     log_path = out_dir / "log.jsonl"
@@ -546,6 +549,42 @@ def _jsonable(x):
     if torch.is_tensor(x):
         return x.item()
     raise TypeError(f"cannot store {type(x).__name__} in trainer_state.json")
+
+
+def resume_changes(directory, config: PretrainConfig) -> dict[str, tuple]:
+    """How `config` differs from the config the checkpoint in `directory` was trained with:
+    {field: (checkpoint's value, config's value)}. A field the checkpoint does not record (it predates the
+    option, e.g. `answer_set` before docs/design.md §7.12) shows as NOT_RECORDED; RUN_LENGTH_FIELDS are left out."""
+    path = Path(directory) / "trainer_state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a pre-training checkpoint: it has no trainer_state.json")
+    saved = json.loads(path.read_text()).get("config", {})
+    now = json.loads(json.dumps(asdict(config)))  # tuples as lists, the way the checkpoint stores them
+    return {k: (saved.get(k, NOT_RECORDED), v) for k, v in now.items()
+            if k not in RUN_LENGTH_FIELDS and saved.get(k, NOT_RECORDED) != v}
+
+
+def _resume(directory, module: "PretrainStep", optimizer, scheduler, config: PretrainConfig) -> int:
+    """Load a checkpoint's optimizer, schedule and reconstruction decoder into this run; returns its step.
+    A config that differs from the checkpoint's is said in a warning (the run then continues under the new
+    objective); one that trains other parameters than the checkpoint holds is a clear error."""
+    changes = resume_changes(directory, config)
+    said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if changes:
+        warnings.warn(f"resuming {directory} with a pre-training config that differs from the one it was trained "
+                      f"with ({said}); pass the checkpoint's values to continue it unchanged", UserWarning, stacklevel=3)
+    decoder = Path(directory) / RECONSTRUCTION_NAME
+    if module.reconstruction is not None and not decoder.exists():
+        raise ValueError(f"cannot resume {directory} with reconstruction={config.reconstruction}: the checkpoint has no "
+                         f"reconstruction decoder (it was trained with reconstruction=0); resume with reconstruction=0")
+    try:
+        step = load_trainer_state(directory, optimizer, scheduler)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot resume {directory}: its optimizer state does not match the parameters this run trains"
+                         f" ({said or 'same config'}); resume with the checkpoint's config") from e
+    if module.reconstruction is not None:
+        module.reconstruction.load_state_dict(load_file(decoder))
+    return step
 
 
 def load_trainer_state(directory, optimizer, scheduler) -> int:

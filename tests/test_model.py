@@ -136,6 +136,39 @@ def test_resume_continues_exactly(tiny_model, small_world, tmp_path, reconstruct
         assert torch.allclose(p, q, atol=1e-5), name
 
 
+@pytest.mark.slow
+def test_resume_names_a_changed_config_and_refuses_one_it_cannot_continue(tiny_model, small_world, tmp_path):
+    import copy
+
+    from qanchor_lab.pretrain import NOT_RECORDED, resume_changes
+
+    _small_pretrain(copy.deepcopy(tiny_model), small_world, tmp_path / "a", max_steps=2, reconstruction=2.0)
+    ckpt = tmp_path / "a"
+    cfg = dict(epochs=1.0, batch_size=8, log_every=1, seed=3, reconstruction=2.0)
+    # run length is what resuming changes: not reported
+    assert resume_changes(ckpt, PretrainConfig(**cfg, max_steps=3)) == {}
+    assert resume_changes(ckpt, PretrainConfig(**cfg, max_steps=3, answer_set=0.0)) == {"answer_set": (1.0, 0.0)}
+    with pytest.warns(UserWarning, match=r"answer_set: 1\.0 -> 0\.0"):
+        summary = pretrain(QAnchorModel.from_pretrained(ckpt), small_world, PretrainConfig(**cfg, max_steps=3, answer_set=0.0),
+                           tmp_path / "b", resume_from=ckpt, show_progress=False)
+    assert summary["steps"] == 3
+    # a checkpoint written before an option existed: the option shows as not recorded
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["config"]["answer_set"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    assert resume_changes(ckpt, PretrainConfig(**cfg)) == {"answer_set": (NOT_RECORDED, 1.0)}
+    # other trainable parameters than the checkpoint holds: a clear error, not torch's
+    with pytest.raises(ValueError, match="optimizer state does not match.*reconstruction: 2.0 -> 0.0"), pytest.warns(UserWarning):
+        pretrain(QAnchorModel.from_pretrained(ckpt), small_world, PretrainConfig(**{**cfg, "reconstruction": 0.0}, max_steps=3),
+                 tmp_path / "c", resume_from=ckpt, show_progress=False)
+    (ckpt / "reconstruction.safetensors").unlink()
+    with pytest.raises(ValueError, match="no reconstruction decoder"), pytest.warns(UserWarning, match="not recorded"):
+        pretrain(QAnchorModel.from_pretrained(ckpt), small_world, PretrainConfig(**cfg, max_steps=3), tmp_path / "d",
+                 resume_from=ckpt, show_progress=False)
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+        resume_changes(tmp_path / "b" / "nothing", PretrainConfig())
+
+
 def test_heldout_paraphrases_are_kept_out_of_training(small_world, tiny_store):
     held = heldout_queries(small_world.qa, seed=0)
     assert len(held) >= 30
