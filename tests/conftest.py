@@ -47,3 +47,15 @@ def tiny_store(_tiny_model_session, small_world):
     w = small_world
     users = w.users_in("pretrain", "pretrain_val", "tune", "test")
     return _tiny_model_session.behaviour(w.events, w.profiles, users)
+
+
+def searchers(model, store, n: int = 120):
+    """(prefix cache, labels) of the store's first n users, labelled by a fact the behaviour determines: any
+    search events. The prompt-tuning tests learn it."""
+    from qanchor_lab.embedder import build_prefix_cache
+
+    batch = store.batch(store.indices(store.user_ids[:n]))
+    labels = batch.masks["search"].any(1).numpy().astype(int)
+    if labels.min() == labels.max():
+        pytest.skip("fixture world has no users without search")
+    return build_prefix_cache(model, batch), labels

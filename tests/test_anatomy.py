@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from qanchor_lab import anatomy as A
-from qanchor_lab.embedder import build_prefix_cache
 from qanchor_lab.losses import contrastive_loss
 from qanchor_lab.model import QAnchorModel
 from qanchor_lab.pretrain import (PretrainConfig, PretrainStep, count_answer_tokens, epoch_batches, make_optimizer,
                                   make_pairs, make_step_batch, pretrain, training_step)
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
 from qanchor_lab.schema import TABULAR_MODALITY
-from tests.conftest import tiny_config
+from tests.conftest import searchers, tiny_config
 
 
 def _decoder_inputs(model, batch, query, prompt=None):
@@ -174,14 +173,9 @@ def test_hand_steps_reproduce_the_trainer(tiny_model, small_world, tmp_path):
     assert np.isclose(logged["loss"].iloc[-1], losses[-1], atol=1e-5)
 
 
-def _searchers(model, store, n=160):
-    batch = store.batch(store.indices(store.user_ids[:n]))
-    return build_prefix_cache(model, batch), batch.masks["search"].any(1).numpy().astype(int)
-
-
 def test_on_epoch_sees_every_selection_epoch_and_leaves_the_result_unchanged(tiny_model, tiny_store):
     model = tiny_model.eval()
-    cache, labels = _searchers(model, tiny_store)
+    cache, labels = searchers(model, tiny_store, 160)
     cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, head_epochs=5, seed=1)
     snaps = A.AdapterSnapshots(epochs=[0])
     watched = tune_task(model, cache, labels, "does this user search", cfg, on_epoch=snaps)

@@ -12,6 +12,7 @@ from qanchor_lab.baselines import probe_scores
 from qanchor_lab.embedder import CachedEmbedder, build_prefix_cache, run_cached
 from qanchor_lab.losses import prototype_loss
 from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter, tune_task
+from tests.conftest import searchers
 
 QUERIES = ["is this user likely to repay the credit bill late next month",
            "will the user book a hotel abroad",
@@ -170,19 +171,9 @@ def test_prompt_loss_over_cache_equals_full_sequence_loss(tiny_model, tiny_store
     assert torch.allclose(g_cached, adapter.prompt.grad, atol=1e-4)
 
 
-@pytest.mark.slow
-def _searchers(model, store, n: int = 120):
-    """(cache, labels) of n users, labelled by a fact the behaviour determines: any search events."""
-    batch = store.batch(store.indices(store.user_ids[:n]))
-    labels = batch.masks["search"].any(1).numpy().astype(int)
-    if labels.min() == labels.max():
-        pytest.skip("fixture world has no users without search")
-    return build_prefix_cache(model, batch), labels
-
-
 def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_store, tmp_path):
     model = tiny_model.eval()
-    cache, labels = _searchers(model, tiny_store)
+    cache, labels = searchers(model, tiny_store)
     result = tune_task(model, cache, labels, "does this user search", PromptTuningConfig(n_prompt=2, epochs=8, patience=3, seed=1))
     assert result.val_auc > 0.7
     assert 0 <= result.best_epoch <= 8 and len(result.history) >= result.best_epoch + 1
@@ -310,7 +301,7 @@ def test_prompt_tuning_config_names_the_valid_choices(bad, match):
 @pytest.mark.slow
 def test_refit_trains_on_every_tune_user_for_the_chosen_epochs(tiny_model, tiny_store):
     model = tiny_model.eval()
-    cache, labels = _searchers(model, tiny_store)
+    cache, labels = searchers(model, tiny_store)
     cfg = PromptTuningConfig(n_prompt=2, epochs=3, patience=3, seed=1, prompt_position="after_query", refit=False,
                              normalize="center")  # a normalisation fitted on users, to tell which users it saw
     plain = tune_task(model, cache, labels, "does this user search", cfg)
