@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl)")
     t.add_argument("--backbone", default="tiny", help="tiny | smollm2 | a Hugging Face id or local directory")
     t.add_argument("--epochs", type=float, default=None)
-    t.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    t.add_argument("--resume", default=None, help="checkpoint directory to resume from (optimizer and schedule too); a pre-training config that differs from the checkpoint's is named in a warning")
     t.add_argument("--fast", action="store_true", help="a quick small run (CI / smoke test)")
     t.set_defaults(func=_cmd_pretrain)
 
