@@ -266,6 +266,15 @@ def _long_scores(task_ids, users, matrix: np.ndarray) -> pd.DataFrame:
                          "score": matrix.reshape(-1)})
 
 
+def query_embeddings(model: QAnchorModel, world, users: Sequence[str], *, store=None,
+                     show_progress: bool = True) -> np.ndarray:
+    """(U, T+1, d) embeddings of `users` under each task's query (world.tasks order), then GENERIC_QUERY: what
+    the probe methods (qanchor_base, static_embedding, qanchor_plus_features) and the label curve read."""
+    store = store if store is not None else model.behaviour(world.events, world.profiles, list(users))
+    queries = world.tasks["query"].tolist() + [GENERIC_QUERY]
+    return model.encode(store, queries, user_ids=list(users), batch_size=64, show_progress_bar=show_progress)
+
+
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
                    adapters_dir: Path | None = None, with_features: bool = True,
                    with_probes: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -281,7 +290,7 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     queries = tasks["query"].tolist()
     out = {}
     if with_probes:
-        emb = model.encode(store, queries + [GENERIC_QUERY], batch_size=64, show_progress_bar=show_progress)  # (U, T+1, d)
+        emb = query_embeddings(model, world, users, store=store, show_progress=show_progress)  # (U, T+1, d)
         by_query = {q: emb[:, i] for i, q in enumerate(queries)}
         row = {u: i for i, u in enumerate(users)}
 

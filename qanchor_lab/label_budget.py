@@ -1,0 +1,160 @@
+"""How many labels does each representation need? Probe AUC against the number of labelled tune users
+(docs/design.md §7.13).
+
+The demo fits every probe on all tune users (1,500 in the default world); with that many labels the task query
+adds nothing a probe does not already find (§7.11). Deployments often have far fewer. `label_curve` draws n tune
+users per task and draw (stratified: the tune split's positive rate, at least `ProbeConfig.cv` of each class so
+the probe's CV can run), fits the library's probe (`baselines.probe_scores`) on each representation and scores
+every test user. All representations see the same draws, so their differences are paired. `curve_summary`
+averages over tasks and gives each method's mean and its difference from a reference with a t-interval over
+draws: what it covers is which users happened to be labelled; the test users are fixed. `run_label_curve`
+does all of it for a model: the embedding under each task's query (qanchor_base), under the generic query
+(static_embedding), the hand-crafted features (logreg_features), and optionally another model's embedding
+(e.g. the untrained one).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from qanchor_lab.baselines import ProbeConfig, _check_matrix, _split_ids, _tune_targets, probe_scores
+from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+
+BUDGETS: tuple[int, ...] = (50, 100, 200, 400)  # labelled tune users per task, the default curve
+
+
+def draw_labelled(y: np.ndarray, n: int, rng: np.random.Generator, min_per_class: int) -> np.ndarray:
+    """Indices of n rows of `y` (0/1): positives in y's proportion, at least `min_per_class` of each class."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if n > len(y):
+        raise ValueError(f"a budget of {n} labelled users exceeds the {len(y)} tune users")
+    if min(len(pos), len(neg)) < min_per_class or n < 2 * min_per_class:
+        raise ValueError(f"a budget of {n} cannot hold {min_per_class} of each class ({len(pos)} positive, "
+                         f"{len(neg)} negative tune users)")
+    k = int(np.clip(round(n * len(pos) / len(y)), min_per_class, min(len(pos), n - min_per_class)))
+    if n - k > len(neg):
+        k = n - len(neg)
+    return np.sort(np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, n - k, replace=False)]))
+
+
+def label_curve(
+    representations: Mapping[str, np.ndarray],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    tune_users: Sequence[str],
+    test_users: Sequence[str],
+    *,
+    budgets: Sequence[int] = BUDGETS,
+    draws: int = 5,
+    seed: int = 0,
+    config: ProbeConfig | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Test AUC of a probe fitted on `budget` labelled tune users, per representation, task, budget and draw.
+
+    `representations`: name -> rows for tune users then test users, either (U, d), one matrix for every task,
+    or (U, T, d), one per task in `tasks` order (e.g. the embedding under each task's query). Draw r of budget
+    n picks the same users for every representation (seeded by `seed`, n, r and the task). A budget of all tune
+    users has a single draw. Returns one row per (budget, draw, task, method): columns budget, draw, task_id,
+    method, auc, n_positive."""
+    config = config or ProbeConfig()
+    tune, test = _split_ids(tune_users, test_users)
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    task_ids = tasks_v["task_id"].tolist()
+    if not representations:
+        raise ValueError("representations: give at least one (name -> matrix)")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+    budgets = list(budgets)
+    bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 < b <= len(tune)]
+    if bad or not budgets:
+        raise ValueError(f"budgets must be labelled-user counts in 1..{len(tune)} (the tune users); got {bad or budgets}")
+    mats = {name: _per_task(name, X, len(tune) + len(test), len(task_ids)) for name, X in representations.items()}
+    test_y = labels_v[labels_v["user_id"].isin(set(test))].pivot(index="user_id", columns="task_id", values="label")
+    missing = [u for u in test if u not in test_y.index]
+    if missing:
+        raise DataValidationError(f"labels: {len(missing)} test user(s) have no label, e.g. {missing[:5]}")
+    rows = []
+    jobs = [(n, r) for n in budgets for r in range(1 if n == len(tune) else draws)]
+    for n, r in tqdm(jobs, desc="label budgets", unit="draw", disable=not show_progress):
+        for k, task_id in enumerate(task_ids):
+            pos, y = _tune_targets(labels_v, task_id, tune)                  # tune users labelled for the task
+            yt = test_y.loc[test, task_id].to_numpy().astype(int)
+            try:
+                picked = draw_labelled(y, int(n), np.random.default_rng([seed, int(n), r, k]), config.cv)
+            except ValueError as exc:
+                raise ValueError(f"task {task_id!r}: {exc}") from None
+            for name, X in mats.items():
+                Xk = X[:, k] if X.ndim == 3 else X
+                scores = probe_scores(Xk[pos[picked]], y[picked], Xk[len(tune):], config)
+                rows.append({"budget": int(n), "draw": r, "task_id": task_id, "method": name,
+                             "auc": float(roc_auc_score(yt, scores)), "n_positive": int(y[picked].sum())})
+    return pd.DataFrame(rows)
+
+
+def _per_task(name: str, X, n_rows: int, n_tasks: int) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 3:
+        if X.shape[:2] != (n_rows, n_tasks):
+            raise ValueError(f"representation {name!r}: a per-task array must be (users, tasks, d) = "
+                             f"({n_rows}, {n_tasks}, d); got {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError(f"representation {name!r} holds NaN or infinite values")
+        return X
+    return _check_matrix(X, n_rows, f"representation {name!r} (rows: tune users, then test users)")
+
+
+def curve_summary(curve: pd.DataFrame, reference: str | None = None, ci: float = 0.95) -> pd.DataFrame:
+    """Per (budget, method): AUC averaged over tasks, its mean over draws with a t-interval (auc_low, auc_high),
+    and the paired difference from `reference` (default: the first method) with its t-interval (diff, diff_low,
+    diff_high). With one draw (a budget of every tune user) the intervals are NaN."""
+    if curve.empty:
+        raise ValueError("curve is empty")
+    methods = list(dict.fromkeys(curve["method"]))
+    reference = reference or methods[0]
+    if reference not in methods:
+        raise ValueError(f"reference {reference!r} is not a method of the curve; methods: {', '.join(methods)}")
+    per_draw = curve.groupby(["budget", "draw", "method"], sort=False)["auc"].mean().unstack("method")  # (budget x draw, M)
+    rows = []
+    for budget, g in per_draw.groupby(level="budget", sort=True):
+        for m in methods:
+            mean, lo, hi = _t_interval(g[m].to_numpy(), ci)
+            d = _t_interval((g[m] - g[reference]).to_numpy(), ci)
+            rows.append({"budget": int(budget), "method": m, "draws": len(g), "auc": mean, "auc_low": lo,
+                         "auc_high": hi, "diff": d[0], "diff_low": d[1], "diff_high": d[2], "reference": reference})
+    return pd.DataFrame(rows)
+
+
+def _t_interval(x: np.ndarray, ci: float) -> tuple[float, float, float]:
+    mean = float(np.mean(x))
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + ci / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,
+                    others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
+                    show_progress: bool = True) -> pd.DataFrame:
+    """`label_curve` for a Q-Anchor model on a world's tune and test users: qanchor_base (each task's query),
+    static_embedding (the generic query), logreg_features (the hand-crafted features, as the demo's baseline) and,
+    for each entry of `others` (name -> another model, e.g. {"untrained": ...}), that model under each task's query."""
+    from qanchor_lab.baselines import _feature_matrix
+    from qanchor_lab.pipeline import query_embeddings
+
+    tune, test = world.users_in("tune"), world.users_in("test")
+    users = tune + test
+    emb = query_embeddings(model, world, users, show_progress=show_progress)         # (U, T+1, d)
+    reps = {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1]}
+    for name, other in (others or {}).items():
+        reps[name] = query_embeddings(other, world, users, show_progress=show_progress)[:, :-1]  # (U, T, d)
+    reps["logreg_features"] = _feature_matrix(world, users)[1]
+    return label_curve(reps, world.labels, world.tasks, tune, test, budgets=budgets, draws=draws, seed=seed,
+                       config=config, show_progress=show_progress)

@@ -1,0 +1,89 @@
+"""The label curve: probe AUC against the number of labelled tune users, paired across representations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qanchor_lab.label_budget import curve_summary, draw_labelled, label_curve, run_label_curve
+
+
+def test_draw_labelled_keeps_the_class_balance_and_a_floor_per_class():
+    y = np.r_[np.ones(30), np.zeros(270)].astype(int)
+    rng = np.random.default_rng(0)
+    picked = draw_labelled(y, 100, rng, 3)
+    assert len(picked) == len(set(picked)) == 100 and y[picked].sum() == 10       # 10% positive, as the split
+    assert y[draw_labelled(y, 12, rng, 3)].sum() == 3                              # the floor: round(1.2) -> 3
+    assert np.array_equal(draw_labelled(y, 50, np.random.default_rng(5), 3), draw_labelled(y, 50, np.random.default_rng(5), 3))
+    with pytest.raises(ValueError, match="exceeds the 300 tune users"):
+        draw_labelled(y, 301, rng, 3)
+    with pytest.raises(ValueError, match="cannot hold 3 of each class"):
+        draw_labelled(y, 5, rng, 3)
+
+
+def _split(world):
+    return world.users_in("tune"), world.users_in("test")
+
+
+def _labels(world, tasks):
+    return world.labels[world.labels["task_id"].isin(tasks["task_id"])]
+
+
+def _oracle_reps(world, tune, test, rng):
+    """'own': each task's true logit plus noise, in that task's slice only (per task); 'noise': random."""
+    tasks = world.tasks["task_id"].tolist()
+    p = world.labels.pivot(index="user_id", columns="task_id", values="oracle_prob").loc[tune + test, tasks].to_numpy()
+    own = np.log(p / (1 - p))[:, :, None] + rng.normal(0, 1, (len(p), len(tasks), 3))   # (U, T, 3)
+    return {"own": own, "noise": rng.normal(size=(len(p), 4))}
+
+
+def test_label_curve_is_paired_deterministic_and_tells_signal_from_noise(small_world):
+    tune, test = _split(small_world)
+    tasks = small_world.tasks.iloc[:2]
+    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
+    reps = {"own": reps["own"][:, :2], "noise": reps["noise"], "twin": reps["own"][:, :2].copy()}
+    kw = dict(budgets=(40, len(tune)), draws=3, seed=1)
+    curve = label_curve(reps, _labels(small_world, tasks), tasks, tune, test, **kw)
+    assert len(curve) == (3 + 1) * 2 * 3                             # every tune user: one draw only
+    assert curve.equals(label_curve(reps, _labels(small_world, tasks), tasks, tune, test, **kw))
+    # the same users are labelled for every representation: a copy scores exactly alike, draw by draw
+    paired = curve.pivot_table(index=["budget", "draw", "task_id"], columns="method", values="auc")
+    assert (paired["own"] == paired["twin"]).all() and paired["own"].nunique() > 3
+    assert not curve.equals(label_curve(reps, _labels(small_world, tasks), tasks, tune, test, **{**kw, "seed": 2}))
+    s = curve_summary(curve, reference="noise").set_index(["budget", "method"])
+    few = s.loc[(40, "own")]
+    assert few["draws"] == 3 and few["diff_low"] > 0.1 and few["auc_low"] <= few["auc"] <= few["auc_high"]
+    assert s.loc[(40, "noise"), "diff"] == 0
+    assert abs(s.loc[(40, "noise"), "auc"] - 0.5) < 0.1
+    assert np.isnan(s.loc[(len(tune), "own"), "auc_low"])            # one draw: no interval over draws
+    assert s.loc[(len(tune), "own"), "auc"] >= few["auc"] - 0.02
+
+
+def test_label_curve_names_what_is_wrong(small_world):
+    tune, test = _split(small_world)
+    tasks = small_world.tasks.iloc[:1]
+    good = np.zeros((len(tune) + len(test), 2))
+    with pytest.raises(ValueError, match=r"representation 'short'.*rows"):
+        label_curve({"short": good[:-1]}, _labels(small_world, tasks), tasks, tune, test, budgets=(40,))
+    with pytest.raises(ValueError, match=r"representation 'per_task'.*\(users, tasks, d\)"):
+        label_curve({"per_task": np.zeros((len(good), 3, 2))}, _labels(small_world, tasks), tasks, tune, test, budgets=(40,))
+    with pytest.raises(ValueError, match="budgets must be labelled-user counts"):
+        label_curve({"x": good}, _labels(small_world, tasks), tasks, tune, test, budgets=(0,))
+    with pytest.raises(ValueError, match="cannot hold 3 of each class"):
+        label_curve({"x": good}, _labels(small_world, tasks), tasks, tune, test, budgets=(4,))
+    with pytest.raises(ValueError, match="reference 'nope'"):
+        curve_summary(pd.DataFrame({"budget": [1], "draw": [0], "task_id": ["t"], "method": ["x"], "auc": [0.5]}), "nope")
+
+
+@pytest.mark.slow
+def test_run_label_curve_reads_a_model_under_each_query_and_the_features(tiny_model, small_world):
+    from qanchor_lab.pipeline import restrict_tasks
+
+    world = restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2])
+    curve = run_label_curve(tiny_model.eval(), world, budgets=(60,), draws=2, others={"copy": tiny_model},
+                            show_progress=False)
+    assert set(curve["method"]) == {"qanchor_base", "static_embedding", "copy", "logreg_features"}
+    s = curve_summary(curve).set_index("method")
+    assert s.loc["copy", "diff"] == pytest.approx(0.0, abs=1e-12)   # the same model under the same queries
+    assert s["auc"].between(0.3, 1.0).all()
