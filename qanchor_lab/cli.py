@@ -84,8 +84,7 @@ def _cmd_diagnose(args) -> int:
     world = load_world(data_dir)
     model = QAnchorModel.from_pretrained(model_dir)
     # same config and seed, no training: the trained model's starting point
-    untrained = None if args.no_untrained else QAnchorModel.from_data(
-        model.config, world.events, world.profiles, world.users_in("pretrain"))
+    untrained = None if args.no_untrained else model.untrained_start(world.events, world.profiles, world.users_in("pretrain"))
     size = dict(max_users=300, max_pairs=200, geometry_users=200) if args.fast else {}
     if args.max_users is not None:
         size["max_users"] = args.max_users
@@ -95,6 +94,46 @@ def _cmd_diagnose(args) -> int:
     print(diagnostics_markdown(diag))
     print(f"wrote {js} and {md}")
     return 0
+
+
+def _cmd_label_curve(args) -> int:
+    import pandas as pd
+
+    from qanchor_lab.data import load_world
+    from qanchor_lab.diagnostics import resolve_run
+    from qanchor_lab.experiments.figures import line_with_band
+    from qanchor_lab.label_budget import curve_summary, run_label_curve
+    from qanchor_lab.model import QAnchorModel
+
+    budgets = _int_list(args.budgets, "--budgets")
+    model_dir, data_dir = resolve_run(args.run, args.data)
+    world = load_world(data_dir)
+    model = QAnchorModel.from_pretrained(model_dir).eval()
+    others = {} if args.no_untrained else {
+        "untrained": model.untrained_start(world.events, world.profiles, world.users_in("pretrain")).eval()}
+    curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others)
+    out_dir = Path(args.out or (model_dir.parent if model_dir.name == "model" else model_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vs_features = curve_summary(curve, reference="logreg_features")
+    vs_static = curve_summary(curve, reference="static_embedding")
+    curve.to_csv(out_dir / "label_curve.csv", index=False)
+    pd.concat([vs_features, vs_static], ignore_index=True).to_csv(out_dir / "label_curve_summary.csv", index=False)
+    line_with_band(vs_features, "budget", title="average test AUC against labelled tune users (95% CI over draws)",
+                   log_x=True).write_html(out_dir / "label_curve.html", include_plotlyjs=True)
+    print(vs_features.pivot(index="budget", columns="method", values="auc").round(4).to_string())
+    for name, s in (("embedding - features", vs_features), ("task query - generic query", vs_static)):
+        rows = s[s["method"] == "qanchor_base"]
+        print(f"\n{name}:\n" + "\n".join(f"  {r.budget:>5} labelled: {r.diff:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
+                                             for r in rows.itertuples()))
+    print(f"\nwrote {out_dir / 'label_curve.csv'}, label_curve_summary.csv and label_curve.html")
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, e.g. 50,100,200; got {text!r}") from None
 
 
 def _cmd_experiment(args) -> int:
@@ -158,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
     g.set_defaults(func=_cmd_diagnose)
+
+    c = sub.add_parser("label-curve", help="probe AUC against the number of labelled tune users (the model under each "
+                       "task's query and the generic query, the features, the untrained model; scored on test users)")
+    c.add_argument("run", help="run directory holding model/ (or a saved model directory)")
+    c.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    c.add_argument("--budgets", default="50,100,200,400,800", help="labelled tune users per task, comma-separated")
+    c.add_argument("--draws", type=int, default=5, help="draws of labelled users per budget")
+    c.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    c.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
+    c.add_argument("--out", default=None, help="where label_curve.csv/_summary.csv/.html go (default: the run directory)")
+    c.set_defaults(func=_cmd_label_curve)
 
     from qanchor_lab.experiments import EXPERIMENTS
 

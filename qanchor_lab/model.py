@@ -310,6 +310,13 @@ class QAnchorModel(nn.Module):
             model.encoder.set_numeric_stats(numeric.mean(0), numeric.std(0))
         return model
 
+    def untrained_start(self, events, profiles, reference_users: Sequence[str]) -> "QAnchorModel":
+        """This model's starting point before pre-training: its config (seeds included) rebuilt untrained by
+        `from_data` on the same reference users and the feature window this model was fitted with. What the
+        diagnostics and the label curve set a trained model against."""
+        start, end = self.feature_spec.window
+        return type(self).from_data(self.config, events, profiles, reference_users, window_start=start, window_end=end)
+
     def save_pretrained(self, directory) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,24 @@ def test_run_label_curve_reads_a_model_under_each_query_and_the_features(tiny_mo
     s = curve_summary(curve).set_index("method")
     assert s.loc["copy", "diff"] == pytest.approx(0.0, abs=1e-12)   # the same model under the same queries
     assert s["auc"].between(0.3, 1.0).all()
+
+
+@pytest.mark.slow
+def test_cli_label_curve_writes_the_curve_and_names_bad_input(tiny_model, small_world, tmp_path, capsys):
+    from qanchor_lab.cli import main
+    from qanchor_lab.data import save_world
+    from qanchor_lab.pipeline import restrict_tasks
+
+    tiny_model.save_pretrained(tmp_path / "run" / "model")
+    save_world(restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2]), tmp_path / "data")
+    rc = main(["label-curve", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--budgets", "40,60", "--draws", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "task query - generic query" in out and "wrote" in out
+    curve = pd.read_csv(tmp_path / "run" / "label_curve.csv")
+    assert set(curve["budget"]) == {40, 60} and set(curve["method"]) == {
+        "qanchor_base", "static_embedding", "untrained", "logreg_features"}
+    summary = pd.read_csv(tmp_path / "run" / "label_curve_summary.csv")
+    assert set(summary["reference"]) == {"logreg_features", "static_embedding"}
+    assert (tmp_path / "run" / "label_curve.html").stat().st_size > 1000
+    assert main(["label-curve", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--budgets", "40,many"]) == 2
+    assert "--budgets must be comma-separated integers" in capsys.readouterr().err

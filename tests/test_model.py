@@ -169,6 +169,24 @@ def test_resume_names_a_changed_config_and_refuses_one_it_cannot_continue(tiny_m
         resume_changes(tmp_path / "b" / "nothing", PretrainConfig())
 
 
+@pytest.mark.filterwarnings("ignore::qanchor_lab.features.OutsideWindowWarning")  # the narrow window, on purpose
+def test_untrained_start_rebuilds_the_starting_point_with_the_models_own_window(tiny_model, small_world):
+    import pandas as pd
+
+    w, users = small_world, small_world.users_in("pretrain")
+    start, end = tiny_model.feature_spec.window                      # inferred from the data when it was built
+    narrow = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, users,
+                                    window_start=start + pd.Timedelta(days=30), window_end=end)
+    for model in (tiny_model, narrow):
+        again = model.untrained_start(w.events, w.profiles, users)
+        assert again.config.feature_spec == model.config.feature_spec
+        theirs = model.state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in again.state_dict().items())
+    # without the model's window the feature spec would be refitted on all history: a different start
+    plain = QAnchorModel.from_data(narrow.config, w.events, w.profiles, users)
+    assert plain.config.feature_spec != narrow.config.feature_spec
+
+
 def test_heldout_paraphrases_are_kept_out_of_training(small_world, tiny_store):
     held = heldout_queries(small_world.qa, seed=0)
     assert len(held) >= 30
