@@ -1,4 +1,4 @@
-"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,experiment} ...` (also installed as `qanchor`)."""
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,label-curve,experiment} ...` (also installed as `qanchor`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 Pre-training can lower its loss without the embedding carrying much about the user (the query alone, or
 a few frequent answers, explain a lot of the contrastive objective). This module measures what each
-stage of the model keeps about users whose truth the synthetic world knows:
+stage of the model keeps about users: against the truth the synthetic world knows (oracle scores, latent
+traits) or, on real data, against the task labels, with the claims of QA derived from the log
+(`intent_catalogue`):
 
 - `stage_representations` / `stage_probe_table`: the representation at every stage of the data flow
   (tabular input, raw event means, tabular token, decoder prefix layers, hidden state at <user_emb>,
@@ -32,7 +34,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -106,6 +108,26 @@ def oracle_targets(world, users: Sequence[str]) -> pd.DataFrame:
     task_order = [t for t in world.tasks["task_id"] if t in p.columns]
     p = p[task_order].clip(LOGIT_EPS, 1 - LOGIT_EPS)
     return np.log(p / (1 - p))
+
+
+def task_targets(world, users: Sequence[str]) -> tuple[pd.DataFrame, str]:
+    """(users, tasks) target of the stage and perfect-learner probes and its name: the oracle logit where the
+    labels carry oracle_prob, else the 0/1 labels (real data has no known truth)."""
+    lab = world.labels[world.labels["user_id"].isin(set(users))]
+    if lab.empty:
+        return pd.DataFrame(index=pd.Index(list(users), name="user_id")), "oracle_logit"
+    if lab["oracle_prob"].notna().all():
+        return oracle_targets(world, users), "oracle_logit"
+    y = lab.pivot(index="user_id", columns="task_id", values="label").reindex(list(users))
+    if y.isna().any().any():
+        missing = y.index[y.isna().any(axis=1)].tolist()
+        raise ValueError(f"{len(missing)} user(s) lack task labels, e.g. {missing[:5]}")
+    return y[[t for t in world.tasks["task_id"] if t in y.columns]].astype(np.float64), "label"
+
+
+def has_latent_traits(world) -> bool:
+    """Whether the users table carries the synthetic world's latent traits (real data does not)."""
+    return all(c in world.users.columns for c in [f"trait_{t}" for t in TRAITS] + list(TREND_COLUMNS))
 
 
 def trait_targets(world, users: Sequence[str]) -> pd.DataFrame:
@@ -224,12 +246,14 @@ def stage_probe_table(model, world, users: Sequence[str] | str, query: str, *, s
 
     Columns: stage, dim, oracle_r2 (mean over tasks), trait_mean_r2, retention (oracle_r2 over the
     input_tabular row's; over trait_mean_r2 when the users have no labels, e.g. pretrain_val), then
-    `oracle:<task>` and `trait:<name>` per target. `stages` may pass precomputed representations."""
+    `oracle:<task>` and `trait:<name>` per target. On real data (no oracle_prob, no latent traits) the task
+    target is the 0/1 label (`task_targets`) and there are no trait columns. `stages` may pass precomputed
+    representations."""
     users = _check_users(world, users)
     reps = stages if stages is not None else stage_representations(model, world, users, query, store=store,
                                                                    show_progress=show_progress)
-    oracle = oracle_targets(world, users)
-    traits = trait_targets(world, users)
+    oracle = task_targets(world, users)[0]
+    traits = trait_targets(world, users) if has_latent_traits(world) else pd.DataFrame(index=oracle.index)
     Y = np.concatenate([oracle.to_numpy(), traits.to_numpy()], 1)              # (U, T + K)
     names = [f"oracle:{t}" for t in oracle.columns] + [f"trait:{t}" for t in traits.columns]
     rows = []
@@ -238,7 +262,7 @@ def stage_probe_table(model, world, users: Sequence[str] | str, query: str, *, s
         row = {"stage": stage, "dim": int(X.shape[1])}
         row.update(dict(zip(names, r2.tolist())))
         row["oracle_r2"] = float(np.mean(r2[: oracle.shape[1]])) if oracle.shape[1] else math.nan
-        row["trait_mean_r2"] = float(np.mean(r2[oracle.shape[1]:]))
+        row["trait_mean_r2"] = float(np.mean(r2[oracle.shape[1]:])) if traits.shape[1] else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
     key = "oracle_r2" if oracle.shape[1] else "trait_mean_r2"
@@ -307,9 +331,34 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
 # claims
 
 
-def _claim_lookup() -> dict[tuple[str, str], str]:
-    """(intent, answer wording) -> claim; no wording belongs to two claims of one intent (world.py)."""
-    return {(iid, w): claim for iid, it in INTENTS.items() for claim, words in it.answers.items() for w in words}
+class IntentInfo(NamedTuple):
+    """What the claim diagnostics need of one question intent."""
+
+    source: str                          # "uqa" or "future"
+    answers: dict[str, tuple[str, ...]]  # claim -> its answer wordings
+    query: str                           # the question asked as the intent's own (query_selectivity)
+
+
+def intent_catalogue(qa: pd.DataFrame) -> dict[str, IntentInfo]:
+    """Every intent of a QA table. The synthetic world's INTENTS where they know the intent; otherwise (QA derived
+    from a log, or a dataset's own) read from the table: each distinct answer is one claim with one wording, as
+    `world.answer_claims` keys it, the source is the intent's most common `source`, and the query the first of its
+    questions in sorted order."""
+    out: dict[str, IntentInfo] = {}
+    for intent, g in qa.groupby("intent", sort=True):
+        if intent in INTENTS:
+            it = INTENTS[intent]
+            out[intent] = IntentInfo(it.source, {c: tuple(w) for c, w in it.answers.items()}, it.queries[0])
+        else:
+            answers = sorted(g["answer"].astype(str).unique())
+            source = g["source"].astype(str).mode().sort_values().iloc[0] if "source" in g.columns else "uqa"
+            out[intent] = IntentInfo(source, {a: (a,) for a in answers}, sorted(g["query"].astype(str))[0])
+    return out
+
+
+def _claim_lookup(catalogue: Mapping[str, IntentInfo]) -> dict[tuple[str, str], str]:
+    """(intent, answer wording) -> claim; no wording belongs to two claims of one intent."""
+    return {(iid, w): claim for iid, it in catalogue.items() for claim, words in it.answers.items() for w in words}
 
 
 def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 600,
@@ -318,11 +367,11 @@ def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 60
     `seed`) and the `pretrain` rows not among them (what majority and yardstick learn from)."""
     if split not in CLAIM_SPLITS:
         raise ValueError(f"split={split!r}: QA rows exist for {', '.join(CLAIM_SPLITS)} only")
-    lookup = _claim_lookup()
     qa = world.qa.copy()
-    unknown = sorted(set(qa["intent"]) - set(INTENTS))
-    if unknown:
-        raise ValueError(f"world.qa has intent(s) {unknown[:5]} that qanchor_lab.world.INTENTS does not know")
+    if "intent" not in qa.columns:
+        raise ValueError("world.qa has no 'intent' column: the claim diagnostics group answers by question intent")
+    catalogue = intent_catalogue(qa)
+    lookup = _claim_lookup(catalogue)
     qa["claim"] = [lookup.get(k) for k in zip(qa["intent"], qa["answer"])]
     qa = qa[qa["claim"].notna()]                                               # answers of no known wording
     split_of = world.users.set_index("user_id")["split"]
@@ -335,7 +384,7 @@ def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 60
         scored = scored.iloc[pick]
     train = qa[(qa["split"] == "pretrain") & ~qa.index.isin(scored.index)]
     scored, train = scored.reset_index(drop=True), train.reset_index(drop=True)
-    scored["source"] = [INTENTS[i].source for i in scored["intent"]]
+    scored["source"] = [catalogue[i].source for i in scored["intent"]]
     return scored, train
 
 
@@ -393,14 +442,18 @@ def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int
 
 @torch.no_grad()
 def model_claim_predictions(model, scored: pd.DataFrame, store, *, batch_size: int = 64,
+                            intents: Mapping[str, IntentInfo] | None = None,
                             show_progress: bool = False) -> pd.DataFrame:
     """`scored` with the model's `pred` claim and `own_answer_margin` per row.
 
     pred: the claim of the wording (among every wording of every claim of the row's intent) with the
     highest cosine to the anchor embedding. own_answer_margin: cos(anchor, own answer) minus the mean
     cos(anchor, answers other scored users gave to the same intent stating a different claim) (a
-    same-claim answer is right too, so it is not a negative); NaN when no such answer exists."""
+    same-claim answer is right too, so it is not a negative); NaN when no such answer exists. `intents`: the
+    world's `intent_catalogue(world.qa)`; by default read from `scored`, which is complete only for the synthetic
+    world's intents (another QA's claims are the answers its rows happen to give)."""
     model.eval()
+    catalogue = intents if intents is not None else intent_catalogue(scored)
     anchors = []
     for i in tqdm(range(0, len(scored), batch_size), desc="anchors", disable=not show_progress):
         chunk = scored.iloc[i:i + batch_size]
@@ -415,7 +468,7 @@ def model_claim_predictions(model, scored: pd.DataFrame, store, *, batch_size: i
     pred = np.empty(len(scored), dtype=object)
     for intent in scored["intent"].unique():
         rows = np.flatnonzero(scored["intent"].to_numpy() == intent)
-        pairs = [(c, w) for c, words in INTENTS[intent].answers.items() for w in words]
+        pairs = [(c, w) for c, words in catalogue[intent].answers.items() for w in words]
         W = embed_texts([w for _, w in pairs])                                 # (n_wordings, d)
         best = (A[rows] @ W.T).argmax(1)                                       # (n_rows,)
         pred[rows] = [pairs[j][0] for j in best]
@@ -473,7 +526,7 @@ def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int 
                                     show_progress=show_progress)
     elif store is None:
         store = model.behaviour(world.events, world.profiles, sorted(set(baselines["user_id"])))
-    rows = model_claim_predictions(model, baselines, store, show_progress=show_progress)
+    rows = model_claim_predictions(model, baselines, store, intents=intent_catalogue(world.qa), show_progress=show_progress)
     return _accuracy_table(rows)
 
 
@@ -516,7 +569,8 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     if scored.empty:
         raise ValueError(f"query_selectivity: no {split} QA row asks an intent with {MIN_FIT_ROWS} or more pretrain rows")
     rows = pd.concat([train, scored], ignore_index=True)
-    own_query = [INTENTS[i].queries[0] for i in rows["intent"]]
+    catalogue = intent_catalogue(world.qa)
+    own_query = [catalogue[i].query for i in rows["intent"]]
     embedder = CachedEmbedder(model.eval(), store)
     own = embedder.encode_pairs(rows["user_id"].tolist(), own_query, batch_size=batch_size,
                                 show_progress_bar=show_progress)                         # (rows, d)
@@ -533,7 +587,7 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
         counts = pd.Series(y).value_counts()
         majority = sorted(counts.index[counts == counts.max()])[0]
         row = s[["intent", "claim"]].copy()
-        row["source"] = INTENTS[intent].source
+        row["source"] = catalogue[intent].source
         row["majority_hit"] = (row["claim"] == majority).to_numpy()
         for name, emb in (("own", own), ("generic", generic)):
             if len(set(y)) < 2:
@@ -570,21 +624,6 @@ PERFECT_QA_NOTE = ("D_future intents ({n}) are left out: their claims come from 
                    "D_uqa answer perfectly would know.")
 NO_ORACLE_TARGET = ("the labels carry no oracle_prob (real data), so the target is the 0/1 task label itself: "
                     "R² of a linear probability model, bounded well below 1 by the label noise")
-
-
-def _perfect_qa_targets(world, users: Sequence[str]) -> tuple[pd.DataFrame, str]:
-    """(users, tasks) target of the perfect-learner probe and its name: the oracle logit where the labels
-    carry oracle_prob, else the 0/1 labels (real data has no known truth)."""
-    lab = world.labels[world.labels["user_id"].isin(set(users))]
-    if lab.empty:
-        return pd.DataFrame(index=pd.Index(list(users), name="user_id")), "oracle_logit"
-    if lab["oracle_prob"].notna().all():
-        return oracle_targets(world, users), "oracle_logit"
-    y = lab.pivot(index="user_id", columns="task_id", values="label").reindex(list(users))
-    if y.isna().any().any():
-        missing = y.index[y.isna().any(axis=1)].tolist()
-        raise ValueError(f"{len(missing)} user(s) lack task labels, e.g. {missing[:5]}")
-    return y[[t for t in world.tasks["task_id"] if t in y.columns]].astype(np.float64), "label"
 
 
 def _uqa_claims(world, users: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -631,7 +670,7 @@ def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature
     from qanchor_lab.features import FeatureSpec
 
     users = _check_users(world, users)
-    target, target_name = _perfect_qa_targets(world, users)
+    target, target_name = task_targets(world, users)
     if target.shape[1] == 0:
         raise ValueError("perfect_qa_learner_r2 needs users with task labels (the tune split), "
                          f"the {len(users)} given have none")
@@ -716,6 +755,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
     stores: dict[str, Any] = {}
     baselines: dict[str, pd.DataFrame] = {}
     out: dict[str, Any] = {"query": query, "seed": seed, "n_users": len(users), "max_pairs": max_pairs,
+                           "stage_target": task_targets(world, users)[1],
                            "geometry_users": len(users[:geometry_users]),
                            "retention_target": RETENTION_TARGET, "models": list(models),
                            "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "summary": {}}
@@ -814,19 +854,25 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     head = [{"model": n, **diag["summary"][n]} for n in names]
     parts.append("## Headline\n\n" + _md_table(head, [
         "model", "input_tabular_oracle_r2", "embedding_oracle_r2", "embedding_retention", "meets_retention_target",
-        "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean", "same_user_cos", "cross_user_cos"])
-        + f"\n\nretention target: the embedding keeps >= {diag['retention_target']:.0%} of the tabular input's "
-          "oracle R² (ridge probe, 5-fold).")
-    for metric, title in (("oracle_r2", "Oracle-score R² per stage (mean over tasks)"),
-                          ("retention", "Retention per stage (oracle R² / input_tabular's)"),
+        "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean", "same_user_cos", "cross_user_cos"]))
+    oracle = diag.get("stage_target", "oracle_logit") == "oracle_logit"
+    what = "oracle" if oracle else "task-label"
+    parts[-1] += (f"\n\nretention target: the embedding keeps >= {diag['retention_target']:.0%} of the tabular input's "
+                  f"{what} R² (ridge probe, 5-fold)." + ("" if oracle else
+                  " The *_oracle_r2 columns hold the R² against the 0/1 task labels here: " + NO_ORACLE_TARGET + "."))
+    first = names[0]
+    trait_cols = [k for k in diag["stages"][first][0] if k.startswith("trait:")]
+    for metric, title in (("oracle_r2", f"{'Oracle-score' if oracle else 'Task-label'} R² per stage (mean over tasks)"),
+                          ("retention", f"Retention per stage ({what} R² / input_tabular's)"),
                           ("trait_mean_r2", "Latent-trait R² per stage (mean over traits and trends)")):
+        if metric == "trait_mean_r2" and not trait_cols:
+            continue  # real data: no latent traits
         comp = stage_comparison(diag, metric)
         recs = [{"stage": s, **{n: comp.loc[s, n] for n in comp.columns}} for s in comp.index]
         parts.append(f"## {title}\n\n" + _md_table(recs, ["stage", *comp.columns]))
-    first = names[0]
-    trait_cols = [k for k in diag["stages"][first][0] if k.startswith("trait:")]
-    parts.append(f"## Trait R² per stage ({first})\n\n"
-                 + _md_table(diag["stages"][first], ["stage", *trait_cols]).replace("trait:", ""))
+    if trait_cols:
+        parts.append(f"## Trait R² per stage ({first})\n\n"
+                     + _md_table(diag["stages"][first], ["stage", *trait_cols]).replace("trait:", ""))
     geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
     parts.append("## Query geometry\n\n" + _md_table(geo, [
         "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share"]))

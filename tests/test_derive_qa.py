@@ -216,3 +216,33 @@ def test_profile_subjects_and_a_real_value_called_other():
     rows = d.qa[d.qa["intent"] == "profile:job"].set_index("user_id")["answer"]
     assert (rows["a"], rows["b"], rows["c"]) == ("Job: other.", "Job: nurse.", "A less common job.")
     assert set(d.claims["profile:income"]) == {"low", "medium", "high"}
+
+
+@pytest.mark.slow
+def test_diagnose_runs_on_a_log_without_oracle_or_latent_traits(derived_world):
+    """Real data: derived QA intents the synthetic INTENTS do not know, no oracle_prob, no latent traits."""
+    from qanchor_lab import diagnostics as D
+    from qanchor_lab.model import QAnchorModel
+    from tests.conftest import tiny_config
+
+    latent = [c for c in derived_world.users.columns if c.startswith("trait_") or c in D.TREND_COLUMNS]
+    real = replace(derived_world, labels=derived_world.labels.assign(oracle_prob=np.nan),
+                   users=derived_world.users.drop(columns=latent))
+    assert latent and not D.has_latent_traits(real)
+    model = QAnchorModel.from_data(tiny_config(), real.events, real.profiles, real.users_in("pretrain"))
+    diag = D.diagnose(model, real, untrained=model.untrained_start(real.events, real.profiles, real.users_in("pretrain")),
+                      max_users=80, max_pairs=80, geometry_users=40)
+    assert diag["stage_target"] == "label"
+    assert not any(k.startswith("trait:") for k in diag["stages"]["trained"][0])
+    kept = set(derived_world.manifest["derived_qa"]["fit"]["kept"])
+    claims = pd.DataFrame(diag["claims"]["trained"])
+    assert set(claims["intent"]) - {"overall"} <= kept and claims["n"].iloc[-1] > 40
+    # every claim of a derived intent is a candidate: its answers over the whole QA table, not just the scored rows
+    catalogue = D.intent_catalogue(real.qa)
+    for intent in set(claims["intent"]) - {"overall"}:
+        assert set(catalogue[intent].answers) == set(real.qa.loc[real.qa["intent"] == intent, "answer"])
+    assert np.isfinite(diag["summary"]["trained"]["query_selectivity"])
+    # the same untrained start as the trained model: identical numbers
+    assert diag["summary"]["trained"] == diag["summary"]["untrained"]
+    md = D.diagnostics_markdown(diag)
+    assert "Task-label R² per stage" in md and "Latent-trait" not in md and "0/1 task label" in md
