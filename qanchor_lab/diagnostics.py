@@ -125,14 +125,17 @@ def task_targets(world, users: Sequence[str]) -> tuple[pd.DataFrame, str]:
     return y[[t for t in world.tasks["task_id"] if t in y.columns]].astype(np.float64), "label"
 
 
+LATENT_COLUMNS: tuple[str, ...] = (*(f"trait_{t}" for t in TRAITS), *TREND_COLUMNS)  # the synthetic users' truth
+
+
 def has_latent_traits(world) -> bool:
     """Whether the users table carries the synthetic world's latent traits (real data does not)."""
-    return all(c in world.users.columns for c in [f"trait_{t}" for t in TRAITS] + list(TREND_COLUMNS))
+    return all(c in world.users.columns for c in LATENT_COLUMNS)
 
 
 def trait_targets(world, users: Sequence[str]) -> pd.DataFrame:
     """(users, traits + trends) latent truth from the users table, named without the `trait_` prefix."""
-    cols = [f"trait_{t}" for t in TRAITS] + list(TREND_COLUMNS)
+    cols = list(LATENT_COLUMNS)
     missing = [c for c in cols if c not in world.users.columns]
     if missing:
         raise ValueError(f"the users table lacks latent column(s) {missing}")

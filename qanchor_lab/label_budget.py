@@ -81,12 +81,12 @@ def label_curve(
     missing = [u for u in test if u not in test_y.index]
     if missing:
         raise DataValidationError(f"labels: {len(missing)} test user(s) have no label, e.g. {missing[:5]}")
+    # per task: the tune users labelled for it (positions into `tune`), their labels, and the test labels
+    targets = [(*_tune_targets(labels_v, t, tune), test_y.loc[test, t].to_numpy().astype(int)) for t in task_ids]
     rows = []
     jobs = [(n, r) for n in budgets for r in range(1 if n == len(tune) else draws)]
     for n, r in tqdm(jobs, desc="label budgets", unit="draw", disable=not show_progress):
-        for k, task_id in enumerate(task_ids):
-            pos, y = _tune_targets(labels_v, task_id, tune)                  # tune users labelled for the task
-            yt = test_y.loc[test, task_id].to_numpy().astype(int)
+        for k, (task_id, (pos, y, yt)) in enumerate(zip(task_ids, targets)):
             try:
                 picked = draw_labelled(y, int(n), np.random.default_rng([seed, int(n), r, k]), config.cv)
             except ValueError as exc:
