@@ -300,17 +300,26 @@ def _mean_offdiag_cos(V: np.ndarray) -> float:
     return float((s @ s - n) / (n * (n - 1)))                                  # ||sum||² counts the n self-pairs
 
 
-def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
-                   show_progress: bool = False) -> dict[str, Any]:
+def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, reference_query: str | None = None,
+                   batch_size: int = 64, show_progress: bool = False) -> dict[str, Any]:
     """How the embeddings spread over users and queries.
 
     per_query: effective dimensionality over users for each query. same_user_cos: mean cosine between one
     user's embeddings under two different queries; cross_user_cos: mean cosine between two different
-    users under the same query. user_share / query_share: share of the total variance of the (U, Q)
-    embeddings explained by user means / query means (a model that ignores the user has user_share ~ 0)."""
+    users under the same query. user_share / query_share / interaction_share: shares of the total variance of
+    the (U, Q) embeddings explained by user means, by query means, and by neither (a model that ignores the user
+    has user_share ~ 0; one that adds a per-query offset to a per-user vector has interaction_share ~ 0).
+
+    With `reference_query` (one of `queries`, e.g. the generic one), per_query also holds `novelty`: the share of
+    that query's embedding variance over users that a linear map of the reference query's embedding does not
+    predict (1 - out-of-fold ridge R², `probe_r2_many`). A probe refitted per query reads the same from both
+    embeddings except through that share, so a question can only add to such a probe where its novelty is well
+    above the untrained model's (docs/design.md §7.14); `novelty_mean` averages it over the other queries."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
         raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
+    if reference_query is not None and reference_query not in queries:
+        raise ValueError(f"query_geometry: reference_query {reference_query!r} is not among the queries")
     emb = model.encode(store, queries, user_ids=user_ids, batch_size=batch_size,
                        show_progress_bar=show_progress).astype(np.float64)     # (U, Q, d)
     U, Q, _ = emb.shape
@@ -319,7 +328,7 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     user_ss = Q * ((emb.mean(1) - grand) ** 2).sum()                           # between users
     query_ss = U * ((emb.mean(0) - grand) ** 2).sum()                          # between queries
     per_query = [{"query": q, "effective_dim": effective_dimensionality(emb[:, j])} for j, q in enumerate(queries)]
-    return {
+    out = {
         "n_users": U, "n_queries": Q, "embed_dim": int(emb.shape[2]),
         "per_query": per_query,
         "effective_dim_mean": float(np.mean([r["effective_dim"] for r in per_query])),
@@ -327,7 +336,26 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         "cross_user_cos": float(np.mean([_mean_offdiag_cos(emb[:, j]) for j in range(Q)])),
         "user_share": float(user_ss / total) if total > 0 else math.nan,
         "query_share": float(query_ss / total) if total > 0 else math.nan,
+        "interaction_share": float(1.0 - (user_ss + query_ss) / total) if total > 0 else math.nan,
     }
+    if reference_query is not None:
+        ref = emb[:, queries.index(reference_query)]                               # (U, d)
+        for j, row in enumerate(per_query):
+            if queries[j] != reference_query:
+                row["novelty"] = _linear_novelty(ref, emb[:, j])
+        out["reference_query"] = reference_query
+        out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
+    return out
+
+
+def _linear_novelty(X: np.ndarray, Y: np.ndarray) -> float:
+    """1 - out-of-fold ridge R² of Y (n, d) from X (n, d), pooled over Y's columns by their variance: the share
+    of Y's variance no linear map of X predicts."""
+    sst = ((Y - Y.mean(0)) ** 2).sum(0)                                        # (d,)
+    if sst.sum() <= 0:
+        return math.nan
+    r2 = np.nan_to_num(probe_r2_many(X, Y), nan=0.0)                           # (d,) constant columns: no variance
+    return float(1.0 - (r2 * sst).sum() / sst.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +379,11 @@ def intent_catalogue(qa: pd.DataFrame) -> dict[str, IntentInfo]:
     for intent, g in qa.groupby("intent", sort=True):
         if intent in INTENTS:
             it = INTENTS[intent]
-            out[intent] = IntentInfo(it.source, {c: tuple(w) for c, w in it.answers.items()}, it.queries[0])
+            # short answers (WorldConfig.terse_answer_share) only where this table uses them: a model is scored
+            # against the wordings it was trained on
+            used = set(g["answer"].astype(str))
+            answers = {c: ws + ((it.terse[c],) if it.terse.get(c) in used else ()) for c, ws in it.answers.items()}
+            out[intent] = IntentInfo(it.source, answers, it.queries[0])
         else:
             answers = sorted(g["answer"].astype(str).unique())
             source = g["source"].astype(str).mode().sort_values().iloc[0] if "source" in g.columns else "uqa"
@@ -772,7 +804,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
         store = stores[key]
         stages = stage_probe_table(m, world, users, query, store=store, seed=seed, show_progress=show_progress)
         geometry = query_geometry(m, store, users[:geometry_users], queries + [GENERIC_QUERY],
-                                  show_progress=show_progress)
+                                  reference_query=GENERIC_QUERY, show_progress=show_progress)
         claims = claim_accuracy(m, world, store=store, baselines=baselines[key], show_progress=show_progress)
         overall = claims[(claims["intent"] == "overall") & (claims["source"] == "all")].iloc[0]
         emb = stages[stages["stage"] == "embedding"].iloc[0]
@@ -787,6 +819,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "embedding_trait_mean_r2": emb["trait_mean_r2"], "effective_dim_mean": geometry["effective_dim_mean"],
             "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
             "user_share": geometry["user_share"], "query_share": geometry["query_share"],
+            "interaction_share": geometry["interaction_share"], "query_novelty": geometry["novelty_mean"],
             "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
@@ -878,10 +911,15 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
                      + _md_table(diag["stages"][first], ["stage", *trait_cols]).replace("trait:", ""))
     geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
     parts.append("## Query geometry\n\n" + _md_table(geo, [
-        "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share"]))
-    perq = [{"query": r["query"], **{n: diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names}}
+        "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share",
+        "interaction_share", "novelty_mean"])
+        + "\n\nnovelty: share of a task query's embedding that no linear map of the generic query's embedding predicts "
+          "(out-of-fold ridge); a probe refitted per task can gain from the question only through it.")
+    perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
+             **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names}}
             for i, r in enumerate(diag["geometry"][first]["per_query"])]
-    parts.append("Effective dimensionality per query:\n\n" + _md_table(perq, ["query", *names]))
+    parts.append("Effective dimensionality and novelty per query:\n\n" + _md_table(
+        perq, ["query", *[f"dim_{n}" for n in names], *[f"novelty_{n}" for n in names]]))
     parts.append("## Claim accuracy (pretrain_val QA rows)\n\n" + _md_table(claim_comparison(diag).to_dict("records"), [
         "intent", "source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc",
         *[f"margin_{n}" for n in names]])

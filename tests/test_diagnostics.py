@@ -163,6 +163,24 @@ def test_query_geometry_shapes_and_bounds(tiny_model, small_world, tiny_store):
     assert g["effective_dim_mean"] == pytest.approx(np.mean([D.effective_dimensionality(emb[:, j]) for j in range(3)]))
     with pytest.raises(ValueError, match="2 queries"):
         D.query_geometry(tiny_model, tiny_store, users, queries[:1])
+    assert g["user_share"] + g["query_share"] + g["interaction_share"] == pytest.approx(1.0)
+    ref = D.query_geometry(tiny_model, tiny_store, users, queries, reference_query=queries[-1])
+    assert "novelty" not in ref["per_query"][-1] and all(0 <= r["novelty"] <= 1.5 for r in ref["per_query"][:-1])
+    assert ref["novelty_mean"] == pytest.approx(np.mean([r["novelty"] for r in ref["per_query"][:-1]]))
+    with pytest.raises(ValueError, match="reference_query"):
+        D.query_geometry(tiny_model, tiny_store, users, queries, reference_query="not asked")
+
+
+def test_linear_novelty_separates_a_linear_map_from_new_information():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8))
+    mixed = X @ rng.normal(size=(8, 8)) + 3.0                       # another view of the same user: nothing new
+    fresh = rng.normal(size=(300, 8))                                # information X does not hold
+    rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]              # keeps the variance of the columns
+    half = np.hstack([X[:, :4] @ rotation, fresh[:, :4]])          # half the variance is new
+    assert D._linear_novelty(X, mixed) < 0.01
+    assert D._linear_novelty(X, fresh) > 0.95
+    assert 0.35 < D._linear_novelty(X, half) < 0.65
 
 
 # ----- claims -----------------------------------------------------------------------------------------

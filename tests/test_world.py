@@ -68,6 +68,7 @@ def _words(text: str) -> set[str]:
     ({"hallucination_rate": 1.0}, "hallucination_rate"),
     ({"qa_per_user_min": 5, "qa_per_user_max": 2}, "qa_per_user_min"),
     ({"qa_style": "essay"}, "qa_style"),
+    ({"terse_answer_share": 1.5}, "terse_answer_share"),
 ])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -282,6 +283,27 @@ def test_graded_qa_changes_only_what_pretraining_is_told():
     ev = build_evidence(graded.events[graded.events["user_id"].isin(pre)], graded.profiles[graded.profiles["user_id"].isin(pre)],
                         start_date="2026-01-01", history_days=90)
     assert verify_answers(graded.qa[graded.qa["source"] == "uqa"], ev).all()
+
+
+def test_terse_answers_change_only_the_wording_of_kept_answers():
+    plain = generate_world(WorldConfig(n_users=600, seed=3))
+    terse = generate_world(WorldConfig(n_users=600, seed=3, terse_answer_share=0.5))
+    for table in ("events", "profiles", "users", "labels"):
+        pd.testing.assert_frame_equal(getattr(plain, table), getattr(terse, table), obj=table)
+    # the same rows survive self-reflection and state the same claims; about half are reworded
+    pd.testing.assert_frame_equal(plain.qa.drop(columns="answer"), terse.qa.drop(columns="answer"))
+    assert (answer_claims(plain.qa) == answer_claims(terse.qa)).all()
+    changed = plain.qa["answer"] != terse.qa["answer"]
+    assert 0.25 < changed.mean() < 0.5
+    # a short answer is shared across intents: the question, not the answer, says what it is about
+    shared = terse.qa.loc[changed].groupby("answer")["intent"].nunique()
+    assert shared.get("No.", 0) >= 5 and shared.get("Yes, once.", 0) >= 5
+    # and is still one claim's wording within its intent
+    assert all(len(set(it.terse.values())) == len(it.terse) for it in INTENTS.values())
+    # the claim diagnostics score a model against the wordings its world used
+    from qanchor_lab.diagnostics import intent_catalogue
+    assert "No." in intent_catalogue(terse.qa)["late_fees"].answers["none"]
+    assert "No." not in intent_catalogue(plain.qa)["late_fees"].answers["none"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,10 @@ class WorldConfig(DictConfig):
     # and the next month together, plus how app use and money troubles change next month. Only the QA table
     # depends on it: events, profiles, users and labels come from their own random streams.
     qa_style: QAStyle = "counts"
+    # Share of answers written as a short answer that intents of one family share ("No.", "Yes, a few times.",
+    # "Likely.", "Less."), where the intent has one (docs/design.md §7.14). 0 writes every answer in its intent's
+    # own words. Only the QA table depends on it.
+    terse_answer_share: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -160,6 +164,8 @@ class WorldConfig(DictConfig):
                 f"WorldConfig.qa_per_user_min/qa_per_user_max must satisfy 1 <= min <= max <= {len(INTENTS)} "
                 f"(the number of intents), got {self.qa_per_user_min!r}/{self.qa_per_user_max!r}"
             )
+        if not 0.0 <= float(self.terse_answer_share) <= 1.0:
+            raise ValueError(f"WorldConfig.terse_answer_share must lie in [0, 1], got {self.terse_answer_share!r}")
         for name in ("future_qa_weight", "salient_qa_boost"):
             if not float(getattr(self, name)) > 0.0:
                 raise ValueError(f"WorldConfig.{name} must be positive, got {getattr(self, name)!r}")

@@ -135,6 +135,14 @@ class Intent:
     claim: Callable[[pd.DataFrame], np.ndarray] = field(repr=False)
     null_claims: frozenset[str] = frozenset({"none", "few", "0|0"})  # "nothing to report" claims
     styles: tuple[str, ...] = QA_STYLES           # the WorldConfig.qa_style values that ask this intent
+    # claim -> a short answer shared by every intent of the same family ("No.", "Likely.", "More."): the
+    # wording WorldConfig.terse_answer_share draws. Empty for intents whose claims name things (top_spend).
+    terse: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def wordings(self) -> dict[str, tuple[str, ...]]:
+        """claim -> every wording an answer stating it may take: its own answers, then its short answer."""
+        return {c: ws + ((self.terse[c],) if c in self.terse else ()) for c, ws in self.answers.items()}
 
 
 _COUNT_WORDS = {"one": "one", "two": "two", "few": "a few", "many": "many"}
@@ -173,6 +181,30 @@ def _top_intent(intent_id, source, queries, options, none_answers, prefix) -> In
     answers = {o: tuple(options[o][1]) for o in names}
     answers["none"] = tuple(none_answers)
     return Intent(intent_id, source, tuple(queries), answers, claim)
+
+
+# Short answers shared across intents (WorldConfig.terse_answer_share). Long answers name their topic ("fund
+# purchases are a regular habit"), so an embedding that ignores the question can still rank them: the answer
+# carries the question. "Likely." does not: to put a user near "Likely." for the fund question and near
+# "Unlikely." for the travel question, the embedding has to depend on the question (docs/design.md §7.14).
+# One family per kind of claim; within a family every claim has its own word, and "none" reads "No."
+# wherever the question is a yes/no one.
+_TERSE_FAMILIES: tuple[dict[str, str], ...] = (
+    {"none": "No.", "one": "Yes, once.", "two": "Yes, twice.", "few": "Yes, a few times.", "many": "Yes, many times."},
+    {"none": "No.", "unlikely": "Unlikely.", "possible": "Possibly.", "likely": "Likely."},
+    {"none": "Nothing to compare.", "few": "Too little to tell.", "quiet": "It stops.", "up": "More.",
+     "down": "Less.", "flat": "About the same.", "rising": "More.", "falling": "Less.", "stable": "About the same."},
+    {"none": "None.", "dormant": "None.", "low": "Low.", "moderate": "Moderate.", "medium": "Moderate.", "high": "High."},
+)
+
+
+def _terse_answers(answers: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """The claim -> short answer map of the first family that words every claim of `answers` with distinct
+    words; {} when none does."""
+    for family in _TERSE_FAMILIES:
+        if set(answers) <= set(family) and len({family[c] for c in answers}) == len(answers):
+            return {c: family[c] for c in answers}
+    return {}
 
 
 def _templated(templates, phrase):
@@ -610,12 +642,13 @@ def _build_intents() -> dict[str, Intent]:
         lambda ev: _change(_per_month(ev, _col(ev, _SPEND_KEYS, "amt:")),
                            _per_month(ev, _col(ev, _SPEND_KEYS, "fut_amt:"), "future_days"),
                            _col(ev, _SPEND_KEYS, "amt:") + _col(ev, _SPEND_KEYS, "fut_amt:") > 0, "up", "down", "flat", "few")))
+    I = [replace(it, terse=_terse_answers(it.answers)) for it in I]
     intents = {i.intent_id: i for i in I}
     if len(intents) != len(I):
         raise AssertionError("duplicate intent ids")
     for it in I:
         seen: dict[str, str] = {}
-        for c, answers in it.answers.items():
+        for c, answers in it.wordings.items():
             for a in answers:
                 if a in seen:
                     raise AssertionError(f"intent {it.intent_id!r}: answer {a!r} belongs to claims {seen[a]!r} and {c!r}")
@@ -666,6 +699,14 @@ def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: Wor
         rows["intent"].append(it.intent_id)
         rows["query"].append(it.queries[int(q_pick[r] * len(it.queries))])
         rows["answer"].append(answers[int(a_pick[r] * len(answers))])
+    if config.terse_answer_share > 0:
+        # drawn after every other draw of this stream, so a share of 0 leaves the QA table byte-identical
+        terse = rng.random(n_rows) < config.terse_answer_share
+        for r in np.flatnonzero(terse):
+            it = intents[intent_idx[r]]
+            claim = next((c for c, ws in it.answers.items() if rows["answer"][r] in ws), None)
+            if claim in it.terse:
+                rows["answer"][r] = it.terse[claim]
     qa = pd.DataFrame({c: pd.array(v, dtype="str") for c, v in rows.items()})
     qa["hallucinated"] = halluc
     return qa
@@ -695,7 +736,8 @@ def verify_answers(qa: pd.DataFrame, evidence: pd.DataFrame) -> np.ndarray:
         it = INTENTS[iid]
         sub = evidence.loc[qa["user_id"].to_numpy()[rows]]
         claims = it.claim(sub)
-        ok[rows] = [a in it.answers[c] for a, c in zip(answers[rows], claims)]
+        wordings = it.wordings
+        ok[rows] = [a in wordings[c] for a, c in zip(answers[rows], claims)]
     return ok
 
 
@@ -705,7 +747,7 @@ def answer_claims(qa: pd.DataFrame) -> np.ndarray:
     Paraphrased answers of one claim share a key, so pre-training can treat them as one positive class
     (false-negative masking by claim, not by exact text). Rows of an unknown intent, or whose answer is no
     wording of it (a dataset's own QA), fall back to "intent|answer text"."""
-    lookup = {(iid, a): c for iid, it in INTENTS.items() for c, wordings in it.answers.items() for a in wordings}
+    lookup = {(iid, a): c for iid, it in INTENTS.items() for c, wordings in it.wordings.items() for a in wordings}
     intents = qa["intent"].astype(str).to_numpy() if "intent" in qa.columns else np.full(len(qa), "", object)
     answers = qa["answer"].astype(str).to_numpy()
     return np.array([f"{i}|{lookup.get((i, a), a)}" for i, a in zip(intents, answers)], dtype=object)
