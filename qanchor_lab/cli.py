@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_data)
 
     t = sub.add_parser("pretrain", help="joint contrastive-generative pre-training")
-    t.add_argument("--data", required=True, help="a world directory (made by `data` or ensure_world)")
+    t.add_argument("--data", required=True, help="a world directory (made by `data`) or a directory of your own tables "
+                   "(data/README.md; QA pairs are derived from the log when it has none)")
     t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl)")
     t.add_argument("--backbone", default="tiny", help="tiny | smollm2 | a Hugging Face id or local directory")
     t.add_argument("--epochs", type=float, default=None)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qanchor_lab.backbone import BackboneConfig
-from qanchor_lab.data import DataValidationError, load_world
+from qanchor_lab.data import DataValidationError
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
@@ -125,8 +125,10 @@ def build_model(world, cfg: DemoConfig) -> QAnchorModel:
 
 
 def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> dict:
-    """Load a world, build (or resume) the model, pre-train, and report retrieval before/after."""
-    return pretrain_world(load_world(data_dir), out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
+    """Load a dataset (a saved world, or a directory of your own tables: `load_dataset`), build (or resume) the
+    model, pre-train, and report retrieval before/after."""
+    world = load_dataset(data_dir, seed=cfg.seed, for_evaluation=False)
+    return pretrain_world(world, out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
 
 
 def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> tuple[QAnchorModel, dict]:
@@ -145,14 +147,26 @@ def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_pr
     return model, summary
 
 
-def load_dataset(data_dir, *, seed: int = 0) -> World:
-    """A user's own dataset (directory of tables, data/README.md) checked for what the demo needs: QA
-    pairs for pre-training (derived from the event log by derive_qa when the dataset has none), and users,
-    tasks and labels for evaluation."""
+def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> World:
+    """A dataset directory (a saved world, or your own tables: data/README.md) checked for what the demo needs:
+    QA pairs for pre-training (derived from the event log by derive_qa when the dataset has none), and users,
+    tasks and labels for evaluation. `for_evaluation=False` (`pretrain --data`) needs only the pre-training
+    users: no tune or test users, tasks or labels."""
     from qanchor_lab.derive_qa import DeriveQAConfig, derive_world_qa
     from qanchor_lab.sources.byo import load
 
     world = load(data_dir)
+    counts = world.users["split"].value_counts()
+    needed = ("pretrain", "pretrain_val", "tune", "test") if for_evaluation else ("pretrain", "pretrain_val")
+    short = [s for s in needed if not counts.get(s)]
+    if short:
+        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; "
+                                  + ("the demo pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, "
+                                     "scores test" if for_evaluation else
+                                     "pre-training trains on pretrain users and checks retrieval on pretrain_val users"))
+    if for_evaluation and (world.tasks.empty or world.labels.empty):
+        raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
+                                  "(task_id, query) and a labels table (user_id, task_id, label)")
     if world.qa.empty:
         # no QA table: D_uqa/D_future pairs from the log, the pre-training users' last 30 days as their future
         units = {m.unit for m in world.modality_specs if m.amount != "zero"}
@@ -160,14 +174,6 @@ def load_dataset(data_dir, *, seed: int = 0) -> World:
         world = derive_world_qa(world, qa_cfg)
         print(f"dataset {data_dir}: no qa table; derived {len(world.qa)} QA pairs from the event log "
               f"(global cutoff, {qa_cfg.future_days:g}-day future window; derive_qa)")
-    counts = world.users["split"].value_counts()
-    short = [s for s in ("pretrain", "pretrain_val", "tune", "test") if not counts.get(s)]
-    if short:
-        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; the demo "
-                                  "pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, scores test")
-    if world.tasks.empty or world.labels.empty:
-        raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
-                                  "(task_id, query) and a labels table (user_id, task_id, label)")
     return world
 
 

@@ -339,6 +339,30 @@ def test_byo_errors_name_table_column_user_value(shop, tmp_path):
     assert set(world.qa["user_id"]) <= set(world.users_in("pretrain", "pretrain_val"))
 
 
+def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path):
+    """`pretrain --data DIR` on your own log: only events and pre-training users, no QA, tasks or labels."""
+    from qanchor_lab.cli import main
+    from qanchor_lab.pipeline import load_dataset
+
+    tables = _tables(shop)
+    users = tables["users"][tables["users"]["split"].isin(["pretrain", "pretrain_val"])]
+    d = tmp_path / "log"
+    d.mkdir()
+    users.to_csv(d / "users.csv", index=False)
+    tables["events"][tables["events"]["user_id"].isin(users["user_id"])].to_csv(d / "events.csv", index=False)
+    with pytest.raises(DataValidationError, match=r"no user in split\(s\) tune, test"):
+        load_dataset(d)  # the demo also evaluates
+    world = load_dataset(d, for_evaluation=False)
+    assert set(world.qa["source"]) == {"uqa", "future"} and world.tasks.empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideWindowWarning)
+        assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "run"), "--fast", "--epochs", "0.05"]) == 0
+    summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
+    assert summary["steps"] >= 1 and summary["retrieval"]["trained"]["n"] > 0
+    users.iloc[:0].to_csv(d / "users.csv", index=False)  # nobody to pre-train: a clear error, not a traceback
+    assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "run2"), "--fast"]) == 2
+
+
 @pytest.mark.slow
 def test_hand_built_log_runs_end_to_end(shop, tmp_path):
     """A user's own directory (CSV, custom modalities, repeats, refunds, quiet users, events outside the
