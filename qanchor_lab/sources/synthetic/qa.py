@@ -687,6 +687,7 @@ def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: Wor
     a_pick = rng.random(n_rows)
     uids = evidence.index.to_numpy()
     rows = {"user_id": [], "source": [], "intent": [], "query": [], "answer": []}
+    stated: list[str] = []                          # the claim each row's answer states
     for r in range(n_rows):
         it = intents[intent_idx[r]]
         claim = claims[intent_idx[r]][user[r]]
@@ -694,6 +695,7 @@ def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: Wor
             domain = list(it.answers)
             claim = domain[(domain.index(claim) + 1 + int(shift[r] * (len(domain) - 1))) % len(domain)]
         answers = it.answers[claim]
+        stated.append(claim)
         rows["user_id"].append(uids[user[r]])
         rows["source"].append(it.source)
         rows["intent"].append(it.intent_id)
@@ -703,10 +705,9 @@ def _synthesise_qa(rng: np.random.Generator, evidence: pd.DataFrame, config: Wor
         # drawn after every other draw of this stream, so a share of 0 leaves the QA table byte-identical
         terse = rng.random(n_rows) < config.terse_answer_share
         for r in np.flatnonzero(terse):
-            it = intents[intent_idx[r]]
-            claim = next((c for c, ws in it.answers.items() if rows["answer"][r] in ws), None)
-            if claim in it.terse:
-                rows["answer"][r] = it.terse[claim]
+            short = intents[intent_idx[r]].terse.get(stated[r])
+            if short is not None:
+                rows["answer"][r] = short
     qa = pd.DataFrame({c: pd.array(v, dtype="str") for c, v in rows.items()})
     qa["hallucinated"] = halluc
     return qa
