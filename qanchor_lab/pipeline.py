@@ -228,22 +228,14 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
     metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
     notes = [f"not evaluated: {name}: {why}" for name, why in metrics["skipped_methods"].items()]
-    if "oracle" in metrics["skipped_methods"]:
-        # real data: no oracle score or latent traits to probe against, only 0/1 labels; the diagnostics still run
-        # on demand (`diagnose` reads the labels and the QA table's own claims), but are not part of this demo
-        diag = None
-        notes.append(f"representation diagnostics not run on real data in the demo: `python -m qanchor_lab diagnose "
-                     f"{out_dir}` runs them against the task labels")
-        if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
-            from qanchor_lab.diagnostics import perfect_qa_learner_r2
-
-            pq = perfect_qa_learner_r2(world, "tune", feature_spec=model.config.feature_spec, seed=cfg.seed)
-            metrics["perfect_qa"] = pq
-            notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
-                         f"R² against the {pq['target']} on {pq['n_users']} tune users: claims {pq['claims_r2']:.3f}, "
-                         f"features {pq['features_r2']:.3f}")
-    else:
-        diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
+    # on real data (no oracle, no latent traits) the stage probes read the task labels and the claims come from the
+    # QA table itself (docs/design.md §7.1)
+    diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
+    if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
+        pq = metrics["perfect_qa"] = diag["perfect_qa"]
+        notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
+                     f"R² against the {pq['target']} on {pq['n_users']} tune users: claims {pq['claims_r2']:.3f}, "
+                     f"features {pq['features_r2']:.3f}")
     wall = time.perf_counter() - t0
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)

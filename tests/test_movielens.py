@@ -6,6 +6,7 @@ tests are skipped with a message saying so. CI has PyPI, so there they run.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
@@ -203,3 +204,7 @@ def test_demo_runs_end_to_end_without_an_oracle(wheel, tmp_path):
             "logreg_features", "tfidf_features", "text_embedding", "qanchor_plus_features"} <= set(m["methods"])
     assert m["n_tasks"] == 5 and np.isfinite(m["perfect_qa"]["claims_r2"])
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    # the diagnostics run on real data too, against the task labels
+    diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    assert diag["stage_target"] == "label" and set(diag["summary"]) == {"trained", "untrained"}
+    assert "Representation diagnostics" in (tmp_path / "run" / "report.html").read_text()
