@@ -13,7 +13,8 @@ traits) or, on real data, against the task labels, with the claims of QA derived
   the tabular input's: the target is >= 0.85 for the final embedding (`RETENTION_TARGET`).
 - `query_geometry`: effective dimensionality of the embeddings per query, and whether one user's
   embeddings under different queries are more alike than different users' under the same query (a
-  model that ignores the user has same-query cosines near 1).
+  model that ignores the user has same-query cosines near 1); with a reference query, each query's
+  novelty (`linear_novelty`): how much of its embedding no linear map of the reference's predicts.
 - `claim_accuracy`: on held-out pre-training users, is the answer the anchor embedding is closest to
   the right claim? Compared with the majority claim and with logistic regression / GBDT on the model's
   own tabular input (the yardstick a model that reads its input should reach).
@@ -342,15 +343,16 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         ref = emb[:, queries.index(reference_query)]                               # (U, d)
         for j, row in enumerate(per_query):
             if queries[j] != reference_query:
-                row["novelty"] = _linear_novelty(ref, emb[:, j])
+                row["novelty"] = linear_novelty(ref, emb[:, j])
         out["reference_query"] = reference_query
         out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
     return out
 
 
-def _linear_novelty(X: np.ndarray, Y: np.ndarray) -> float:
-    """1 - out-of-fold ridge R² of Y (n, d) from X (n, d), pooled over Y's columns by their variance: the share
-    of Y's variance no linear map of X predicts."""
+def linear_novelty(X: np.ndarray, Y: np.ndarray) -> float:
+    """1 - out-of-fold ridge R² of Y (n, d) from X (n, d) over the same n users, pooled over Y's columns by their
+    variance: the share of Y's variance no linear map of X predicts. E.g. X the embeddings under the task query
+    and Y under a tuned soft prompt: does the prompt change what the embedding holds, or only how?"""
     sst = ((Y - Y.mean(0)) ** 2).sum(0)                                        # (d,)
     if sst.sum() <= 0:
         return math.nan

@@ -171,16 +171,16 @@ def test_query_geometry_shapes_and_bounds(tiny_model, small_world, tiny_store):
         D.query_geometry(tiny_model, tiny_store, users, queries, reference_query="not asked")
 
 
-def test_linear_novelty_separates_a_linear_map_from_new_information():
+def testlinear_novelty_separates_a_linear_map_from_new_information():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 8))
     mixed = X @ rng.normal(size=(8, 8)) + 3.0                       # another view of the same user: nothing new
     fresh = rng.normal(size=(300, 8))                                # information X does not hold
     rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]              # keeps the variance of the columns
     half = np.hstack([X[:, :4] @ rotation, fresh[:, :4]])          # half the variance is new
-    assert D._linear_novelty(X, mixed) < 0.01
-    assert D._linear_novelty(X, fresh) > 0.95
-    assert 0.35 < D._linear_novelty(X, half) < 0.65
+    assert D.linear_novelty(X, mixed) < 0.01
+    assert D.linear_novelty(X, fresh) > 0.95
+    assert 0.35 < D.linear_novelty(X, half) < 0.65
 
 
 # ----- claims -----------------------------------------------------------------------------------------
