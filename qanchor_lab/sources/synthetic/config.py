@@ -112,7 +112,8 @@ class WorldConfig(DictConfig):
     qa_style: QAStyle = "counts"
     # Share of answers written as a short answer that intents of one family share ("No.", "Yes, a few times.",
     # "Likely.", "Less."), where the intent has one (docs/design.md §7.14). 0 writes every answer in its intent's
-    # own words. Only the QA table depends on it.
+    # own words. Only the QA table depends on it. Pre-training's claim masking joins rows that share a text, so a
+    # shared short answer also masks the claims it states across intents (§7.14 measures both ways; neither helped).
     terse_answer_share: float = 0.0
 
     def __post_init__(self) -> None:
