@@ -821,7 +821,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "embedding_trait_mean_r2": emb["trait_mean_r2"], "effective_dim_mean": geometry["effective_dim_mean"],
             "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
             "user_share": geometry["user_share"], "query_share": geometry["query_share"],
-            "interaction_share": geometry["interaction_share"], "query_novelty": geometry["novelty_mean"],
+            "interaction_share": geometry["interaction_share"], "novelty_mean": geometry["novelty_mean"],
             "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],

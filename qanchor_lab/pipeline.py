@@ -160,10 +160,9 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
     needed = ("pretrain", "pretrain_val", "tune", "test") if for_evaluation else ("pretrain", "pretrain_val")
     short = [s for s in needed if not counts.get(s)]
     if short:
-        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; "
-                                  + ("the demo pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, "
-                                     "scores test" if for_evaluation else
-                                     "pre-training trains on pretrain users and checks retrieval on pretrain_val users"))
+        why = ("the demo pre-trains on pretrain, checks retrieval on pretrain_val, fits on tune, scores test"
+               if for_evaluation else "pre-training trains on pretrain users and checks retrieval on pretrain_val users")
+        raise DataValidationError(f"dataset {data_dir}: users: no user in split(s) {', '.join(short)}; {why}")
     if for_evaluation and (world.tasks.empty or world.labels.empty):
         raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
                                   "(task_id, query) and a labels table (user_id, task_id, label)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -135,9 +136,12 @@ class Intent:
     claim: Callable[[pd.DataFrame], np.ndarray] = field(repr=False)
     null_claims: frozenset[str] = frozenset({"none", "few", "0|0"})  # "nothing to report" claims
     styles: tuple[str, ...] = QA_STYLES           # the WorldConfig.qa_style values that ask this intent
-    # claim -> a short answer shared by every intent of the same family ("No.", "Likely.", "More."): the
-    # wording WorldConfig.terse_answer_share draws. Empty for intents whose claims name things (top_spend).
-    terse: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def terse(self) -> dict[str, str]:
+        """claim -> a short answer shared by every intent of the same family ("No.", "Likely.", "More."): the
+        wording WorldConfig.terse_answer_share draws; {} for intents whose claims name things (top_spend)."""
+        return _terse_answers(self.answers)
 
     @property
     def wordings(self) -> dict[str, tuple[str, ...]]:
@@ -642,7 +646,6 @@ def _build_intents() -> dict[str, Intent]:
         lambda ev: _change(_per_month(ev, _col(ev, _SPEND_KEYS, "amt:")),
                            _per_month(ev, _col(ev, _SPEND_KEYS, "fut_amt:"), "future_days"),
                            _col(ev, _SPEND_KEYS, "amt:") + _col(ev, _SPEND_KEYS, "fut_amt:") > 0, "up", "down", "flat", "few")))
-    I = [replace(it, terse=_terse_answers(it.answers)) for it in I]
     intents = {i.intent_id: i for i in I}
     if len(intents) != len(I):
         raise AssertionError("duplicate intent ids")
