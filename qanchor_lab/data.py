@@ -80,6 +80,19 @@ def _shown(values: Iterable[Any], total: int | None = None) -> str:
     return text
 
 
+def require_columns(df: Any, columns: Sequence[str], name: str) -> None:
+    """Raise a DataValidationError naming `name` unless `df` is a DataFrame holding every one of `columns`; the
+    message lists the missing columns and the ones found, so a misspelt header is seen at once."""
+    if not isinstance(df, pd.DataFrame):
+        raise DataValidationError(f"{name}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataValidationError(
+            f"{name}: missing required column(s) {_shown(missing)}; "
+            f"found columns: {', '.join(map(repr, map(str, df.columns))) or '(none)'}"
+        )
+
+
 def _users_of(df: pd.DataFrame, mask: np.ndarray | pd.Series) -> str:
     """The distinct user ids (or row positions when user_id is unusable) of the masked rows."""
     mask = np.asarray(mask, dtype=bool)
@@ -118,17 +131,11 @@ def _normalise(
     defaults: dict[str, Any],
 ) -> pd.DataFrame:
     """Check shape and required columns, fill optional columns, coerce dtypes. Returns a new frame."""
-    if not isinstance(df, pd.DataFrame):
-        raise DataValidationError(f"{table}: expected a pandas DataFrame, got {type(df).__name__}")
+    require_columns(df, (), table)
     dup_cols = df.columns[df.columns.duplicated()].unique().tolist()
     if dup_cols:
         raise DataValidationError(f"{table}: duplicate column name(s) {_shown(dup_cols)}")
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DataValidationError(
-            f"{table}: missing required column(s) {_shown(missing)}; "
-            f"found columns: {', '.join(map(repr, map(str, df.columns))) or '(none)'}"
-        )
+    require_columns(df, required, table)
     if len(df) == 0:
         raise DataValidationError(f"{table}: the table is empty (0 rows)")
 
@@ -523,8 +530,7 @@ def _check_unique_ids(df: pd.DataFrame, table: str) -> None:
 def check_users_have_events(events: pd.DataFrame, users: pd.DataFrame) -> None:
     """Raise if a user in `users` has no events, or an event's user is not in `users`."""
     for name, frame in (("events", events), ("users", users)):
-        if "user_id" not in getattr(frame, "columns", ()):
-            raise DataValidationError(f"{name}: missing required column 'user_id'")
+        require_columns(frame, ("user_id",), name)
     have = pd.Index(events["user_id"].astype("str").unique())
     known = pd.Index(users["user_id"].astype("str"))
     silent = known[~known.isin(have)]

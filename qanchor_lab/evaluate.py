@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from qanchor_lab import metrics as M
-from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+from qanchor_lab.data import MAX_SHOWN, DataValidationError, _shown, validate_labels, validate_tasks
 
 # Every method the demo knows, in display order: the oracle, the feature baselines (with and without
 # the event-text TF-IDF), the text baseline, the LLM variants from weakest to strongest, then Q-Anchor
@@ -58,7 +58,6 @@ MECHANISMS: tuple[tuple[str, str, str], ...] = (
     ("toward the features", "qanchor_prompt_tuned", "logreg_features"),
     ("the embedding next to the features", "qanchor_plus_features", "logreg_features"),
 )
-MAX_SHOWN = 5
 # Why the oracle row is missing on real data (metrics["skipped_methods"], the results table, the report).
 NO_ORACLE = "labels carry no oracle_prob (real data has no known label probability)"
 
@@ -92,29 +91,9 @@ def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
 
 
-def _shown(values: Sequence[Any]) -> str:
-    values = list(values)
-    head = ", ".join(repr(v) for v in values[:MAX_SHOWN])
-    return head + (f" and {len(values) - MAX_SHOWN} more" if len(values) > MAX_SHOWN else "")
-
-
 def _test_scores(method: str, table: pd.DataFrame, test_labels: pd.DataFrame) -> pd.DataFrame:
     """The method's scores for exactly the labelled (test user, task) pairs; errors name method and task."""
-    if not isinstance(table, pd.DataFrame):
-        raise DataValidationError(f"method {method!r}: scores must be a pandas DataFrame, got {type(table).__name__}")
-    absent = [c for c in M.SCORE_COLUMNS if c not in table.columns]
-    if absent:
-        raise DataValidationError(
-            f"method {method!r}: scores lack column(s) {_shown(absent)}; "
-            f"found {_shown([str(c) for c in table.columns]) or '(none)'}"
-        )
-    sc = pd.DataFrame(
-        {
-            "user_id": table["user_id"].astype("str").to_numpy(),
-            "task_id": table["task_id"].astype("str").to_numpy(),
-            "score": pd.to_numeric(table["score"], errors="coerce").to_numpy(dtype=np.float64),
-        }
-    )
+    sc = M.score_frame(table, f"method {method!r}: scores")
     sc = sc[sc["user_id"].isin(set(test_labels["user_id"]))]
     dup = sc.duplicated(subset=["user_id", "task_id"], keep=False).to_numpy()
     if dup.any():

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+from qanchor_lab.data import DataValidationError, require_columns, validate_labels, validate_tasks
 from qanchor_lab.schema import DOMAINS
 
 Metric = Literal["auc", "ks"]
@@ -89,23 +89,22 @@ def _check_metric(metric: str) -> None:
 # tables of scores
 
 
-def validate_scores(scores: pd.DataFrame, name: str = "scores") -> pd.DataFrame:
-    """Check a (user_id, task_id, score) table: columns present, finite scores, unique pairs."""
-    if not isinstance(scores, pd.DataFrame):
-        raise DataValidationError(f"{name}: expected a pandas DataFrame, got {type(scores).__name__}")
-    missing = [c for c in SCORE_COLUMNS if c not in scores.columns]
-    if missing:
-        raise DataValidationError(
-            f"{name}: missing required column(s) {', '.join(map(repr, missing))}; "
-            f"found columns: {', '.join(map(repr, map(str, scores.columns))) or '(none)'}"
-        )
-    out = pd.DataFrame(
+def score_frame(scores: pd.DataFrame, name: str = "scores") -> pd.DataFrame:
+    """A (user_id, task_id, score) table's columns, coerced: string ids and float scores (NaN where a score is
+    not a number). Raises, naming `name`, when a column is missing; checks nothing else."""
+    require_columns(scores, SCORE_COLUMNS, name)
+    return pd.DataFrame(
         {
             "user_id": scores["user_id"].astype("str").to_numpy(),
             "task_id": scores["task_id"].astype("str").to_numpy(),
             "score": pd.to_numeric(scores["score"], errors="coerce").to_numpy(dtype=np.float64),
         }
     )
+
+
+def validate_scores(scores: pd.DataFrame, name: str = "scores") -> pd.DataFrame:
+    """Check a (user_id, task_id, score) table: columns present, finite scores, unique pairs."""
+    out = score_frame(scores, name)
     bad = ~np.isfinite(out["score"].to_numpy())
     if bad.any():
         rows = out.loc[bad, ["user_id", "task_id"]].head(5)
@@ -176,13 +175,7 @@ def task_metrics(labels: pd.DataFrame, scores: pd.DataFrame, tasks: pd.DataFrame
 
 def summarize(task_table: pd.DataFrame) -> dict:
     """Averages of a `task_metrics` table: overall mean over tasks, and the mean over each domain's tasks."""
-    needed = ("task_id", "domain", "auc", "ks")
-    missing = [c for c in needed if c not in task_table.columns]
-    if missing:
-        raise DataValidationError(
-            f"task table: missing column(s) {', '.join(map(repr, missing))}; "
-            f"found {', '.join(map(repr, task_table.columns))}"
-        )
+    require_columns(task_table, ("task_id", "domain", "auc", "ks"), "task table")
     if len(task_table) == 0:
         raise DataValidationError("task table: no tasks to summarise")
     domains_present = list(dict.fromkeys(task_table["domain"]))

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from qanchor_lab.derive_qa import (
-    NONE,
     DeriveQAConfig,
     LeakageError,
     check_no_leakage,

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from qanchor_lab import diagnostics as D
-from qanchor_lab.sequence import position_ids
 from qanchor_lab.world import INTENTS
 from tests.conftest import tiny_config
 

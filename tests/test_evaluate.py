@@ -118,7 +118,7 @@ def test_missing_or_nan_score_names_method_and_task(toy):
     nan.loc[(nan["user_id"] == test[0]) & (nan["task_id"] == "mkt_a"), "score"] = np.nan
     with pytest.raises(DataValidationError, match=r"method 'gbdt_features'.*task 'mkt_a'"):
         evaluate_methods({"qanchor_prompt_tuned": scores["qanchor_prompt_tuned"], "gbdt_features": nan}, labels, TASKS, test, n_boot=50)
-    with pytest.raises(DataValidationError, match=r"method 'oracle'.*lack.*'score'"):
+    with pytest.raises(DataValidationError, match=r"method 'oracle'.*missing required column.*'score'"):
         evaluate_methods({"oracle": s.drop(columns="score")}, labels, TASKS, test, n_boot=50)
 
 
