@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 import torch
 
 from qanchor_lab.behaviour import NUMERIC_EVENT_FEATURES, BehaviourStore, sorted_events
+from qanchor_lab.losses import shared_ids
 from qanchor_lab.sequence import prefix_parts
 
 # What a prefix token stands for, per part kind of sequence.prefix_parts.
@@ -153,15 +154,17 @@ NEGATIVE_CODES = {0: "negative", 1: "self", 2: "same user", 3: "same answer/clai
 
 def batch_table(batch, store: BehaviourStore) -> pd.DataFrame:
     """One row per (user, query, answer) of a pretrain.StepBatch, with its intent and false-negative id."""
+    ids = np.asarray(batch.answer_ids)
+    answer_id = ids if ids.ndim == 1 else [tuple(r) for r in ids.tolist()]      # (text id, claim id) pairs
     return pd.DataFrame({"user_id": [store.user_ids[i] for i in batch.user_index], "intent_id": batch.intent_ids,
-                         "answer_id": batch.answer_ids, "query": batch.queries, "answer": batch.answers})
+                         "answer_id": answer_id, "query": batch.queries, "answer": batch.answers})
 
 
 def negative_codes(batch) -> np.ndarray:
     """(N, N) why row j is or is not a contrastive negative of row i, by the ids the loss masks with
     (losses.contrastive_loss): 1 self, 2 same user, 3 same answer id (text or claim), 0 a negative."""
-    users, answers = np.asarray(batch.user_index), np.asarray(batch.answer_ids)
-    codes = np.where(answers[:, None] == answers[None, :], 3, 0)
+    users, answers = np.asarray(batch.user_index), torch.as_tensor(np.asarray(batch.answer_ids))
+    codes = np.where(shared_ids(answers, answers).numpy(), 3, 0)
     codes = np.where(users[:, None] == users[None, :], 2, codes)
     np.fill_diagonal(codes, 1)
     return codes

@@ -125,9 +125,22 @@ def _gather_no_grad(x: Tensor, sizes: Sequence[int]) -> Tensor:
 # --------------------------------------------------------------------------- contrastive
 
 
-def _check_ids(name: str, ids: Tensor | None, n: int) -> None:
-    if ids is not None and tuple(ids.shape) != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match anchors, got {tuple(ids.shape)}")
+def _check_ids(name: str, ids: Tensor | None, n: int, *, columns: bool = False) -> None:
+    """`ids` is None, (n,), or, with `columns`, (n, k) for k >= 1 (see `shared_ids`)."""
+    ok = ids is None or tuple(ids.shape) == (n,) or (
+        columns and ids.ndim == 2 and ids.shape[0] == n and ids.shape[1] > 0)
+    if not ok:
+        shapes = f"({n},) or ({n}, k)" if columns else f"({n},)"
+        raise ValueError(f"{name} must have shape {shapes} to match anchors, got {tuple(ids.shape)}")
+
+
+def shared_ids(ids_i: Tensor, ids_j: Tensor) -> Tensor:
+    """(n, N) True where row i and row j share an id. Ids are (rows,) or (rows, k): with k columns (e.g. the
+    answer text and the claim, `PretrainConfig.false_negatives="text_or_claim"`) two rows share an id when they
+    agree in any column, pair by pair, so sharing is not transitive."""
+    if ids_i.ndim == 1:
+        return ids_i[:, None] == ids_j[None, :]                       # (n, N)
+    return (ids_i[:, None, :] == ids_j[None, :, :]).any(-1)           # (n, N, k) -> (n, N)
 
 
 def _check_negatives(negatives: Sequence[str]) -> tuple[NegativeKind, ...]:
@@ -169,7 +182,8 @@ def contrastive_loss(
     A negative is dropped when ``s_neg - s(a_i, p_i) > margin`` (a likely false negative; the
     comparison is on cosines, before the temperature; ``margin=None`` keeps all), when rows i and j
     share a ``user_ids`` entry, or when they share an ``answer_ids`` entry (the same answer text, or
-    claim) in one of the ``answer_id_kinds``. Restricting that mask to the answer kinds keeps two users
+    claim) in one of the ``answer_id_kinds``. ``answer_ids`` is (N,), or (N, k) to mask rows that agree in
+    any of k columns (``shared_ids``). Restricting that mask to the answer kinds keeps two users
     with the same claim apart as anchors: they are different people, and the push between their anchors
     (uniformity) is what keeps user detail beyond the claim in the embedding.
     The masks are decisions, not differentiable weights. One term per anchor (not symmetrised):
@@ -189,7 +203,7 @@ def contrastive_loss(
     kinds = _check_negatives(negatives)
     n = anchors.shape[0]
     _check_ids("user_ids", user_ids, n)
-    _check_ids("answer_ids", answer_ids, n)
+    _check_ids("answer_ids", answer_ids, n, columns=True)
     if local_index is None:
         rows = torch.arange(n, device=anchors.device)
     else:
@@ -217,7 +231,7 @@ def contrastive_loss(
     same_answer = None
     if answer_ids is not None:
         aid = answer_ids.to(a.device)
-        same_answer = aid[rows][:, None] == aid[None, :]  # (n, N)
+        same_answer = shared_ids(aid[rows], aid)  # (n, N)
     id_kinds = set(_check_negatives(answer_id_kinds))
 
     sims = {

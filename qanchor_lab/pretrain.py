@@ -30,7 +30,7 @@ from qanchor_lab.model import QAnchorModel
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
 Batching = Literal["random", "intent", "grid"]
-FalseNegatives = Literal["answer_text", "claim"]
+FalseNegatives = Literal["answer_text", "claim", "text_or_claim"]
 # How the reconstruction weighs the tabular vector's features (PretrainConfig.reconstruction_weighting)
 ReconstructionWeighting = Literal["group", "feature"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
@@ -90,7 +90,11 @@ class PretrainConfig:
     batching: Batching = "intent"
     intents_per_batch: int = 4         # intent/grid batching: distinct intents per batch (best a divisor of batch_size)
     # Which rows are never each other's negatives (besides the same user): "answer_text": identical answer
-    # texts; "claim": answers stating the same claim of the same intent, in any wording (world.answer_claims).
+    # texts; "claim": answers stating the same claim of the same intent, in any wording (world.answer_claims),
+    # joined with identical texts into connected groups; "text_or_claim": the same text or the same claim, pair
+    # by pair. The two differ only where one text states claims of several intents: short answers shared across
+    # intents (WorldConfig.terse_answer_share) chain most claims into a few groups under "claim" and mask many
+    # true negatives (docs/design.md §7.14).
     false_negatives: FalseNegatives = "claim"
     # Negative kinds that false-negative mask applies to. All three: two users with the same answer are
     # not pushed apart at all; the answer kinds only: their answers are not negatives, but their anchors
@@ -142,7 +146,7 @@ class PairSet:
     user_index: np.ndarray   # (N,) row in the behaviour store
     queries: list[str]
     answers: list[str]
-    answer_ids: np.ndarray   # (N,) same id for rows that are never each other's negatives (same answer or claim)
+    answer_ids: np.ndarray   # (N,) or (N, k): rows sharing an id (in any column) are never each other's negatives
     intent_ids: np.ndarray   # (N,) question intent (the query text where a dataset gives no intent)
     claim_ids: np.ndarray    # (N,) the claim each answer states (world.answer_claims), one id per (intent, claim)
     # every distinct (intent, answer wording) among the rows: the candidates of the answer-set loss
@@ -176,6 +180,8 @@ def make_pairs(qa: pd.DataFrame, store: BehaviourStore, exclude_queries: set[str
     _, claim_ids = np.unique(answer_claims(rows).astype(str), return_inverse=True)
     if false_negatives == "claim":
         answer_ids = _join_ids(answer_ids, claim_ids)
+    elif false_negatives == "text_or_claim":
+        answer_ids = np.stack([answer_ids, claim_ids], axis=1)                  # (N, 2): masked if either matches
     intent = rows["intent"].astype(str) if "intent" in rows.columns else pd.Series("", index=rows.index)
     intent = np.where(intent.to_numpy() == "", rows["query"].astype(str).to_numpy(), intent.to_numpy())
     _, intent_ids = np.unique(intent.astype(str), return_inverse=True)
@@ -261,7 +267,7 @@ class StepBatch:
     queries: list[str]               # (N,)
     answers: list[str]               # (N,)
     user_index: np.ndarray           # (N,) store row of each row's user: same user is never a negative
-    answer_ids: np.ndarray           # (N,) same id = never each other's negatives (same answer text or claim)
+    answer_ids: np.ndarray           # (N,) or (N, k): a shared id = never each other's negatives (losses.shared_ids)
     intent_ids: np.ndarray           # (N,) question intent of each row
     answer_set: "AnswerSet"          # the rows' claims and every answer wording of their intents
 

@@ -122,10 +122,11 @@ def _batch(model, world, store, config, step=0):
     return pairs, make_step_batch(pairs, epoch_batches(pairs, config, 0)[step][0], store)
 
 
-def test_negative_codes_are_the_negatives_the_contrastive_loss_keeps(tiny_model, small_world):
+@pytest.mark.parametrize("false_negatives", ["claim", "text_or_claim"])
+def test_negative_codes_are_the_negatives_the_contrastive_loss_keeps(tiny_model, small_world, false_negatives):
     w = small_world
     store = tiny_model.behaviour(w.events, w.profiles, w.users_in("pretrain"))
-    cfg = PretrainConfig(batch_size=16, intents_per_batch=2, seed=1)
+    cfg = PretrainConfig(batch_size=16, intents_per_batch=2, seed=1, false_negatives=false_negatives)
     _, batch = _batch(tiny_model, w, store, cfg)
     codes = A.negative_codes(batch)
     assert (np.diag(codes) == 1).all() and (codes == 3).any() and (codes == 0).any()

@@ -25,6 +25,7 @@ from qanchor_lab.losses import (
     prototype_scores,
     answer_set_loss,
     reconstruction_loss,
+    shared_ids,
 )
 
 # --------------------------------------------------------------------------- contrastive
@@ -49,8 +50,12 @@ def reference_contrastive(
                 continue
             if user_ids is not None and user_ids[i] == user_ids[j]:
                 continue
-            if answer_ids is not None and answer_ids[i] == answer_ids[j]:
-                continue
+            if answer_ids is not None:
+                # one id per row, or a tuple of ids masked when any column agrees
+                same = [x == y for x, y in zip(answer_ids[i], answer_ids[j])] if isinstance(answer_ids[i], (list, tuple)) \
+                    else [answer_ids[i] == answer_ids[j]]
+                if any(same):
+                    continue
             for kind in negatives:
                 if kind == "anchor_anchor":
                     s = dot(a[i], a[j])
@@ -77,13 +82,16 @@ NEGATIVE_SUBSETS = [
 
 
 @pytest.mark.parametrize("negatives", NEGATIVE_SUBSETS)
-@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("with_ids", [False, True, "columns"])
 def test_contrastive_matches_loop_reference(negatives, with_ids):
     g = torch.Generator().manual_seed(7)
     anchors = torch.randn(6, 5, generator=g, dtype=torch.float64)
     answers = torch.randn(6, 5, generator=g, dtype=torch.float64)
     user_ids = torch.tensor([0, 1, 0, 2, 3, 4]) if with_ids else None
     answer_ids = torch.tensor([10, 11, 12, 13, 11, 14]) if with_ids else None
+    if with_ids == "columns":
+        # (text id, claim id): rows 1 and 3 share a text, 3 and 5 a claim, so 1 and 5 stay negatives (not transitive)
+        answer_ids = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 3], [4, 4], [5, 3]])
     for temperature, margin in [(0.07, 0.1), (0.5, 0.1), (0.2, None)]:
         got = contrastive_loss(
             anchors, answers, temperature=temperature, margin=margin, negatives=negatives,
@@ -185,6 +193,20 @@ def test_contrastive_all_negatives_masked_gives_zero():
     assert loss.item() == 0.0
 
 
+def test_answer_id_columns_mask_pair_by_pair():
+    """(text, claim) id columns mask rows that share either, pair by pair: unlike joined groups, rows 1 and 5 (linked
+    only through row 3) stay each other's negatives, and the masks of each column alone are both kept."""
+    g = torch.Generator().manual_seed(3)
+    anchors, answers = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    columns = torch.tensor([[0, 0], [1, 1], [2, 2], [1, 3], [4, 4], [5, 3]])
+    joined = torch.tensor([0, 1, 2, 1, 4, 1])                      # the connected groups of the same pairs
+    loss = lambda ids: contrastive_loss(anchors, answers, margin=None, answer_ids=ids).item()  # noqa: E731
+    assert loss(columns) != pytest.approx(loss(joined))
+    assert loss(columns) != pytest.approx(loss(columns[:, 0])) and loss(columns) != pytest.approx(loss(columns[:, 1]))
+    mask = shared_ids(columns, columns)
+    assert mask[1, 3] and mask[3, 5] and not mask[1, 5]
+
+
 def test_contrastive_bad_arguments():
     a = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(5, 3\)"):
@@ -193,6 +215,10 @@ def test_contrastive_bad_arguments():
         contrastive_loss(a, a, user_ids=torch.arange(3))
     with pytest.raises(ValueError, match="answer_ids"):
         contrastive_loss(a, a, answer_ids=torch.arange(4).view(2, 2))
+    with pytest.raises(ValueError, match=r"answer_ids must have shape \(4,\) or \(4, k\)"):
+        contrastive_loss(a, a, answer_ids=torch.zeros(4, 2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"user_ids must have shape \(4,\) to match anchors, got \(4, 2\)"):
+        contrastive_loss(a, a, user_ids=torch.zeros(4, 2, dtype=torch.long))  # only answer ids take columns
     with pytest.raises(ValueError, match="unknown negative kind"):
         contrastive_loss(a, a, negatives=("answer_answer",))
     with pytest.raises(ValueError, match="at least one"):

@@ -37,6 +37,24 @@ def test_claim_false_negatives_share_ids_across_wordings(small_world, tiny_store
         assert len(set(keys[claim.answer_ids == k])) == 1
 
 
+def test_text_or_claim_masks_pair_by_pair_where_claim_joins_groups(tiny_store):
+    """A short text shared across intents ("No." for late fees and for groceries) links claims: "claim" joins all
+    three rows into one group, "text_or_claim" masks only the pairs that share a text or a claim."""
+    from qanchor_lab.losses import shared_ids
+
+    users = tiny_store.user_ids[:3]
+    qa = pd.DataFrame({"user_id": users, "intent": ["late_fees", "late_fees", "groceries"],
+                       "answer": [INTENTS["late_fees"].answers["none"][0], "No.", "No."],
+                       "query": ["Has this user paid any late fees?"] * 2 + ["Does this user buy groceries?"],
+                       "source": ["future"] * 3})
+    joined = make_pairs(qa, tiny_store, false_negatives="claim").answer_ids
+    assert len(set(joined.tolist())) == 1
+    pairwise = make_pairs(qa, tiny_store, false_negatives="text_or_claim").answer_ids
+    assert pairwise.shape == (3, 2)
+    mask = shared_ids(torch.as_tensor(pairwise), torch.as_tensor(pairwise)).numpy()
+    assert mask[0, 1] and mask[1, 2] and not mask[0, 2]   # same claim; same text; neither
+
+
 def test_intent_batches_hold_few_intents_and_cover_every_row(small_world, tiny_store):
     cfg = PretrainConfig(batch_size=16, batching="intent", intents_per_batch=4, seed=3)
     pairs = make_pairs(small_world.qa, tiny_store)
@@ -110,7 +128,7 @@ def test_answer_set_term_adds_to_the_loss_and_trains_the_answer_tower(small_worl
 def test_pretrain_config_names_valid_choices():
     with pytest.raises(ValueError, match="'random', 'intent'"):
         PretrainConfig(batching="grouped")
-    with pytest.raises(ValueError, match="'answer_text', 'claim'"):
+    with pytest.raises(ValueError, match="'answer_text', 'claim', 'text_or_claim'"):
         PretrainConfig(false_negatives="text")
     with pytest.raises(ValueError, match="intents_per_batch must be >= 1"):
         PretrainConfig(batching="intent", intents_per_batch=0)
