@@ -131,7 +131,7 @@ def _normalise(
     defaults: dict[str, Any],
 ) -> pd.DataFrame:
     """Check shape and required columns, fill optional columns, coerce dtypes. Returns a new frame."""
-    require_columns(df, (), table)
+    require_columns(df, (), table)                     # a DataFrame at all, before reading its columns
     dup_cols = df.columns[df.columns.duplicated()].unique().tolist()
     if dup_cols:
         raise DataValidationError(f"{table}: duplicate column name(s) {_shown(dup_cols)}")
