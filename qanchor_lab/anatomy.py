@@ -253,17 +253,19 @@ def prototype_separation(view: dict[str, np.ndarray], labels: np.ndarray) -> dic
     return {"auc": float(roc_auc_score(labels, diff)), "own_class_margin": float(np.where(labels == 1, diff, -diff).mean())}
 
 
-def step_at_rates(model, config, batch, shares: Sequence[float] = (1.0, 0.1, 0.01)) -> pd.DataFrame:
+def step_at_rates(model, config, batch, shares: Sequence[float] = (1.0, 0.1, 0.01), *,
+                  answers: Sequence[str] | None = None) -> pd.DataFrame:
     """One optimisation step (pretrain.training_step) on `batch` from the same start at several learning rates
     (shares of the config's peak rate, no schedule), on copies of `model`: the losses of the batch before and
-    after each step. The model itself is left as it is."""
+    after each step. The model itself is left as it is. `answers`: the training answers, which
+    `lm_vocabulary="answers"` builds its vocabulary from (`pairs.answers`)."""
     from qanchor_lab.pretrain import PretrainStep, count_answer_tokens, make_optimizer, step_forward, training_step
 
     n_tok = count_answer_tokens(model, batch.answers)
     rows = []
     for share in shares:
         copy_ = copy.deepcopy(model)
-        module = PretrainStep(copy_, config).train()
+        module = PretrainStep(copy_, config, answers=answers).train()
         optimizer, _ = make_optimizer(module, config, total_steps=None)
         for group in optimizer.param_groups:
             group["lr"] *= share

@@ -179,7 +179,8 @@ def bench_prompt(fast: bool = False, batch_size: int = 64) -> dict:
 
 
 def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> dict:
-    """Our pre-training step vs a bare causal-LM step of the backbone on the same token sequences."""
+    """Our pre-training step vs a bare causal-LM step of the backbone on the same token sequences, and our step
+    with the next-token softmax over the answers' tokens only (PretrainConfig.lm_vocabulary="answers")."""
     from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
     from qanchor_lab.sequence import position_ids
 
@@ -187,20 +188,22 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
     model.train()
     store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
     pairs = make_pairs(world.qa, store)
-    module = PretrainStep(model, PretrainConfig(batch_size=batch_size))
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    modules = {name: PretrainStep(model, PretrainConfig(batch_size=batch_size, lm_vocabulary=vocab), answers=pairs.answers)
+               for name, vocab in (("ours", "full"), ("ours_answer_vocab", "answers"))}
+    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in modules.items()}
+    opt = opts["ours"]
     rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
     counts = {}
 
-    def ours() -> None:
-        n = 0
+    def our_steps(name: str) -> None:
+        module, optimizer, n = modules[name], opts[name], 0
         for r in rows:
-            loss, *_, n_tok = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
-                                       [pairs.answers[i] for i in r], torch.as_tensor(pairs.user_index[r]),
-                                       torch.as_tensor(pairs.answer_ids[r]), None)
-            loss.backward(); opt.step(); opt.zero_grad()
-            n += int(n_tok)
-        counts["ours"] = n
+            out = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
+                         [pairs.answers[i] for i in r], torch.as_tensor(pairs.user_index[r]),
+                         torch.as_tensor(pairs.answer_ids[r]), None)                   # StepLosses
+            out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+            n += int(out.n_tokens)
+        counts[name] = n
 
     # the same anchor sequences, fed to the bare backbone as a plain causal LM (loss on every position)
     seqs = []
@@ -231,11 +234,14 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
             n += int(mask.sum())
         counts["bare_body"] = n
 
-    t_ours, t_lm, t_body = _alternate(ours, bare_lm, bare_body, repeats=2 if fast else 3)
-    ours_tps = counts["ours"] / t_ours
+    t_ours, t_vocab, t_lm, t_body = _alternate(lambda: our_steps("ours"), lambda: our_steps("ours_answer_vocab"),
+                                               bare_lm, bare_body, repeats=2 if fast else 3)
+    ours_tps, vocab_tps = counts["ours"] / t_ours, counts["ours_answer_vocab"] / t_vocab
     lm_tps, body_tps = counts["bare_lm"] / t_lm, counts["bare_body"] / t_body
     return {"batch_size": batch_size, "steps": steps, "tokens_per_step": counts["ours"] / steps,
             "tokens_per_second": ours_tps,
+            # the same step, next-token softmax over the answers' tokens (lm_vocabulary="answers")
+            "answer_vocab_tokens_per_second": vocab_tps, "answer_vocab_speedup": vocab_tps / ours_tps,
             # bare causal-LM step (full-vocabulary logits at every position) on the same sequences
             "bare_lm_tokens_per_second": lm_tps, "ratio_vs_bare_lm": ours_tps / lm_tps,
             # bare decoder body only (no LM head): the strictest comparison

@@ -148,8 +148,14 @@ class QAnchorModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm.get_output_embeddings()(hidden)
+    def lm_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits over the whole vocabulary, or over the token ids in `vocab` (sorted, (K,)) only:
+        column k is token vocab[k]. A restricted head skips the (n, V) product, a tiny model's largest single cost."""
+        head = self.llm.get_output_embeddings()
+        if vocab is None:
+            return head(hidden)                                                  # (n, V)
+        bias = None if getattr(head, "bias", None) is None else head.bias[vocab]
+        return F.linear(hidden, head.weight[vocab], bias)                        # (n, K)
 
     @property
     def device(self) -> torch.device:
@@ -245,12 +251,14 @@ class QAnchorModel(nn.Module):
     # ----- pre-training forward: both towers and the next-token logits in one call -----
     def forward(self, users: UserBatch, queries: Sequence[str], answers: Sequence[str],
                 *, user_rows: torch.Tensor | None = None, with_answer_tower: bool = True,
-                with_lm: bool = True) -> dict[str, torch.Tensor]:
+                with_lm: bool = True, lm_vocab: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Both towers and the next-token logits for one (user, query, answer) row per query.
 
         `user_rows` (N,) maps each row to a user of `users` (U distinct users, U <= N): each user's prefix
         is then computed once into a KV cache and all of that user's queries run on top of it (the same
-        numbers as full recomputation, docs/design.md §2), so a batch of u users x k questions costs u prefixes."""
+        numbers as full recomputation, docs/design.md §2), so a batch of u users x k questions costs u prefixes.
+        `lm_vocab` (sorted token ids) restricts the next-token logits to those tokens; `lm_targets` then index
+        into it (PretrainConfig.lm_vocabulary, docs/design.md §7.16)."""
         suffix = self.make_suffix(queries, answers=answers if with_lm else None)
         if user_rows is None:
             prefix = self.encode_prefix(users.to(self.device))
@@ -267,8 +275,8 @@ class QAnchorModel(nn.Module):
         if with_lm:
             targets = suffix.targets.to(self.device)
             sel = targets != -100
-            out["lm_logits"] = self.lm_logits(hidden[sel])                            # (n_answer_tokens, V)
-            out["lm_targets"] = targets[sel]
+            out["lm_logits"] = self.lm_logits(hidden[sel], lm_vocab)                  # (n_answer_tokens, V or K)
+            out["lm_targets"] = targets[sel] if lm_vocab is None else vocab_positions(lm_vocab, targets[sel])
         if with_answer_tower:
             out["answer"] = self.embed_answers(answers)
         return out
@@ -351,6 +359,16 @@ class QAnchorModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return model
+
+
+def vocab_positions(vocab: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Column of each token in a sorted restricted vocabulary; a token outside it is a clear error."""
+    pos = torch.searchsorted(vocab, tokens).clamp(max=len(vocab) - 1)             # (n,)
+    missing = tokens[vocab[pos] != tokens]
+    if len(missing):
+        raise ValueError(f"next-token targets {sorted(set(missing.tolist()))[:10]} are not in the restricted "
+                         f"vocabulary of {len(vocab)} tokens; build it from every answer the loss will see")
+    return pos
 
 
 def _is_peft(model: nn.Module) -> bool:

@@ -49,3 +49,14 @@ def test_bench_prompt_reports_both_prompt_positions():
     assert after["step_tokens"] == 6 + 1 < before["step_tokens"]                 # prompt + <user_emb> only
     assert after["cached_tokens"] > before["cached_tokens"] == result["prefix_tokens"]
     assert before["full_tokens"] == after["full_tokens"]
+
+
+@pytest.mark.slow
+def test_bench_pretrain_counts_the_step_tokens_of_both_vocabularies():
+    from qanchor_lab.bench import bench_pretrain
+
+    result = bench_pretrain(fast=True, batch_size=8, steps=1)
+    # every row is a user prefix plus its query and answer: dozens of tokens, not a loss value read as a count
+    assert result["tokens_per_step"] > 8 * 20
+    assert result["answer_vocab_tokens_per_second"] > 0 and result["answer_vocab_speedup"] > 0
+    assert result["ratio_vs_bare_lm"] > 0 and result["ratio_vs_bare_body"] > 0

@@ -237,3 +237,63 @@ def test_forward_with_shared_prefixes_equals_full_recompute(tiny_model, tiny_sto
     g_full = torch.autograd.grad(full["anchor"].sum(), model.encoder.tabular_mlp[1].weight)[0]
     g_shared = torch.autograd.grad(shared["anchor"].sum(), model.encoder.tabular_mlp[1].weight)[0]
     assert (g_full - g_shared).abs().max() < 1e-5
+
+
+def test_answer_vocabulary_next_token_loss_is_the_full_loss_renormalised_over_answer_tokens(small_world, tiny_model):
+    """lm_vocabulary="answers": the softmax runs over the training answers' tokens and eos only. The loss equals
+    the full head's logits restricted to those columns, differs from the full-vocabulary loss, and leaves every
+    other term alone."""
+    import torch.nn.functional as F
+
+    from qanchor_lab.pretrain import PretrainStep, answer_vocabulary, make_step_batch, step_forward
+
+    users = small_world.users_in("pretrain")[:16]
+    store = tiny_model.behaviour(small_world.events, small_world.profiles, users)
+    pairs = make_pairs(small_world.qa, store)
+    batch = make_step_batch(pairs, np.arange(min(16, len(pairs))), store)
+    vocab = answer_vocabulary(tiny_model, pairs.answers)
+    tok = tiny_model.tokenizer
+    assert torch.equal(vocab, torch.unique(vocab)) and tok.eos_token_id in vocab.tolist()
+    used = {t for a in pairs.answers for t in tok(a, add_special_tokens=False)["input_ids"]}
+    assert set(vocab.tolist()) == used | {tok.eos_token_id} and len(vocab) < len(tok) // 10
+
+    full_cfg = PretrainConfig(seed=3)
+    ans_cfg = replace(full_cfg, lm_vocabulary="answers")
+    with torch.no_grad():
+        full = step_forward(PretrainStep(tiny_model, full_cfg), batch, 10.0)
+        ans = step_forward(PretrainStep(tiny_model, ans_cfg, answers=pairs.answers), batch, 10.0)
+        rows = None if batch.user_rows is None else torch.as_tensor(batch.user_rows)
+        out = tiny_model(batch.users, batch.queries, batch.answers, user_rows=rows, with_answer_tower=False)
+        restricted = out["lm_logits"][:, vocab]                                   # (n, K)
+        target_cols = torch.searchsorted(vocab, out["lm_targets"])
+        expected = F.cross_entropy(restricted, target_cols, reduction="sum") / 10.0
+    assert torch.isclose(ans.ntp, expected, rtol=1e-5)
+    assert ans.ntp < full.ntp - 1.0   # a 30k-way softmax is not a few-hundred-way one
+    for part in ("contrastive", "reconstruction", "answer_set"):
+        assert torch.isclose(getattr(ans, part), getattr(full, part))
+    # the restricted head trains the tied embedding rows of answer tokens only
+    tiny_model.zero_grad(set_to_none=True)
+    cfg = replace(ans_cfg, use_contrastive=False, reconstruction=0.0)
+    step_forward(PretrainStep(tiny_model, cfg, answers=pairs.answers), batch, 10.0).loss.backward()
+    grad = tiny_model.llm.get_output_embeddings().weight.grad
+    tiny_model.zero_grad(set_to_none=True)
+    outside = torch.ones(len(grad), dtype=torch.bool)
+    outside[vocab] = False
+    inputs = torch.unique(torch.cat([tok(list(batch.queries) + list(batch.answers), add_special_tokens=False,
+                                         padding=True, return_tensors="pt")["input_ids"].flatten(),
+                                     torch.tensor(list(tiny_model.special_token_ids.values()))]))
+    outside[inputs] = False    # rows the step reads as inputs get gradient through the input side
+    assert grad[vocab].abs().sum() > 0 and grad[outside].abs().sum() == 0
+
+
+def test_answer_vocabulary_errors_are_clear(small_world, tiny_model):
+    from qanchor_lab.model import vocab_positions
+    from qanchor_lab.pretrain import PretrainStep
+
+    with pytest.raises(ValueError, match="lm_vocabulary='words'; valid choices: 'full', 'answers'"):
+        PretrainConfig(lm_vocabulary="words")
+    with pytest.raises(ValueError, match="needs the training answers"):
+        PretrainStep(tiny_model, PretrainConfig(lm_vocabulary="answers"))
+    with pytest.raises(ValueError, match=r"targets \[7\] are not in the restricted vocabulary of 3 tokens"):
+        vocab_positions(torch.tensor([2, 5, 9]), torch.tensor([5, 7, 9]))
+    assert vocab_positions(torch.tensor([2, 5, 9]), torch.tensor([9, 2, 5])).tolist() == [2, 0, 1]
