@@ -1,4 +1,4 @@
-"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,label-curve,experiment} ...` (also installed as `qanchor`)."""
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,label-curve,tune-splits,experiment} ...` (also installed as `qanchor`)."""
 
 from __future__ import annotations
 
@@ -101,23 +101,36 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
-def _cmd_label_curve(args) -> int:
-    import pandas as pd
-
+def _load_for_probes(args):
+    """(model, world, others, out_dir) of a run for the label curve and the tune splits."""
     from qanchor_lab.data import load_world
     from qanchor_lab.diagnostics import resolve_run
-    from qanchor_lab.experiments.figures import line_with_band
-    from qanchor_lab.label_budget import curve_summary, run_label_curve
     from qanchor_lab.model import QAnchorModel
 
-    budgets = _int_list(args.budgets, "--budgets")
     model_dir, data_dir = resolve_run(args.run, args.data)
     world = load_world(data_dir)
     model = QAnchorModel.from_pretrained(model_dir).eval()
     others = {} if args.no_untrained else {
         "untrained": model.untrained_start(world.events, world.profiles, world.users_in("pretrain")).eval()}
-    curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others)
     out_dir = Path(args.out or (model_dir.parent if model_dir.name == "model" else model_dir))
+    return model, world, others, out_dir
+
+
+def _print_differences(title: str, summary, method: str = "qanchor_base") -> None:
+    rows = summary[summary["method"] == method]
+    print(f"\n{title}:\n" + "\n".join(f"  {r.budget:>5} labelled: {r.diff:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
+                                         for r in rows.itertuples()))
+
+
+def _cmd_label_curve(args) -> int:
+    import pandas as pd
+
+    from qanchor_lab.experiments.figures import line_with_band
+    from qanchor_lab.label_budget import curve_summary, run_label_curve
+
+    budgets = _int_list(args.budgets, "--budgets")
+    model, world, others, out_dir = _load_for_probes(args)
+    curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others)
     out_dir.mkdir(parents=True, exist_ok=True)
     vs_features = curve_summary(curve, reference="logreg_features")
     vs_static = curve_summary(curve, reference="static_embedding")
@@ -126,11 +139,29 @@ def _cmd_label_curve(args) -> int:
     line_with_band(vs_features, "budget", title="average test AUC against labelled tune users (95% CI over draws)",
                    log_x=True).write_html(out_dir / "label_curve.html", include_plotlyjs=True)
     print(vs_features.pivot(index="budget", columns="method", values="auc").round(4).to_string())
-    for name, s in (("embedding - features", vs_features), ("task query - generic query", vs_static)):
-        rows = s[s["method"] == "qanchor_base"]
-        print(f"\n{name}:\n" + "\n".join(f"  {r.budget:>5} labelled: {r.diff:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}]"
-                                             for r in rows.itertuples()))
+    _print_differences("embedding - features", vs_features)
+    _print_differences("task query - generic query", vs_static)
     print(f"\nwrote {out_dir / 'label_curve.csv'}, label_curve_summary.csv and label_curve.html")
+    return 0
+
+
+def _cmd_tune_splits(args) -> int:
+    import pandas as pd
+
+    from qanchor_lab.label_budget import curve_summary, run_tune_splits
+
+    model, world, others, out_dir = _load_for_probes(args)
+    frame = run_tune_splits(model, world, splits=args.splits, fit_share=args.fit_share, seed=args.seed, others=others)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vs_static = curve_summary(frame, reference="static_embedding")
+    vs_features = curve_summary(frame, reference="logreg_features")
+    frame.to_csv(out_dir / "tune_splits.csv", index=False)
+    pd.concat([vs_static, vs_features], ignore_index=True).to_csv(out_dir / "tune_splits_summary.csv", index=False)
+    print(f"tune users only: {args.splits} splits, the probe fitted on {frame['budget'].iloc[0]} and scored on the rest")
+    print(vs_static.set_index("method")[["auc", "auc_low", "auc_high"]].round(4).to_string())
+    _print_differences("task query - generic query", vs_static)
+    _print_differences("embedding - features", vs_features)
+    print(f"\nwrote {out_dir / 'tune_splits.csv'} and tune_splits_summary.csv")
     return 0
 
 
@@ -217,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
     c.add_argument("--out", default=None, help="where label_curve.csv/_summary.csv/.html go (default: the run directory)")
     c.set_defaults(func=_cmd_label_curve)
+
+    t = sub.add_parser("tune-splits", help="choose between variants without test users: the probe fitted on a share of "
+                       "the tune users and scored on the rest, over random splits (the model under each task's query "
+                       "and the generic query, the features, the untrained model)")
+    t.add_argument("run", help="run directory holding model/ (or a saved model directory)")
+    t.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    t.add_argument("--splits", type=int, default=10, help="random splits of the tune users")
+    t.add_argument("--fit-share", type=float, default=0.7, help="share of the tune users each probe is fitted on")
+    t.add_argument("--seed", type=int, default=0, help="seed of the splits")
+    t.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
+    t.add_argument("--out", default=None, help="where tune_splits.csv/_summary.csv go (default: the run directory)")
+    t.set_defaults(func=_cmd_tune_splits)
 
     from qanchor_lab.experiments import EXPERIMENTS
 

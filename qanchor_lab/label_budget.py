@@ -11,6 +11,11 @@ draws: what it covers is which users happened to be labelled; the test users are
 does all of it for a model: the embedding under each task's query (qanchor_base), under the generic query
 (static_embedding), the hand-crafted features (logreg_features), and optionally another model's embedding
 (e.g. the untrained one).
+
+`tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
+fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
+the label curve's table shape (budget = users fitted, draw = split), so `curve_summary` gives paired t-intervals
+over splits. `run_tune_splits` runs it for a model (docs/design.md §7.16).
 """
 
 from __future__ import annotations
@@ -140,21 +145,81 @@ def _t_interval(x: np.ndarray, ci: float) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,
-                    others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
-                    show_progress: bool = True) -> pd.DataFrame:
-    """`label_curve` for a Q-Anchor model on a world's tune and test users: qanchor_base (each task's query),
-    static_embedding (the generic query), logreg_features (the hand-crafted features, as the demo's baseline) and,
-    for each entry of `others` (name -> another model, e.g. {"untrained": ...}), that model under each task's query."""
+def model_representations(model, world, users: Sequence[str], *, others: Mapping[str, object] | None = None,
+                          show_progress: bool = True) -> dict[str, np.ndarray]:
+    """What the label curve and the tune splits compare, rows in `users` order: qanchor_base (the embedding under
+    each task's query, (U, T, d)), static_embedding (under the generic query), each of `others` (name -> another
+    model, e.g. {"untrained": ...}) under each task's query, and logreg_features (the hand-crafted features)."""
     from qanchor_lab.baselines import _feature_matrix
     from qanchor_lab.pipeline import query_embeddings
 
-    tune, test = world.users_in("tune"), world.users_in("test")
-    users = tune + test
+    users = list(users)
     emb = query_embeddings(model, world, users, show_progress=show_progress)         # (U, T+1, d)
     reps = {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1]}
     for name, other in (others or {}).items():
         reps[name] = query_embeddings(other, world, users, show_progress=show_progress)[:, :-1]  # (U, T, d)
     reps["logreg_features"] = _feature_matrix(world, users)[1]
+    return reps
+
+
+def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,
+                    others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
+                    show_progress: bool = True) -> pd.DataFrame:
+    """`label_curve` for a Q-Anchor model on a world's tune and test users, over `model_representations`."""
+    tune, test = world.users_in("tune"), world.users_in("test")
+    reps = model_representations(model, world, tune + test, others=others, show_progress=show_progress)
     return label_curve(reps, world.labels, world.tasks, tune, test, budgets=budgets, draws=draws, seed=seed,
+                       config=config, show_progress=show_progress)
+
+
+def tune_splits(
+    representations: Mapping[str, np.ndarray],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    tune_users: Sequence[str],
+    *,
+    splits: int = 10,
+    fit_share: float = 0.7,
+    seed: int = 0,
+    config: ProbeConfig | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Probe AUC on tune users only: split r fits the library's probe on a random `fit_share` of the tune users and
+    scores the rest, every representation on the same users, so differences are paired. `representations` as in
+    `label_curve`, rows in `tune_users` order; every tune user needs a label for every task. Returns one row per
+    (split, task, method) in the label curve's shape: budget (users fitted), draw (the split), task_id, method, auc,
+    n_positive (positives fitted)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1; got {splits!r}")
+    if not 0 < fit_share < 1:
+        raise ValueError(f"fit_share must lie strictly between 0 and 1; got {fit_share!r}")
+    tune = list(tune_users)
+    cut = int(round(fit_share * len(tune)))
+    if not 0 < cut < len(tune):
+        raise ValueError(f"fit_share {fit_share} of {len(tune)} tune users leaves no users to fit or to score")
+    for name, X in representations.items():
+        if np.ndim(X) not in (2, 3) or len(X) != len(tune):
+            raise ValueError(f"representation {name!r}: expected one row per tune user ({len(tune)}); "
+                             f"got shape {np.shape(X)}")
+    parts = []
+    for r in tqdm(range(splits), desc="tune splits", unit="split", disable=not show_progress):
+        order = np.random.default_rng([seed, r]).permutation(len(tune))
+        fit, scored = [tune[i] for i in order[:cut]], [tune[i] for i in order[cut:]]
+        reps = {name: np.asarray(X)[order] for name, X in representations.items()}   # rows: fit users, then scored
+        try:
+            curve = label_curve(reps, labels, tasks, fit, scored, budgets=[cut], draws=1, config=config)
+        except ValueError as exc:
+            raise ValueError(f"tune split {r}: {exc}") from None
+        parts.append(curve.assign(draw=r))
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_tune_splits(model, world, *, splits: int = 10, fit_share: float = 0.7, seed: int = 0,
+                    others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
+                    show_progress: bool = True) -> pd.DataFrame:
+    """`tune_splits` for a Q-Anchor model over `model_representations` of the world's tune users; the judge of
+    docs/design.md §7.16. `curve_summary(result, reference="static_embedding")` gives the task query's gain."""
+    tune = world.users_in("tune")
+    reps = model_representations(model, world, tune, others=others, show_progress=show_progress)
+    return tune_splits(reps, world.labels, world.tasks, tune, splits=splits, fit_share=fit_share, seed=seed,
                        config=config, show_progress=show_progress)

@@ -108,3 +108,53 @@ def test_cli_label_curve_writes_the_curve_and_names_bad_input(tiny_model, small_
     assert (tmp_path / "run" / "label_curve.html").stat().st_size > 1000
     assert main(["label-curve", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--budgets", "40,many"]) == 2
     assert "--budgets must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_tune_splits_read_tune_users_only_pair_the_methods_and_tell_signal_from_noise(small_world):
+    from qanchor_lab.label_budget import tune_splits
+
+    tune = small_world.users_in("tune")
+    tasks = small_world.tasks.iloc[:2]
+    test = small_world.users_in("test")
+    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
+    n = len(tune)
+    reps = {"own": reps["own"][:n, :2], "noise": reps["noise"][:n], "twin": reps["own"][:n, :2].copy()}
+    labels = _labels(small_world, tasks)
+    frame = tune_splits(reps, labels, tasks, tune, splits=4, fit_share=0.7, seed=3)
+    assert len(frame) == 4 * 2 * 3 and set(frame["draw"]) == {0, 1, 2, 3}
+    assert set(frame["budget"]) == {round(0.7 * n)}
+    assert frame.equals(tune_splits(reps, labels, tasks, tune, splits=4, fit_share=0.7, seed=3))      # seeded
+    paired = frame.pivot_table(index=["draw", "task_id"], columns="method", values="auc")
+    assert (paired["own"] == paired["twin"]).all() and paired["own"].nunique() == len(paired)    # splits differ
+    s = curve_summary(frame, reference="noise").set_index("method")
+    assert s.loc["own", "draws"] == 4 and s.loc["own", "diff_low"] > 0.1
+    # test users are never read: their labels may be missing altogether
+    no_test = labels[labels["user_id"].isin(set(tune))]
+    assert frame.equals(tune_splits(reps, no_test, tasks, tune, splits=4, fit_share=0.7, seed=3))
+    with pytest.raises(ValueError, match=r"representation 'noise': expected one row per tune user \(%d\)" % n):
+        tune_splits({"noise": reps["noise"][:-1]}, labels, tasks, tune)
+    with pytest.raises(ValueError, match="fit_share must lie strictly between 0 and 1"):
+        tune_splits(reps, labels, tasks, tune, fit_share=1.0)
+    with pytest.raises(ValueError, match="splits must be an int >= 1"):
+        tune_splits(reps, labels, tasks, tune, splits=0)
+
+
+@pytest.mark.slow
+def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys):
+    from qanchor_lab.cli import main
+    from qanchor_lab.data import save_world
+    from qanchor_lab.pipeline import restrict_tasks
+
+    tiny_model.save_pretrained(tmp_path / "run" / "model")
+    save_world(restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2]), tmp_path / "data")
+    rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "3", "--no-untrained"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "task query - generic query" in out and "wrote" in out
+    frame = pd.read_csv(tmp_path / "run" / "tune_splits.csv")
+    tune = small_world.users_in("tune")
+    assert set(frame["draw"]) == {0, 1, 2} and set(frame["budget"]) == {round(0.7 * len(tune))}
+    assert set(frame["method"]) == {"qanchor_base", "static_embedding", "logreg_features"}
+    summary = pd.read_csv(tmp_path / "run" / "tune_splits_summary.csv")
+    assert set(summary["reference"]) == {"logreg_features", "static_embedding"} and (summary["draws"] == 3).all()
+    assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "1.5"]) == 2
+    assert "fit_share must lie strictly between 0 and 1" in capsys.readouterr().err
