@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,24 @@ from qanchor_lab.world import WorldConfig, ensure_world
 
 # The static-embedding baseline asks every user the same task-agnostic question.
 GENERIC_QUERY = "Summarise this user's overall behaviour and needs."
+
+class Stopwatch(dict):
+    """Wall seconds per named stage, summed over repeats: `with watch("prompt_tuning"): ...`. The demo records
+    where its time goes (metrics.json "stage_seconds" and "evaluation_seconds"), so a slow run can be read stage
+    by stage."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+    def line(self) -> str:
+        """The stages, slowest first: "text_embedding 186 s, prompt_tuning 142 s, ..."."""
+        return ", ".join(f"{k} {v:.0f} s" for k, v in sorted(self.items(), key=lambda kv: -kv[1]))
+
 
 def project_root() -> Path:
     """The checkout this package was installed from (editable install), else the working directory."""
@@ -217,7 +236,9 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
+    stages = Stopwatch()
+    with stages("world_and_pretraining"):
+        model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
     if data_dir is not None:
         print(f"dataset {data_dir}: modalities {', '.join(world.modalities)}; counts {json.dumps(world.manifest['counts'])}")
     r = summary["retrieval"]
@@ -225,26 +246,30 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
           f"(chance {r['trained']['chance_top1']:.0%}): untrained {r['untrained']['top1']:.3f} -> "
           f"pre-trained {r['trained']['top1']:.3f}  (top-5 {r['untrained']['top5']:.3f} -> {r['trained']['top5']:.3f})")
     print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
-    metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
+    with stages("evaluation"):
+        metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
     notes = [f"not evaluated: {name}: {why}" for name, why in metrics["skipped_methods"].items()]
     # on real data (no oracle, no latent traits) the stage probes read the task labels and the claims come from the
     # QA table itself (docs/design.md §7.1)
-    diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
+    with stages("diagnostics"):
+        diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
     if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
         pq = metrics["perfect_qa"] = diag["perfect_qa"]
         notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
                      f"R² against the {pq['target']} on {pq['n_users']} tune users: claims {pq['claims_r2']:.3f}, "
                      f"features {pq['features_r2']:.3f}")
     wall = time.perf_counter() - t0
+    metrics["stage_seconds"] = dict(stages)
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
                  notes=[(dataset_note(world, cfg) if data_dir is None else
                          f"dataset: {data_dir} ({len(world.users)} users, modalities {', '.join(world.modalities)})")
                         + f"; backbone {cfg.backbone} ({cfg.tiny_size}); "
-                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s", *notes])
+                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s ({stages.line()})", *notes])
     print("\n" + results_markdown(metrics))
-    print(f"\nwrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")
+    print(f"\ntime: {stages.line()}; evaluation: {Stopwatch(metrics['evaluation_seconds']).line()}")
+    print(f"wrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")
     return {"metrics": metrics, "pretrain": summary, "wall_seconds": wall}
 
 
@@ -276,12 +301,14 @@ def query_embeddings(model: QAnchorModel, world, users: Sequence[str], *, store=
 
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
                    adapters_dir: Path | None = None, with_features: bool = True,
-                   with_probes: bool = True) -> tuple[dict[str, pd.DataFrame], dict]:
+                   with_probes: bool = True, watch: Stopwatch | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
-    `with_probes=False` skips the three probe methods (prompt-tuned scores only)."""
+    `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
+    the seconds of query_embeddings, probes, plus_features and prompt_tuning."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
+    watch = watch if watch is not None else Stopwatch()
     tune, test = world.users_in("tune"), world.users_in("test")
     users = tune + test
     store = model.behaviour(world.events, world.profiles, users)
@@ -289,7 +316,8 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     queries = tasks["query"].tolist()
     out = {}
     if with_probes:
-        emb = query_embeddings(model, world, users, store=store, show_progress=show_progress)  # (U, T+1, d)
+        with watch("query_embeddings"):
+            emb = query_embeddings(model, world, users, store=store, show_progress=show_progress)  # (U, T+1, d)
         by_query = {q: emb[:, i] for i, q in enumerate(queries)}
         row = {u: i for i, u in enumerate(users)}
 
@@ -297,13 +325,25 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
             idx = [row[u] for u in ids]
             return (by_query[query] if query is not None else emb[:, -1])[idx]
 
-        out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks)
-        out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)
+        with watch("probes"):
+            out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks)
+            out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)
         if with_features:
-            out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
+            with watch("plus_features"):
+                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
     if tuning is None:
         return out, {}
 
+    with watch("prompt_tuning"):
+        return _prompt_tuned(model, world, store, tuning, out, show_progress=show_progress, adapters_dir=adapters_dir)
+
+
+def _prompt_tuned(model, world, store, tuning: PromptTuningConfig, out: dict, *, show_progress: bool,
+                  adapters_dir: Path | None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """qanchor_scores' prompt-tuned method: one adapter per task over cached tune prefixes, scored on test."""
+    tune, test = world.users_in("tune"), world.users_in("test")
+    tasks = world.tasks
+    queries = tasks["query"].tolist()
     labels = world.labels.pivot(index="user_id", columns="task_id", values="label")
     tune_cache = _cache_in_chunks(model, store, tune)
     test_cache = _cache_in_chunks(model, store, test)
@@ -340,33 +380,67 @@ def restrict_tasks(world, task_ids: Sequence[str] | None):
                    labels=world.labels[world.labels["task_id"].isin(task_ids)].reset_index(drop=True))
 
 
+# The methods evaluate_run can leave out (`skip_methods`): every reference method. Q-Anchor's own four come from one
+# set of embeddings and always run together.
+SKIPPABLE_METHODS: tuple[str, ...] = ("oracle", "gbdt_features", "logreg_features", "tfidf_features", "text_embedding",
+                                      "untrained")
+SKIPPED_BY_CALLER = "left out by the caller (evaluate_run(skip_methods=...))"
+
+
+def _check_skip(skip_methods: Sequence[str]) -> set[str]:
+    if isinstance(skip_methods, str):
+        raise TypeError(f"skip_methods must be a sequence of method names, not the string {skip_methods!r}; "
+                        f"wrap it in a list")
+    skip = set(skip_methods)
+    wrong = sorted(skip - set(SKIPPABLE_METHODS))
+    if wrong:
+        raise ValueError(f"skip_methods: cannot leave out {', '.join(map(repr, wrong))}; methods that can be left out: "
+                         f"{', '.join(SKIPPABLE_METHODS)} (Q-Anchor's own methods always run)")
+    return skip
+
+
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
-                 show_progress: bool = True) -> dict:
+                 skip_methods: Sequence[str] = (), show_progress: bool = True) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
-    `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all."""
+    `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all. `skip_methods`
+    leaves out reference methods (any of SKIPPABLE_METHODS; e.g. notebook 04's fast mode skips the text-embedding
+    baseline, MiniLM over every tune and test user); the metrics list them under `skipped_methods`."""
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
 
+    skip = _check_skip(skip_methods)
     world = restrict_tasks(world, task_ids)
     out_dir = Path(out_dir)
     tune, test = world.users_in("tune"), world.users_in("test")
     scores: dict[str, pd.DataFrame] = {}
-    skipped: dict[str, str] = {}
-    if oracle_available(world.labels, test):
+    skipped: dict[str, str] = {name: SKIPPED_BY_CALLER for name in SKIPPABLE_METHODS if name in skip}
+    watch = Stopwatch()
+    if "oracle" not in skip and oracle_available(world.labels, test):
         scores["oracle"] = oracle_scores(world.labels, test)
-    else:  # real data: no known truth; the results table and report say so
+    elif "oracle" not in skip:  # real data: no known truth; the results table and report say so
         skipped["oracle"] = NO_ORACLE
-    scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
-    scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
-    scores["tfidf_features"] = tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
-    scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                     serialize_kw={"max_chars": cfg.text_max_chars})
-    untrained = build_model(world, cfg).eval()
-    untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False)
-    scores["untrained"] = untrained_scores["base"]
-    del untrained
+    if "gbdt_features" not in skip:
+        with watch("gbdt_features"):
+            scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
+    if "logreg_features" not in skip:
+        with watch("logreg_features"):
+            scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
+    if "tfidf_features" not in skip:
+        with watch("tfidf_features"):
+            scores["tfidf_features"] = tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
+    if "text_embedding" not in skip:
+        with watch("text_embedding"):
+            scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
+                                                             serialize_kw={"max_chars": cfg.text_max_chars})
+    if "untrained" not in skip:
+        with watch("untrained"):
+            untrained = build_model(world, cfg).eval()
+            untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress,
+                                                 with_features=False)
+            scores["untrained"] = untrained_scores["base"]
+            del untrained
     trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
-                                         adapters_dir=out_dir / "adapters")
+                                         adapters_dir=out_dir / "adapters", watch=watch)
     scores["static_embedding"] = trained["static"]
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
@@ -374,9 +448,11 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.concat([s.assign(method=name) for name, s in scores.items()], ignore_index=True).to_parquet(
         out_dir / "scores.parquet", index=False)  # every method's test scores, to recompute any comparison
-    metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
+    with watch("bootstrap"):
+        metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     metrics["skipped_methods"] = skipped
+    metrics["evaluation_seconds"] = dict(watch)   # where the time went: each reference method, Q-Anchor's stages
     return metrics
 
 

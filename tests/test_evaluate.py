@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -256,6 +257,51 @@ def test_evaluate_run_on_a_task_subset_scores_every_method(small_world, tiny_mod
         assert set(m["tasks"]) == set(ids) and set(m["domains"]) == {"engagement", "marketing"}
     assert set(metrics["prompt_tuning"]) == set(ids)
     assert sorted(p.stem for p in (tmp_path / "adapters").glob("*.safetensors")) == sorted(ids)
+
+
+def test_evaluate_run_names_methods_it_cannot_skip(small_world, tmp_path):
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run
+
+    with pytest.raises(ValueError, match="'qanchor_base', 'textembedding'.*can be left out: oracle, gbdt_features"):
+        evaluate_run(None, small_world, DemoConfig.fast(), tmp_path, skip_methods=["textembedding", "qanchor_base"])
+    with pytest.raises(TypeError, match="not the string 'text_embedding'"):
+        evaluate_run(None, small_world, DemoConfig.fast(), tmp_path, skip_methods="text_embedding")
+
+
+@pytest.mark.slow
+def test_evaluate_run_leaves_out_the_skipped_methods_and_says_so(small_world, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from qanchor_lab.evaluate import results_markdown
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run
+
+    cfg = replace(DemoConfig.fast(), text_encoder="hashing", tune_epochs=1, n_boot=20, text_max_chars=100)
+    skip = ["text_embedding", "untrained", "oracle"]
+    metrics = evaluate_run(tiny_model.eval(), small_world, cfg, tmp_path, task_ids=["dormancy_churn"],
+                           skip_methods=skip, show_progress=False)
+    assert set(metrics["methods"]) == set(METHODS) - set(skip)
+    assert set(metrics["skipped_methods"]) == set(skip)
+    assert "pre-training" not in {c["question"] for c in metrics["comparisons"]}   # it needs the untrained model
+    assert "Not evaluated: text embedding + probe: left out by the caller" in results_markdown(metrics)
+    # the time of what ran, and nothing for what was left out
+    assert set(metrics["evaluation_seconds"]) == {"gbdt_features", "logreg_features", "tfidf_features", "query_embeddings",
+                                                  "probes", "plus_features", "prompt_tuning", "bootstrap"}
+    assert all(v >= 0 for v in metrics["evaluation_seconds"].values())
+
+
+def test_stopwatch_sums_repeats_and_keeps_the_time_of_a_failed_stage():
+    from qanchor_lab.pipeline import Stopwatch
+
+    watch = Stopwatch()
+    for _ in range(2):
+        with watch("a"):
+            time.sleep(0.02)
+    with pytest.raises(KeyError):
+        with watch("b"):
+            time.sleep(0.05)
+            raise KeyError("boom")
+    assert 0.04 <= watch["a"] < 1 and 0.05 <= watch["b"] < 1
+    assert watch.line().startswith("b ") and ", a " in watch.line()
 
 
 def test_mechanism_comparisons_are_paired_differences_of_scored_methods(toy, tmp_path):

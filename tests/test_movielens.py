@@ -220,6 +220,11 @@ def test_demo_runs_end_to_end_without_an_oracle(wheel, tmp_path):
             "logreg_features", "tfidf_features", "text_embedding", "qanchor_plus_features"} <= set(m["methods"])
     assert m["n_tasks"] == 5 and np.isfinite(m["perfect_qa"]["claims_r2"])
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    # where the time went, stage by stage, within the wall time
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(written["stage_seconds"]) == {"world_and_pretraining", "evaluation", "diagnostics"}
+    assert 0 < sum(written["stage_seconds"].values()) <= written["wall_seconds"]
+    assert sum(written["evaluation_seconds"].values()) <= written["stage_seconds"]["evaluation"]
     # the diagnostics run on real data too, against the task labels
     diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert diag["stage_target"] == "label" and set(diag["summary"]) == {"trained", "untrained"}
