@@ -31,6 +31,7 @@ from qanchor_lab.world import WorldConfig, ensure_world
 # The static-embedding baseline asks every user the same task-agnostic question.
 GENERIC_QUERY = "Summarise this user's overall behaviour and needs."
 
+
 class Stopwatch(dict):
     """Wall seconds per named stage, summed over repeats: `with watch("prompt_tuning"): ...`. The demo records
     where its time goes (metrics.json "stage_seconds" and "evaluation_seconds"), so a slow run can be read stage
