@@ -389,6 +389,7 @@ SKIPPED_BY_CALLER = "left out by the caller (evaluate_run(skip_methods=...))"
 
 
 def _check_skip(skip_methods: Sequence[str]) -> set[str]:
+    """`skip_methods` as a set, or a clear error for a bare string or a method that cannot be left out."""
     if isinstance(skip_methods, str):
         raise TypeError(f"skip_methods must be a sequence of method names, not the string {skip_methods!r}; "
                         f"wrap it in a list")
@@ -416,30 +417,28 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     scores: dict[str, pd.DataFrame] = {}
     skipped: dict[str, str] = {name: SKIPPED_BY_CALLER for name in SKIPPABLE_METHODS if name in skip}
     watch = Stopwatch()
-    if "oracle" not in skip and oracle_available(world.labels, test):
-        scores["oracle"] = oracle_scores(world.labels, test)
-    elif "oracle" not in skip:  # real data: no known truth; the results table and report say so
-        skipped["oracle"] = NO_ORACLE
-    if "gbdt_features" not in skip:
-        with watch("gbdt_features"):
-            scores["gbdt_features"] = feature_scores(world, tune, test, model="gbdt", seed=cfg.seed)
-    if "logreg_features" not in skip:
-        with watch("logreg_features"):
-            scores["logreg_features"] = feature_scores(world, tune, test, model="logreg", seed=cfg.seed)
-    if "tfidf_features" not in skip:
-        with watch("tfidf_features"):
-            scores["tfidf_features"] = tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress)
-    if "text_embedding" not in skip:
-        with watch("text_embedding"):
-            scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                             serialize_kw={"max_chars": cfg.text_max_chars})
-    if "untrained" not in skip:
-        with watch("untrained"):
-            untrained = build_model(world, cfg).eval()
-            untrained_scores, _ = qanchor_scores(untrained, world, tuning=None, show_progress=show_progress,
-                                                 with_features=False)
-            scores["untrained"] = untrained_scores["base"]
-            del untrained
+    if "oracle" not in skip:
+        if oracle_available(world.labels, test):
+            scores["oracle"] = oracle_scores(world.labels, test)
+        else:  # real data: no known truth; the results table and report say so
+            skipped["oracle"] = NO_ORACLE
+
+    def untrained_scores() -> pd.DataFrame:
+        untrained = build_model(world, cfg).eval()
+        return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False)[0]["base"]
+
+    references = {  # every skippable method but the oracle, in the order they run
+        "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed),
+        "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed),
+        "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress),
+        "text_embedding": lambda: text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
+                                                        serialize_kw={"max_chars": cfg.text_max_chars}),
+        "untrained": untrained_scores,
+    }
+    for name, run in references.items():
+        if name not in skip:
+            with watch(name):
+                scores[name] = run()
     trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
                                          adapters_dir=out_dir / "adapters", watch=watch)
     scores["static_embedding"] = trained["static"]
