@@ -171,6 +171,18 @@ def test_second_run_loads_from_cache_without_training(small_world, tmp_path, mon
     assert not other.cached and other.record["model_key"] == first.record["model_key"]
 
 
+
+def test_fast_scaling_and_sweeps_reuse_the_fast_ablation_reference():
+    """Notebook 08's fast grid reads its reference cell from notebook 06's cache (the same run key), and notebook
+    07's fast sweeps tune prompts on 06's fast reference model (the same model key)."""
+    from qanchor_lab.experiments import ablations, scaling, sweeps
+
+    reference = ablations.variants(ablations.base_config(True))[ablations.REFERENCE]
+    vs, ref, _ = scaling.grid_variants(scaling.base_config(True), scaling.FAST_GRID)
+    assert vs[ref].key() == reference.key()
+    assert sweeps.base_config(True).model_key() == reference.model_key()
+
+
 # ----- a tiny experiment end to end -----
 
 @pytest.mark.slow
@@ -201,6 +213,34 @@ def test_tiny_ablation_experiment_writes_tidy_table_with_cis(small_world, tmp_pa
                           show_progress=False, world=small_world)
     assert all(r.cached for r in again.runs.values())
     pd.testing.assert_frame_equal(again.summary, exp.summary)
+
+
+
+@pytest.mark.slow
+def test_parallel_runs_match_serial_runs_and_load_the_world_from_disk(small_world, tmp_path, monkeypatch):
+    """jobs=2: the parent saves the in-memory world once where the workers load it, and the workers (one torch
+    thread each) reproduce a serial run with one thread exactly."""
+    from qanchor_lab.experiments.ablations import run_ablations
+
+    monkeypatch.setattr(R, "DATA_ROOT", tmp_path / "data")
+    base = _tiny_run_config(**{"eval.methods": ["qanchor_base"]})
+    kw = dict(base=base, names=["full", "no_user_token"], seeds=1, show_progress=False, world=small_world)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run_ablations(root=tmp_path / "serial", out=tmp_path / "t1", jobs=1, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert not (tmp_path / "data").exists()  # one process: the world stays in memory
+    parallel = run_ablations(root=tmp_path / "parallel", out=tmp_path / "t2", jobs=2, **kw)
+    saved = R.world_dir(base.world)
+    assert saved.parent == tmp_path / "data" and R.world_is_saved(saved, base.world)
+    # every run was computed by a worker: the parent only loaded what they wrote
+    assert all(r.cached for r in parallel.runs.values())
+    assert len(list((tmp_path / "parallel" / "models").iterdir())) == 2
+    timing = ["run_seconds"]
+    pd.testing.assert_frame_equal(parallel.table.drop(columns=timing), serial.table.drop(columns=timing))
+    pd.testing.assert_frame_equal(parallel.summary, serial.summary)
 
 
 def test_verdict_words():

@@ -40,12 +40,18 @@ PAPER_CLAIMS: tuple[tuple[str, int, str], ...] = (
 )
 
 
+# Fast mode: a smoke run of every variant (two pre-training steps, one task); scaling's fast grid shares its
+# reference run.
+FAST_STEPS = 2
+FAST_TASK_IDS = ["dormancy_churn"]
+
+
 def base_config(fast: bool) -> RunConfig:
-    """The reference run. Fast mode: few steps, the task query + probe only (prompt tuning off)."""
+    """The reference run. Fast mode: two steps, one task, the task query + probe only (prompt tuning off)."""
     cfg = get_config(fast)
     if fast:
-        cfg = cfg.override({"pretrain.max_steps": 4, "eval.methods": ["qanchor_base"],
-                            "eval.task_ids": ["dormancy_churn", "credit_delinquency"]})
+        cfg = cfg.override({"pretrain.max_steps": FAST_STEPS, "eval.methods": ["qanchor_base"],
+                            "eval.task_ids": FAST_TASK_IDS})
     return cfg
 
 

@@ -15,6 +15,7 @@ all seeds and both variants (all variants are scored on the same users of the sa
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,8 +28,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from qanchor_lab import metrics as M
+from qanchor_lab.data import load_world
 from qanchor_lab.experiments.config import RunConfig, flatten
-from qanchor_lab.experiments.runner import EXPERIMENTS_ROOT, RunResult, ensure_model, load_world_for, run
+from qanchor_lab.experiments.runner import EXPERIMENTS_ROOT, RunResult, ensure_model, load_world_for, run, saved_world_for
 from qanchor_lab.pipeline import restrict_tasks
 
 SUMMARY_COLUMNS = ("variant", "method", "n_seeds", "auc", "auc_seed_sd", "auc_low", "auc_high", "ks", "ks_low",
@@ -65,20 +67,26 @@ def seeds_for(fast: bool, n: int | None = None) -> list[int]:
     return list(range(n))
 
 
-def _pretrain_job(cfg_dict: dict, root: str, device: str, threads: int) -> str:
+@functools.lru_cache(maxsize=2)
+def _worker_world(path: str):
+    """A worker process loads each world once, from the directory the parent saved it in."""
+    return load_world(path)
+
+
+def _pretrain_job(cfg_dict: dict, world_path: str, root: str, device: str, threads: int) -> str:
     import torch
 
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
-    ensure_model(cfg, root=Path(root), device=device)
+    ensure_model(cfg, _worker_world(world_path), root=Path(root), device=device)
     return cfg.model_key()
 
 
-def _run_job(cfg_dict: dict, root: str, device: str, threads: int) -> str:
+def _run_job(cfg_dict: dict, world_path: str, root: str, device: str, threads: int) -> str:
     import torch
 
     torch.set_num_threads(threads)
-    return run(RunConfig.from_dict(cfg_dict), root=Path(root), device=device).record["key"]
+    return run(RunConfig.from_dict(cfg_dict), root=Path(root), device=device, world=_worker_world(world_path)).record["key"]
 
 
 def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: str, seeds: Sequence[int],
@@ -103,17 +111,20 @@ def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: s
         bad = [v for (v, _), c in cfgs.items() if not _same_world(world, c)]
         if bad:
             raise ValueError(f"variant(s) {sorted(set(bad))} use another world config than the `world` given")
-    else:
-        for c in {repr(c.world.to_dict()): c for c in cfgs.values()}.values():  # each world once, before workers read it
-            world = load_world_for(c)
     if jobs > 1:
+        # Workers load each world from the directory the parent saved it in (generated here once, not by every
+        # worker; passed in memory it would be pickled once per job), and use cpu_count / jobs threads each.
+        paths = {}
+        for c in {repr(c.world.to_dict()): c for c in cfgs.values()}.values():
+            world = world if world is not None and _same_world(world, c) else load_world_for(c)
+            paths[repr(c.world.to_dict())] = str(saved_world_for(world, c))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         todo = {c.model_key(): c for c in cfgs.values() if c.pretrained and not (root / c.key() / "run.json").exists()}
         with ProcessPoolExecutor(jobs, mp_context=_spawn()) as pool:  # distinct models first: runs sharing one wait for it
-            list(tqdm(pool.map(_pretrain_job, [c.to_dict() for c in todo.values()], *_rep(len(todo), str(root), device, threads)),
-                      total=len(todo), desc=f"{name}: pre-training", disable=not show_progress))
-            list(tqdm(pool.map(_run_job, [c.to_dict() for c in cfgs.values()], *_rep(len(cfgs), str(root), device, threads)),
-                      total=len(cfgs), desc=f"{name}: runs", disable=not show_progress))
+            for job, cs, what in ((_pretrain_job, list(todo.values()), "pre-training"), (_run_job, list(cfgs.values()), "runs")):
+                where = [paths[repr(c.world.to_dict())] for c in cs]
+                list(tqdm(pool.map(job, [c.to_dict() for c in cs], where, *_rep(len(cs), str(root), device, threads)),
+                          total=len(cs), desc=f"{name}: {what}", disable=not show_progress))
     runs: dict[tuple[str, int], RunResult] = {}
     for (v, s), c in tqdm(cfgs.items(), desc=name, disable=not show_progress or jobs > 1):
         world = world if world is not None and _same_world(world, c) else load_world_for(c)

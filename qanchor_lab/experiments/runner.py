@@ -29,7 +29,7 @@ from qanchor_lab.experiments.config import RunConfig
 from qanchor_lab.model import QAnchorModel
 from qanchor_lab.pipeline import DATA_ROOT, RUNS_ROOT, qanchor_scores, restrict_tasks
 from qanchor_lab.pretrain import pretrain
-from qanchor_lab.world import WorldConfig, ensure_world
+from qanchor_lab.world import WorldConfig, ensure_world, save_world, world_is_saved
 
 EXPERIMENTS_ROOT = Path(os.environ.get("QANCHOR_EXPERIMENTS", RUNS_ROOT / "experiments"))
 DEVICES = ("cpu", "cuda")
@@ -62,6 +62,16 @@ def world_dir(world: WorldConfig, root: Path | None = None) -> Path:
 
 def load_world_for(cfg: RunConfig):
     return ensure_world(world_dir(cfg.world), cfg.world)
+
+
+def saved_world_for(world, cfg: RunConfig) -> Path:
+    """The directory load_world_for(cfg) reads, holding `world` (a world of cfg's config, already in memory):
+    saved there when it is missing or holds another config, so that worker processes load the same world
+    rather than each generating it."""
+    out = world_dir(cfg.world)
+    if not world_is_saved(out, cfg.world):
+        save_world(world, out)
+    return out
 
 
 def pretrain_user_ids(world, cfg: RunConfig) -> list[str]:

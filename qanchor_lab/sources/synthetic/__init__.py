@@ -70,6 +70,7 @@ from qanchor_lab.sources.synthetic.generate import (  # noqa: F401
     world_summary,
     generate_world,
     ensure_world,
+    world_is_saved,
 )
 from qanchor_lab.sources.synthetic.views import (  # noqa: F401
     events_per_user,
@@ -118,6 +119,7 @@ __all__ = [
     "world_summary",
     "generate_world",
     "ensure_world",
+    "world_is_saved",
     "events_per_user",
     "user_timeline",
     "qa_examples",

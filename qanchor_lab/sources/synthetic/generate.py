@@ -167,10 +167,15 @@ def ensure_world(out_dir: str | Path, config: WorldConfig, *, show_progress: boo
     """Reuse the world in `out_dir` when its manifest records this config (and this generator and
     schema version); otherwise generate it, save it there and return it."""
     root = Path(out_dir)
-    manifest = saved_manifest(root)
-    if (manifest.get("config") == config.to_dict() and manifest.get("schema_version") == SCHEMA_VERSION
-            and manifest.get("generator_version") == GENERATOR_VERSION):
+    if world_is_saved(root, config):
         return load_world(root)
     world = generate_world(config, show_progress=show_progress)
     save_world(world, root)
     return world
+
+
+def world_is_saved(out_dir: str | Path, config: WorldConfig) -> bool:
+    """Whether `out_dir` holds the world of `config` from this generator and schema version."""
+    manifest = saved_manifest(Path(out_dir))
+    return (manifest.get("config") == config.to_dict() and manifest.get("schema_version") == SCHEMA_VERSION
+            and manifest.get("generator_version") == GENERATOR_VERSION)
