@@ -377,7 +377,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
         I.append(_Intent(iid, source, queries, "fixed", claims, lambda c, fit: answers[c]))
 
     # --- D_uqa: the history before the cutoff
-    level("activity", "uqa", (f"How active is this user?", f"How many {ev} does this user have {hist}?",
+    level("activity", "uqa", ("How active is this user?", f"How many {ev} does this user have {hist}?",
                               "What is this user's overall activity level?"),
           lambda s: s["n"].to_numpy(), f"{ev} {hist}", f"None: no {ev} {hist}.")
     for m in modalities:
@@ -392,10 +392,10 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
         lambda s: s[_cols(s, "n_mod:")], lambda c: f"Mostly {cfg.modality_phrases.get(c, f'{c} {ev}')}.",
         f"Nothing: no {ev} {hist}.")
     top("top_category", "uqa", (f"Which {cat1} does this user engage with most?", f"What is this user's favourite {cat1}?",
-                                f"Where is most of this user's activity concentrated?"),
+                                "Where is most of this user's activity concentrated?"),
         lambda s: s[_cols(s, "cat:")], lambda c: f"Mostly {c}." if c != OTHER else f"Mostly a less common {cat1}.",
         f"No {cat1} on record {hist}.")
-    level("category_breadth", "uqa", (f"How varied are this user's interests?",
+    level("category_breadth", "uqa", ("How varied are this user's interests?",
                                       f"How many different {cats} does this user engage with?",
                                       f"Does this user stick to a few {cats} or explore many?"),
           lambda s: s["n_categories"].to_numpy(), f"different {cats}", f"None: no {cats} on record.")
@@ -404,7 +404,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
                                         f"Does this user tend to give a high or a low {amt}?"),
               lambda s: s["amount_mean"].to_numpy(), f"{amt}{unit} on average", f"None: no {amt} on record.", integer=False)
         if cfg.amounts_add_up:
-            level("amount_total", "uqa", (f"How much in total does this user spend?", f"What is this user's total {amt}?",
+            level("amount_total", "uqa", ("How much in total does this user spend?", f"What is this user's total {amt}?",
                                           f"How large is this user's overall {amt}?"),
                   lambda s: s["amount_sum"].to_numpy(), f"{amt}{unit} in total {hist}", f"None: no {amt} {hist}.",
                   integer=False)
@@ -415,17 +415,17 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
                                s["h1"].to_numpy() > TREND_RATIO * s["h2"].to_numpy()], ["few", "up", "down"], "flat"),
           {"few": f"Too few {ev} to tell.", "up": f"Rising: more {ev} in the later half.",
            "down": f"Falling: fewer {ev} in the later half.", "flat": "Steady over the period."})
-    level("active_days", "uqa", (f"On how many days was this user active?", "How regular is this user?",
-                                 f"How many distinct days does this user show up?"),
+    level("active_days", "uqa", ("On how many days was this user active?", "How regular is this user?",
+                                 "How many distinct days does this user show up?"),
           lambda s: s["days_active"].to_numpy(), f"active days {hist}", f"None: no active day {hist}.")
     top("time_of_day", "uqa", ("At what time of day is this user usually active?", "When during the day does this user act?",
                                "Is this user a morning or an evening person?"),
         lambda s: s[_cols(s, "part:")], lambda c: f"Mostly in the {c} (UTC).", f"No activity {hist}.")
-    level("recency", "uqa", (f"How recently was this user active?", f"When did this user last act before now?",
+    level("recency", "uqa", ("How recently was this user active?", "When did this user last act before now?",
                              f"How long ago was this user's latest {ev1}?"),
           lambda s: s["days_since_last"].to_numpy() + 1e-9, f"days since the last {ev1}",
           f"Never: no {ev} {hist}.", integer=False)
-    top("top_item", "uqa", (f"Which {ev1} does this user repeat most?", f"What does this user do again and again?",
+    top("top_item", "uqa", (f"Which {ev1} does this user repeat most?", "What does this user do again and again?",
                             f"Which of this user's {ev} recurs most often?"),
         lambda s: pd.DataFrame({f"t:{t}": (s["top_text"] == t) & (s["top_text_n"] >= 2) for t in
                                 sorted(set(s["top_text"]) - {""})}, index=s.index),
@@ -454,7 +454,7 @@ def _intents(cfg: DeriveQAConfig, modalities: Sequence[str], has_amounts: bool,
     level("future_activity", "future", (f"How active will this user be {fut}?", f"Will this user come back {fut}?",
                                         f"How many {ev} should we expect from this user {fut}?"),
           lambda s: s["n"].to_numpy(), f"{ev} {fut}", f"None: no {ev} expected {fut}.")
-    fixed("future_return", "future", (f"When will this user next be active?", f"How soon will this user return?",
+    fixed("future_return", "future", ("When will this user next be active?", "How soon will this user return?",
                                        f"How long until this user's next {ev1}?"),
           lambda s: np.select([s["days_to_first"].isna().to_numpy(), s["days_to_first"].to_numpy() < 7,
                                s["days_to_first"].to_numpy() < 30], [NONE, "week", "month"], "later"),

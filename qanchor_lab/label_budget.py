@@ -201,6 +201,17 @@ def tune_splits(
         if np.ndim(X) not in (2, 3) or len(X) != len(tune):
             raise ValueError(f"representation {name!r}: expected one row per tune user ({len(tune)}); "
                              f"got shape {np.shape(X)}")
+    # the scored users are tune users: each needs every task's label (label_curve would call them test users)
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    y = (labels_v[labels_v["user_id"].isin(set(tune))].pivot(index="user_id", columns="task_id", values="label")
+         .reindex(index=tune, columns=tasks_v["task_id"]))
+    missing = y.isna()
+    if missing.any().any():
+        users = [u for u in tune if missing.loc[u].any()]
+        raise DataValidationError(f"labels: tune_splits scores tune users, so each needs a label for every task; "
+                                  f"{len(users)} tune user(s) miss one, e.g. {users[:5]} (task "
+                                  f"{missing.columns[missing.loc[users[0]]][0]!r} for {users[0]!r})")
     parts = []
     for r in tqdm(range(splits), desc="tune splits", unit="split", disable=not show_progress):
         order = np.random.default_rng([seed, r]).permutation(len(tune))
