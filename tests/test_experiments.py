@@ -171,7 +171,6 @@ def test_second_run_loads_from_cache_without_training(small_world, tmp_path, mon
     assert not other.cached and other.record["model_key"] == first.record["model_key"]
 
 
-
 def test_fast_scaling_and_sweeps_reuse_the_fast_ablation_reference():
     """Notebook 08's fast grid reads its reference cell from notebook 06's cache (the same run key), and notebook
     07's fast sweeps tune prompts on 06's fast reference model (the same model key)."""
@@ -213,7 +212,6 @@ def test_tiny_ablation_experiment_writes_tidy_table_with_cis(small_world, tmp_pa
                           show_progress=False, world=small_world)
     assert all(r.cached for r in again.runs.values())
     pd.testing.assert_frame_equal(again.summary, exp.summary)
-
 
 
 @pytest.mark.slow

@@ -138,8 +138,9 @@ def test_tune_splits_read_tune_users_only_pair_the_methods_and_tell_signal_from_
     with pytest.raises(ValueError, match="splits must be an int >= 1"):
         tune_splits(reps, labels, tasks, tune, splits=0)
     # a scored tune user without a label is named as a tune user, with the task it lacks
-    gap = labels[~((labels["user_id"] == tune[5]) & (labels["task_id"] == tasks["task_id"].iloc[1]))]
-    with pytest.raises(ValueError, match=r"1 tune user\(s\) miss one, e.g. \['%s'\] \(task '%s'" % (tune[5], tasks["task_id"].iloc[1])):
+    lacking = tasks["task_id"].iloc[1]
+    gap = labels[~((labels["user_id"] == tune[5]) & (labels["task_id"] == lacking))]
+    with pytest.raises(ValueError, match=r"1 tune user\(s\) miss one, e.g. \['%s'\] \(task '%s'" % (tune[5], lacking)):
         tune_splits(reps, gap, tasks, tune, splits=2)
 
 

@@ -40,8 +40,8 @@ PAPER_CLAIMS: tuple[tuple[str, int, str], ...] = (
 )
 
 
-# Fast mode: a smoke run of every variant (two pre-training steps, one task); scaling's fast grid shares its
-# reference run.
+# Fast mode: a smoke run of every variant (two pre-training steps, one task). The fast scaling grid's reference
+# cell is its reference run and the fast sweeps tune prompts on its model, so notebooks 07 and 08 reuse 06's cache.
 FAST_STEPS = 2
 FAST_TASK_IDS = ["dormancy_churn"]
 
