@@ -114,15 +114,16 @@ def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: s
     if jobs > 1:
         # Workers load each world from the directory the parent saved it in (generated here once, not by every
         # worker; passed in memory it would be pickled once per job), and use cpu_count / jobs threads each.
-        paths = {}
-        for c in {repr(c.world.to_dict()): c for c in cfgs.values()}.values():
-            world = world if world is not None and _same_world(world, c) else load_world_for(c)
-            paths[repr(c.world.to_dict())] = str(saved_world_for(world, c))
+        paths: dict[str, str] = {}  # world config -> the directory its workers load it from
+        for c in cfgs.values():
+            if _world_key(c) not in paths:
+                world = world if world is not None and _same_world(world, c) else load_world_for(c)
+                paths[_world_key(c)] = str(saved_world_for(world, c))
         threads = max(1, (os.cpu_count() or 1) // jobs)
         todo = {c.model_key(): c for c in cfgs.values() if c.pretrained and not (root / c.key() / "run.json").exists()}
         with ProcessPoolExecutor(jobs, mp_context=_spawn()) as pool:  # distinct models first: runs sharing one wait for it
             for job, cs, what in ((_pretrain_job, list(todo.values()), "pre-training"), (_run_job, list(cfgs.values()), "runs")):
-                where = [paths[repr(c.world.to_dict())] for c in cs]
+                where = [paths[_world_key(c)] for c in cs]
                 list(tqdm(pool.map(job, [c.to_dict() for c in cs], where, *_rep(len(cs), str(root), device, threads)),
                           total=len(cs), desc=f"{name}: {what}", disable=not show_progress))
     runs: dict[tuple[str, int], RunResult] = {}
@@ -134,6 +135,10 @@ def run_experiment(name: str, variants: Mapping[str, RunConfig], *, reference: s
     exp = Experiment(name, reference, table, summary, runs, dict(variants), seconds=time.perf_counter() - t0, world=world)
     exp.paths = save_experiment(exp, out or root / "tables" / name)
     return exp
+
+
+def _world_key(cfg: RunConfig) -> str:
+    return repr(cfg.world.to_dict())
 
 
 def _same_world(world, cfg: RunConfig) -> bool:
