@@ -19,17 +19,23 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
-from sklearn.linear_model import LogisticRegressionCV
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+from qanchor_lab.parallel import fit_map
 
 FeatureModel = Literal["gbdt", "logreg"]
 FEATURE_MODELS: tuple[str, ...] = get_args(FeatureModel)
+# classifiers of a QA claim (the diagnostics' yardstick from the tabular input, and their probe of an embedding)
+ClaimModel = Literal["logreg", "gbdt", "probe"]
+CLAIM_MODELS: tuple[str, ...] = get_args(ClaimModel)
 ClassWeight = Literal["none", "balanced"]
 CLASS_WEIGHTS: tuple[str, ...] = get_args(ClassWeight)
 SCORE_COLUMNS = ("user_id", "task_id", "score")
@@ -48,8 +54,9 @@ class ProbeConfig:
     class_weight: ClassWeight = "none"
     max_iter: int = 2000  # lbfgs iterations; standardised inputs converge well inside this
     seed: int = 0  # shuffles the CV folds
-    # BLAS/OpenMP threads while fitting; None leaves the libraries' default. Fits here are small, and
-    # on a busy machine extra threads cost far more than they save (10-40x slower measured on 2 cores).
+    # BLAS/OpenMP threads while fitting; None keeps the caller's limit (one thread inside parallel.fit_map, which
+    # runs every per-task fit). Fits here are small, and on a busy machine extra threads cost far more than they
+    # save (10-40x slower measured on 2 cores); processes over tasks (`n_jobs`) use the other cores instead.
     n_threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -422,6 +429,7 @@ def embedding_probe_scores(
     features: np.ndarray | None = None,
     embedding_shares: Sequence[float] = (1.0,),
     combine: Combine = "blend",
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """One logistic probe per task on tune users' embeddings; scores for every test user.
 
@@ -432,7 +440,10 @@ def embedding_probe_scores(
     `features`: optional (len(tune) + len(test), F) columns, rows tune users then test users, fitted
     beside the embedding: `combine="blend"` blends a probe on each (`blended_probe_scores`); "one_probe" fits
     one probe over both, the embedding's share of the variance picked from `embedding_shares` by the probe's
-    CV (probe_scores' extra block)."""
+    CV (probe_scores' extra block).
+
+    `n_jobs`: worker processes for the tasks' fits (None: this process; -1: every core); the scores are the
+    same for any value (parallel.fit_map)."""
     if combine not in get_args(Combine):
         raise ValueError(f"combine={combine!r}; valid choices: {', '.join(map(repr, get_args(Combine)))}")
     config = config or ProbeConfig()
@@ -446,10 +457,8 @@ def embedding_probe_scores(
     if not query_dependent:
         static = _check_matrix(embed_fn(users, None), len(users), "embed_fn(users, None)")
     task_ids = tasks_v["task_id"].tolist()
-    per_task = []
-    for task_id, query in tqdm(
-        list(zip(task_ids, tasks_v["query"])), desc="probing tasks", unit="task", disable=not show_progress
-    ):
+    fits = []  # (task_id, what, fit, args, kwargs): every check and embed_fn call here, the fits by fit_map
+    for task_id, query in zip(task_ids, tasks_v["query"]):
         pos, y = _tune_targets(labels_v, task_id, tune)
         _check_classes(y, f"task {task_id!r} (tune split)", config.cv)
         blending = features is not None and combine == "blend"
@@ -463,20 +472,47 @@ def embedding_probe_scores(
             emb = _check_matrix(embed_fn(users, query), len(users), f"task {task_id!r}: embed_fn(users, query)")
         else:
             emb = static
-        try:
-            if features is None:
-                per_task.append(probe_scores(emb[pos], y, emb[len(tune):], config))
-            elif blending:
-                per_task.append(blended_probe_scores([features[pos], emb[pos]], y,
-                                                     [features[len(tune):], emb[len(tune):]], config))
-            else:
-                per_task.append(probe_scores(
-                    features[pos], y, features[len(tune):], config,
-                    extra_train=emb[pos], extra_test=emb[len(tune):], extra_shares=embedding_shares,
-                ))
-        except ValueError as exc:
-            raise DataValidationError(f"task {task_id!r}: {exc}") from None
+        fit_rows, test_rows = _Rows(emb, pos), _Rows(emb, slice(len(tune), None))
+        if features is None:
+            fits.append((task_id, "", probe_scores, (fit_rows, y, test_rows, config), {}))
+        elif blending:
+            fits.append((task_id, "", blended_probe_scores, ([_Rows(features, pos), fit_rows], y,
+                                                             [_Rows(features, slice(len(tune), None)), test_rows],
+                                                             config), {}))
+        else:
+            fits.append((task_id, "", probe_scores, (_Rows(features, pos), y, features[len(tune):], config),
+                         dict(extra_train=fit_rows, extra_test=test_rows, extra_shares=embedding_shares)))
+    per_task = fit_map(_fit_task, fits, n_jobs, desc="probing tasks", show_progress=show_progress)
     return _long(task_ids, test, per_task)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """array[rows], taken only when a task's fit runs: the jobs of a per-task loop share one array (the features
+    of every user) instead of holding a copy of its rows per task until the last fit is done."""
+
+    array: Any
+    rows: Any  # row indices or a slice
+
+    @staticmethod
+    def take(arg: Any) -> Any:
+        """arg with every _Rows in it (or in a list or tuple of it) replaced by its rows."""
+        if isinstance(arg, _Rows):
+            return arg.array[arg.rows]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(_Rows.take(a) for a in arg)
+        return arg
+
+
+def _fit_task(task_id: str, what: str, fit: Callable[..., np.ndarray], args: Sequence[Any],
+              kwargs: Mapping[str, Any]) -> np.ndarray:
+    """fit(*args, **kwargs) for one task, as parallel.fit_map runs it (maybe in a worker process), the _Rows among
+    its arguments taken first; a ValueError comes back as a DataValidationError naming the task (and `what`,
+    e.g. " (gbdt)")."""
+    try:
+        return fit(*_Rows.take(tuple(args)), **{k: _Rows.take(v) for k, v in kwargs.items()})
+    except ValueError as exc:
+        raise DataValidationError(f"task {task_id!r}{what}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,10 +603,12 @@ def feature_scores(
     probe: ProbeConfig | None = None,
     gbdt: GBDTConfig | None = None,
     show_progress: bool = False,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Hand-crafted features (features.FeatureSpec, fitted on the world's pre-training users unless
     `feature_spec` is given) -> one model per task: GBDT (`gbdt` settings, random_state=seed) or the
-    logistic probe (`probe` settings, CV folds shuffled by seed)."""
+    logistic probe (`probe` settings, CV folds shuffled by seed). `n_jobs`: worker processes for the tasks'
+    fits, as in embedding_probe_scores."""
     if model not in FEATURE_MODELS:
         raise ValueError(f"unknown feature model {model!r}; valid choices: {', '.join(FEATURE_MODELS)}")
     tune, test, _, tasks_v, labels_v = _world_split(world, tune_users, test_users)
@@ -579,21 +617,17 @@ def feature_scores(
     probe = probe or ProbeConfig(seed=seed)
     gbdt = gbdt or GBDTConfig()
     task_ids = tasks_v["task_id"].tolist()
-    per_task = []
-    for task_id in tqdm(task_ids, desc=f"features + {model}", unit="task", disable=not show_progress):
+    fits = []
+    for task_id in task_ids:
         pos, y = _tune_targets(labels_v, task_id, tune)
-        try:
-            if model == "gbdt":
-                # early stopping holds out a stratified share: both classes must survive the split
-                _check_classes(y, f"task {task_id!r} (tune split)", max(2, int(np.ceil(1 / gbdt.validation_fraction))))
-                per_task.append(_fit_gbdt(X_tune[pos], y, X_test, gbdt, seed))
-            else:
-                _check_classes(y, f"task {task_id!r} (tune split)", probe.cv)
-                per_task.append(probe_scores(X_tune[pos], y, X_test, probe))
-        except ValueError as exc:
-            if isinstance(exc, DataValidationError) and str(exc).startswith(f"task {task_id!r}"):
-                raise
-            raise DataValidationError(f"task {task_id!r} ({model}): {exc}") from None
+        if model == "gbdt":
+            # early stopping holds out a stratified share: both classes must survive the split
+            _check_classes(y, f"task {task_id!r} (tune split)", max(2, int(np.ceil(1 / gbdt.validation_fraction))))
+            fits.append((task_id, " (gbdt)", _fit_gbdt, (_Rows(X_tune, pos), y, X_test, gbdt, seed), {}))
+        else:
+            _check_classes(y, f"task {task_id!r} (tune split)", probe.cv)
+            fits.append((task_id, " (logreg)", probe_scores, (_Rows(X_tune, pos), y, X_test, probe), {}))
+    per_task = fit_map(_fit_task, fits, n_jobs, desc=f"features + {model}", show_progress=show_progress)
     return _long(task_ids, test, per_task)
 
 
@@ -632,6 +666,7 @@ def tfidf_feature_scores(
     config: TfidfConfig | None = None,
     feature_spec: Any = None,
     show_progress: bool = False,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """A practitioner's strong baseline for text-rich logs: the hand-crafted features (as
     `feature_scores` uses them) next to a TF-IDF bag of each user's event texts, one CV-tuned logistic
@@ -642,7 +677,8 @@ def tfidf_feature_scores(
     Vocabulary (min_df), idf and the block's scale are fitted on the TUNE users only; test users are
     only transformed. Features are standardised on each task's tune rows as in the probe; the TF-IDF
     block joins them sparse, scaled as a whole (TfidfConfig.text_share). C is chosen per task by
-    stratified CV on the tune users (folds shuffled by `seed`)."""
+    stratified CV on the tune users (folds shuffled by `seed`). `n_jobs`: worker processes for the tasks' fits,
+    as in embedding_probe_scores."""
     config = config or TfidfConfig()
     probe = config.probe or ProbeConfig(Cs=TFIDF_CS, seed=seed)
     tune, test, events, tasks_v, labels_v = _world_split(world, tune_users, test_users)
@@ -667,17 +703,14 @@ def tfidf_feature_scores(
     T_tune, T_test = T[:n_tune], T[n_tune:]
 
     task_ids = tasks_v["task_id"].tolist()
-    per_task = []
-    for task_id in tqdm(task_ids, desc="features + TF-IDF", unit="task", disable=not show_progress):
+    fits = []
+    for task_id in task_ids:
         pos, y = _tune_targets(labels_v, task_id, tune)
         _check_classes(y, f"task {task_id!r} (tune split)", probe.cv)
-        try:
-            per_task.append(probe_scores(
-                X_tune[pos], y, X_test, probe, extra_train=T_tune[pos], extra_test=T_test,
-                extra_shares=(config.text_share,), standardize_extra=False,
-            ))
-        except ValueError as exc:
-            raise DataValidationError(f"task {task_id!r} (tfidf): {exc}") from None
+        fits.append((task_id, " (tfidf)", probe_scores, (_Rows(X_tune, pos), y, X_test, probe),
+                     dict(extra_train=_Rows(T_tune, pos), extra_test=T_test, extra_shares=(config.text_share,),
+                          standardize_extra=False)))
+    per_task = fit_map(_fit_task, fits, n_jobs, desc="features + TF-IDF", show_progress=show_progress)
     return _long(task_ids, test, per_task)
 
 
@@ -694,6 +727,7 @@ def combined_probe_scores(
     query_dependent: bool = True,
     show_progress: bool = False,
     combine: Combine = "blend",
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """The hand-crafted features and a user embedding together, the way a team would deploy an
     embedding: next to the features it already has, not instead of them.
@@ -715,7 +749,7 @@ def combined_probe_scores(
     return embedding_probe_scores(
         embed_fn, tune, test, labels_v, tasks_v, probe or ProbeConfig(seed=seed),
         query_dependent=query_dependent, show_progress=show_progress,
-        features=X_all, embedding_shares=embedding_shares, combine=combine,
+        features=X_all, embedding_shares=embedding_shares, combine=combine, n_jobs=n_jobs,
     )
 
 
@@ -762,10 +796,12 @@ def text_embedding_scores(
     batch_size: int = 256,
     serialize_kw: Mapping[str, Any] | None = None,
     show_progress: bool = True,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """The paper's general-purpose text-embedding baseline: each user's behaviour serialised as text
     (features.serialize_users), embedded by MiniLM (or `encoder`, without its disk cache), then the
-    logistic probe per task. `serialize_kw` goes to serialize_users (max_events_per_modality, max_chars)."""
+    logistic probe per task. `serialize_kw` goes to serialize_users (max_events_per_modality, max_chars).
+    `n_jobs`: worker processes for the tasks' probes, as in embedding_probe_scores."""
     from qanchor_lab.features import serialize_users
 
     tune, test, _, tasks_v, labels_v = _world_split(world, tune_users, test_users)
@@ -782,5 +818,51 @@ def text_embedding_scores(
         return vectors
 
     return embedding_probe_scores(
-        embed, tune, test, labels_v, tasks_v, probe or ProbeConfig(seed=seed), query_dependent=False
+        embed, tune, test, labels_v, tasks_v, probe or ProbeConfig(seed=seed), query_dependent=False, n_jobs=n_jobs
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# claim classifiers: the diagnostics' yardstick and probes, one fit per QA intent (here, in a torch-free module,
+# so that parallel.fit_map's workers start in ~2 s)
+
+
+def claim_predictions(kind: ClaimModel, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The claims a classifier fitted on (X, y) predicts for Xt (an object array; y's only claim when it has one):
+    "logreg" (L2 logistic regression, C=1) or "gbdt" (a few shallow boosting rounds), the yardstick's readers of
+    the tabular input; "probe" (standardised, then logistic regression, C=1), the selectivity probe of an
+    embedding."""
+    if kind not in CLAIM_MODELS:
+        raise ValueError(f"unknown claim classifier {kind!r}; valid choices: {', '.join(CLAIM_MODELS)}")
+    if len(set(y)) < 2:
+        return np.full(len(Xt), y[0], dtype=object)
+    if kind == "logreg":
+        clf = LogisticRegression(C=1.0, max_iter=500)
+    elif kind == "probe":
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+    else:
+        # few, shallow rounds: a multi-class fit grows one tree per claim per round, and intents have up to
+        # ~25 claims but only a few hundred rows
+        clf = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.15, max_leaf_nodes=15, min_samples_leaf=10,
+                                             early_stopping=False, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.asarray(clf.fit(X, y).predict(Xt), dtype=object)
+
+
+def claim_predictions_oof(kind: ClaimModel, X_fit: np.ndarray, y_fit: np.ndarray, X_scored: np.ndarray,
+                          y_scored: np.ndarray, seed: int = 0, min_fit_rows: int = 30) -> np.ndarray:
+    """claim_predictions for the scored rows, fitted on the fit rows; when there are fewer than `min_fit_rows` of
+    them, out-of-fold predictions instead (3-fold CV over fit and scored rows together, shuffled by `seed`)."""
+    if len(y_fit) >= min_fit_rows:
+        return claim_predictions(kind, X_fit, y_fit, X_scored, seed)
+    X = np.concatenate([X_fit, X_scored])
+    y = np.concatenate([y_fit, y_scored])
+    pred = np.empty(len(y), dtype=object)
+    k = min(3, len(y))
+    if k < 2:
+        pred[:] = y[0]
+    else:
+        for a, b in KFold(k, shuffle=True, random_state=seed).split(X):
+            pred[b] = claim_predictions(kind, X[a], y[a], X[b], seed)
+    return pred[len(y_fit):]

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+FIT_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent); -1 (default): "
+                 "every core, 1: this process only; the numbers do not depend on it")
+
 
 def _cmd_data(args) -> int:
     from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
@@ -68,7 +71,7 @@ def _cmd_demo(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
-    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data)
+    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data, n_jobs=args.jobs)
     return 0
 
 
@@ -93,7 +96,8 @@ def _cmd_diagnose(args) -> int:
     size = dict(max_users=300, max_pairs=200, geometry_users=200) if args.fast else {}
     if args.max_users is not None:
         size["max_users"] = args.max_users
-    diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True, **size)
+    diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True,
+                    n_jobs=args.jobs, **size)
     out_dir = args.out or (model_dir.parent if model_dir.name == "model" else model_dir)
     js, md = save_diagnostics(diag, out_dir)
     print(diagnostics_markdown(diag))
@@ -218,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=None, help="a directory of your own tables (data/README.md) instead of the "
                    "synthetic world; the run goes to runs/demo-<dir name>; without a qa table, QA pairs are "
                    "derived from the event log")
+    m.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
+    g.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
     g.set_defaults(func=_cmd_diagnose)
 

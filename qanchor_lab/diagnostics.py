@@ -33,21 +33,19 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
+from qanchor_lab.baselines import claim_predictions, claim_predictions_oof
+from qanchor_lab.parallel import fit_map
 from qanchor_lab.sequence import position_ids
 from qanchor_lab.world import INTENTS, TRAITS, build_evidence
 
@@ -425,55 +423,34 @@ def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 60
     return scored, train
 
 
-def _fit_predict(kind: str, X: np.ndarray, y: np.ndarray, Xt: np.ndarray, seed: int) -> np.ndarray:
-    if len(set(y)) < 2:
-        return np.full(len(Xt), y[0], dtype=object)
-    if kind == "logreg":
-        clf = LogisticRegression(C=1.0, max_iter=500)
-    else:
-        # few, shallow rounds: a multi-class fit grows one tree per claim per round, and intents have up to
-        # ~25 claims but only a few hundred rows
-        clf = HistGradientBoostingClassifier(max_iter=30, learning_rate=0.15, max_leaf_nodes=15, min_samples_leaf=10,
-                                             early_stopping=False, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return clf.fit(X, y).predict(Xt)
-
-
 def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int | None = 600,
-                    seed: int = 0, show_progress: bool = False) -> pd.DataFrame:
+                    seed: int = 0, show_progress: bool = False, n_jobs: int | None = None) -> pd.DataFrame:
     """The scored rows of `claim_rows` with baseline predictions: `majority` (the intent's most common
     claim among the training rows), `logreg` and `gbdt` (classifiers of the claim from the model's tabular
     input, fitted per intent on the training rows; by 3-fold CV over training + scored rows when an
-    intent has fewer than MIN_FIT_ROWS training rows). `store` must hold the users of both row sets."""
+    intent has fewer than MIN_FIT_ROWS training rows). `store` must hold the users of both row sets.
+    `n_jobs`: worker processes for the fits (None: this process; -1: every core); the same predictions
+    for any value (parallel.fit_map)."""
     scored, train = claim_rows(world, split=split, max_pairs=max_pairs, seed=seed)
     tab_scored = store.batch(store.indices(scored["user_id"].tolist())).tabular.numpy()   # (N, F)
     tab_train = store.batch(store.indices(train["user_id"].tolist())).tabular.numpy()     # (M, F)
     out = scored.copy()
     for col in ("majority", "logreg", "gbdt"):
         out[col] = pd.Series([None] * len(out), dtype=object)
-    for intent in tqdm(sorted(scored["intent"].unique()), desc="yardstick", disable=not show_progress):
+    fits, where = [], []
+    for intent in sorted(scored["intent"].unique()):
         s = np.flatnonzero(scored["intent"].to_numpy() == intent)
         t = np.flatnonzero(train["intent"].to_numpy() == intent)
         y_train = train["claim"].to_numpy()[t]
         if len(t):
             counts = pd.Series(y_train).value_counts()
             out.loc[s, "majority"] = sorted(counts.index[counts == counts.max()])[0]   # ties: first by name
-        for kind in ("logreg", "gbdt"):
-            if len(t) >= MIN_FIT_ROWS:
-                pred = _fit_predict(kind, tab_train[t], y_train, tab_scored[s], seed)
-            else:  # too few training rows: out-of-fold predictions over the union
-                X = np.concatenate([tab_train[t], tab_scored[s]])
-                y = np.concatenate([y_train, scored["claim"].to_numpy()[s]])
-                pred_all = np.empty(len(y), dtype=object)
-                k = min(3, len(y))
-                if k < 2:
-                    pred_all[:] = y[0]
-                else:
-                    for a, b in KFold(k, shuffle=True, random_state=seed).split(X):
-                        pred_all[b] = _fit_predict(kind, X[a], y[a], X[b], seed)
-                pred = pred_all[len(t):]
-            out.loc[s, kind] = np.asarray(pred, dtype=object)
+        for kind in ("logreg", "gbdt"):  # too few training rows: out-of-fold predictions over the union
+            fits.append((kind, tab_train[t], y_train, tab_scored[s], scored["claim"].to_numpy()[s], seed, MIN_FIT_ROWS))
+            where.append((s, kind))
+    preds = fit_map(claim_predictions_oof, fits, n_jobs, desc="yardstick", show_progress=show_progress)
+    for (s, kind), pred in zip(where, preds):
+        out.loc[s, kind] = pred
     return out
 
 
@@ -570,7 +547,7 @@ def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int 
 def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: int | None = 600,
                       max_train_per_intent: int | None = SELECTIVITY_TRAIN_ROWS, seed: int = 0, store=None,
                       generic_query: str | None = None, batch_size: int = 64,
-                      show_progress: bool = False) -> pd.DataFrame:
+                      show_progress: bool = False, n_jobs: int | None = None) -> pd.DataFrame:
     """Does a question make the embedding more informative about its own answer?
 
     Per intent, a logistic probe of the claim is fitted on pretrain rows and scored on the `claim_rows` of
@@ -583,7 +560,8 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     One row per intent (intents with fewer than MIN_FIT_ROWS training rows are left out), then `overall`
     rows per source and for all, weighted by rows; overall rows carry a paired 95% CI of the selectivity
     (normal approximation over rows). Columns: intent, source, n, own_acc, generic_acc, majority_acc,
-    selectivity, selectivity_low, selectivity_high. `store` must hold the users of both row sets."""
+    selectivity, selectivity_low, selectivity_high. `store` must hold the users of both row sets. `n_jobs`:
+    worker processes for the probes, as in claim_baselines."""
     from qanchor_lab.embedder import CachedEmbedder
     from qanchor_lab.pipeline import GENERIC_QUERY
 
@@ -615,27 +593,22 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     generic = embedder.encode(users, [generic_query], batch_size=batch_size)[:, 0]      # (users, d)
     generic = generic[pd.Index(users).get_indexer(rows["user_id"])]                     # (rows, d)
     is_train = np.arange(len(rows)) < len(train)
-    results = []
+    results, fits = [], []
     for intent in sorted(scored["intent"].unique()):
         this = (rows["intent"] == intent).to_numpy()
         it, is_ = np.flatnonzero(this & is_train), np.flatnonzero(this & ~is_train)
-        s = rows.iloc[is_]
         y = rows["claim"].to_numpy()[it]
         counts = pd.Series(y).value_counts()
         majority = sorted(counts.index[counts == counts.max()])[0]
-        row = s[["intent", "claim"]].copy()
+        row = rows.iloc[is_][["intent", "claim"]].copy()
         row["source"] = catalogue[intent].source
         row["majority_hit"] = (row["claim"] == majority).to_numpy()
-        for name, emb in (("own", own), ("generic", generic)):
-            if len(set(y)) < 2:
-                pred = np.full(len(s), y[0], dtype=object)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
-                    pred = probe.fit(emb[it], y).predict(emb[is_])
-            row[f"{name}_hit"] = pred == row["claim"].to_numpy()
         results.append(row)
+        fits += [("probe", emb[it], y, emb[is_]) for emb in (own, generic)]
+    preds = iter(fit_map(claim_predictions, fits, n_jobs, desc="selectivity probes", show_progress=show_progress))
+    for row in results:
+        for name in ("own", "generic"):
+            row[f"{name}_hit"] = next(preds) == row["claim"].to_numpy()
     rows = pd.concat(results, ignore_index=True)
 
     def summarise(g: pd.DataFrame, with_ci: bool = True) -> dict[str, Any]:
@@ -769,13 +742,15 @@ def _store_key(model) -> str:
 
 def diagnose(model, world, *, untrained=None, query: str | None = None, max_users: int | None = 1500,
              max_pairs: int | None = 600, geometry_users: int | None = 500, selectivity: bool = True, seed: int = 0,
-             show_progress: bool = False) -> dict[str, Any]:
+             show_progress: bool = False, n_jobs: int | None = None) -> dict[str, Any]:
     """Every diagnostic for `model` (and `untrained`, when given, side by side) as a JSON-able dict.
 
     Stage probes use up to `max_users` tune users (drawn with `seed`), query geometry the first
     `geometry_users` of them; claim accuracy and query selectivity (`selectivity=False` skips it) use up to
     `max_pairs` pretrain_val QA rows. `query`
-    defaults to the first task's query; geometry runs over every task query plus the generic query.
+    defaults to the first task's query; geometry runs over every task query plus the generic query. `n_jobs`:
+    worker processes for the claim yardstick's and the selectivity probes' fits (None: this process; -1: every
+    core); the same numbers for any value.
 
     Keys: query, seed, n_users, max_pairs, geometry_users, retention_target, models, stages / geometry /
     claims / selectivity ({model name: stage table records / query_geometry dict / claim table records /
@@ -802,7 +777,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
         if key not in stores:  # one store per distinct input packing (same config: shared)
             stores[key] = m.behaviour(world.events, world.profiles, list(dict.fromkeys(users + claim_users)))
             baselines[key] = claim_baselines(world, stores[key], max_pairs=max_pairs, seed=seed,
-                                             show_progress=show_progress)
+                                             show_progress=show_progress, n_jobs=n_jobs)
         store = stores[key]
         stages = stage_probe_table(m, world, users, query, store=store, seed=seed, show_progress=show_progress)
         geometry = query_geometry(m, store, users[:geometry_users], queries + [GENERIC_QUERY],
@@ -827,7 +802,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "own_answer_margin": overall["own_answer_margin"],
         }
         if selectivity:
-            sel = query_selectivity(m, world, max_pairs=max_pairs, seed=seed, store=store, show_progress=show_progress)
+            sel = query_selectivity(m, world, max_pairs=max_pairs, seed=seed, store=store, show_progress=show_progress,
+                                    n_jobs=n_jobs)
             top = sel[(sel["intent"] == "overall") & (sel["source"] == "all")].iloc[0]
             out["selectivity"][name] = _records(sel)
             out["summary"][name].update(own_query_probe_acc=top["own_acc"], generic_query_probe_acc=top["generic_acc"],

@@ -228,9 +228,11 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     return model, world, summary
 
 
-def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None) -> dict:
+def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, n_jobs: int | None = None) -> dict:
     """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json.
-    `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world."""
+    `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world. `n_jobs`: worker
+    processes for the evaluation's and the diagnostics' scikit-learn fits (None: this process; -1: every core; the
+    same numbers for any value, parallel.fit_map); `python -m qanchor_lab demo` uses every core."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
     from qanchor_lab.report import write_report
 
@@ -248,12 +250,12 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
           f"pre-trained {r['trained']['top1']:.3f}  (top-5 {r['untrained']['top5']:.3f} -> {r['trained']['top5']:.3f})")
     print(f"pre-training: {summary['steps']} steps, {summary['tokens_per_second']:.0f} tokens/s, {summary['seconds']:.0f} s")
     with stages("evaluation"):
-        metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress)
+        metrics = evaluate_run(model, world, cfg, out_dir, show_progress=show_progress, n_jobs=n_jobs)
     notes = [f"not evaluated: {name}: {why}" for name, why in metrics["skipped_methods"].items()]
     # on real data (no oracle, no latent traits) the stage probes read the task labels and the claims come from the
     # QA table itself (docs/design.md §7.1)
     with stages("diagnostics"):
-        diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress)
+        diag = run_diagnostics(model, world, cfg, out_dir, show_progress=show_progress, n_jobs=n_jobs)
     if world.manifest.get("derived_qa"):  # model-free: how much the derived D_uqa claims could tell at best
         pq = metrics["perfect_qa"] = diag["perfect_qa"]
         notes.append(f"perfect QA learner (derived D_uqa claims, {pq['n_intents']} intents) vs the features, ridge "
@@ -274,13 +276,15 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     return {"metrics": metrics, "pretrain": summary, "wall_seconds": wall}
 
 
-def run_diagnostics(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True) -> dict:
+def run_diagnostics(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, show_progress: bool = True,
+                    n_jobs: int | None = None) -> dict:
     """The representation diagnostics of the trained model beside an untrained one of the same config
-    (tune and pretrain_val users only), saved as diagnostics.json / .md in `out_dir`."""
+    (tune and pretrain_val users only), saved as diagnostics.json / .md in `out_dir`; `n_jobs` as in run_demo."""
     from qanchor_lab.diagnostics import diagnose, save_diagnostics
 
     size = cfg.diagnostics_size()
-    diag = diagnose(model, world, untrained=build_model(world, cfg), seed=cfg.seed, show_progress=show_progress, **size)
+    diag = diagnose(model, world, untrained=build_model(world, cfg), seed=cfg.seed, show_progress=show_progress,
+                    n_jobs=n_jobs, **size)
     save_diagnostics(diag, out_dir)
     return diag
 
@@ -302,11 +306,13 @@ def query_embeddings(model: QAnchorModel, world, users: Sequence[str], *, store=
 
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
                    adapters_dir: Path | None = None, with_features: bool = True,
-                   with_probes: bool = True, watch: Stopwatch | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+                   with_probes: bool = True, watch: Stopwatch | None = None,
+                   n_jobs: int | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
     `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
-    the seconds of query_embeddings, probes, plus_features and prompt_tuning."""
+    the seconds of query_embeddings, probes, plus_features and prompt_tuning. `n_jobs`: worker processes for
+    the probes' fits (parallel.fit_map)."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
     watch = watch if watch is not None else Stopwatch()
@@ -327,11 +333,12 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
             return (by_query[query] if query is not None else emb[:, -1])[idx]
 
         with watch("probes"):
-            out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks)
-            out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False)
+            out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, n_jobs=n_jobs)
+            out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False,
+                                                   n_jobs=n_jobs)
         if with_features:
             with watch("plus_features"):
-                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test)
+                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test, n_jobs=n_jobs)
     if tuning is None:
         return out, {}
 
@@ -374,6 +381,7 @@ def restrict_tasks(world, task_ids: Sequence[str] | None):
     """The world with only these tasks (and their labels); `None` keeps every task."""
     if task_ids is None:
         return world
+    task_ids = list(task_ids)  # a list, a tuple or a pandas Series alike
     unknown = sorted(set(task_ids) - set(world.tasks["task_id"]))
     if unknown or not task_ids:
         raise ValueError(f"task_ids: unknown task(s) {unknown or task_ids}; valid: {', '.join(world.tasks['task_id'])}")
@@ -402,11 +410,13 @@ def _check_skip(skip_methods: Sequence[str]) -> set[str]:
 
 
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
-                 skip_methods: Sequence[str] = (), show_progress: bool = True) -> dict:
+                 skip_methods: Sequence[str] = (), show_progress: bool = True, n_jobs: int | None = None) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
     `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all. `skip_methods`
     leaves out reference methods (any of SKIPPABLE_METHODS; e.g. notebook 04's fast mode skips the text-embedding
-    baseline, MiniLM over every tune and test user); the metrics list them under `skipped_methods`."""
+    baseline, MiniLM over every tune and test user); the metrics list them under `skipped_methods`. `n_jobs`:
+    worker processes for every method's per-task fits (None: this process; -1: every core); the same metrics
+    for any value (parallel.fit_map)."""
     from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
 
@@ -425,14 +435,16 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
 
     def untrained_scores() -> pd.DataFrame:
         untrained = build_model(world, cfg).eval()
-        return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False)[0]["base"]
+        return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
+                              n_jobs=n_jobs)[0]["base"]
 
     references = {  # every skippable method but the oracle, in the order they run
-        "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed),
-        "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed),
-        "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress),
+        "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
+        "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed, n_jobs=n_jobs),
+        "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
+                                                       n_jobs=n_jobs),
         "text_embedding": lambda: text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                        serialize_kw={"max_chars": cfg.text_max_chars}),
+                                                        serialize_kw={"max_chars": cfg.text_max_chars}, n_jobs=n_jobs),
         "untrained": untrained_scores,
     }
     for name, run in references.items():
@@ -440,7 +452,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             with watch(name):
                 scores[name] = run()
     trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
-                                         adapters_dir=out_dir / "adapters", watch=watch)
+                                         adapters_dir=out_dir / "adapters", watch=watch, n_jobs=n_jobs)
     scores["static_embedding"] = trained["static"]
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]

@@ -1,0 +1,76 @@
+"""parallel.fit_map: the evaluation's and the diagnostics' fits in worker processes give the numbers of one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+
+from qanchor_lab import baselines as B
+from qanchor_lab import diagnostics as D
+from qanchor_lab.data import DataValidationError
+from qanchor_lab.parallel import fit_map, resolve_n_jobs
+from qanchor_lab.pipeline import restrict_tasks
+
+
+def test_fit_map_keeps_order_and_runs_in_worker_processes():
+    pids = fit_map(os.getpid, [()] * 4, n_jobs=2)
+    assert os.getpid() not in pids and len(set(pids)) >= 1        # every call ran in a worker
+    assert fit_map(os.getpid, [()] * 3, n_jobs=1) == [os.getpid()] * 3
+    assert fit_map(os.getpid, [()], n_jobs=2) == [os.getpid()]    # one job: no pool
+    assert fit_map(divmod, [(7, 2), (9, 4), (5, 5)], n_jobs=2) == [(3, 1), (2, 1), (1, 0)]
+    assert fit_map(divmod, [], n_jobs=2) == []
+
+
+def test_resolve_n_jobs_follows_scikit_learn_and_rejects_the_rest():
+    assert resolve_n_jobs(None) == 1 and resolve_n_jobs(3) == 3
+    assert resolve_n_jobs(-1) == (os.cpu_count() or 1)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"n_jobs must be None, -1 \(every core\) or an integer >= 1; got"):
+            resolve_n_jobs(bad)
+
+
+def test_a_failing_fit_in_a_worker_names_its_task():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(40, 3)), np.tile([0, 1], 20)
+    bad = X.copy()
+    bad[5, 1] = np.nan
+    jobs = [("ok_task", " (logreg)", B.probe_scores, (X, y, X, B.ProbeConfig()), {}),
+            ("broken_task", " (logreg)", B.probe_scores, (bad, y, X, B.ProbeConfig()), {})]
+    with pytest.raises(DataValidationError, match=r"task 'broken_task' \(logreg\): probe train_X: 1 row\(s\) hold NaN"):
+        fit_map(B._fit_task, jobs, n_jobs=2)
+    with pytest.raises(ValueError, match="unknown claim classifier 'svm'; valid choices: logreg, gbdt, probe"):
+        fit_map(B.claim_predictions, [("svm", X, y, X)] * 2, n_jobs=2)
+
+
+@pytest.mark.slow
+def test_evaluation_and_diagnostics_fits_give_the_same_numbers_in_two_processes(small_world, tiny_model, tiny_store):
+    """Every per-task and per-intent fit the demo runs through fit_map: the same scores, to the last bit, with
+    n_jobs=2 as in this process."""
+    w = restrict_tasks(small_world, small_world.tasks["task_id"][:3])
+    w = dataclasses.replace(w, qa=w.qa[w.qa["intent"].isin(sorted(set(w.qa["intent"]))[::8])])  # 7 of the 49 intents
+    tune, test = w.users_in("tune")[:300], w.users_in("test")[:200]
+    rng = np.random.default_rng(0)
+    emb = {u: rng.normal(size=8) for u in tune + test}
+
+    def embed(ids, query):  # a query-dependent stand-in embedding: its own scale per task query
+        return np.stack([emb[u] for u in ids]) * (1 + (len(query) % 3 if query else 0))
+
+    for n_jobs in (1, 2):
+        got = {
+            "gbdt": B.feature_scores(w, tune, test, model="gbdt", n_jobs=n_jobs),
+            "logreg": B.feature_scores(w, tune, test, model="logreg", n_jobs=n_jobs),
+            "tfidf": B.tfidf_feature_scores(w, tune, test, n_jobs=n_jobs),
+            "probe": B.embedding_probe_scores(embed, tune, test, w.labels, w.tasks, n_jobs=n_jobs),
+            "blend": B.combined_probe_scores(embed, w, tune, test, n_jobs=n_jobs),
+            "yardstick": D.claim_baselines(w, tiny_store, max_pairs=60, n_jobs=n_jobs),
+            "selectivity": D.query_selectivity(tiny_model, w, max_pairs=60, store=tiny_store, n_jobs=n_jobs),
+        }
+        if n_jobs == 1:
+            serial = got
+    for name, table in got.items():
+        assert table.equals(serial[name]), name
+    assert len(serial["blend"]) == len(test) * len(w.tasks)
+    assert serial["yardstick"]["intent"].nunique() > 3 and (serial["yardstick"]["gbdt"] == serial["yardstick"]["claim"]).any()
