@@ -851,7 +851,7 @@ def claim_predictions(kind: ClaimModel, X: np.ndarray, y: np.ndarray, Xt: np.nda
 
 
 def claim_predictions_oof(kind: ClaimModel, X_fit: np.ndarray, y_fit: np.ndarray, X_scored: np.ndarray,
-                          y_scored: np.ndarray, seed: int = 0, min_fit_rows: int = 30) -> np.ndarray:
+                          y_scored: np.ndarray, seed: int, min_fit_rows: int) -> np.ndarray:
     """claim_predictions for the scored rows, fitted on the fit rows; when there are fewer than `min_fit_rows` of
     them, out-of-fold predictions instead (3-fold CV over fit and scored rows together, shuffled by `seed`)."""
     if len(y_fit) >= min_fit_rows:

@@ -445,7 +445,7 @@ def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int
         if len(t):
             counts = pd.Series(y_train).value_counts()
             out.loc[s, "majority"] = sorted(counts.index[counts == counts.max()])[0]   # ties: first by name
-        for kind in ("logreg", "gbdt"):  # too few training rows: out-of-fold predictions over the union
+        for kind in ("logreg", "gbdt"):  # out-of-fold over both row sets when the intent has few training rows
             fits.append((kind, tab_train[t], y_train, tab_scored[s], scored["claim"].to_numpy()[s], seed, MIN_FIT_ROWS))
             where.append((s, kind))
     preds = fit_map(claim_predictions_oof, fits, n_jobs, desc="yardstick", show_progress=show_progress)

@@ -234,8 +234,10 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     processes for the evaluation's and the diagnostics' scikit-learn fits (None: this process; -1: every core; the
     same numbers for any value, parallel.fit_map); `python -m qanchor_lab demo` uses every core."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
+    from qanchor_lab.parallel import resolve_n_jobs
     from qanchor_lab.report import write_report
 
+    resolve_n_jobs(n_jobs)  # a bad value fails now, not after pre-training
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)

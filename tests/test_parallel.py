@@ -32,6 +32,14 @@ def test_resolve_n_jobs_follows_scikit_learn_and_rejects_the_rest():
             resolve_n_jobs(bad)
 
 
+def test_the_demo_rejects_a_bad_n_jobs_before_it_starts(tmp_path):
+    from qanchor_lab.pipeline import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="n_jobs must be None, -1 .every core. or an integer >= 1; got 0"):
+        run_demo(tmp_path / "run", DemoConfig.fast(), n_jobs=0)
+    assert not (tmp_path / "run").exists()                       # nothing generated, nothing trained
+
+
 def test_a_failing_fit_in_a_worker_names_its_task():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(40, 3)), np.tile([0, 1], 20)
