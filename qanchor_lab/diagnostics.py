@@ -586,11 +586,12 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     rows = pd.concat([train, scored], ignore_index=True)
     catalogue = intent_catalogue(world.qa)
     own_query = [catalogue[i].query for i in rows["intent"]]
-    embedder = CachedEmbedder(model.eval(), store)
-    own = embedder.encode_pairs(rows["user_id"].tolist(), own_query, batch_size=batch_size,
-                                show_progress_bar=show_progress)                         # (rows, d)
+    # one pass: each user's own rows and one generic row, so every prefix is computed once for both
     users = list(dict.fromkeys(rows["user_id"]))
-    generic = embedder.encode(users, [generic_query], batch_size=batch_size)[:, 0]      # (users, d)
+    both = CachedEmbedder(model.eval(), store).encode_pairs(
+        rows["user_id"].tolist() + users, own_query + [generic_query] * len(users), batch_size=batch_size,
+        show_progress_bar=show_progress)                                                # (rows + users, d)
+    own, generic = both[:len(rows)], both[len(rows):]                                   # (rows, d), (users, d)
     generic = generic[pd.Index(users).get_indexer(rows["user_id"])]                     # (rows, d)
     is_train = np.arange(len(rows)) < len(train)
     results, fits = [], []

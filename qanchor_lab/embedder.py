@@ -135,6 +135,14 @@ class CachedEmbedder:
         parts = [self._cache[u] for u in user_ids]
         return concat_caches(parts)
 
+    def _length_groups(self, queries: Sequence[str], n_prompt: int = 0) -> list[tuple[list[int], Suffix]]:
+        """The queries grouped by token length, each group tokenised once into an unpadded suffix batch:
+        [(indices into `queries`, Suffix of those queries in that order)]."""
+        by_length: dict[int, list[int]] = {}
+        for j, n in enumerate(self.model.make_suffix(queries, n_prompt=n_prompt).mask.sum(1).tolist()):
+            by_length.setdefault(n, []).append(j)
+        return [(idx, self.model.make_suffix([queries[j] for j in idx], n_prompt=n_prompt)) for idx in by_length.values()]
+
     @torch.no_grad()
     def encode(self, user_ids: Sequence[str], queries: Sequence[str], *, batch_size: int = 64,
                prompt: torch.Tensor | None = None, show_progress_bar: bool = False) -> np.ndarray:
@@ -145,12 +153,7 @@ class CachedEmbedder:
         self.model.eval()
         user_ids, queries = list(user_ids), list(queries)
         out = np.zeros((len(user_ids), len(queries), self.model.config.embed_dim), np.float32)
-        n_prompt = 0 if prompt is None else prompt.shape[-2]
-        by_length: dict[int, list[int]] = {}
-        for j, n in enumerate(self.model.make_suffix(queries, n_prompt=n_prompt).mask.sum(1).tolist()):
-            by_length.setdefault(n, []).append(j)
-        groups = [(idx, self.model.make_suffix([queries[j] for j in idx], n_prompt=n_prompt))   # tokenise once
-                  for idx in by_length.values()]
+        groups = self._length_groups(queries, n_prompt=0 if prompt is None else prompt.shape[-2])
         for start in tqdm(range(0, len(user_ids), batch_size), desc="encode", disable=not show_progress_bar):
             chunk = user_ids[start:start + batch_size]
             cache = self.prefix_cache(chunk)
@@ -166,12 +169,17 @@ class CachedEmbedder:
         """(rows, dim) embeddings of one query per row, e.g. the QA rows of many users.
 
         Rows are taken user by user, `batch_size` distinct users at a time: each user's prefix is computed
-        once however many rows it has, and each distinct query runs once on the rows that ask it."""
+        once however many rows it has, and each distinct query is tokenised once. Within a batch, rows whose
+        queries have the same token length run together (none is padded), so a batch of users asking many
+        different questions costs a few suffix runs rather than one per question."""
         self.model.eval()
         user_ids, queries = list(user_ids), list(queries)
         if len(user_ids) != len(queries):
             raise ValueError(f"encode_pairs: {len(user_ids)} user ids for {len(queries)} queries")
         out = np.zeros((len(user_ids), self.model.config.embed_dim), np.float32)
+        distinct = list(dict.fromkeys(queries))
+        groups = self._length_groups(distinct)
+        where = {distinct[j]: (g, k) for g, (idx, _) in enumerate(groups) for k, j in enumerate(idx)}  # query -> (group, row)
         rows_of: dict[str, list[int]] = {}
         for i, u in enumerate(user_ids):
             rows_of.setdefault(u, []).append(i)
@@ -179,15 +187,17 @@ class CachedEmbedder:
         for start in tqdm(range(0, len(users), batch_size), desc="encode", disable=not show_progress_bar):
             chunk = users[start:start + batch_size]
             cache = self.prefix_cache(chunk)
-            by_query: dict[str, tuple[list[int], list[int]]] = {}        # query -> (cache rows, output rows)
+            runs: dict[int, tuple[list[int], list[int], list[int]]] = {}  # group -> (cache rows, suffix rows, out rows)
             for j, u in enumerate(chunk):
                 for i in rows_of[u]:
-                    slot = by_query.setdefault(queries[i], ([], []))
+                    g, k = where[queries[i]]
+                    slot = runs.setdefault(g, ([], [], []))
                     slot[0].append(j)
-                    slot[1].append(i)
-            for query, (cache_rows, rows) in by_query.items():
-                suffix = self.model.make_suffix([query]).tile(len(rows))
-                emb = run_cached(self.model, cache.select(torch.tensor(cache_rows)), suffix)   # (n, d)
+                    slot[1].append(k)
+                    slot[2].append(i)
+            for g, (cache_rows, suffix_rows, rows) in runs.items():
+                suffix = groups[g][1].rows(torch.tensor(suffix_rows))
+                emb = run_cached(self.model, cache.select(torch.tensor(cache_rows)), suffix)   # (m, d)
                 out[rows] = emb.cpu().numpy()
         return out
 

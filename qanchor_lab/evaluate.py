@@ -161,14 +161,15 @@ def evaluate_methods(
     order = method_order(list(scores))
     table = {name: _test_scores(name, scores[name], test_labels) for name in order}
     ref = reference if reference in table else None
-    boot = dict(n_boot=n_boot, seed=seed, ci=ci)
+    # one set of user resamples for every method, interval and difference below (metrics.Resamples)
+    draws = M.Resamples(test_labels, tasks_v, table, n_boot=n_boot, seed=seed)
 
     methods: dict[str, dict] = {}
     for name in order:
         try:
             summary = M.summarize(M.task_metrics(test_labels, table[name], tasks_v))
-            auc_ci = M.bootstrap_ci(test_labels, table[name], tasks_v, metric="auc", **boot)
-            ks_ci = M.bootstrap_ci(test_labels, table[name], tasks_v, metric="ks", **boot)
+            auc_ci = draws.ci(name, "auc", ci=ci)
+            ks_ci = draws.ci(name, "ks", ci=ci)
         except DataValidationError as exc:
             raise DataValidationError(f"method {name!r}: {exc}") from None
         entry: dict[str, Any] = {
@@ -181,12 +182,7 @@ def evaluate_methods(
             if name == ref:
                 entry["vs_reference"] = {k: 0.0 for k in DIFF_KEYS}
             else:
-                pair = {
-                    metric: M.paired_bootstrap(
-                        test_labels, table[name], table[ref], tasks_v, metric=metric, alternative="two-sided", **boot
-                    )
-                    for metric in M.METRICS
-                }
+                pair = {metric: draws.paired(name, ref, metric, ci=ci, alternative="two-sided") for metric in M.METRICS}
                 entry["vs_reference"] = {
                     f"{metric}_{key}": pair[metric][src]
                     for metric in M.METRICS
@@ -198,8 +194,7 @@ def evaluate_methods(
     compared = []
     for question, a, b in comparisons:
         if a in table and b in table:
-            pair = {metric: M.paired_bootstrap(test_labels, table[a], table[b], tasks_v, metric=metric,
-                                               alternative="two-sided", **boot) for metric in M.METRICS}
+            pair = {metric: draws.paired(a, b, metric, ci=ci, alternative="two-sided") for metric in M.METRICS}
             compared.append({"question": question, "a": a, "b": b,
                              **{f"{metric}_{key}": pair[metric][key] for metric in M.METRICS for key in ("diff", "low", "high")}})
     return {

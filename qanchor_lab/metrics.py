@@ -277,10 +277,14 @@ def _prepare(labels: pd.DataFrame, tasks: pd.DataFrame, scores: dict[str, pd.Dat
     return _Prepared(task_ids=task_ids, n_users=len(user_index), sorted_tasks=sorted_tasks)
 
 
-def _check_boot_args(metric: str, n_boot: int, ci: float, alternative: str | None = None) -> None:
-    _check_metric(metric)
+def _check_n_boot(n_boot: int) -> None:
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer; got {n_boot!r}")
+
+
+def _check_boot_args(metric: str, n_boot: int, ci: float, alternative: str | None = None) -> None:
+    _check_metric(metric)
+    _check_n_boot(n_boot)
     if not 0 < ci < 1:
         raise ValueError(f"ci must lie strictly between 0 and 1; got {ci!r}")
     if alternative is not None and alternative not in ALTERNATIVES:
@@ -323,6 +327,105 @@ def _valid_rows(*per_task: np.ndarray, n_boot: int) -> np.ndarray:
     return valid
 
 
+class Resamples:
+    """Per-task AUC/KS of several methods under one shared set of user resamples.
+
+    Each (method, metric) is computed once, on first use, and every interval and paired difference drawn
+    from it reuses it: the evaluation asks for about 80 intervals and differences over 10 methods, which
+    would otherwise recompute each method's resampled metrics up to eight times. `bootstrap_ci` and
+    `paired_bootstrap` are this class for one or two methods, so the numbers agree to the bit.
+
+    `scores`: {method name: (user_id, task_id, score) table}; every table must score every labelled pair.
+    Whether a resample keeps both classes in every task depends on the labels alone, so one resample is
+    dropped (or kept) for every method alike."""
+
+    def __init__(self, labels: pd.DataFrame, tasks: pd.DataFrame, scores: dict[str, pd.DataFrame], *,
+                 n_boot: int = 1000, seed: int = 0):
+        if not scores:
+            raise ValueError("Resamples needs at least one score table")
+        _check_n_boot(n_boot)
+        self.n_boot = int(n_boot)
+        self._prep = _prepare(labels, tasks, scores)
+        self._weights = _resample_weights(self._prep.n_users, self.n_boot, seed)  # (U, B)
+        self._values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def task_ids(self) -> list[str]:
+        return list(self._prep.task_ids)
+
+    @property
+    def n_users(self) -> int:
+        return self._prep.n_users
+
+    def values(self, name: str, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+        """(observed (T,), resampled (B, T)) per-task metric of one method."""
+        _check_metric(metric)
+        if name not in self._prep.sorted_tasks:
+            raise KeyError(f"no scores named {name!r}; known: {', '.join(self._prep.sorted_tasks)}")
+        key = (name, metric)
+        if key not in self._values:
+            ones = np.ones((self._prep.n_users, 1))  # (U, 1): the observed data
+            observed = _per_task_values(self._prep, name, ones, metric)[0]  # (T,)
+            self._values[key] = (observed, _per_task_values(self._prep, name, self._weights, metric))  # (B, T)
+        return self._values[key]
+
+    def ci(self, name: str, metric: Metric = "auc", *, ci: float = 0.95, per_task: bool = False) -> dict:
+        """As `bootstrap_ci`, for the method `name`."""
+        _check_boot_args(metric, self.n_boot, ci)
+        observed, boot = self.values(name, metric)
+        boot = boot[_valid_rows(boot, n_boot=self.n_boot)]
+        low, high = _interval(boot.mean(axis=1), ci, float(observed.mean()))
+        result = {
+            "metric": metric,
+            "value": float(observed.mean()),
+            "low": low,
+            "high": high,
+            "ci": ci,
+            "n_boot": int(len(boot)),
+            "n_users": self._prep.n_users,
+        }
+        if per_task:
+            result["tasks"] = {}
+            for j, task_id in enumerate(self._prep.task_ids):
+                t_low, t_high = _interval(boot[:, j], ci, float(observed[j]))
+                result["tasks"][task_id] = {"value": float(observed[j]), "low": t_low, "high": t_high}
+        return result
+
+    def paired(self, a: str, b: str, metric: Metric = "auc", *, ci: float = 0.95,
+               alternative: Alternative = "greater", per_task: bool = False) -> dict:
+        """As `paired_bootstrap`, for the methods `a` and `b` (a - b)."""
+        _check_boot_args(metric, self.n_boot, ci, alternative)
+        obs_a, boot_a = self.values(a, metric)
+        obs_b, boot_b = self.values(b, metric)
+        observed = obs_a - obs_b  # (T,)
+        valid = _valid_rows(boot_a, boot_b, n_boot=self.n_boot)
+        diffs = boot_a[valid] - boot_b[valid]  # (B', T)
+        avg = diffs.mean(axis=1)  # (B',)
+        low, high = _interval(avg, ci, float(observed.mean()))
+        result = {
+            "metric": metric,
+            "diff": float(observed.mean()),
+            "low": low,
+            "high": high,
+            "p_value": _p_value(avg, alternative),
+            "alternative": alternative,
+            "ci": ci,
+            "n_boot": int(valid.sum()),
+            "n_users": self._prep.n_users,
+        }
+        if per_task:
+            result["tasks"] = {}
+            for j, task_id in enumerate(self._prep.task_ids):
+                t_low, t_high = _interval(diffs[:, j], ci, float(observed[j]))
+                result["tasks"][task_id] = {
+                    "diff": float(observed[j]),
+                    "low": t_low,
+                    "high": t_high,
+                    "p_value": _p_value(diffs[:, j], alternative),
+                }
+        return result
+
+
 def bootstrap_ci(
     labels: pd.DataFrame,
     scores: pd.DataFrame,
@@ -340,27 +443,8 @@ def bootstrap_ci(
     "n_users"}; with per_task, also "tasks": {task_id: {"value", "low", "high"}}. The same seed draws
     the same resamples as `paired_bootstrap`, so the two can be reported side by side."""
     _check_boot_args(metric, n_boot, ci)
-    prep = _prepare(labels, tasks, {"scores": scores})
-    ones = np.ones((prep.n_users, 1))  # (U, 1): the observed data
-    observed = _per_task_values(prep, "scores", ones, metric)[0]  # (T,)
-    boot = _per_task_values(prep, "scores", _resample_weights(prep.n_users, n_boot, seed), metric)  # (B, T)
-    boot = boot[_valid_rows(boot, n_boot=n_boot)]
-    low, high = _interval(boot.mean(axis=1), ci, float(observed.mean()))
-    result = {
-        "metric": metric,
-        "value": float(observed.mean()),
-        "low": low,
-        "high": high,
-        "ci": ci,
-        "n_boot": int(len(boot)),
-        "n_users": prep.n_users,
-    }
-    if per_task:
-        result["tasks"] = {}
-        for j, task_id in enumerate(prep.task_ids):
-            t_low, t_high = _interval(boot[:, j], ci, float(observed[j]))
-            result["tasks"][task_id] = {"value": float(observed[j]), "low": t_low, "high": t_high}
-    return result
+    return Resamples(labels, tasks, {"scores": scores}, n_boot=n_boot, seed=seed).ci(
+        "scores", metric, ci=ci, per_task=per_task)
 
 
 def _p_value(diffs: np.ndarray, alternative: str) -> float:
@@ -394,35 +478,5 @@ def paired_bootstrap(
     Its resolution is 1 / n_boot, so 0.0 means "below 1 / n_boot". With per_task, also
     "tasks": {task_id: {"diff", "low", "high", "p_value"}} from the same resamples."""
     _check_boot_args(metric, n_boot, ci, alternative)
-    prep = _prepare(labels, tasks, {"a": scores_a, "b": scores_b})
-    ones = np.ones((prep.n_users, 1))  # (U, 1): the observed data
-    observed = (_per_task_values(prep, "a", ones, metric) - _per_task_values(prep, "b", ones, metric))[0]  # (T,)
-    weights = _resample_weights(prep.n_users, n_boot, seed)  # (U, B)
-    boot_a = _per_task_values(prep, "a", weights, metric)  # (B, T)
-    boot_b = _per_task_values(prep, "b", weights, metric)  # (B, T)
-    valid = _valid_rows(boot_a, boot_b, n_boot=n_boot)
-    diffs = boot_a[valid] - boot_b[valid]  # (B', T)
-    avg = diffs.mean(axis=1)  # (B',)
-    low, high = _interval(avg, ci, float(observed.mean()))
-    result = {
-        "metric": metric,
-        "diff": float(observed.mean()),
-        "low": low,
-        "high": high,
-        "p_value": _p_value(avg, alternative),
-        "alternative": alternative,
-        "ci": ci,
-        "n_boot": int(valid.sum()),
-        "n_users": prep.n_users,
-    }
-    if per_task:
-        result["tasks"] = {}
-        for j, task_id in enumerate(prep.task_ids):
-            t_low, t_high = _interval(diffs[:, j], ci, float(observed[j]))
-            result["tasks"][task_id] = {
-                "diff": float(observed[j]),
-                "low": t_low,
-                "high": t_high,
-                "p_value": _p_value(diffs[:, j], alternative),
-            }
-    return result
+    return Resamples(labels, tasks, {"a": scores_a, "b": scores_b}, n_boot=n_boot, seed=seed).paired(
+        "a", "b", metric, ci=ci, alternative=alternative, per_task=per_task)

@@ -44,6 +44,11 @@ class Suffix:
         return Suffix(self.input_ids.repeat(n, 1), self.mask.repeat(n, 1), self.pool_index.repeat(n),
                       self.targets.repeat(n, 1), self.n_prompt, self.prompt_index.repeat(n, 1))
 
+    def rows(self, index: torch.Tensor) -> "Suffix":
+        """The rows at `index` (repeats allowed), in that order."""
+        return Suffix(self.input_ids[index], self.mask[index], self.pool_index[index], self.targets[index],
+                      self.n_prompt, self.prompt_index[index])
+
 
 def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front (stable) and trim to the longest row."""

@@ -258,9 +258,10 @@ def test_model_claim_prediction_follows_the_nearest_wording(tiny_model, small_wo
 # ----- query selectivity ------------------------------------------------------------------------------
 
 
-def _fake_encoders(claim_of, informative: str):
-    """CachedEmbedder.encode_pairs / encode replacements. Every user gets fixed noise under any query; with
-    `informative="own"` a row's own-query embedding one-hot encodes the user's true claim of the intent."""
+def _fake_encode_pairs(claim_of, informative: str):
+    """A CachedEmbedder.encode_pairs replacement. Every user gets fixed noise under any query (the generic one
+    included); with `informative="own"` a row's own-query embedding one-hot encodes the user's true claim of
+    the intent."""
     intents_of: dict[str, list[str]] = {}
     for iid, it in INTENTS.items():  # a graded intent asks its counts twin's questions
         intents_of.setdefault(it.queries[0], []).append(iid)
@@ -274,16 +275,13 @@ def _fake_encoders(claim_of, informative: str):
         out = np.stack([noise(u) for u in users])                            # (N, d)
         if informative == "own":
             for i, (u, q) in enumerate(zip(users, queries)):
-                for intent in intents_of[q]:
+                for intent in intents_of.get(q, []):
                     c = claim_of.get((u, intent))
                     if c is not None:
                         out[i] = 0.0
                         out[i, col[(intent, c)]] = 1.0
         return out
-
-    def encode(self, users, queries, *, batch_size=64, prompt=None, show_progress_bar=False):
-        return np.stack([np.stack([noise(u)] * len(queries)) for u in users])   # (U, Q, d)
-    return encode_pairs, encode
+    return encode_pairs
 
 
 def _claims_by_user(world, max_pairs):
@@ -297,9 +295,7 @@ def test_query_selectivity_finds_an_informative_question_and_nothing_else(tiny_m
     from qanchor_lab.embedder import CachedEmbedder
 
     claim_of = _claims_by_user(small_world, 120)
-    pairs, grid = _fake_encoders(claim_of, "own")
-    monkeypatch.setattr(CachedEmbedder, "encode_pairs", pairs)
-    monkeypatch.setattr(CachedEmbedder, "encode", grid)
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encode_pairs(claim_of, "own"))
     table = D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store)
     top = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
     # the probe can only name claims it saw among the pretrain rows of the intent
@@ -311,7 +307,7 @@ def test_query_selectivity_finds_an_informative_question_and_nothing_else(tiny_m
     assert top["own_acc"] >= reachable - 0.05 and top["own_acc"] - top["generic_acc"] > 0.3
     assert top["selectivity"] == pytest.approx(top["own_acc"] - top["generic_acc"])
     assert top["selectivity_low"] > 0 and top["selectivity_low"] < top["selectivity"] < top["selectivity_high"]
-    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encoders(claim_of, "neither")[0])
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encode_pairs(claim_of, "neither"))
     flat = D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store)
     assert (flat["selectivity"] == 0).all() and (flat["own_acc"] == flat["generic_acc"]).all()
 

@@ -54,11 +54,14 @@ def test_queries_of_equal_length_share_a_batch_and_keep_their_columns(tiny_model
 
 
 def test_encode_pairs_equals_full_recompute_row_by_row(tiny_model, tiny_store):
-    """One query per row, users repeated and interleaved, chunks that split a user's rows from others'."""
+    """One query per row, users repeated and interleaved, chunks that split a user's rows from others', and
+    two different queries of one token length (they run in one batch)."""
     model = tiny_model.eval()
     users = _mixed_users(tiny_store, model, n=6)
+    queries = QUERIES + ["will the user book abroad a hotel"]  # the same word pieces as QUERIES[1], reordered
+    assert model.make_suffix(queries[1:2]).mask.sum() == model.make_suffix(queries[3:]).mask.sum()
     row_users = [users[i % 6] for i in range(11)] + [users[0]]
-    row_queries = [QUERIES[(i * 2) % 3] for i in range(12)]
+    row_queries = [queries[(i * 3) % 4] for i in range(12)]
     got = CachedEmbedder(model, tiny_store).encode_pairs(row_users, row_queries, batch_size=4)     # (12, d)
     with torch.no_grad():
         full = model.embed(tiny_store.batch(tiny_store.indices(row_users)), row_queries).numpy()

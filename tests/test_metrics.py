@@ -217,6 +217,36 @@ def test_bootstrap_resamples_users_not_rows():
     assert out["tasks"]["t1"] == out["tasks"]["t2"]
 
 
+def test_resamples_shared_by_many_methods_match_the_one_method_bootstraps(monkeypatch):
+    labels, good, noise, tasks = _world(n_users=150)
+    shuffled = noise.sample(frac=1.0, random_state=0)  # joined on (user, task), not on row order
+    draws = M.Resamples(labels, tasks, {"good": good, "noise": shuffled}, n_boot=200, seed=4)
+    for metric in M.METRICS:
+        assert draws.ci("good", metric, per_task=True) == M.bootstrap_ci(
+            labels, good, tasks, metric=metric, n_boot=200, seed=4, per_task=True)
+        assert draws.ci("noise", metric, ci=0.8) == M.bootstrap_ci(
+            labels, noise, tasks, metric=metric, n_boot=200, seed=4, ci=0.8)
+        assert draws.paired("good", "noise", metric, alternative="two-sided", per_task=True) == M.paired_bootstrap(
+            labels, good, noise, tasks, metric=metric, n_boot=200, seed=4, alternative="two-sided", per_task=True)
+    # each (method, metric) is resampled once, however many intervals and differences read it
+    calls = []
+    real = M._per_task_values
+    monkeypatch.setattr(M, "_per_task_values", lambda prep, name, w, metric: calls.append((name, metric, w.shape[1]))
+                        or real(prep, name, w, metric))
+    fresh = M.Resamples(labels, tasks, {"good": good, "noise": noise}, n_boot=50, seed=4)
+    for _ in range(3):
+        fresh.ci("good")
+        fresh.paired("good", "noise")
+        fresh.paired("noise", "good", ci=0.5)
+    assert sorted(calls) == [("good", "auc", 1), ("good", "auc", 50), ("noise", "auc", 1), ("noise", "auc", 50)]
+    with pytest.raises(KeyError, match="no scores named 'bad'; known: good, noise"):
+        fresh.ci("bad")
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        fresh.paired("good", "noise", "f1")
+    with pytest.raises(DataValidationError, match="noise: 1 labelled"):
+        M.Resamples(labels, tasks, {"good": good, "noise": noise.iloc[1:]}, n_boot=10)
+
+
 def test_bootstrap_bad_arguments():
     labels, good, noise, tasks = _world(n_users=50)
     with pytest.raises(ValueError, match="unknown metric 'f1'; valid choices: auc, ks"):
