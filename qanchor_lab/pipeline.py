@@ -80,10 +80,14 @@ class DemoConfig:
     n_boot: int = 1000             # bootstrap resamples for the CIs
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
     text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
+    text_max_events: int = 3       # latest events per modality in that text: 3 lets every modality in (docs/design.md §7.20)
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r}; valid choices: {', '.join(map(repr, DATASETS))}")
+        if self.text_max_events < 1:
+            raise ValueError(f"text_max_events must be >= 1 (latest events per modality in the text baseline); "
+                             f"got {self.text_max_events}")
 
     @classmethod
     def fast(cls) -> "DemoConfig":
@@ -446,7 +450,9 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
                                                        n_jobs=n_jobs),
         "text_embedding": lambda: text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                        serialize_kw={"max_chars": cfg.text_max_chars}, n_jobs=n_jobs),
+                                                        serialize_kw={"max_chars": cfg.text_max_chars,
+                                                                      "max_events_per_modality": cfg.text_max_events},
+                                                        n_jobs=n_jobs),
         "untrained": untrained_scores,
     }
     for name, run in references.items():

@@ -343,3 +343,27 @@ def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch,
     monkeypatch.setattr(DemoConfig, "pretrain_config", lambda self: replace(original(self), reconstruction=0.5))
     assert run_key(cfg) != key
     assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
+
+
+def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, tmp_path, monkeypatch):
+    """DemoConfig's text_max_chars and text_max_events reach the serialisation of the text-embedding baseline."""
+    from dataclasses import replace
+
+    import qanchor_lab.baselines as B
+    from qanchor_lab.pipeline import DemoConfig, evaluate_run
+
+    class Reached(Exception):
+        pass
+
+    def fake(world, tune, test, *, serialize_kw=None, **kw):
+        raise Reached(serialize_kw)
+
+    monkeypatch.setattr(B, "text_embedding_scores", fake)
+    cfg = replace(DemoConfig.fast(), text_max_chars=300, text_max_events=2)
+    with pytest.raises(Reached) as got:
+        evaluate_run(None, small_world, cfg, tmp_path, show_progress=False,
+                     skip_methods=["oracle", "gbdt_features", "logreg_features", "tfidf_features"])
+    assert got.value.args[0] == {"max_chars": 300, "max_events_per_modality": 2}
+    assert DemoConfig().text_max_events == 3
+    with pytest.raises(ValueError, match="text_max_events must be >= 1.*got 0"):
+        DemoConfig(text_max_events=0)
