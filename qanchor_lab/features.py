@@ -681,6 +681,9 @@ def _modality_order(mods: Sequence[str], declared: Sequence[str]) -> list[str]:
     return canon + sorted(set(mods) - set(canon))
 
 
+MAX_EVENTS_PER_MODALITY = 20  # serialize_user(s)' default: the latest events shown per modality
+
+
 def _truncate(s: str, max_chars: int) -> str:
     return s if len(s) <= max_chars else s[: max_chars - 1] + "…"
 
@@ -737,7 +740,7 @@ def serialize_user(
     events_of_user: pd.DataFrame,
     profile_row: pd.Series | None,
     *,
-    max_events_per_modality: int = 20,
+    max_events_per_modality: int = MAX_EVENTS_PER_MODALITY,
     max_chars: int = 2000,
     modalities: Sequence[str | ModalitySpec] | None = None,
 ) -> str:
@@ -762,7 +765,7 @@ def serialize_users(
     profiles: pd.DataFrame | None,
     user_ids: Sequence[str],
     *,
-    max_events_per_modality: int = 20,
+    max_events_per_modality: int = MAX_EVENTS_PER_MODALITY,
     max_chars: int = 2000,
     modalities: Sequence[str | ModalitySpec] | None = None,
 ) -> list[str]:

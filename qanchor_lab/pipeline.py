@@ -80,14 +80,17 @@ class DemoConfig:
     n_boot: int = 1000             # bootstrap resamples for the CIs
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
     text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
-    text_max_events: int = 3       # latest events per modality in that text: 3 lets every modality in (docs/design.md §7.20)
+    text_max_events: int | None = None  # latest events per modality in that text; None: 3 on the synthetic world, where
+                                        # it lets every modality in (chosen on tune users, docs/design.md §7.20), and the
+                                        # serialiser's 20 on other data, where it was not measured (text_serialization)
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r}; valid choices: {', '.join(map(repr, DATASETS))}")
-        if self.text_max_events < 1:
-            raise ValueError(f"text_max_events must be >= 1 (latest events per modality in the text baseline); "
-                             f"got {self.text_max_events}")
+        if self.text_max_events is not None and (not isinstance(self.text_max_events, int)
+                                                 or isinstance(self.text_max_events, bool) or self.text_max_events < 1):
+            raise ValueError(f"text_max_events must be None or an integer >= 1 (latest events per modality in the "
+                             f"text baseline); got {self.text_max_events!r}")
 
     @classmethod
     def fast(cls) -> "DemoConfig":
@@ -112,6 +115,21 @@ class DemoConfig:
 
     def tuning_config(self) -> PromptTuningConfig:
         return PromptTuningConfig(n_prompt=self.n_prompt, epochs=self.tune_epochs, seed=self.seed)
+
+
+SYNTHETIC_TEXT_EVENTS = 3  # text_max_events=None on the synthetic world (docs/design.md §7.20)
+
+
+def text_serialization(cfg: DemoConfig, world) -> dict:
+    """serialize_users' arguments for the text-embedding baseline on `world`: `cfg.text_max_chars` characters and
+    `cfg.text_max_events` latest events per modality; when that is None, SYNTHETIC_TEXT_EVENTS on a world of the
+    synthetic generator (its manifest names the generator's version) and the serialiser's default elsewhere."""
+    from qanchor_lab.features import MAX_EVENTS_PER_MODALITY
+
+    events = cfg.text_max_events
+    if events is None:
+        events = SYNTHETIC_TEXT_EVENTS if "generator_version" in world.manifest else MAX_EVENTS_PER_MODALITY
+    return {"max_chars": cfg.text_max_chars, "max_events_per_modality": events}
 
 
 def world_dir(cfg: DemoConfig) -> Path:
@@ -450,9 +468,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
                                                        n_jobs=n_jobs),
         "text_embedding": lambda: text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                        serialize_kw={"max_chars": cfg.text_max_chars,
-                                                                      "max_events_per_modality": cfg.text_max_events},
-                                                        n_jobs=n_jobs),
+                                                        serialize_kw=text_serialization(cfg, world), n_jobs=n_jobs),
         "untrained": untrained_scores,
     }
     for name, run in references.items():

@@ -364,6 +364,13 @@ def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, 
         evaluate_run(None, small_world, cfg, tmp_path, show_progress=False,
                      skip_methods=["oracle", "gbdt_features", "logreg_features", "tfidf_features"])
     assert got.value.args[0] == {"max_chars": 300, "max_events_per_modality": 2}
-    assert DemoConfig().text_max_events == 3
-    with pytest.raises(ValueError, match="text_max_events must be >= 1.*got 0"):
-        DemoConfig(text_max_events=0)
+    # by default: 3 events on the synthetic world (§7.20), the serialiser's own default on any other data
+    from qanchor_lab.features import MAX_EVENTS_PER_MODALITY
+    from qanchor_lab.pipeline import text_serialization
+
+    assert text_serialization(DemoConfig(), small_world) == {"max_chars": 800, "max_events_per_modality": 3}
+    other = replace(small_world, manifest={k: v for k, v in small_world.manifest.items() if k != "generator_version"})
+    assert text_serialization(DemoConfig(), other)["max_events_per_modality"] == MAX_EVENTS_PER_MODALITY == 20
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match=f"text_max_events must be None or an integer >= 1.*got {bad}"):
+            DemoConfig(text_max_events=bad)
