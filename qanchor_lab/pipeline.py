@@ -123,12 +123,13 @@ SYNTHETIC_TEXT_EVENTS = 3  # text_max_events=None on the synthetic world (docs/d
 def text_serialization(cfg: DemoConfig, world) -> dict:
     """serialize_users' arguments for the text-embedding baseline on `world`: `cfg.text_max_chars` characters and
     `cfg.text_max_events` latest events per modality; when that is None, SYNTHETIC_TEXT_EVENTS on a world of the
-    synthetic generator (its manifest names the generator's version) and the serialiser's default elsewhere."""
+    synthetic generator (schema.is_synthetic) and the serialiser's default elsewhere."""
     from qanchor_lab.features import MAX_EVENTS_PER_MODALITY
+    from qanchor_lab.schema import is_synthetic
 
     events = cfg.text_max_events
     if events is None:
-        events = SYNTHETIC_TEXT_EVENTS if "generator_version" in world.manifest else MAX_EVENTS_PER_MODALITY
+        events = SYNTHETIC_TEXT_EVENTS if is_synthetic(world.manifest) else MAX_EVENTS_PER_MODALITY
     return {"max_chars": cfg.text_max_chars, "max_events_per_modality": events}
 
 

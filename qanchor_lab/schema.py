@@ -186,6 +186,11 @@ class World:
         return declared_window(self.manifest)
 
 
+def is_synthetic(manifest: Mapping[str, Any]) -> bool:
+    """Whether a dataset's manifest is the synthetic generator's (it records the generator's version)."""
+    return "generator_version" in manifest
+
+
 def declared_modalities(manifest: Mapping[str, Any], events: pd.DataFrame | None = None) -> tuple[ModalitySpec, ...]:
     """A dataset's modalities: `manifest["modalities"]` when declared; the synthetic world's four for a
     synthetic manifest written before worlds declared them; else the names found in `events`, by name
@@ -195,7 +200,7 @@ def declared_modalities(manifest: Mapping[str, Any], events: pd.DataFrame | None
             return modality_specs(manifest["modalities"])
         except ValueError as exc:
             raise ValueError(f"manifest 'modalities': {exc}") from None
-    if "generator_version" in manifest:
+    if is_synthetic(manifest):
         return SYNTHETIC_MODALITY_SPECS
     if events is None or "modality" not in getattr(events, "columns", ()) or len(events) == 0:
         raise ValueError("no modalities: the manifest declares none and there are no events to infer them from")
