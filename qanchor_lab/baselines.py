@@ -785,6 +785,19 @@ def encode_texts(
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+def text_embedding_vectors(world: Any, users: Sequence[str], *, encoder: Any = None, batch_size: int = 256,
+                           serialize_kw: Mapping[str, Any] | None = None, show_progress: bool = True) -> np.ndarray:
+    """(len(users), dim) text embeddings of users' behaviour: serialised as text (features.serialize_users, with
+    `serialize_kw`: max_events_per_modality, max_chars) and embedded by MiniLM (or `encoder`, without its disk
+    cache). The torch half of text_embedding_scores, which the demo runs beside its other stages."""
+    from qanchor_lab.features import serialize_users
+
+    texts = serialize_users(world.events, world.profiles, list(users),
+                            **{"modalities": world.modality_specs, **(serialize_kw or {})})  # declared units and titles
+    return encode_texts(_uncached(encoder), texts, batch_size=batch_size, desc="text-embedding users",
+                        show_progress=show_progress)
+
+
 def text_embedding_scores(
     world: Any,
     tune_users: Sequence[str],
@@ -797,20 +810,19 @@ def text_embedding_scores(
     serialize_kw: Mapping[str, Any] | None = None,
     show_progress: bool = True,
     n_jobs: int | None = None,
+    vectors: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The paper's general-purpose text-embedding baseline: each user's behaviour serialised as text
-    (features.serialize_users), embedded by MiniLM (or `encoder`, without its disk cache), then the
-    logistic probe per task. `serialize_kw` goes to serialize_users (max_events_per_modality, max_chars).
+    """The paper's general-purpose text-embedding baseline: each user's behaviour serialised as text and embedded
+    by MiniLM (text_embedding_vectors), then the logistic probe per task. `vectors`: those embeddings, already
+    computed for tune + test users in that order (encoder, batch_size and serialize_kw are then unused).
     `n_jobs`: worker processes for the tasks' probes, as in embedding_probe_scores."""
-    from qanchor_lab.features import serialize_users
-
     tune, test, _, tasks_v, labels_v = _world_split(world, tune_users, test_users)
     users = tune + test
-    texts = serialize_users(world.events, world.profiles, users,
-                            **{"modalities": world.modality_specs, **(serialize_kw or {})})  # declared units and titles
-    vectors = encode_texts(
-        _uncached(encoder), texts, batch_size=batch_size, desc="text-embedding users", show_progress=show_progress
-    )
+    if vectors is None:
+        vectors = text_embedding_vectors(world, users, encoder=encoder, batch_size=batch_size,
+                                         serialize_kw=serialize_kw, show_progress=show_progress)
+    elif len(vectors) != len(users):
+        raise ValueError(f"text embedding: {len(vectors)} vectors given for {len(users)} tune + test users")
 
     def embed(user_ids: Sequence[str], query: str | None) -> np.ndarray:
         if list(user_ids) != users:

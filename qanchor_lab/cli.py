@@ -10,6 +10,9 @@ from pathlib import Path
 
 FIT_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent); -1 (default): "
                  "every core, 1: this process only; the numbers do not depend on it")
+DEMO_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent) and threads for "
+                  "the evaluation's torch jobs (the text baseline's MiniLM, each task's prompt tuning; one torch thread "
+                  "each); -1 (default): every core, 1: this process only; the numbers do not depend on it")
 
 
 def _cmd_data(args) -> int:
@@ -222,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data", default=None, help="a directory of your own tables (data/README.md) instead of the "
                    "synthetic world; the run goes to runs/demo-<dir name>; without a qa table, QA pairs are "
                    "derived from the event log")
-    m.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
+    m.add_argument("--jobs", type=int, default=-1, help=DEMO_JOBS_HELP)
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 

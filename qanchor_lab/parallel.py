@@ -1,4 +1,5 @@
-"""Independent fits (a probe per task, a yardstick per intent) in worker processes, with the numbers of one.
+"""Independent work in parallel with the numbers of serial work: scikit-learn fits in worker processes (`fit_map`),
+torch jobs in threads of one torch thread each (`torch_jobs`).
 
 The evaluation and the diagnostics fit many small scikit-learn models that do not depend on each other. Each fit
 is single-threaded, Python-bound work (lbfgs steps, tree growing), so on the demo's 2 cores the second core sits
@@ -11,11 +12,20 @@ here and in a worker alike, so `n_jobs` changes the wall time and not one number
 
 A worker imports the module of the function it is given: give `fit_map` functions of torch-free modules
 (`baselines`), or each worker pays ~11 s to import torch before its first fit.
+
+The evaluation's torch work (MiniLM over every user for the text baseline, one prompt tuning per task) scales
+poorly with torch's own threads on two cores (1.5x for two threads) but well across independent jobs, and torch
+releases the GIL inside its kernels: two jobs in two Python threads of one torch thread each take 62 s where the
+same work one after the other takes 109 s (docs/design.md §7.21). `torch_jobs` gives such jobs a pool of threads;
+each job computes exactly what it computes alone in a one-thread process, so the numbers do not depend on the
+number of jobs or on which thread ran what (tests/test_parallel.py).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
@@ -51,3 +61,78 @@ def fit_map(fn: Callable[..., Any], jobs: Iterable[Sequence[Any]], n_jobs: int |
         results = Parallel(n_jobs=workers, backend="loky", return_as="generator", max_nbytes=None)(
             delayed(_one_thread)(fn, args) for args in jobs)
     return list(tqdm(results, total=len(jobs), desc=desc, unit="fit", disable=not show_progress))
+
+
+class Jobs(Protocol):
+    """What `torch_jobs` yields: `submit(fn, *args, **kwargs)` returns a handle whose `result()` is fn's value (or
+    raises fn's exception)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class _Deferred:
+    """A job run in the caller's thread when its result is first asked for (torch_jobs(None))."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict):
+        self._call, self._done, self._value = (fn, args, kwargs), False, None
+
+    def result(self) -> Any:
+        if not self._done:
+            fn, args, kwargs = self._call
+            self._value, self._done = fn(*args, **kwargs), True
+        return self._value
+
+
+class _InCallerThread:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _Deferred:
+        return _Deferred(fn, args, kwargs)
+
+
+class _Pool:
+    def __init__(self, pool: ThreadPoolExecutor):
+        self._pool = pool
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any):
+        return self._pool.submit(_one_torch_thread, fn, args, kwargs)
+
+
+def _one_torch_thread(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    import torch
+
+    # a new thread starts with the OpenMP and MKL defaults (every core) until torch's first parallel op resets them;
+    # setting the count here makes even a job's first op, and scikit-learn's OpenMP (k-means), run on one thread
+    torch.set_num_threads(1)
+    return fn(*args, **kwargs)
+
+
+@contextmanager
+def torch_jobs(n_jobs: int | None) -> Iterator[Jobs]:
+    """A place to run independent torch jobs: `with torch_jobs(n_jobs) as jobs: handle = jobs.submit(fn, *args)`.
+
+    None: each job runs in this thread when its `result()` is first asked for, with torch's threads as they are (the
+    library's default, and the fastest for one job at a time). An integer (scikit-learn's convention; -1 = every core):
+    torch, BLAS and OpenMP run one thread each for the block's duration, jobs run in that many threads as soon as they
+    are submitted (1: in this thread, when asked for), and every job gives the same numbers for any such value, equal
+    to a one-thread run. Read the results inside the block, in any order; a job's exception is raised by its
+    `result()`. Leaving the block waits for running jobs and cancels those not started."""
+    if n_jobs is None:
+        yield _InCallerThread()
+        return
+    workers = resolve_n_jobs(n_jobs)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):   # BLAS is process-wide: the jobs' own one-thread limits then nest cleanly
+            if workers == 1:
+                yield _InCallerThread()
+                return
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="qanchor-torch")
+            try:
+                yield _Pool(pool)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        torch.set_num_threads(before)
+

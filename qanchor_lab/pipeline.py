@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
+from qanchor_lab.parallel import Jobs, torch_jobs
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
 from qanchor_lab.retrieval import answer_retrieval
@@ -254,8 +255,9 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
 def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, n_jobs: int | None = None) -> dict:
     """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json.
     `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world. `n_jobs`: worker
-    processes for the evaluation's and the diagnostics' scikit-learn fits (None: this process; -1: every core; the
-    same numbers for any value, parallel.fit_map); `python -m qanchor_lab demo` uses every core."""
+    processes for the evaluation's and the diagnostics' scikit-learn fits (parallel.fit_map) and threads for the
+    evaluation's torch jobs (parallel.torch_jobs; see evaluate_run). None: this process, one stage after the other;
+    -1: every core; the same numbers for any integer. `python -m qanchor_lab demo` uses every core."""
     from qanchor_lab.evaluate import results_markdown, write_metrics
     from qanchor_lab.parallel import resolve_n_jobs
     from qanchor_lab.report import write_report
@@ -332,14 +334,21 @@ def query_embeddings(model: QAnchorModel, world, users: Sequence[str], *, store=
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
                    adapters_dir: Path | None = None, with_features: bool = True,
                    with_probes: bool = True, watch: Stopwatch | None = None,
-                   n_jobs: int | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+                   n_jobs: int | None = None, jobs: Jobs | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
     `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
     the seconds of query_embeddings, probes, plus_features and prompt_tuning. `n_jobs`: worker processes for
-    the probes' fits (parallel.fit_map)."""
+    the probes' fits (parallel.fit_map) and threads for the tasks' prompt tuning (parallel.torch_jobs: None tunes
+    one task after the other with torch's threads as they are; an integer, one torch thread per task, the same
+    numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one)."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
+    if jobs is None:
+        with torch_jobs(n_jobs) as jobs:
+            return qanchor_scores(model, world, tuning=tuning, show_progress=show_progress, adapters_dir=adapters_dir,
+                                  with_features=with_features, with_probes=with_probes, watch=watch, n_jobs=n_jobs,
+                                  jobs=jobs)
     watch = watch if watch is not None else Stopwatch()
     tune, test = world.users_in("tune"), world.users_in("test")
     users = tune + test
@@ -368,12 +377,21 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
         return out, {}
 
     with watch("prompt_tuning"):
-        return _prompt_tuned(model, world, store, tuning, out, show_progress=show_progress, adapters_dir=adapters_dir)
+        return _prompt_tuned(model, world, store, tuning, out, show_progress=show_progress, adapters_dir=adapters_dir,
+                             jobs=jobs)
+
+
+def _tune_and_score(model, tune_cache, test_cache, labels: np.ndarray, query: str, tuning: PromptTuningConfig):
+    """One task's prompt tuning and its test scores: a torch job (each task reads the shared caches, writes nothing
+    shared, and seeds its own generators, so tasks can run side by side)."""
+    result = tune_task(model, tune_cache, labels, query, tuning)
+    return result, result.adapter.score(model, test_cache)
 
 
 def _prompt_tuned(model, world, store, tuning: PromptTuningConfig, out: dict, *, show_progress: bool,
-                  adapters_dir: Path | None) -> tuple[dict[str, pd.DataFrame], dict]:
-    """qanchor_scores' prompt-tuned method: one adapter per task over cached tune prefixes, scored on test."""
+                  adapters_dir: Path | None, jobs: Jobs) -> tuple[dict[str, pd.DataFrame], dict]:
+    """qanchor_scores' prompt-tuned method: one adapter per task over cached tune prefixes, scored on test; the
+    tasks are torch jobs of `jobs`."""
     tune, test = world.users_in("tune"), world.users_in("test")
     tasks = world.tasks
     queries = tasks["query"].tolist()
@@ -382,11 +400,15 @@ def _prompt_tuned(model, world, store, tuning: PromptTuningConfig, out: dict, *,
     test_cache = _cache_in_chunks(model, store, test)
     matrix = np.zeros((len(test), len(tasks)))
     info = {}
-    for k, (task_id, query) in enumerate(tqdm(list(zip(tasks["task_id"], queries)), desc="prompt tuning",
-                                              disable=not show_progress)):
-        y = labels.loc[tune, task_id].to_numpy().astype(int)
-        result = tune_task(model, tune_cache, y, query, tuning)
-        matrix[:, k] = result.adapter.score(model, test_cache)
+    model.eval()
+    for p in model.parameters():  # once here, before the tasks run side by side (tune_task does the same)
+        p.requires_grad_(False)
+    handles = [jobs.submit(_tune_and_score, model, tune_cache, test_cache,
+                           labels.loc[tune, task_id].to_numpy().astype(int), query, tuning)
+               for task_id, query in zip(tasks["task_id"], queries)]
+    for k, (task_id, handle) in enumerate(tqdm(list(zip(tasks["task_id"], handles)), desc="prompt tuning",
+                                               disable=not show_progress)):
+        result, matrix[:, k] = handle.result()
         info[task_id] = {"best_epoch": result.best_epoch, "val_auc": result.val_auc, "history": result.history}
         if adapters_dir is not None:
             result.adapter.save(Path(adapters_dir) / task_id)
@@ -440,9 +462,13 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     `task_ids` restricts the evaluation to some tasks (the notebooks' fast mode); default: all. `skip_methods`
     leaves out reference methods (any of SKIPPABLE_METHODS; e.g. notebook 04's fast mode skips the text-embedding
     baseline, MiniLM over every tune and test user); the metrics list them under `skipped_methods`. `n_jobs`:
-    worker processes for every method's per-task fits (None: this process; -1: every core); the same metrics
-    for any value (parallel.fit_map)."""
-    from qanchor_lab.baselines import feature_scores, oracle_scores, text_embedding_scores, tfidf_feature_scores
+    worker processes for every method's per-task fits (parallel.fit_map) and threads for the torch jobs
+    (parallel.torch_jobs: the text baseline's MiniLM runs beside the other methods, the tasks' prompt tunings
+    beside each other). None: one process, one stage after the other, torch's threads as they are; an integer:
+    one torch thread per job, the same metrics for any value. With jobs side by side the "evaluation_seconds"
+    overlap: text_embedding is the MiniLM thread's time plus its probes', prompt_tuning the wait for every task."""
+    from qanchor_lab.baselines import (feature_scores, oracle_scores, text_embedding_scores, text_embedding_vectors,
+                                       tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
 
     skip = _check_skip(skip_methods)
@@ -458,30 +484,50 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         else:  # real data: no known truth; the results table and report say so
             skipped["oracle"] = NO_ORACLE
 
-    def untrained_scores() -> pd.DataFrame:
-        untrained = build_model(world, cfg).eval()
-        return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
-                              n_jobs=n_jobs)[0]["base"]
+    def timed(fn, *args, **kwargs):  # a job's own seconds, wherever it runs
+        t0 = time.perf_counter()
+        return fn(*args, **kwargs), time.perf_counter() - t0
 
-    references = {  # every skippable method but the oracle, in the order they run
-        "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
-        "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed, n_jobs=n_jobs),
-        "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                       n_jobs=n_jobs),
-        "text_embedding": lambda: text_embedding_scores(world, tune, test, seed=cfg.seed, show_progress=show_progress,
-                                                        serialize_kw=text_serialization(cfg, world), n_jobs=n_jobs),
-        "untrained": untrained_scores,
-    }
-    for name, run in references.items():
-        if name not in skip:
-            with watch(name):
-                scores[name] = run()
-    trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(), show_progress=show_progress,
-                                         adapters_dir=out_dir / "adapters", watch=watch, n_jobs=n_jobs)
+    with torch_jobs(n_jobs) as jobs:
+        # the longest torch job first, so that it runs beside everything below
+        text = None if "text_embedding" in skip else jobs.submit(
+            timed, text_embedding_vectors, world, tune + test, serialize_kw=text_serialization(cfg, world),
+            show_progress=show_progress)
+
+        def untrained_scores() -> pd.DataFrame:
+            untrained = build_model(world, cfg).eval()
+            return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
+                                  n_jobs=n_jobs, jobs=jobs)[0]["base"]
+
+        def text_scores() -> pd.DataFrame:
+            vectors, seconds = text.result()
+            watch["text_embedding"] = watch.get("text_embedding", 0.0) + seconds
+            return text_embedding_scores(world, tune, test, seed=cfg.seed, vectors=vectors, n_jobs=n_jobs)
+
+        references = {  # every skippable method but the oracle and the text baseline's MiniLM, in the order they run
+            "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
+            "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed, n_jobs=n_jobs),
+            "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed,
+                                                           show_progress=show_progress, n_jobs=n_jobs),
+            "untrained": untrained_scores,
+        }
+        for name, run in references.items():
+            if name not in skip:
+                with watch(name):
+                    scores[name] = run()
+        trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(),
+                                              show_progress=show_progress, adapters_dir=out_dir / "adapters",
+                                              watch=watch, n_jobs=n_jobs, jobs=jobs)
+        if text is not None:
+            with watch("text_embedding"):  # its probes (and any wait for MiniLM)
+                scores["text_embedding"] = text_scores()
     scores["static_embedding"] = trained["static"]
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
     scores["qanchor_plus_features"] = trained["plus_features"]
+    order = (*SKIPPABLE_METHODS, "static_embedding", "qanchor_base", "qanchor_prompt_tuned",
+             "qanchor_plus_features")
+    scores = {name: scores[name] for name in order if name in scores}  # scores.parquet's rows as before
     out_dir.mkdir(parents=True, exist_ok=True)
     pd.concat([s.assign(method=name) for name, s in scores.items()], ignore_index=True).to_parquet(
         out_dir / "scores.parquet", index=False)  # every method's test scores, to recompute any comparison

@@ -349,20 +349,26 @@ def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, 
     """DemoConfig's text_max_chars and text_max_events reach the serialisation of the text-embedding baseline."""
     from dataclasses import replace
 
+    from types import SimpleNamespace
+
     import qanchor_lab.baselines as B
+    import qanchor_lab.pipeline as P
     from qanchor_lab.pipeline import DemoConfig, evaluate_run
 
     class Reached(Exception):
         pass
 
-    def fake(world, tune, test, *, serialize_kw=None, **kw):
+    def fake(world, users, *, serialize_kw=None, **kw):
         raise Reached(serialize_kw)
 
-    monkeypatch.setattr(B, "text_embedding_scores", fake)
+    monkeypatch.setattr(B, "text_embedding_vectors", fake)
+    # Q-Anchor's own methods stand in as nothing: the text baseline's vectors are read after them
+    monkeypatch.setattr(P, "qanchor_scores", lambda *a, **k: (dict.fromkeys(("static", "base", "prompt_tuned",
+                                                                              "plus_features")), {}))
     cfg = replace(DemoConfig.fast(), text_max_chars=300, text_max_events=2)
     with pytest.raises(Reached) as got:
-        evaluate_run(None, small_world, cfg, tmp_path, show_progress=False,
-                     skip_methods=["oracle", "gbdt_features", "logreg_features", "tfidf_features"])
+        evaluate_run(SimpleNamespace(eval=lambda: None), small_world, cfg, tmp_path, show_progress=False,
+                     skip_methods=["oracle", "gbdt_features", "logreg_features", "tfidf_features", "untrained"])
     assert got.value.args[0] == {"max_chars": 300, "max_events_per_modality": 2}
     # by default: 3 events on the synthetic world (§7.20), the serialiser's own default on any other data
     from qanchor_lab.features import MAX_EVENTS_PER_MODALITY

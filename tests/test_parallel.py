@@ -1,9 +1,11 @@
-"""parallel.fit_map: the evaluation's and the diagnostics' fits in worker processes give the numbers of one process."""
+"""parallel.fit_map and parallel.torch_jobs: fits in worker processes and torch jobs in threads give the numbers of one
+process, one job after the other."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from qanchor_lab import baselines as B
 from qanchor_lab import diagnostics as D
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.parallel import fit_map, resolve_n_jobs
+from qanchor_lab.parallel import fit_map, resolve_n_jobs, torch_jobs
 from qanchor_lab.pipeline import restrict_tasks
 
 
@@ -82,3 +84,91 @@ def test_evaluation_and_diagnostics_fits_give_the_same_numbers_in_two_processes(
         assert table.equals(serial[name]), name
     assert len(serial["blend"]) == len(test) * len(w.tasks)
     assert serial["yardstick"]["intent"].nunique() > 3 and (serial["yardstick"]["gbdt"] == serial["yardstick"]["claim"]).any()
+
+
+def _thread_and_torch_threads(tag):
+    import torch
+
+    return tag, threading.get_ident(), torch.get_num_threads()
+
+
+def _fails():
+    raise KeyError("job failed")
+
+
+def test_torch_jobs_run_in_threads_of_one_torch_thread_and_restore_the_count():
+    import torch
+
+    before, here = torch.get_num_threads(), threading.get_ident()
+    torch.set_num_threads(2)
+    try:
+        with torch_jobs(2) as jobs:
+            assert torch.get_num_threads() == 1                      # this thread's stages too, for the block
+            handles = [jobs.submit(_thread_and_torch_threads, k) for k in range(4)]
+            got = [h.result() for h in reversed(handles)][::-1]      # read in any order, each its own value
+            failed = jobs.submit(_fails)
+            with pytest.raises(KeyError, match="job failed"):
+                failed.result()
+        assert [g[0] for g in got] == [0, 1, 2, 3] and all(g[2] == 1 for g in got)
+        assert here not in {g[1] for g in got}                       # pool threads, not the caller
+        assert torch.get_num_threads() == 2                          # restored on leaving
+
+        ran = []
+        with torch_jobs(None) as jobs:                               # the library default: lazily, in this thread
+            handle = jobs.submit(lambda: ran.append(threading.get_ident()) or torch.get_num_threads())
+            assert ran == []
+            assert handle.result() == 2 and ran == [here]
+            assert handle.result() == 2 and ran == [here]            # once
+        with torch_jobs(1) as jobs:                                  # one job at a time, in this thread, one torch thread
+            assert jobs.submit(_thread_and_torch_threads, "a").result() == ("a", here, 1)
+        with pytest.raises(ValueError, match="n_jobs must be None, -1 .every core. or an integer >= 1; got 0"):
+            with torch_jobs(0):
+                pass
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_prompt_tuning_gives_the_same_scores_for_any_number_of_torch_jobs(small_world, tiny_model):
+    """Tasks tuned side by side in threads: each task's adapter and scores are those of one-thread, one-task-at-a-time
+    tuning, in the task's own column."""
+    import torch
+
+    from qanchor_lab.pipeline import qanchor_scores
+    from qanchor_lab.prompt_tuning import PromptTuningConfig
+
+    w = restrict_tasks(small_world, small_world.tasks["task_id"][:3])
+    tuning = PromptTuningConfig(n_prompt=2, epochs=2, patience=2, head_epochs=3, seed=1)
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        torch.set_num_threads(1)
+        got[None] = qanchor_scores(tiny_model.eval(), w, tuning=tuning, with_probes=False, show_progress=False)
+        torch.set_num_threads(2)
+        for n_jobs in (1, 2):
+            got[n_jobs] = qanchor_scores(tiny_model, w, tuning=tuning, with_probes=False, show_progress=False,
+                                         n_jobs=n_jobs)
+    finally:
+        torch.set_num_threads(before)
+    serial = got[None][0]["prompt_tuned"]
+    assert serial["task_id"].nunique() == 3 and serial.groupby("task_id")["score"].std().gt(0).all()
+    assert not serial[serial.task_id == w.tasks.task_id[0]]["score"].reset_index(drop=True).equals(
+        serial[serial.task_id == w.tasks.task_id[1]]["score"].reset_index(drop=True))
+    for n_jobs in (1, 2):
+        assert got[n_jobs][0]["prompt_tuned"].equals(serial), n_jobs
+        assert {t: i["best_epoch"] for t, i in got[n_jobs][1].items()} == {t: i["best_epoch"] for t, i in got[None][1].items()}
+
+
+def test_text_baseline_from_given_vectors_matches_and_checks_their_count(small_world):
+    from qanchor_lab.event_encoder import HashingEncoder
+
+    w = restrict_tasks(small_world, small_world.tasks["task_id"][:2])
+    tune, test = w.users_in("tune")[:120], w.users_in("test")[:80]
+    kw = dict(serialize_kw={"max_chars": 100})
+    vectors = B.text_embedding_vectors(w, tune + test, encoder=HashingEncoder(dim=16), show_progress=False, **kw)
+    assert vectors.shape == (200, 16)
+    direct = B.text_embedding_scores(w, tune, test, encoder=HashingEncoder(dim=16), show_progress=False, **kw)
+    assert B.text_embedding_scores(w, tune, test, vectors=vectors).equals(direct)
+    with pytest.raises(ValueError, match="text embedding: 199 vectors given for 200 tune . test users"):
+        B.text_embedding_scores(w, tune, test, vectors=vectors[:-1])
