@@ -15,8 +15,8 @@ A worker imports the module of the function it is given: give `fit_map` function
 
 The evaluation's torch work (MiniLM over every user for the text baseline, one prompt tuning per task) scales
 poorly with torch's own threads on two cores (1.5x for two threads) but well across independent jobs, and torch
-releases the GIL inside its kernels: two jobs in two Python threads of one torch thread each take 62 s where the
-same work one after the other takes 109 s (docs/design.md §7.21). `torch_jobs` gives such jobs a pool of threads;
+releases the GIL inside its kernels: two jobs in two Python threads of one torch thread each take 62 s, the same
+work one after the other 109 s on one torch thread and about 73 s on two (docs/design.md §7.21). `torch_jobs` gives such jobs a pool of threads;
 each job computes exactly what it computes alone in a one-thread process, so the numbers do not depend on the
 number of jobs or on which thread ran what (tests/test_parallel.py).
 """

@@ -465,8 +465,9 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     worker processes for every method's per-task fits (parallel.fit_map) and threads for the torch jobs
     (parallel.torch_jobs: the text baseline's MiniLM runs beside the other methods, the tasks' prompt tunings
     beside each other). None: one process, one stage after the other, torch's threads as they are; an integer:
-    one torch thread per job, the same metrics for any value. With jobs side by side the "evaluation_seconds"
-    overlap: text_embedding is the MiniLM thread's time plus its probes', prompt_tuning the wait for every task."""
+    one torch thread per job, the same metrics for any value. "evaluation_seconds" gives text_embedding as MiniLM's
+    own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning is then the wait for every
+    task) and may sum to more than the evaluation's wall time, which they never do with None."""
     from qanchor_lab.baselines import (feature_scores, oracle_scores, text_embedding_scores, text_embedding_vectors,
                                        tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
@@ -499,11 +500,6 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
                                   n_jobs=n_jobs, jobs=jobs)[0]["base"]
 
-        def text_scores() -> pd.DataFrame:
-            vectors, seconds = text.result()
-            watch["text_embedding"] = watch.get("text_embedding", 0.0) + seconds
-            return text_embedding_scores(world, tune, test, seed=cfg.seed, vectors=vectors, n_jobs=n_jobs)
-
         references = {  # every skippable method but the oracle and the text baseline's MiniLM, in the order they run
             "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
             "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed, n_jobs=n_jobs),
@@ -519,8 +515,11 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
                                               show_progress=show_progress, adapters_dir=out_dir / "adapters",
                                               watch=watch, n_jobs=n_jobs, jobs=jobs)
         if text is not None:
-            with watch("text_embedding"):  # its probes (and any wait for MiniLM)
-                scores["text_embedding"] = text_scores()
+            vectors, seconds = text.result()    # MiniLM's own seconds, not the wait for them
+            with watch("text_embedding"):       # and its probes'
+                scores["text_embedding"] = text_embedding_scores(world, tune, test, seed=cfg.seed, vectors=vectors,
+                                                                 n_jobs=n_jobs)
+            watch["text_embedding"] += seconds
     scores["static_embedding"] = trained["static"]
     scores["qanchor_base"] = trained["base"]
     scores["qanchor_prompt_tuned"] = trained["prompt_tuned"]
