@@ -16,9 +16,9 @@ A worker imports the module of the function it is given: give `fit_map` function
 The evaluation's torch work (MiniLM over every user for the text baseline, one prompt tuning per task) scales
 poorly with torch's own threads on two cores (1.5x for two threads) but well across independent jobs, and torch
 releases the GIL inside its kernels: two jobs in two Python threads of one torch thread each take 62 s, the same
-work one after the other 109 s on one torch thread and about 73 s on two (docs/design.md §7.21). `torch_jobs` gives such jobs a pool of threads;
-each job computes exactly what it computes alone in a one-thread process, so the numbers do not depend on the
-number of jobs or on which thread ran what (tests/test_parallel.py).
+work one after the other 109 s on one torch thread and about 73 s on two (docs/design.md §7.21). `torch_jobs`
+gives such jobs a pool of threads; each job computes exactly what it computes alone in a one-thread process, so the
+numbers do not depend on the number of jobs or on which thread ran what (tests/test_parallel.py).
 """
 from __future__ import annotations
 
@@ -99,8 +99,9 @@ class _Pool:
 def _one_torch_thread(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     import torch
 
-    # a new thread starts with the OpenMP and MKL defaults (every core) until torch's first parallel op resets them;
-    # setting the count here makes even a job's first op, and scikit-learn's OpenMP (k-means), run on one thread
+    # OpenMP's thread count is per thread: a new thread starts at the default (every core) until torch's lazy
+    # initialisation catches up (a job's first matmul here ran at two threads' speed); setting it now makes even that
+    # op, and scikit-learn's OpenMP in the job (k-means), run on one thread
     torch.set_num_threads(1)
     return fn(*args, **kwargs)
 
