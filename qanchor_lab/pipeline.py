@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -344,11 +344,6 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one)."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
-    if jobs is None:
-        with torch_jobs(n_jobs) as jobs:
-            return qanchor_scores(model, world, tuning=tuning, show_progress=show_progress, adapters_dir=adapters_dir,
-                                  with_features=with_features, with_probes=with_probes, watch=watch, n_jobs=n_jobs,
-                                  jobs=jobs)
     watch = watch if watch is not None else Stopwatch()
     tune, test = world.users_in("tune"), world.users_in("test")
     users = tune + test
@@ -376,7 +371,7 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     if tuning is None:
         return out, {}
 
-    with watch("prompt_tuning"):
+    with watch("prompt_tuning"), (torch_jobs(n_jobs) if jobs is None else nullcontext(jobs)) as jobs:
         return _prompt_tuned(model, world, store, tuning, out, show_progress=show_progress, adapters_dir=adapters_dir,
                              jobs=jobs)
 
