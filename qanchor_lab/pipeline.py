@@ -220,11 +220,17 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
     return world
 
 
+# DemoConfig fields only the evaluation reads (prompt tuning, the text baseline, the bootstrap): a run whose config
+# differs in these alone reuses its pre-trained model.
+EVALUATION_FIELDS = ("n_prompt", "tune_epochs", "n_boot", "text_max_chars", "text_max_events")
+
+
 def run_key(cfg: DemoConfig, data_dir=None) -> dict:
-    """What a demo's pre-trained model depends on, as JSON: the demo config, the model and pre-training configs it
-    resolves to (library defaults included, so that a changed default retrains rather than reusing an older
-    model), and the dataset directory when it is a user's own."""
-    key = {**asdict(cfg), "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
+    """What a demo's pre-trained model depends on, as JSON: the demo config without its EVALUATION_FIELDS, the model
+    and pre-training configs it resolves to (library defaults included, so that a changed default retrains rather
+    than reusing an older model), and the dataset directory when it is a user's own."""
+    demo = {k: v for k, v in asdict(cfg).items() if k not in EVALUATION_FIELDS}
+    key = {**demo, "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
     if data_dir is not None:
         key["data"] = str(Path(data_dir).resolve())
     return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
@@ -233,7 +239,8 @@ def run_key(cfg: DemoConfig, data_dir=None) -> dict:
 def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None
                       ) -> tuple[QAnchorModel, object, dict]:
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
-    same config (and dataset), else generated/trained there. Notebooks share models through this.
+    same config (EVALUATION_FIELDS aside: `run_key`) and dataset, else generated/trained there. Notebooks share
+    models through this.
     `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world."""
     run_dir = Path(run_dir)
     if data_dir is None:

@@ -345,6 +345,24 @@ def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch,
     assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
 
 
+def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
+    """Changing how a run is evaluated (prompt tokens, tuning epochs, resamples, the text baseline's text) must not
+    retrain its model; every other setting must."""
+    from dataclasses import fields, replace
+
+    from qanchor_lab.pipeline import EVALUATION_FIELDS, DemoConfig, run_key
+
+    cfg = DemoConfig()
+    key = run_key(cfg)
+    evaluation = {"n_prompt": 3, "tune_epochs": 2, "n_boot": 50, "text_max_chars": 100, "text_max_events": 2}
+    assert set(evaluation) == set(EVALUATION_FIELDS)
+    for name, value in evaluation.items():
+        assert run_key(replace(cfg, **{name: value})) == key, name
+    assert {f.name for f in fields(DemoConfig)} - set(EVALUATION_FIELDS) <= set(key)
+    for name, value in {"epochs": 1.0, "max_events": 4, "retrieval_pairs": 100, "max_steps": 5, "seed": 8}.items():
+        assert run_key(replace(cfg, **{name: value})) != key, name
+
+
 def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, tmp_path, monkeypatch):
     """DemoConfig's text_max_chars and text_max_events reach the serialisation of the text-embedding baseline."""
     from dataclasses import replace
