@@ -60,3 +60,17 @@ def test_bench_pretrain_counts_the_step_tokens_of_both_vocabularies():
     assert result["tokens_per_step"] > 8 * 20
     assert result["answer_vocab_tokens_per_second"] > 0 and result["answer_vocab_speedup"] > 0
     assert result["ratio_vs_bare_lm"] > 0 and result["ratio_vs_bare_body"] > 0
+
+
+def test_bench_bootstrap_reports_both_metrics_beside_the_goal():
+    """The report's bootstrap speed goal lives here, measured, not in a timed unit test."""
+    from qanchor_lab.bench import BOOTSTRAP_GOAL_S
+
+    proc = subprocess.run([sys.executable, "-m", "qanchor_lab", "bench", "bootstrap", "--json", "--fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["users"], result["tasks"], result["resamples"]) == (300, 3, 200)
+    assert result["auc_seconds"] > 0 and result["ks_seconds"] > 0 and result["auc_speedup"] > 0
+    assert result["goal_seconds"] == BOOTSTRAP_GOAL_S
+    assert result["meets_goal"] == (max(result["auc_seconds"], result["ks_seconds"]) <= BOOTSTRAP_GOAL_S)
