@@ -251,7 +251,10 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
         key = run_key(cfg, data_dir)
     marker = run_dir / "demo_config.json"
     model_dir = run_dir / "model"
-    if marker.exists() and json.loads(marker.read_text()) == key and (model_dir / "pretrain_summary.json").exists():
+    stored = json.loads(marker.read_text()) if marker.exists() else None
+    if isinstance(stored, dict):  # a marker written before run_key left out the evaluation fields still matches
+        stored = {k: v for k, v in stored.items() if k not in EVALUATION_FIELDS}
+    if stored == key and (model_dir / "pretrain_summary.json").exists():
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)

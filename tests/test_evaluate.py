@@ -363,6 +363,28 @@ def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
         assert run_key(replace(cfg, **{name: value})) != key, name
 
 
+def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuses_its_model(monkeypatch, tmp_path):
+    """A run directory whose demo_config.json still holds the evaluation fields (written before run_key left them
+    out) is reused when everything pre-training reads matches, and retrained when a training setting differs."""
+    from dataclasses import replace
+
+    import qanchor_lab.pipeline as P
+
+    cfg = P.DemoConfig()
+    monkeypatch.setattr(P, "ensure_demo_world", lambda c: "world")
+    monkeypatch.setattr(P.QAnchorModel, "from_pretrained", classmethod(lambda cls, d: ("loaded", str(d))))
+    trained = []
+    monkeypatch.setattr(P, "pretrain_world", lambda world, d, c, **k: trained.append(c) or (("trained", str(d)), {}))
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "pretrain_summary.json").write_text("{}")
+    old_marker = {**P.run_key(cfg), **{name: getattr(cfg, name) for name in P.EVALUATION_FIELDS}, "n_boot": 17}
+    (run / "demo_config.json").write_text(json.dumps(old_marker))
+    assert P.ensure_pretrained(run, cfg, show_progress=False)[0] == ("loaded", str(run / "model")) and not trained
+    assert P.ensure_pretrained(run, replace(cfg, epochs=1.0), show_progress=False)[0][0] == "trained"
+    assert json.loads((run / "demo_config.json").read_text()) == P.run_key(replace(cfg, epochs=1.0))
+
+
 def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, tmp_path, monkeypatch):
     """DemoConfig's text_max_chars and text_max_events reach the serialisation of the text-embedding baseline."""
     from dataclasses import replace
