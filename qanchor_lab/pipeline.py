@@ -225,12 +225,16 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
 EVALUATION_FIELDS = ("n_prompt", "tune_epochs", "n_boot", "text_max_chars", "text_max_events")
 
 
+def _training_fields(config: dict) -> dict:
+    """A demo config (or run marker) as a dict without its EVALUATION_FIELDS."""
+    return {k: v for k, v in config.items() if k not in EVALUATION_FIELDS}
+
+
 def run_key(cfg: DemoConfig, data_dir=None) -> dict:
     """What a demo's pre-trained model depends on, as JSON: the demo config without its EVALUATION_FIELDS, the model
     and pre-training configs it resolves to (library defaults included, so that a changed default retrains rather
     than reusing an older model), and the dataset directory when it is a user's own."""
-    demo = {k: v for k, v in asdict(cfg).items() if k not in EVALUATION_FIELDS}
-    key = {**demo, "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
+    key = {**_training_fields(asdict(cfg)), "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
     if data_dir is not None:
         key["data"] = str(Path(data_dir).resolve())
     return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
@@ -253,7 +257,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     model_dir = run_dir / "model"
     stored = json.loads(marker.read_text()) if marker.exists() else None
     if isinstance(stored, dict):  # a marker written before run_key left out the evaluation fields still matches
-        stored = {k: v for k, v in stored.items() if k not in EVALUATION_FIELDS}
+        stored = _training_fields(stored)
     if stored == key and (model_dir / "pretrain_summary.json").exists():
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
