@@ -30,9 +30,13 @@ test: test-unit test-notebooks
 test-unit: $(STAMP)
 	$(PY) -m pytest tests -q
 
-# One torch thread per kernel: on 2 cores, two threads run tiny models 5-10x slower whenever anything else is busy.
+# The notebooks run one after another, so each kernel has the machine: NB_THREADS torch (and BLAS) threads each,
+# 2 for a 2-core machine (docs/design.md §7.23: 470 s for the twelve against 542 s on one thread). Lower it when
+# something else shares the cores: two threads run tiny models 5-10x slower on a busy one. The experiment
+# notebooks' worker processes set their own (cores // JOBS).
+NB_THREADS ?= 2
 test-notebooks: $(STAMP)
-	QANCHOR_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=300 notebooks
+	QANCHOR_FAST=1 OMP_NUM_THREADS=$(NB_THREADS) $(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=300 notebooks
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -1,7 +1,8 @@
 """The query explorer as a person uses it: JupyterLab on localhost, the explorer notebook run in real headless
 Chromium (Debian's `chromium` driven by the `playwright` package, no browser download), the dropdown and the
 free-text box changed in the page, the plot's points read back from plotly's div, and a screenshot saved
-under runs/browser/.
+under runs/browser/. The notebook's world and fast model go to the test's temporary directory, not the checkout's
+data/ and runs/: the test neither reuses a model left there by older code nor leaves one for notebooks 03-05.
 
 Needs `apt-get install -y chromium` and the dev extras (playwright); .ci/run installs chromium. Without them the
 test is skipped with a message saying so, except in CI (QANCHOR_CI=1), where it fails instead.
@@ -23,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "10_query_explorer.ipynb"
-TIMEOUT_MS = 420_000  # the fast-mode notebook, plus a model trained on the spot if notebook 03 never ran
+TIMEOUT_MS = 420_000  # the fast-mode notebook, plus its world generated and its model trained on the spot
 
 
 def _requirements() -> tuple[str, object]:
@@ -54,7 +55,8 @@ def _free_port() -> int:
 def _start_lab(root: Path, port: int, tmp: Path) -> subprocess.Popen:
     env = {**os.environ, "QANCHOR_FAST": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime")}
+           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
+           "QANCHOR_DATA": str(tmp / "data"), "QANCHOR_RUNS": str(tmp / "runs")}  # pipeline.DATA_ROOT, RUNS_ROOT
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
            "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={root}",
            "--LabApp.expose_app_in_browser=True", f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
@@ -156,3 +158,5 @@ def test_explorer_notebook_in_headless_chromium(tmp_path):
         except subprocess.TimeoutExpired:
             lab.kill()
     assert shot.stat().st_size > 10_000
+    # the notebook trained its model in the test's directory, where _start_lab pointed it
+    assert (tmp_path / "runs" / "nb-fast" / "model" / "pretrain_summary.json").exists()
