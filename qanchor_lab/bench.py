@@ -13,12 +13,22 @@
 - `bootstrap`: the report's paired bootstrap at the demo's scale (1,500 test users, 10 tasks, 1,000 resamples), AUC
   (per task too) and KS, beside the 10 s goal of each, and the AUC's speedup over scikit-learn's roc_auc_score called
   per resample, task and method.
+- `hugepages`: the demo's two heaviest torch workloads (pre-training steps at its sizes, MiniLM over serialised
+  users) in child processes with torch's transparent huge pages off and on (THP_MEM_ALLOC_ENABLE, which importing
+  qanchor_lab turns on): seconds, minor page faults and kernel seconds of each, and whether the weights and vectors
+  come out bit-identical.
 Timings alternate the two contenders and take medians.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Literal
 
@@ -29,7 +39,7 @@ from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.world import WorldConfig, generate_world
 
-Bench = Literal["kv", "prompt", "pretrain", "explorer", "bootstrap"]
+Bench = Literal["kv", "prompt", "pretrain", "explorer", "bootstrap", "hugepages"]
 QUERIES = [
     "Is this user likely to repay the credit bill late next month?",
     "Will this user respond to a phone call about a cash reserve product?",
@@ -372,7 +382,88 @@ def bench_bootstrap(fast: bool = False, n_users: int = 1500, n_tasks: int = 10, 
             "plain_auc_seconds": plain_scaled, "plain_resamples_timed": naive_boot, "auc_speedup": plain_scaled / auc_s}
 
 
+def _digest(arrays) -> str:
+    """sha256 of the arrays' bytes, in order: equal digests are bit-identical results."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, dict]:
+    """fn's result, with its wall seconds, this process's kernel (system) seconds and minor page faults."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    out = fn()
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    return out, {"seconds": t1 - t0, "system_seconds": r1.ru_stime - r0.ru_stime, "page_faults": r1.ru_minflt - r0.ru_minflt}
+
+
+def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256) -> dict:
+    """The demo's two heaviest torch workloads, timed in this process (bench_hugepages runs it in children):
+    `steps` pre-training steps of the demo's model sizes (32 pairs each, the default PretrainConfig, torch's own
+    threads) and MiniLM over `n_texts` users serialised as the text baseline serialises them (the baseline's
+    encoder and batches). `fast`: 2 steps and 16 texts on the smoke-test world. Digests of the trained weights
+    and of the vectors say whether two runs computed the same bits."""
+    from qanchor_lab.baselines import text_embedding_vectors
+    from qanchor_lab.pipeline import DemoConfig, text_serialization
+    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
+
+    if fast:
+        steps, n_texts = 2, 16
+    torch.manual_seed(0)
+    world, model, _, users = _setup(fast)
+    model.train()
+    store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
+    pairs = make_pairs(world.qa, store)
+    step = PretrainStep(model, PretrainConfig(batch_size=32), answers=pairs.answers)
+    optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
+    if steps * 32 > len(pairs.queries):
+        raise ValueError(f"allocation_workloads: {steps} steps of 32 pairs need {steps * 32} pairs; the world has {len(pairs.queries)}")
+
+    def pretrain_steps() -> None:
+        for i in range(steps):
+            r = np.arange(i * 32, (i + 1) * 32)
+            out = step(store.batch(pairs.user_index[r]), [pairs.queries[j] for j in r], [pairs.answers[j] for j in r],
+                       torch.as_tensor(pairs.user_index[r]), torch.as_tensor(pairs.answer_ids[r]), None)  # StepLosses
+            out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    texts_of = list(users[:n_texts])
+    _, pretrain_t = _timed(pretrain_steps)
+    vectors, minilm_t = _timed(lambda: text_embedding_vectors(
+        world, texts_of, serialize_kw=text_serialization(DemoConfig(), world), show_progress=False))
+    return {"pretrain": {**pretrain_t, "steps": steps,
+                         "digest": _digest(p.detach().numpy() for p in step.parameters())},
+            "minilm": {**minilm_t, "texts": len(texts_of), "digest": _digest([vectors])}}
+
+
+def bench_hugepages(fast: bool = False, repeats: int = 3) -> dict:
+    """`allocation_workloads` in child processes with THP_MEM_ALLOC_ENABLE=0 and =1 in turns (torch reads it once
+    per process, so each run is a fresh process), `repeats` of each: medians of seconds, kernel seconds and minor
+    page faults per workload and setting, the speedup (off / on), and whether every run computed the same bits."""
+    code = ("import json, sys; from qanchor_lab.bench import allocation_workloads; "
+            f"print(json.dumps(allocation_workloads(fast={fast!r})))")
+    if fast:
+        repeats = 1
+    runs: dict[str, list[dict]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for name, value in (("off", "0"), ("on", "1")):
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  env={**os.environ, "THP_MEM_ALLOC_ENABLE": value})
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench hugepages: the child with THP_MEM_ALLOC_ENABLE={value} failed:\n{proc.stderr[-2000:]}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    med = statistics.median
+    out: dict = {"repeats": repeats}
+    for work in ("pretrain", "minilm"):
+        row = {f"{key}_{name}": med(r[work][key] for r in runs[name])
+               for name in runs for key in ("seconds", "system_seconds", "page_faults")}
+        row["speedup"] = row["seconds_off"] / row["seconds_on"]
+        row["identical"] = len({r[work]["digest"] for name in runs for r in runs[name]}) == 1
+        out[work] = row
+    return out
+
+
 def run(what: Bench, fast: bool = False) -> dict:
     torch.manual_seed(0)
-    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain,
-            "explorer": bench_explorer, "bootstrap": bench_bootstrap}[what](fast=fast)
+    return {"kv": bench_kv, "prompt": bench_prompt, "pretrain": bench_pretrain, "explorer": bench_explorer,
+            "bootstrap": bench_bootstrap, "hugepages": bench_hugepages}[what](fast=fast)

@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fast", action="store_true")
     m.set_defaults(func=_cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks: kv (cached-prefix speedup), prompt (tuning step cached vs full), pretrain (tokens/s vs bare backbone), explorer (new-query latency over 2,000 users), bootstrap (the report's paired bootstrap at the demo's scale)")
-    b.add_argument("what", choices=["kv", "prompt", "pretrain", "explorer", "bootstrap"])
+    b = sub.add_parser("bench", help="benchmarks: kv (cached-prefix speedup), prompt (tuning step cached vs full), pretrain (tokens/s vs bare backbone), explorer (new-query latency over 2,000 users), bootstrap (the report's paired bootstrap at the demo's scale), hugepages (the demo's torch work with torch's huge pages off and on)")
+    b.add_argument("what", choices=["kv", "prompt", "pretrain", "explorer", "bootstrap", "hugepages"])
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument("--fast", action="store_true")
     b.set_defaults(func=_cmd_bench)

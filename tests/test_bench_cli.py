@@ -74,3 +74,40 @@ def test_bench_bootstrap_reports_both_metrics_beside_the_goal():
     assert result["auc_seconds"] > 0 and result["ks_seconds"] > 0 and result["auc_speedup"] > 0
     assert result["goal_seconds"] == BOOTSTRAP_GOAL_S
     assert result["meets_goal"] == (max(result["auc_seconds"], result["ks_seconds"]) <= BOOTSTRAP_GOAL_S)
+
+
+_ALIGNMENT = ("import os, sys; {first}; x = torch.empty(8 << 20, dtype=torch.uint8); "
+              "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), x.data_ptr() % 4096 == 0)")
+
+
+@pytest.mark.parametrize("first, setting, expected", [
+    ("import qanchor_lab, torch", None, "1 True"),        # the package turns torch's huge pages on ...
+    ("import qanchor_lab, torch", "0", "0 False"),        # ... unless the user turned them off
+    ("import torch, qanchor_lab", None, "None False"),    # torch first: too late, so it leaves the variable alone
+])
+def test_importing_the_package_turns_on_torch_huge_pages_unless_told_otherwise(first, setting, expected):
+    """With THP_MEM_ALLOC_ENABLE=1 torch page-aligns its large CPU tensors (and madvises them to huge pages);
+    without it they are 64-byte aligned inside glibc's mapping, never on a page boundary."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    proc = subprocess.run([sys.executable, "-c", _ALIGNMENT.format(first=first)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == expected
+
+
+@pytest.mark.slow
+def test_bench_hugepages_times_both_settings_on_the_same_bits():
+    from qanchor_lab.bench import bench_hugepages
+
+    result = bench_hugepages(fast=True)
+    for work in ("pretrain", "minilm"):
+        row = result[work]
+        assert row["identical"] is True                   # huge pages change where tensors live, not what they hold
+        assert row["seconds_off"] > 0 and row["seconds_on"] > 0 and row["speedup"] > 0
+        assert row["page_faults_off"] > 0 and row["page_faults_on"] > 0
+    # the fast pre-training allocates tensors of several MB: huge pages must cut its page faults
+    assert result["pretrain"]["page_faults_on"] < result["pretrain"]["page_faults_off"]
