@@ -8,7 +8,7 @@ FAST ?=
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
-# torch's transparent huge pages for large CPU tensors: the same numbers in ~10% less time (docs/design.md §7.26).
+# torch's transparent huge pages for large CPU tensors: the same numbers 1.11-1.15x faster (docs/design.md §7.26).
 # Importing qanchor_lab sets it too, but a notebook or test that imports torch first would miss it.
 export THP_MEM_ALLOC_ENABLE ?= 1
 

@@ -398,12 +398,12 @@ def _timed(fn: Callable[[], object]) -> tuple[object, dict]:
     return out, {"seconds": t1 - t0, "system_seconds": r1.ru_stime - r0.ru_stime, "page_faults": r1.ru_minflt - r0.ru_minflt}
 
 
-def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256) -> dict:
+def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256, batch_size: int = 32) -> dict:
     """The demo's two heaviest torch workloads, timed in this process (bench_hugepages runs it in children):
-    `steps` pre-training steps of the demo's model sizes (32 pairs each, the default PretrainConfig, torch's own
-    threads) and MiniLM over `n_texts` users serialised as the text baseline serialises them (the baseline's
-    encoder and batches). `fast`: 2 steps and 16 texts on the smoke-test world. Digests of the trained weights
-    and of the vectors say whether two runs computed the same bits."""
+    `steps` pre-training steps of the demo's model sizes (`batch_size` pairs each, the default PretrainConfig,
+    torch's own threads) and MiniLM over `n_texts` users serialised as the text baseline serialises them (the
+    baseline's encoder and batches). `fast`: 2 steps and 16 texts on the smoke-test world. Digests of the trained
+    weights and of the vectors say whether two runs computed the same bits."""
     from qanchor_lab.baselines import text_embedding_vectors
     from qanchor_lab.pipeline import DemoConfig, text_serialization
     from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
@@ -411,36 +411,37 @@ def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256
     if fast:
         steps, n_texts = 2, 16
     torch.manual_seed(0)
-    world, model, _, users = _setup(fast)
+    world, model, _, test_users = _setup(fast)
     model.train()
     store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
     pairs = make_pairs(world.qa, store)
-    step = PretrainStep(model, PretrainConfig(batch_size=32), answers=pairs.answers)
+    if steps * batch_size > len(pairs.queries):
+        raise ValueError(f"allocation_workloads: {steps} steps of {batch_size} pairs need {steps * batch_size} pairs; "
+                         f"the world has {len(pairs.queries)}")
+    step = PretrainStep(model, PretrainConfig(batch_size=batch_size), answers=pairs.answers)
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
-    if steps * 32 > len(pairs.queries):
-        raise ValueError(f"allocation_workloads: {steps} steps of 32 pairs need {steps * 32} pairs; the world has {len(pairs.queries)}")
 
     def pretrain_steps() -> None:
         for i in range(steps):
-            r = np.arange(i * 32, (i + 1) * 32)
+            r = np.arange(i * batch_size, (i + 1) * batch_size)
             out = step(store.batch(pairs.user_index[r]), [pairs.queries[j] for j in r], [pairs.answers[j] for j in r],
                        torch.as_tensor(pairs.user_index[r]), torch.as_tensor(pairs.answer_ids[r]), None)  # StepLosses
             out.loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-    texts_of = list(users[:n_texts])
+    text_users = list(test_users[:n_texts])
     _, pretrain_t = _timed(pretrain_steps)
     vectors, minilm_t = _timed(lambda: text_embedding_vectors(
-        world, texts_of, serialize_kw=text_serialization(DemoConfig(), world), show_progress=False))
+        world, text_users, serialize_kw=text_serialization(DemoConfig(), world), show_progress=False))  # (n_texts, 384)
     return {"pretrain": {**pretrain_t, "steps": steps,
                          "digest": _digest(p.detach().numpy() for p in step.parameters())},
-            "minilm": {**minilm_t, "texts": len(texts_of), "digest": _digest([vectors])}}
+            "minilm": {**minilm_t, "texts": len(text_users), "digest": _digest([vectors])}}
 
 
 def bench_hugepages(fast: bool = False, repeats: int = 3) -> dict:
     """`allocation_workloads` in child processes with THP_MEM_ALLOC_ENABLE=0 and =1 in turns (torch reads it once
     per process, so each run is a fresh process), `repeats` of each: medians of seconds, kernel seconds and minor
     page faults per workload and setting, the speedup (off / on), and whether every run computed the same bits."""
-    code = ("import json, sys; from qanchor_lab.bench import allocation_workloads; "
+    code = ("import json; from qanchor_lab.bench import allocation_workloads; "
             f"print(json.dumps(allocation_workloads(fast={fast!r})))")
     if fast:
         repeats = 1
@@ -454,9 +455,10 @@ def bench_hugepages(fast: bool = False, repeats: int = 3) -> dict:
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     med = statistics.median
     out: dict = {"repeats": repeats}
-    for work in ("pretrain", "minilm"):
-        row = {f"{key}_{name}": med(r[work][key] for r in runs[name])
-               for name in runs for key in ("seconds", "system_seconds", "page_faults")}
+    for work, size in (("pretrain", "steps"), ("minilm", "texts")):
+        row = {size: runs["on"][0][work][size]}
+        row.update({f"{key}_{name}": med(r[work][key] for r in runs[name])
+                    for name in runs for key in ("seconds", "system_seconds", "page_faults")})
         row["speedup"] = row["seconds_off"] / row["seconds_on"]
         row["identical"] = len({r[work]["digest"] for name in runs for r in runs[name]}) == 1
         out[work] = row

@@ -104,6 +104,7 @@ def test_bench_hugepages_times_both_settings_on_the_same_bits():
     from qanchor_lab.bench import bench_hugepages
 
     result = bench_hugepages(fast=True)
+    assert (result["pretrain"]["steps"], result["minilm"]["texts"]) == (2, 16)
     for work in ("pretrain", "minilm"):
         row = result[work]
         assert row["identical"] is True                   # huge pages change where tensors live, not what they hold
