@@ -191,6 +191,17 @@ def bench_prompt(fast: bool = False, batch_size: int = 64) -> dict:
             "layouts": layouts}
 
 
+def _train_steps(step, optimizer, store, pairs, rows) -> int:
+    """One PretrainStep update per array of pair rows in `rows`; the tokens the steps trained on."""
+    n = 0
+    for r in rows:
+        out = step(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r], [pairs.answers[i] for i in r],
+                   torch.as_tensor(pairs.user_index[r]), torch.as_tensor(pairs.answer_ids[r]), None)  # StepLosses
+        out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+        n += int(out.n_tokens)
+    return n
+
+
 def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> dict:
     """Our pre-training step vs a bare causal-LM step of the backbone on the same token sequences, and our step
     with the next-token softmax over the answers' tokens only (PretrainConfig.lm_vocabulary="answers")."""
@@ -209,14 +220,7 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
     counts = {}
 
     def our_steps(name: str) -> None:
-        module, optimizer, n = modules[name], opts[name], 0
-        for r in rows:
-            out = module(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r],
-                         [pairs.answers[i] for i in r], torch.as_tensor(pairs.user_index[r]),
-                         torch.as_tensor(pairs.answer_ids[r]), None)                   # StepLosses
-            out.loss.backward(); optimizer.step(); optimizer.zero_grad()
-            n += int(out.n_tokens)
-        counts[name] = n
+        counts[name] = _train_steps(modules[name], opts[name], store, pairs, rows)
 
     # the same anchor sequences, fed to the bare backbone as a plain causal LM (loss on every position)
     seqs = []
@@ -421,15 +425,9 @@ def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256
     step = PretrainStep(model, PretrainConfig(batch_size=batch_size), answers=pairs.answers)
     optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
 
-    def pretrain_steps() -> None:
-        for i in range(steps):
-            r = np.arange(i * batch_size, (i + 1) * batch_size)
-            out = step(store.batch(pairs.user_index[r]), [pairs.queries[j] for j in r], [pairs.answers[j] for j in r],
-                       torch.as_tensor(pairs.user_index[r]), torch.as_tensor(pairs.answer_ids[r]), None)  # StepLosses
-            out.loss.backward(); optimizer.step(); optimizer.zero_grad()
-
+    rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
     text_users = list(test_users[:n_texts])
-    _, pretrain_t = _timed(pretrain_steps)
+    _, pretrain_t = _timed(lambda: _train_steps(step, optimizer, store, pairs, rows))
     vectors, minilm_t = _timed(lambda: text_embedding_vectors(
         world, text_users, serialize_kw=text_serialization(DemoConfig(), world), show_progress=False))  # (n_texts, 384)
     return {"pretrain": {**pretrain_t, "steps": steps,
