@@ -51,17 +51,33 @@ class MiniLMEncoder:
 
     The model loads on the first `encode` call, so a cache that already holds every text never pays
     for loading it.
+
+    `batch_invariant=True` makes each text's vector a function of that text alone. sentence-transformers
+    pads a batch to its longest text, so a text's vector moves in its last bits (up to ~1e-7) with the
+    texts that happen to share its batch; for a disk cache that means the vectors, and every model
+    trained on them, would depend on what earlier runs encoded first. Batch-invariant encoding pads each
+    text to its own length rounded up to `length_bucket` tokens and every batch to `batch_size` rows
+    (with empty texts), so each forward pass has one of a few fixed shapes whatever the batch holds:
+    the same bits for a text alone, among any others, and with one or two threads (docs/design.md
+    §7.27). It costs ~1.5x the encoding time; the disk cache (`get_text_encoder`) always uses it.
     """
 
-    name = "all-MiniLM-L6-v2"
     dim = 384
 
-    def __init__(self, batch_size: int = 64, show_progress_bar: bool = False, device: str = "cpu") -> None:
+    def __init__(self, batch_size: int = 64, show_progress_bar: bool = False, device: str = "cpu", *,
+                 batch_invariant: bool = False, length_bucket: int = 8) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if length_bucket < 1:
+            raise ValueError(f"length_bucket must be >= 1, got {length_bucket}")
         self.batch_size = batch_size  # sentences per forward pass
-        self.show_progress_bar = show_progress_bar  # tqdm bar from sentence-transformers
+        self.show_progress_bar = show_progress_bar  # tqdm bar
         self.device = device  # torch device string; "cpu" unless the caller has an accelerator
+        self.batch_invariant = batch_invariant  # each text's vector independent of its batch-mates
+        self.length_bucket = length_bucket  # batch-invariant only: texts are padded to a multiple of this
+        # The disk cache is keyed by the name, and batch-invariant vectors differ from sentence-transformers'
+        # own in their last bits, so the two never share a cache.
+        self.name = "all-MiniLM-L6-v2" + ("-batch-invariant" if batch_invariant else "")
         self._model: Any = None
 
     @staticmethod
@@ -92,6 +108,8 @@ class MiniLMEncoder:
         texts = _check_texts(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.batch_invariant:
+            return self._encode_fixed_shapes(texts)
         vecs = self._load().encode(
             texts,
             batch_size=self.batch_size,
@@ -100,6 +118,31 @@ class MiniLMEncoder:
             convert_to_numpy=True,
         )  # (n, 384)
         return np.asarray(vecs, dtype=np.float32)
+
+    def _encode_fixed_shapes(self, texts: list[str]) -> np.ndarray:  # (n, 384) float32
+        """The batch-invariant path: sentence-transformers' forward and normalisation, on batches of one
+        fixed shape (batch_size, L) per length bucket L."""
+        import torch
+        from tqdm.auto import tqdm
+
+        model = self._load()
+        tokenizer, max_len = model.tokenizer, model.max_seq_length
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            buckets.setdefault(min(-(-n // self.length_bucket) * self.length_bucket, max_len), []).append(i)
+        batches = [(width, rows[s : s + self.batch_size]) for width, rows in sorted(buckets.items())
+                   for s in range(0, len(rows), self.batch_size)]
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for width, rows in tqdm(batches, desc="MiniLM", unit="batch", disable=not self.show_progress_bar):
+                padded = [texts[i] for i in rows] + [""] * (self.batch_size - len(rows))  # always batch_size rows
+                features = tokenizer(padded, padding="max_length", max_length=width, truncation=True,
+                                     return_tensors="pt").to(model.device)  # (batch_size, width) each
+                vecs = model.forward(dict(features))["sentence_embedding"]  # (batch_size, 384)
+                vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)  # as encode(normalize_embeddings=True)
+                out[rows] = vecs[: len(rows)].float().cpu().numpy()
+        return out
 
 
 class HashingEncoder:
@@ -371,6 +414,8 @@ def get_text_encoder(
     if name not in _ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; valid choices: {', '.join(_ENCODERS)}")
     cache_kw = {k: kw.pop(k) for k in _CACHE_KW if k in kw}
-    base: TextEncoder = MiniLMEncoder(**kw) if name == "minilm" else HashingEncoder(**kw)
+    # The cache keeps a text's first vector for good, so MiniLM runs batch-invariant there: otherwise what an
+    # earlier run happened to encode alongside a text would decide that text's vector for every later run.
+    base: TextEncoder = MiniLMEncoder(**{"batch_invariant": True, **kw}) if name == "minilm" else HashingEncoder(**kw)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "text_embeddings"
     return CachedTextEncoder(base, root, **cache_kw)

