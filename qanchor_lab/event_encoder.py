@@ -409,7 +409,7 @@ def get_text_encoder(
 
     `cache_dir` defaults to `default_cache_dir() / "text_embeddings"`. Keyword arguments `chunk_size`,
     `show_progress_bar` and `max_shards` go to CachedTextEncoder, all others to the encoder
-    (MiniLMEncoder: batch_size, device; HashingEncoder: dim).
+    (MiniLMEncoder: batch_size, device, length_bucket, and batch_invariant, True here; HashingEncoder: dim).
     """
     if name not in _ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; valid choices: {', '.join(_ENCODERS)}")
