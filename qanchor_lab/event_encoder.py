@@ -59,7 +59,7 @@ class MiniLMEncoder:
     text to its own length rounded up to `length_bucket` tokens and every batch to `batch_size` rows
     (with empty texts), so each forward pass has one of a few fixed shapes whatever the batch holds:
     the same bits for a text alone, among any others, and with one or two threads (docs/design.md
-    §7.27). It costs ~1.5x the encoding time; the disk cache (`get_text_encoder`) always uses it.
+    §7.27). It costs 1.2-1.5x the encoding time; the disk cache (`get_text_encoder`) always uses it.
     """
 
     dim = 384
