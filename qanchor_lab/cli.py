@@ -100,7 +100,7 @@ def _cmd_diagnose(args) -> int:
     if args.max_users is not None:
         size["max_users"] = args.max_users
     diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True,
-                    n_jobs=args.jobs, **size)
+                    n_jobs=args.jobs, tune_selectivity_users=args.tune_selectivity_users, **size)
     out_dir = args.out or (model_dir.parent if model_dir.name == "model" else model_dir)
     js, md = save_diagnostics(diag, out_dir)
     print(diagnostics_markdown(diag))
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
     g.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
+    g.add_argument("--tune-selectivity-users", type=int, default=0, metavar="N",
+                   help="also query selectivity on N of the probed tune users, every D_uqa question each, "
+                        "cross-validated (the steadier read; about a minute per model for 600); default 0: skip")
     g.set_defaults(func=_cmd_diagnose)
 
     c = sub.add_parser("label-curve", help="probe AUC against the number of labelled tune users (the model under each "

@@ -19,7 +19,8 @@ traits) or, on real data, against the task labels, with the claims of QA derived
   the right claim? Compared with the majority claim and with logistic regression / GBDT on the model's
   own tabular input (the yardstick a model that reads its input should reach).
 - `query_selectivity`: does a question make the embedding more informative about its own answer? A claim
-  probe on the embedding under the intent's own query against the same probe under the generic query.
+  probe on the embedding under the intent's own query against the same probe under the generic query;
+  `tune_selectivity` asks it of tune users, every D_uqa question each, cross-validated (a larger sample).
 - `perfect_qa_learner_r2`: how much of the oracle score (the task label on real data) the D_uqa claims could
   explain at best, for the synthetic QA or QA derived from any log (derive_qa).
 
@@ -612,18 +613,78 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
             row[f"{name}_hit"] = next(preds) == row["claim"].to_numpy()
     rows = pd.concat(results, ignore_index=True)
 
-    def summarise(g: pd.DataFrame, with_ci: bool = True) -> dict[str, Any]:
-        diff = g["own_hit"].to_numpy(float) - g["generic_hit"].to_numpy(float)
-        out = {"n": int(len(g)), "own_acc": float(g["own_hit"].mean()), "generic_acc": float(g["generic_hit"].mean()),
-               "majority_acc": float(g["majority_hit"].mean()), "selectivity": float(diff.mean())}
-        half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if with_ci and len(diff) > 1 else math.nan
-        out.update(selectivity_low=out["selectivity"] - half, selectivity_high=out["selectivity"] + half)
-        return out
+    return _selectivity_table(rows)
 
-    per_intent = [{"intent": i, "source": g["source"].iloc[0], **summarise(g, with_ci=False)}
+
+def _selectivity_summary(g: pd.DataFrame, with_ci: bool = True) -> dict[str, Any]:
+    """n, own/generic/majority accuracy and own - generic (with a paired 95% CI over rows) of per-row hits."""
+    diff = g["own_hit"].to_numpy(float) - g["generic_hit"].to_numpy(float)
+    out = {"n": int(len(g)), "own_acc": float(g["own_hit"].mean()), "generic_acc": float(g["generic_hit"].mean()),
+           "majority_acc": float(g["majority_hit"].mean()), "selectivity": float(diff.mean())}
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if with_ci and len(diff) > 1 else math.nan
+    out.update(selectivity_low=out["selectivity"] - half, selectivity_high=out["selectivity"] + half)
+    return out
+
+
+def _selectivity_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-row hits (intent, source, own_hit, generic_hit, majority_hit) -> one row per intent, then `overall`."""
+    per_intent = [{"intent": i, "source": g["source"].iloc[0], **_selectivity_summary(g, with_ci=False)}
                   for i, g in rows.groupby("intent", sort=True)]
     per_intent.sort(key=lambda r: (r["source"], r["intent"]))
-    return pd.DataFrame(per_intent + _overall_rows(rows, summarise))
+    return pd.DataFrame(per_intent + _overall_rows(rows, _selectivity_summary))
+
+
+def tune_selectivity(model, world, users: Sequence[str] | str = "tune", *, max_users: int | None = 600,
+                     folds: int = 5, generic_query: str | None = None, seed: int = 0, store=None,
+                     batch_size: int = 256, show_progress: bool = False, n_jobs: int | None = None) -> pd.DataFrame:
+    """query_selectivity on users the model never trained on, with every user answering every question.
+
+    The D_uqa claims of `users` (default: up to `max_users` tune users drawn with `seed`) come from their
+    history window, as perfect_qa_learner_r2 derives them; per intent, a logistic probe of the claim is
+    cross-validated over those users (`folds`, shuffled by `seed`), reading each user's embedding under the
+    intent's own query or under the generic query. The sample is users x intents rows, where
+    query_selectivity scores a few hundred pretrain_val QA rows, whose mean moves by a few hundredths with
+    the draw (docs/design.md §7.27). The same columns and `overall` rows as query_selectivity; majority_acc
+    is the fit folds' most common claim. Intents with one claim among these users are left out. Costs one
+    embedding per user and intent (about a minute per model for 600 users on 2 cores). Needs the synthetic
+    world's history window or a derived-QA fit (as perfect_qa_learner_r2). `n_jobs` as in query_selectivity."""
+    from qanchor_lab.embedder import CachedEmbedder
+    from qanchor_lab.pipeline import GENERIC_QUERY
+
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    generic_query = generic_query if generic_query is not None else GENERIC_QUERY
+    users = sample_users(world, users, max_users, seed) if isinstance(users, str) else _check_users(world, users)
+    if len(users) < folds:
+        raise ValueError(f"tune_selectivity: {len(users)} user(s) cannot be split into folds={folds}")
+    claims, _ = _uqa_claims(world, users)                                               # (U, D_uqa intents)
+    catalogue = intent_catalogue(world.qa)
+    intents = [i for i in claims.columns if i in catalogue and claims[i].nunique() > 1]
+    if not intents:
+        raise ValueError("tune_selectivity: no D_uqa intent of the QA table has two or more claims among these users")
+    queries = [catalogue[i].query for i in intents] + [generic_query]
+    if store is None:
+        store = model.behaviour(world.events, world.profiles, users)
+    # every user under every own query and the generic one: each prefix computed once for all of them
+    E = np.asarray(CachedEmbedder(model.eval(), store).encode_pairs(
+        [u for u in users for _ in queries], queries * len(users), batch_size=batch_size,
+        show_progress_bar=show_progress)).reshape(len(users), len(queries), -1)     # (U, I+1, d)
+    splits = list(KFold(folds, shuffle=True, random_state=seed).split(np.arange(len(users))))
+    truth = {i: claims[i].astype(str).to_numpy() for i in intents}                   # (U,) each
+    fits = [("probe", E[fit, col], truth[i][fit], E[held, col])
+            for j, i in enumerate(intents) for fit, held in splits for col in (j, -1)]
+    preds = iter(fit_map(claim_predictions, fits, n_jobs, desc="tune selectivity probes", show_progress=show_progress))
+    rows = []
+    for i in intents:
+        y = truth[i]
+        own, generic, majority = (np.empty(len(y), dtype=object) for _ in range(3))
+        for fit, held in splits:
+            own[held], generic[held] = next(preds), next(preds)
+            counts = pd.Series(y[fit]).value_counts()
+            majority[held] = sorted(counts.index[counts == counts.max()])[0]
+        rows.append(pd.DataFrame({"intent": i, "source": catalogue[i].source, "own_hit": own == y,
+                                  "generic_hit": generic == y, "majority_hit": majority == y}))
+    return _selectivity_table(pd.concat(rows, ignore_index=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,20 +803,23 @@ def _store_key(model) -> str:
 
 
 def diagnose(model, world, *, untrained=None, query: str | None = None, max_users: int | None = 1500,
-             max_pairs: int | None = 600, geometry_users: int | None = 500, selectivity: bool = True, seed: int = 0,
-             show_progress: bool = False, n_jobs: int | None = None) -> dict[str, Any]:
+             max_pairs: int | None = 600, geometry_users: int | None = 500, selectivity: bool = True,
+             tune_selectivity_users: int = 0, seed: int = 0, show_progress: bool = False,
+             n_jobs: int | None = None) -> dict[str, Any]:
     """Every diagnostic for `model` (and `untrained`, when given, side by side) as a JSON-able dict.
 
     Stage probes use up to `max_users` tune users (drawn with `seed`), query geometry the first
     `geometry_users` of them; claim accuracy and query selectivity (`selectivity=False` skips it) use up to
-    `max_pairs` pretrain_val QA rows. `query`
+    `max_pairs` pretrain_val QA rows; `tune_selectivity_users` > 0 adds tune_selectivity over that many of the
+    probed tune users (every D_uqa question, cross-validated: the steadier read, at about a minute per model and
+    600 users). `query`
     defaults to the first task's query; geometry runs over every task query plus the generic query. `n_jobs`:
     worker processes for the claim yardstick's and the selectivity probes' fits (None: this process; -1: every
     core); the same numbers for any value.
 
     Keys: query, seed, n_users, max_pairs, geometry_users, retention_target, models, stages / geometry /
-    claims / selectivity ({model name: stage table records / query_geometry dict / claim table records /
-    query_selectivity records}), summary
+    claims / selectivity / tune_selectivity ({model name: stage table records / query_geometry dict / claim table
+    records / query_selectivity records / tune_selectivity records, when asked for}), summary
     ({model name: headline numbers}), perfect_qa (model-free), seconds."""
     from qanchor_lab.pipeline import GENERIC_QUERY
 
@@ -771,7 +835,10 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
                            "stage_target": task_targets(world, users)[1],
                            "geometry_users": len(users[:geometry_users]),
                            "retention_target": RETENTION_TARGET, "models": list(models),
-                           "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "summary": {}}
+                           "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "tune_selectivity": {},
+                           "summary": {}}
+    if tune_selectivity_users < 0:
+        raise ValueError(f"tune_selectivity_users must be >= 0 (0 skips it), got {tune_selectivity_users}")
     for name, m in models.items():
         m.eval()
         key = _store_key(m)
@@ -810,6 +877,14 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             out["summary"][name].update(own_query_probe_acc=top["own_acc"], generic_query_probe_acc=top["generic_acc"],
                                         query_selectivity=top["selectivity"], query_selectivity_low=top["selectivity_low"],
                                         query_selectivity_high=top["selectivity_high"])
+        if tune_selectivity_users:
+            sel = tune_selectivity(m, world, users[:tune_selectivity_users], seed=seed, store=store,
+                                   show_progress=show_progress, n_jobs=n_jobs)
+            top = sel[(sel["intent"] == "overall") & (sel["source"] == "all")].iloc[0]
+            out["tune_selectivity"][name] = _records(sel)
+            out["summary"][name].update(tune_query_selectivity=top["selectivity"],
+                                        tune_query_selectivity_low=top["selectivity_low"],
+                                        tune_query_selectivity_high=top["selectivity_high"])
     out["perfect_qa"] = perfect_qa_learner_r2(world, users, feature_spec=model.config.feature_spec, seed=seed)
     out["seconds"] = time.perf_counter() - t0
     return _jsonable(out)
@@ -912,7 +987,17 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
             "selectivity_high"])
             + "\n\nA logistic probe of the claim, fitted per intent on pretrain rows, reading the embedding under the "
               "intent's own query (own_acc) or the generic query (generic_acc); selectivity = own - generic with a "
-              "paired 95% CI. Above zero: the question makes the embedding more informative about its own answer.")
+              "paired 95% CI. Above zero: the question makes the embedding more informative about its own answer. "
+              "With a few hundred rows its mean moves by a few hundredths with the draw; the tune-user version "
+              "(`diagnose RUN --tune-selectivity-users 600`) is the steadier read.")
+    if diag.get("tune_selectivity"):
+        sel = [{"model": n, **r} for n in names for r in diag["tune_selectivity"].get(n, []) if r["intent"] == "overall"
+               and r["source"] == "all"]
+        parts.append("## Query selectivity on tune users (every D_uqa question, cross-validated)\n\n" + _md_table(sel, [
+            "model", "n", "own_acc", "generic_acc", "majority_acc", "selectivity", "selectivity_low",
+            "selectivity_high"])
+            + "\n\nThe same probe, cross-validated over tune users (never trained on), each answering every D_uqa "
+              "question from their history window; n = users x intents.")
     pq = diag["perfect_qa"]
     parts.append(f"## Perfect QA learner\n\nOne-hot D_uqa claims ({pq['n_intents']} intents, {pq['n_columns']} "
                  f"columns) vs the FeatureSpec vector, ridge R² against the "

@@ -384,7 +384,9 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
     if diag.get("selectivity"):
         out.append("<h3>Query selectivity</h3><p>Does a question make the embedding more informative about its own "
                    "answer? A claim probe per intent on the embedding under the intent's own query against the same "
-                   "probe under the generic query (held-out pre-training users; paired 95% CI).</p>")
+                   "probe under the generic query (held-out pre-training users; paired 95% CI). A few hundred rows: the "
+                   "mean moves by a few hundredths with the draw; <code>diagnose RUN --tune-selectivity-users 600</code> "
+                   "asks it of tune users, every question each, for a steadier read.</p>")
         out.append(table([{"model": n, **r} for n in names for r in diag["selectivity"][n] if r["intent"] == "overall"],
                          ["model", "source", "n", "own_acc", "generic_acc", "majority_acc", "selectivity",
                           "selectivity_low", "selectivity_high"]))

@@ -327,6 +327,42 @@ def test_query_selectivity_on_the_small_world(tiny_model, small_world, tiny_stor
         D.query_selectivity(tiny_model, small_world, max_pairs=120, store=tiny_store, max_train_per_intent=5)
 
 
+def test_tune_selectivity_finds_an_informative_question_and_nothing_else(tiny_model, small_world, tiny_store,
+                                                                         monkeypatch):
+    from qanchor_lab.embedder import CachedEmbedder
+
+    users = small_world.users_in("tune")[:120]
+    claims, _ = D._uqa_claims(small_world, users)
+    claim_of = {(u, i): c for i in claims.columns for u, c in zip(users, claims[i].astype(str))}
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encode_pairs(claim_of, "own"))
+    table = D.tune_selectivity(tiny_model, small_world, users, store=tiny_store)
+    top = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    kept = table.loc[table["intent"] != "overall", "intent"]
+    assert set(kept) == {i for i in claims.columns if claims[i].nunique() > 1}
+    assert top["n"] == len(users) * len(kept)                  # every user answers every kept question
+    assert top["own_acc"] > 0.9 and top["selectivity"] > 0.3 and top["selectivity_low"] > 0
+    assert top["majority_acc"] < top["own_acc"]
+    monkeypatch.setattr(CachedEmbedder, "encode_pairs", _fake_encode_pairs(claim_of, "neither"))
+    flat = D.tune_selectivity(tiny_model, small_world, users, store=tiny_store)
+    assert (flat["selectivity"] == 0).all() and (flat["own_acc"] == flat["generic_acc"]).all()
+
+
+def test_tune_selectivity_on_the_small_world(tiny_model, small_world, tiny_store):
+    table = D.tune_selectivity(tiny_model, small_world, max_users=60, store=tiny_store, folds=3)
+    per_intent = table[table["intent"] != "overall"]
+    overall = table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+    assert set(per_intent["source"]) == {"uqa"} and overall["n"] == 60 * len(per_intent)
+    for c in ("own_acc", "generic_acc", "majority_acc", "selectivity"):
+        assert overall[c] == pytest.approx((per_intent[c] * per_intent["n"]).sum() / overall["n"])
+    assert table.equals(D.tune_selectivity(tiny_model, small_world, max_users=60, store=tiny_store, folds=3))
+    with pytest.raises(ValueError, match="test users stay unseen"):
+        D.tune_selectivity(tiny_model, small_world, small_world.users_in("test")[:20], store=tiny_store)
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        D.tune_selectivity(tiny_model, small_world, max_users=60, store=tiny_store, folds=1)
+    with pytest.raises(ValueError, match="cannot be split into folds=5"):
+        D.tune_selectivity(tiny_model, small_world, small_world.users_in("tune")[:3], store=tiny_store)
+
+
 # ----- perfect QA learner -----------------------------------------------------------------------------
 
 
@@ -357,7 +393,8 @@ def small_diag(_tiny_model_session, small_world):
     with torch.no_grad():  # make "trained" differ: perturb the head
         noise = torch.randn(trained.head[2].weight.shape, generator=torch.Generator().manual_seed(0))
         trained.head[2].weight.add_(0.5 * noise)
-    return D.diagnose(trained, small_world, untrained=untrained, max_users=100, max_pairs=80, geometry_users=40)
+    return D.diagnose(trained, small_world, untrained=untrained, max_users=100, max_pairs=80, geometry_users=40,
+                      tune_selectivity_users=40)
 
 
 @pytest.mark.slow
@@ -371,6 +408,8 @@ def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
         assert diag["summary"][name]["claim_acc"] is not None
         assert diag["selectivity"][name][-1]["intent"] == "overall"
         assert diag["summary"][name]["query_selectivity"] == diag["selectivity"][name][-1]["selectivity"]
+        assert diag["tune_selectivity"][name][-1]["intent"] == "overall"
+        assert diag["summary"][name]["tune_query_selectivity"] == diag["tune_selectivity"][name][-1]["selectivity"]
     # the inputs do not depend on the model; the head perturbation changes only the embedding stage
     t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
     assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
@@ -384,7 +423,7 @@ def test_markdown_report_section_and_figure(small_diag, tmp_path):
 
     md = D.diagnostics_markdown(small_diag)
     for heading in ("## Headline", "## Oracle-score R² per stage", "## Query geometry", "## Claim accuracy",
-                    "## Query selectivity", "## Perfect QA learner"):
+                    "## Query selectivity", "## Query selectivity on tune users", "## Perfect QA learner"):
         assert heading in md
     assert "prefix_layer_0" in md and "acc_untrained" in md
     fig = D.figure_stage_r2(small_diag)
@@ -423,12 +462,14 @@ def test_cli_diagnose_on_a_saved_tiny_model(tiny_model, small_world, tmp_path, c
 
     tiny_model.save_pretrained(tmp_path / "run" / "model")
     save_world(small_world, tmp_path / "data")
-    rc = main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fast", "--max-users", "60"])
+    rc = main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fast", "--max-users", "60",
+               "--tune-selectivity-users", "30"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "# Representation diagnostics" in out and "wrote" in out
+    assert "# Representation diagnostics" in out and "wrote" in out and "## Query selectivity on tune users" in out
     diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert diag["n_users"] == 60 and diag["models"] == ["trained", "untrained"]
+    assert diag["tune_selectivity"]["trained"][-1]["n"] % 30 == 0   # 30 users x the kept questions
     # the saved model and the rebuilt untrained one are the same weights: identical numbers
     assert diag["summary"]["trained"] == diag["summary"]["untrained"]
     assert (tmp_path / "run" / "diagnostics.md").read_text().startswith("# Representation diagnostics")

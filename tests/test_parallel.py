@@ -77,6 +77,8 @@ def test_evaluation_and_diagnostics_fits_give_the_same_numbers_in_two_processes(
             "blend": B.combined_probe_scores(embed, w, tune, test, n_jobs=n_jobs),
             "yardstick": D.claim_baselines(w, tiny_store, max_pairs=60, n_jobs=n_jobs),
             "selectivity": D.query_selectivity(tiny_model, w, max_pairs=60, store=tiny_store, n_jobs=n_jobs),
+            "tune selectivity": D.tune_selectivity(tiny_model, w, max_users=40, folds=3, store=tiny_store,
+                                                   n_jobs=n_jobs),
         }
         if n_jobs == 1:
             serial = got
