@@ -823,6 +823,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
     ({model name: headline numbers}), perfect_qa (model-free), seconds."""
     from qanchor_lab.pipeline import GENERIC_QUERY
 
+    if tune_selectivity_users < 0:
+        raise ValueError(f"tune_selectivity_users must be >= 0 (0 skips it), got {tune_selectivity_users}")
     t0 = time.perf_counter()
     models = {"trained": model, **({"untrained": untrained} if untrained is not None else {})}
     queries = world.tasks["query"].tolist()
@@ -837,8 +839,6 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
                            "retention_target": RETENTION_TARGET, "models": list(models),
                            "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "tune_selectivity": {},
                            "summary": {}}
-    if tune_selectivity_users < 0:
-        raise ValueError(f"tune_selectivity_users must be >= 0 (0 skips it), got {tune_selectivity_users}")
     for name, m in models.items():
         m.eval()
         key = _store_key(m)

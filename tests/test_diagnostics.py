@@ -361,6 +361,8 @@ def test_tune_selectivity_on_the_small_world(tiny_model, small_world, tiny_store
         D.tune_selectivity(tiny_model, small_world, max_users=60, store=tiny_store, folds=1)
     with pytest.raises(ValueError, match="cannot be split into folds=5"):
         D.tune_selectivity(tiny_model, small_world, small_world.users_in("tune")[:3], store=tiny_store)
+    with pytest.raises(ValueError, match="tune_selectivity_users must be >= 0"):
+        D.diagnose(tiny_model, small_world, tune_selectivity_users=-1)
 
 
 # ----- perfect QA learner -----------------------------------------------------------------------------
