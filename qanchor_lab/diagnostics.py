@@ -989,7 +989,7 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
               "intent's own query (own_acc) or the generic query (generic_acc); selectivity = own - generic with a "
               "paired 95% CI. Above zero: the question makes the embedding more informative about its own answer. "
               "With a few hundred rows its mean moves by a few hundredths with the draw; the tune-user version "
-              "(`diagnose RUN --tune-selectivity-users 600`) is the steadier read.")
+              "(the demo's quick look, or `diagnose RUN --tune-selectivity-users 600`) is the steadier read.")
     if diag.get("tune_selectivity"):
         sel = [{"model": n, **r} for n in names for r in diag["tune_selectivity"].get(n, []) if r["intent"] == "overall"
                and r["source"] == "all"]

@@ -381,15 +381,24 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
     claims = claim_comparison(diag)
     out.append(table(claims[claims["intent"] == "overall"].to_dict("records"),
                      ["source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc"]))
+    question = ("Does a question make the embedding more informative about its own answer? A claim probe per intent on "
+                "the embedding under the intent's own query against the same probe under the generic query (paired 95% CI)")
     if diag.get("selectivity"):
-        out.append("<h3>Query selectivity</h3><p>Does a question make the embedding more informative about its own "
-                   "answer? A claim probe per intent on the embedding under the intent's own query against the same "
-                   "probe under the generic query (held-out pre-training users; paired 95% CI). A few hundred rows: the "
-                   "mean moves by a few hundredths with the draw; <code>diagnose RUN --tune-selectivity-users 600</code> "
-                   "asks it of tune users, every question each, for a steadier read.</p>")
+        out.append(f"<h3>Query selectivity on held-out pre-training users</h3><p>{question}, fitted on pretrain rows and "
+                   "scored on pretrain_val rows. A few hundred rows: the mean moves by a few hundredths with the draw; "
+                   "the tune-user version (the demo's, or <code>diagnose RUN --tune-selectivity-users 600</code>) is "
+                   "the steadier read.</p>")
         out.append(table([{"model": n, **r} for n in names for r in diag["selectivity"][n] if r["intent"] == "overall"],
                          ["model", "source", "n", "own_acc", "generic_acc", "majority_acc", "selectivity",
                           "selectivity_low", "selectivity_high"]))
+    if diag.get("tune_selectivity"):
+        out.append(f"<h3>Query selectivity on tune users</h3><p>{question}, cross-validated over tune users (never "
+                   "trained on), each answering every D_uqa question from their history window; n = users × questions."
+                   "</p>")
+        out.append(table([{"model": n, **r} for n in names for r in diag["tune_selectivity"].get(n, [])
+                          if r["intent"] == "overall" and r["source"] == "all"],
+                         ["model", "n", "own_acc", "generic_acc", "majority_acc", "selectivity", "selectivity_low",
+                          "selectivity_high"]))
     pq = diag["perfect_qa"]
     out.append(f"<p>Perfect QA learner: one-hot D_uqa claims explain oracle-score R² {cell(pq['claims_r2'])} "
                f"against {cell(pq['features_r2'])} for the tabular features. {html.escape(pq['note'])}</p>")

@@ -434,6 +434,9 @@ def test_markdown_report_section_and_figure(small_diag, tmp_path):
     section = diagnostics_section(small_diag)
     assert section.startswith("<h2>Representation diagnostics</h2>") and "fig-diagnostics-stages" in section
     assert section == diagnostics_section(small_diag)  # deterministic
+    for heading in ("Query selectivity on held-out pre-training users", "Query selectivity on tune users"):
+        assert heading in section
+        assert heading not in diagnostics_section({**small_diag, "selectivity": {}, "tune_selectivity": {}})
     js, mdp = D.save_diagnostics(small_diag, tmp_path / "out")
     assert json.loads(js.read_text())["models"] == ["trained", "untrained"] and mdp.read_text() == md
 

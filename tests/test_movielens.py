@@ -232,4 +232,10 @@ def test_demo_runs_end_to_end_without_an_oracle(wheel, tmp_path):
     # the diagnostics run on real data too, against the task labels
     diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
     assert diag["stage_target"] == "label" and set(diag["summary"]) == {"trained", "untrained"}
-    assert "Representation diagnostics" in (tmp_path / "run" / "report.html").read_text()
+    # the quick look asks query selectivity of tune users (every derived D_uqa question), not of pretrain_val rows
+    assert diag["selectivity"] == {} and set(diag["tune_selectivity"]) == {"trained", "untrained"}
+    top = diag["tune_selectivity"]["trained"][-1]
+    assert top["intent"] == "overall" and top["n"] > 0 and np.isfinite(diag["summary"]["trained"]["tune_query_selectivity"])
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Representation diagnostics" in report and "Query selectivity on tune users" in report
+    assert "Query selectivity on held-out pre-training users" not in report
