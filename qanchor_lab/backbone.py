@@ -46,6 +46,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qanchor_lab.event_encoder import default_cache_dir
+from qanchor_lab.parallel import torch_threads
 
 TinySize = Literal["xs", "s", "m"]
 EmbeddingInit = Literal["minilm", "random"]
@@ -252,12 +253,8 @@ def _projected_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     if hidden_size <= width:
         # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, far cheaper.
         scatter = (centred.T @ centred).double()  # (384, 384)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # threads only slow a 384 x 384 eigh down (4-40x on a busy 2-core CPU)
-        try:
+        with torch_threads(1):  # threads only slow a 384 x 384 eigh down (4-40x on a busy 2-core CPU)
             _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
-        finally:
-            torch.set_num_threads(threads)
         components = eigvecs.flip(1)[:, :hidden_size].T.float()  # (hidden, 384), largest variance first
         # Eigenvector signs are arbitrary; fix them so the result does not depend on the LAPACK build.
         signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))  # (hidden, 1)

@@ -280,7 +280,8 @@ def bench_explorer(fast: bool = False, n_users: int = 2000, method: str = "umap"
     Timed with the explorer's default of one torch thread and with torch's own setting (2 on the 2-core
     machines): on a shared machine two threads wait on each other whenever anything else runs, so both are
     reported; the top-level figures are for the explorer's default (ExplorerConfig.threads)."""
-    from qanchor_lab.explorer import ExplorerConfig, embed_query, explore, torch_threads
+    from qanchor_lab.explorer import ExplorerConfig, embed_query, explore
+    from qanchor_lab.parallel import torch_threads
 
     world, model, _, _ = _setup(fast)
     config = ExplorerConfig()

@@ -58,26 +58,32 @@ class MiniLMEncoder:
     trained on them, would depend on what earlier runs encoded first. Batch-invariant encoding pads each
     text to its own length rounded up to `length_bucket` tokens and every batch to `batch_size` rows
     (with empty texts), so each forward pass has one of a few fixed shapes whatever the batch holds:
-    the same bits for a text alone, among any others, and with one or two threads (docs/design.md
-    §7.27). It costs 1.2-1.5x the encoding time; the disk cache (`get_text_encoder`) always uses it.
+    the same bits for a text alone and among any others (docs/design.md §7.27). It also runs with a fixed
+    number of torch threads (`threads`), whatever the caller's setting: on some CPUs a matmul's rounding
+    depends on how many threads share it (on an AVX-512 Xeon, MiniLM's feed-forward output at one thread
+    and at two differs by up to 1.1e-7; on an AVX2 EPYC it did not; §7.28). It costs 1.2-1.5x the
+    encoding time; the disk cache (`get_text_encoder`) always uses it.
     """
 
     dim = 384
 
     def __init__(self, batch_size: int = 64, show_progress_bar: bool = False, device: str = "cpu", *,
-                 batch_invariant: bool = False, length_bucket: int = 8) -> None:
+                 batch_invariant: bool = False, length_bucket: int = 8, threads: int = 2) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if length_bucket < 1:
             raise ValueError(f"length_bucket must be >= 1, got {length_bucket}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
         self.batch_size = batch_size  # sentences per forward pass
         self.show_progress_bar = show_progress_bar  # tqdm bar
         self.device = device  # torch device string; "cpu" unless the caller has an accelerator
         self.batch_invariant = batch_invariant  # each text's vector independent of its batch-mates
         self.length_bucket = length_bucket  # batch-invariant only: texts are padded to a multiple of this
+        self.threads = threads  # batch-invariant only: torch threads of every forward pass, whatever the caller's
         # The disk cache is keyed by the name, and batch-invariant vectors differ from sentence-transformers'
-        # own in their last bits, so the two never share a cache.
-        self.name = "all-MiniLM-L6-v2" + ("-batch-invariant" if batch_invariant else "")
+        # own in their last bits (and, on some CPUs, with the thread count), so none of them share a cache.
+        self.name = "all-MiniLM-L6-v2" + (f"-batch-invariant-t{threads}" if batch_invariant else "")
         self._model: Any = None
 
     @staticmethod
@@ -121,9 +127,11 @@ class MiniLMEncoder:
 
     def _encode_fixed_shapes(self, texts: list[str]) -> np.ndarray:  # (n, 384) float32
         """The batch-invariant path: sentence-transformers' forward and normalisation, on batches of one
-        fixed shape (batch_size, L) per length bucket L."""
+        fixed shape (batch_size, L) per length bucket L, at `threads` torch threads."""
         import torch
         from tqdm.auto import tqdm
+
+        from qanchor_lab.parallel import torch_threads
 
         model = self._load()
         tokenizer, max_len = model.tokenizer, model.max_seq_length
@@ -134,7 +142,7 @@ class MiniLMEncoder:
         batches = [(width, rows[s : s + self.batch_size]) for width, rows in sorted(buckets.items())
                    for s in range(0, len(rows), self.batch_size)]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.threads):
             for width, rows in tqdm(batches, desc="MiniLM", unit="batch", disable=not self.show_progress_bar):
                 padded = [texts[i] for i in rows] + [""] * (self.batch_size - len(rows))  # always batch_size rows
                 features = tokenizer(padded, padding="max_length", max_length=width, truncation=True,
@@ -409,7 +417,7 @@ def get_text_encoder(
 
     `cache_dir` defaults to `default_cache_dir() / "text_embeddings"`. Keyword arguments `chunk_size`,
     `show_progress_bar` and `max_shards` go to CachedTextEncoder, all others to the encoder
-    (MiniLMEncoder: batch_size, device, length_bucket, and batch_invariant, True here; HashingEncoder: dim).
+    (MiniLMEncoder: batch_size, device, length_bucket, threads, and batch_invariant, True here; HashingEncoder: dim).
     """
     if name not in _ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; valid choices: {', '.join(_ENCODERS)}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import html
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -38,6 +37,7 @@ import torch
 from qanchor_lab.configs import DictConfig
 from qanchor_lab.behaviour import BehaviourStore
 from qanchor_lab.embedder import PrefixCache, run_cached
+from qanchor_lab.parallel import torch_threads
 
 Method = Literal["umap", "pca"]
 METHODS: tuple[str, ...] = ("umap", "pca")
@@ -87,18 +87,6 @@ class ExplorerConfig(DictConfig):
 
 # ----------------------------------------------------------------------------------------------
 # embedding queries over a cached population
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Run the block with `n` torch threads (None: leave torch's setting), restoring the setting after."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()

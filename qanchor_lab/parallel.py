@@ -32,6 +32,20 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with `n` torch threads (None: leave torch's setting), restoring the setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_n_jobs(n_jobs: int | None) -> int:
     """scikit-learn's convention: None -> 1 (this process), -1 -> every core, k >= 1 -> k processes."""
     if n_jobs is None:
