@@ -1,5 +1,5 @@
 """Independent work in parallel with the numbers of serial work: scikit-learn fits in worker processes (`fit_map`),
-torch jobs in threads of one torch thread each (`torch_jobs`).
+torch jobs in threads of one torch thread each (`torch_jobs`), a block at a set torch thread count (`torch_threads`).
 
 The evaluation and the diagnostics fit many small scikit-learn models that do not depend on each other. Each fit
 is single-threaded, Python-bound work (lbfgs steps, tree growing), so on the demo's 2 cores the second core sits
