@@ -61,8 +61,8 @@ class MiniLMEncoder:
     the same bits for a text alone and among any others (docs/design.md §7.27). It also runs with a fixed
     number of torch threads (`threads`), whatever the caller's setting: on some CPUs a matmul's rounding
     depends on how many threads share it (on an AVX-512 Xeon, MiniLM's vectors at one thread and at two
-    differ by up to 1.1e-7, through its feed-forward output; on an AVX2 EPYC they did not; §7.28). It costs 1.2-1.5x the
-    encoding time; the disk cache (`get_text_encoder`) always uses it.
+    differ by up to 1.1e-7, through its feed-forward output; on an AVX2 EPYC they did not; §7.28). It
+    costs 1.2-1.5x the encoding time; the disk cache (`get_text_encoder`) always uses it.
     """
 
     dim = 384
