@@ -16,7 +16,7 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 # that get imported (bert, llama; qwen2, bloom and paligemma by transformers and peft themselves; every model's
 # __init__ and configuration stay, for the auto classes), inductor's code generators, and packages nothing here
 # imports. 39% of the source bytes and none of what the demo or the tests imported when measured; a file left out
-# still imports, compiled when used (docs/design.md §7.32). 25 s less to install on 2 cores.
+# still imports, compiled when used (docs/design.md §7.32). 27 s less to install on 2 cores, in paired runs.
 BYTECODE_SKIP := /site-packages/((pip|setuptools|networkx|sympy/physics|numba/cuda)/|transformers/models/(?!(auto|bert|llama|qwen2|bloom|paligemma)/)[^/]+/(?!__init__|configuration_)|torch/_inductor/(codegen|kernel|fx_passes)/|(.+/)?tests?/)
 
 .PHONY: install demo test test-unit test-notebooks lab clean
