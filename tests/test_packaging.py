@@ -41,3 +41,31 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme
     assert "HF_HUB_OFFLINE=1" in ci
+
+
+def _bytecode_skip() -> re.Pattern[str]:
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines() if l.startswith("BYTECODE_SKIP :="))
+    return re.compile(line.partition(":=")[2].strip())
+
+
+def test_install_compiles_every_module_the_toolkit_imports():
+    # `make install` leaves BYTECODE_SKIP out of compileall (docs/design.md §7.32); a module the toolkit imports
+    # that it leaves out would be compiled again in every process where PYTHONDONTWRITEBYTECODE=1.
+    import importlib
+    import sys
+
+    skip = _bytecode_skip()
+    for name in ("qanchor_lab.pipeline", "qanchor_lab.evaluate", "qanchor_lab.diagnostics", "qanchor_lab.report",
+                 "qanchor_lab.explorer", "qanchor_lab.backbone", "sentence_transformers", "peft", "umap"):
+        importlib.import_module(name)
+    files = [str(getattr(m, "__file__", None) or "") for m in list(sys.modules.values())]
+    installed = [f for f in files if "/site-packages/" in f]
+    assert len(installed) > 1000  # the stack itself, so the check below is not vacuous
+    left_out = sorted(f for f in installed if skip.search(f))
+    assert not left_out, f"BYTECODE_SKIP leaves out modules the toolkit imports: {left_out[:5]}"
+    # and it does leave out what it is meant to
+    site = installed[0].partition("/site-packages/")[0] + "/site-packages/"
+    for path in ("transformers/models/gpt2/modeling_gpt2.py", "pandas/tests/test_common.py", "pip/__init__.py"):
+        assert skip.search(site + path), path
+    for path in ("transformers/models/gpt2/configuration_gpt2.py", "transformers/models/llama/modeling_llama.py"):
+        assert not skip.search(site + path), path
