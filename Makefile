@@ -14,10 +14,12 @@ export THP_MEM_ALLOC_ENABLE ?= 1
 
 # What compileall leaves out: the packages' own test suites, transformers' ~400 model implementations but the few
 # that get imported (bert, llama; qwen2, bloom and paligemma by transformers and peft themselves; every model's
-# __init__ and configuration stay, for the auto classes), inductor's code generators, and packages nothing here
-# imports. 39% of the source bytes and none of what the demo or the tests imported when measured; a file left out
-# still imports, compiled when used (docs/design.md §7.32). 27 s less to install on 2 cores, in paired runs.
-BYTECODE_SKIP := /site-packages/((pip|setuptools|networkx|sympy/physics|numba/cuda)/|transformers/models/(?!(auto|bert|llama|qwen2|bloom|paligemma)/)[^/]+/(?!__init__|configuration_)|torch/_inductor/(codegen|kernel|fx_passes)/|(.+/)?tests?/)
+# __init__, configuration and tokenizer modules stay: the auto classes import the first two, and SmolLM2's first
+# load from GGUF imports gemma's, gpt2's, t5's and qwen3_5's tokenizers), inductor's code generators, and packages
+# nothing here imports. 38% of the source bytes and none of what the demo or the tests imported when measured; a
+# file left out still imports, compiled when used (docs/design.md §7.32, §7.33). 27 s less to install on 2 cores,
+# in paired runs.
+BYTECODE_SKIP := /site-packages/((pip|setuptools|networkx|sympy/physics|numba/cuda)/|transformers/models/(?!(auto|bert|llama|qwen2|bloom|paligemma)/)[^/]+/(?!__init__|configuration_|tokenization_)|torch/_inductor/(codegen|kernel|fx_passes)/|(.+/)?tests?/)
 
 .PHONY: install demo test test-unit test-notebooks lab clean
 
