@@ -155,21 +155,65 @@ def _cmd_label_curve(args) -> int:
 def _cmd_tune_splits(args) -> int:
     import pandas as pd
 
-    from qanchor_lab.label_budget import curve_summary, run_tune_splits
+    from qanchor_lab.label_budget import curve_summary, model_representations, tune_crossfit, tune_resamples, tune_splits
 
     model, world, others, out_dir = _load_for_probes(args)
-    frame = run_tune_splits(model, world, splits=args.splits, fit_share=args.fit_share, seed=args.seed, others=others)
+    against = _tune_scores_of(args.against) if args.against else None    # read first: a bad path fails fast
+    tune = world.users_in("tune")
+    reps = model_representations(model, world, tune, others=others)
+    frame = tune_splits(reps, world.labels, world.tasks, tune, splits=args.splits, fit_share=args.fit_share,
+                        seed=args.seed, show_progress=True)
+    scores = tune_crossfit(reps, world.labels, world.tasks, tune, folds=args.folds, seed=args.seed, show_progress=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     vs_static = curve_summary(frame, reference="static_embedding")
     vs_features = curve_summary(frame, reference="logreg_features")
     frame.to_csv(out_dir / "tune_splits.csv", index=False)
     pd.concat([vs_static, vs_features], ignore_index=True).to_csv(out_dir / "tune_splits_summary.csv", index=False)
+    scores.to_parquet(out_dir / "tune_scores.parquet", index=False)
     print(f"tune users only: {args.splits} splits, the probe fitted on {frame['budget'].iloc[0]} and scored on the rest")
     print(vs_static.set_index("method")[["auc", "auc_low", "auc_high"]].round(4).to_string())
     _print_differences("task query - generic query", vs_static)
     _print_differences("embedding - features", vs_features)
-    print(f"\nwrote {out_dir / 'tune_splits.csv'} and tune_splits_summary.csv")
+    contrasts = {"task query - generic query": {"qanchor_base": 1, "static_embedding": -1},
+                 "embedding - features": {"qanchor_base": 1, "logreg_features": -1}}
+    contrasts.update({f"{o} model (task query) - generic query": {o: 1, "static_embedding": -1} for o in others})
+    if against is not None:
+        _check_same_folds(scores, against, args.against)
+        scores = pd.concat([scores, against.assign(method="other:" + against["method"])], ignore_index=True)
+        contrasts.update({
+            "base: this run - other": {"qanchor_base": 1, "other:qanchor_base": -1},
+            "static: this run - other": {"static_embedding": 1, "other:static_embedding": -1},
+            "the query's gain: this run - other": {"qanchor_base": 1, "static_embedding": -1,
+                                                   "other:qanchor_base": -1, "other:static_embedding": 1}})
+    resamples = tune_resamples(scores, world.labels, world.tasks, seed=args.seed)
+    print(f"\nevery tune user scored once ({args.folds}-fold cross-fit), 95% CIs resampling users "
+          f"(the splits' intervals above cover the probe's draws only; docs/design.md §7.35):")
+    for title, terms in contrasts.items():
+        r = resamples.contrast(terms)
+        print(f"  {title}: {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]")
+    print(f"\nwrote {out_dir / 'tune_splits.csv'}, tune_splits_summary.csv and tune_scores.parquet")
     return 0
+
+
+def _tune_scores_of(run) -> "pd.DataFrame":
+    """The cross-fitted tune scores another `tune-splits` run wrote (RUN/tune_scores.parquet, or the file itself)."""
+    import pandas as pd
+
+    path = Path(run)
+    path = path / "tune_scores.parquet" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"--against {run}: no tune_scores.parquet there; run `python -m qanchor_lab "
+                                f"tune-splits {run}` first (same --seed and --folds)")
+    return pd.read_parquet(path)
+
+
+def _check_same_folds(scores, other, where) -> None:
+    """Two runs' tune scores compare user by user only on the same tune users cut into the same folds."""
+    a = scores.drop_duplicates("user_id").set_index("user_id")["fold"]
+    b = other.drop_duplicates("user_id").set_index("user_id")["fold"] if "fold" in other else None
+    if b is None or set(a.index) != set(b.index) or not (b.reindex(a.index) == a).all():
+        raise ValueError(f"--against {where}: its tune scores are not on the same tune users and folds as this run's "
+                         f"(same world, and tune-splits with the same --seed and --folds)")
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -268,9 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
     t.add_argument("--splits", type=int, default=10, help="random splits of the tune users")
     t.add_argument("--fit-share", type=float, default=0.7, help="share of the tune users each probe is fitted on")
-    t.add_argument("--seed", type=int, default=0, help="seed of the splits")
+    t.add_argument("--seed", type=int, default=0, help="seed of the splits, the folds and the resamples")
+    t.add_argument("--folds", type=int, default=5, help="folds of the cross-fit that scores every tune user once "
+                   "(for intervals that resample users)")
+    t.add_argument("--against", default=None, help="another run's tune-splits output (its directory or "
+                   "tune_scores.parquet, same world, --seed and --folds): paired differences between the two models")
     t.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
-    t.add_argument("--out", default=None, help="where tune_splits.csv/_summary.csv go (default: the run directory)")
+    t.add_argument("--out", default=None, help="where tune_splits.csv/_summary.csv and tune_scores.parquet go (default: the run directory)")
     t.set_defaults(func=_cmd_tune_splits)
 
     from qanchor_lab.experiments import EXPERIMENTS

@@ -15,7 +15,11 @@ does all of it for a model: the embedding under each task's query (qanchor_base)
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
 the label curve's table shape (budget = users fitted, draw = split), so `curve_summary` gives paired t-intervals
-over splits. `run_tune_splits` runs it for a model (docs/design.md §7.16).
+over splits. `run_tune_splits` runs it for a model (docs/design.md §7.16). Those intervals cover which tune users
+the probe happened to be fitted on, not which users were drawn into the tune split (§7.35): `tune_crossfit` scores
+every tune user once, out of fold, and `tune_resamples` resamples users over those scores, as the test report does,
+for intervals a choice between models can rest on (`Resamples.contrast` compares one model's query gain with
+another's).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from qanchor_lab.baselines import ProbeConfig, _check_matrix, _split_ids, _tune_targets, probe_scores
-from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
+from qanchor_lab.data import DataValidationError, require_columns, validate_labels, validate_tasks
 
 BUDGETS: tuple[int, ...] = (50, 100, 200, 400)  # labelled tune users per task, the default curve
 
@@ -197,21 +201,8 @@ def tune_splits(
     cut = int(round(fit_share * len(tune)))
     if not 0 < cut < len(tune):
         raise ValueError(f"fit_share {fit_share} of {len(tune)} tune users leaves no users to fit or to score")
-    for name, X in representations.items():
-        if np.ndim(X) not in (2, 3) or len(X) != len(tune):
-            raise ValueError(f"representation {name!r}: expected one row per tune user ({len(tune)}); "
-                             f"got shape {np.shape(X)}")
-    # the scored users are tune users: each needs every task's label (label_curve would call them test users)
-    tasks_v = validate_tasks(tasks)
-    labels_v = validate_labels(labels, tasks=tasks_v)
-    y = (labels_v[labels_v["user_id"].isin(set(tune))].pivot(index="user_id", columns="task_id", values="label")
-         .reindex(index=tune, columns=tasks_v["task_id"]))
-    missing = y.isna()
-    if missing.any().any():
-        users = [u for u in tune if missing.loc[u].any()]
-        raise DataValidationError(f"labels: tune_splits scores tune users, so each needs a label for every task; "
-                                  f"{len(users)} tune user(s) miss one, e.g. {users[:5]} (task "
-                                  f"{missing.columns[missing.loc[users[0]]][0]!r} for {users[0]!r})")
+    _check_tune_rows(representations, tune)
+    _tune_label_matrix(labels, tasks, tune, "tune_splits")
     parts = []
     for r in tqdm(range(splits), desc="tune splits", unit="split", disable=not show_progress):
         order = np.random.default_rng([seed, r]).permutation(len(tune))
@@ -223,6 +214,104 @@ def tune_splits(
             raise ValueError(f"tune split {r}: {exc}") from None
         parts.append(curve.assign(draw=r))
     return pd.concat(parts, ignore_index=True)
+
+
+def _check_tune_rows(representations: Mapping[str, np.ndarray], tune: list[str]) -> None:
+    if not representations:
+        raise ValueError("representations: give at least one (name -> matrix)")
+    for name, X in representations.items():
+        if np.ndim(X) not in (2, 3) or len(X) != len(tune):
+            raise ValueError(f"representation {name!r}: expected one row per tune user ({len(tune)}); "
+                             f"got shape {np.shape(X)}")
+
+
+def _tune_label_matrix(labels: pd.DataFrame, tasks: pd.DataFrame, tune: list[str], who: str) -> pd.DataFrame:
+    """(tune users x tasks) 0/1 labels, tasks in `tasks` order. The scored users are tune users, so each needs
+    every task's label (label_curve would call them test users); a gap is named with its user and task."""
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    y = (labels_v[labels_v["user_id"].isin(set(tune))].pivot(index="user_id", columns="task_id", values="label")
+         .reindex(index=tune, columns=tasks_v["task_id"]))
+    missing = y.isna()
+    if missing.any().any():
+        users = [u for u in tune if missing.loc[u].any()]
+        raise DataValidationError(f"labels: {who} scores tune users, so each needs a label for every task; "
+                                  f"{len(users)} tune user(s) miss one, e.g. {users[:5]} (task "
+                                  f"{missing.columns[missing.loc[users[0]]][0]!r} for {users[0]!r})")
+    return y.astype(int)
+
+
+def tune_crossfit(
+    representations: Mapping[str, np.ndarray],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    tune_users: Sequence[str],
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    config: ProbeConfig | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Out-of-fold probe scores for every tune user: the users cut into `folds` folds (seeded, the same for every
+    task and representation), each fold scored by the library's probe fitted on the others. Returns the
+    evaluation's long score table with the fold: user_id, task_id, method, score, fold (`tune_resamples` turns it
+    into paired CIs).
+
+    Why beside `tune_splits`: its t-interval over splits covers which tune users the probe was fitted on, not
+    which users were drawn into the tune split; the splits overlap, so the interval shrinks towards zero as
+    splits are added while a new draw of users would still move the difference (docs/design.md §7.35). Scoring
+    every tune user once and resampling users, as the test report does, gives intervals of the test report's
+    kind, on users a choice may read."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2; got {folds!r}")
+    tune = list(tune_users)
+    if len(tune) < folds:
+        raise ValueError(f"{folds} folds need at least as many tune users; got {len(tune)}")
+    _check_tune_rows(representations, tune)
+    y = _tune_label_matrix(labels, tasks, tune, "tune_crossfit")                      # (U, T)
+    task_ids = list(y.columns)
+    mats = {name: _per_task(name, X, len(tune), len(task_ids)) for name, X in representations.items()}
+    fold_of = np.empty(len(tune), dtype=np.int64)
+    fold_of[np.random.default_rng([seed, folds]).permutation(len(tune))] = np.arange(len(tune)) % folds
+    config = config or ProbeConfig()
+    scores = {name: np.empty((len(tune), len(task_ids))) for name in mats}               # name -> (U, T)
+    jobs = [(f, k) for f in range(folds) for k in range(len(task_ids))]
+    for f, k in tqdm(jobs, desc="tune cross-fit", unit="fit", disable=not show_progress):
+        fit, scored = fold_of != f, fold_of == f
+        yk = y.iloc[:, k].to_numpy()
+        if min(yk[fit].sum(), (1 - yk[fit]).sum()) < config.cv:
+            raise ValueError(f"task {task_ids[k]!r}: fold {f}'s fitting users hold {int(yk[fit].sum())} positive and "
+                             f"{int((1 - yk[fit]).sum())} negative labels; the probe needs at least {config.cv} of each")
+        for name, X in mats.items():
+            Xk = X[:, k] if X.ndim == 3 else X
+            scores[name][scored, k] = probe_scores(Xk[fit], yk[fit], Xk[scored], config)
+    return pd.concat([pd.DataFrame({"user_id": np.repeat(tune, len(task_ids)), "task_id": task_ids * len(tune),
+                                    "method": name, "score": S.ravel(), "fold": np.repeat(fold_of, len(task_ids))})
+                      for name, S in scores.items()], ignore_index=True)
+
+
+def tune_resamples(scores: pd.DataFrame, labels: pd.DataFrame, tasks: pd.DataFrame, *, n_boot: int = 1000,
+                   seed: int = 0):
+    """`metrics.Resamples` over the tune users of cross-fitted scores (`tune_crossfit`'s table, or several runs'
+    tables on the same folds concatenated with distinct method names): `.paired(a, b)` and `.contrast({...})`
+    resample users as the test report does. Each fold's AUC is its own probe's (every fold of a task is a
+    column of the resamples, and their mean is the task's), as in `tune_splits`: pooling five probes' scores
+    into one AUC would also count how their intercepts differ."""
+    from qanchor_lab.metrics import Resamples
+
+    require_columns(scores, ("user_id", "task_id", "method", "score", "fold"), "tune scores")
+    fold_of = scores.drop_duplicates("user_id").set_index("user_id")["fold"]
+    folds = sorted(fold_of.unique())
+    column = lambda task, fold: task.astype(str) + " | fold " + fold.astype(str)  # noqa: E731
+    tune_labels = labels[labels["user_id"].isin(fold_of.index)]
+    tune_labels = tune_labels.assign(task_id=column(tune_labels["task_id"], tune_labels["user_id"].map(fold_of)))
+    per_fold = validate_tasks(tasks).loc[lambda t: t["task_id"].isin(set(scores["task_id"]))]
+    per_fold = pd.concat([per_fold.assign(task_id=per_fold["task_id"] + f" | fold {f}") for f in folds],
+                         ignore_index=True)
+    scored = scores.assign(task_id=column(scores["task_id"], scores["fold"]))
+    return Resamples(tune_labels, per_fold, {m: g[["user_id", "task_id", "score"]]
+                                             for m, g in scored.groupby("method", sort=False)},
+                     n_boot=n_boot, seed=seed)
 
 
 def run_tune_splits(model, world, *, splits: int = 10, fit_share: float = 0.7, seed: int = 0,

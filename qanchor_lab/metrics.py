@@ -13,7 +13,7 @@ resamples among many methods and computes each method's resampled metrics once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, Mapping, get_args
 
 import numpy as np
 import pandas as pd
@@ -395,12 +395,22 @@ class Resamples:
     def paired(self, a: str, b: str, metric: Metric = "auc", *, ci: float = 0.95,
                alternative: Alternative = "greater", per_task: bool = False) -> dict:
         """As `paired_bootstrap`, for the methods `a` and `b` (a - b)."""
+        terms = {a: 1.0}
+        terms[b] = terms.get(b, 0.0) - 1.0  # a method against itself: weight 0, a difference of 0
+        return self.contrast(terms, metric, ci=ci, alternative=alternative, per_task=per_task)
+
+    def contrast(self, terms: Mapping[str, float], metric: Metric = "auc", *, ci: float = 0.95,
+                 alternative: Alternative = "greater", per_task: bool = False) -> dict:
+        """A weighted sum of methods' metrics under the same resamples, e.g. {a: 1, b: -1} (= `paired(a, b)`, to
+        the bit) or a difference of differences {a: 1, b: -1, c: -1, d: 1}: whether the gain of a over b exceeds
+        that of c over d on the same users. Keys as `paired`'s result ("diff" is the contrast's value)."""
         _check_boot_args(metric, self.n_boot, ci, alternative)
-        obs_a, boot_a = self.values(a, metric)
-        obs_b, boot_b = self.values(b, metric)
-        observed = obs_a - obs_b  # (T,)
-        valid = _valid_rows(boot_a, boot_b, n_boot=self.n_boot)
-        diffs = boot_a[valid] - boot_b[valid]  # (B', T)
+        if not terms:
+            raise ValueError("contrast needs at least one (method -> weight) term")
+        values = {name: self.values(name, metric) for name in terms}
+        observed = sum(float(w) * values[n][0] for n, w in terms.items())  # (T,)
+        valid = _valid_rows(*(v[1] for v in values.values()), n_boot=self.n_boot)
+        diffs = sum(float(w) * values[n][1][valid] for n, w in terms.items())  # (B', T)
         avg = diffs.mean(axis=1)  # (B',)
         low, high = _interval(avg, ci, float(observed.mean()))
         result = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from qanchor_lab.label_budget import curve_summary, draw_labelled, label_curve, run_label_curve
 
@@ -144,6 +145,48 @@ def test_tune_splits_read_tune_users_only_pair_the_methods_and_tell_signal_from_
         tune_splits(reps, gap, tasks, tune, splits=2)
 
 
+def test_tune_crossfit_scores_every_tune_user_once_and_its_resamples_cover_users(small_world):
+    from qanchor_lab.label_budget import tune_crossfit, tune_resamples, tune_splits
+
+    tune = small_world.users_in("tune")
+    tasks = small_world.tasks.iloc[:2]
+    reps = _oracle_reps(small_world, tune, [], np.random.default_rng(0))
+    reps = {"own": reps["own"][:, :2], "noise": reps["noise"], "twin": reps["own"][:, :2].copy()}
+    labels = _labels(small_world, tasks)
+    scores = tune_crossfit(reps, labels, tasks, tune, folds=4, seed=3)
+    assert len(scores) == len(tune) * 2 * 3 and not scores.duplicated(["user_id", "task_id", "method"]).any()
+    folds = scores.drop_duplicates("user_id").set_index("user_id")["fold"]
+    assert sorted(folds.index) == sorted(tune) and folds.value_counts().max() - folds.value_counts().min() <= 1
+    assert scores.equals(tune_crossfit(reps, labels, tasks, tune, folds=4, seed=3))               # seeded
+    wide = scores.pivot_table(index=["user_id", "task_id"], columns="method", values="score")
+    assert (wide["own"] == wide["twin"]).all()                          # paired: the same folds for every method
+    # test users are never read: their labels may be missing altogether
+    no_test = labels[labels["user_id"].isin(set(tune))]
+    assert scores.equals(tune_crossfit(reps, no_test, tasks, tune, folds=4, seed=3))
+    draws = tune_resamples(scores, no_test, tasks, n_boot=300, seed=0)
+    own = draws.paired("own", "noise")
+    assert own["low"] > 0.1 and draws.paired("own", "twin")["diff"] == 0.0
+    # each fold's AUC is its own probe's, averaged over folds and tasks
+    y = no_test.set_index(["user_id", "task_id"])["label"]
+    per_fold = [roc_auc_score(y.loc[list(zip(g.user_id, g.task_id))], g.score)
+                for _, g in scores[scores.method == "own"].groupby(["task_id", "fold"])]
+    assert draws.ci("own")["value"] == pytest.approx(np.mean(per_fold))
+    # intervals that resample users are wider than the splits' (which cover the probe's draws only)
+    splits = curve_summary(tune_splits(reps, labels, tasks, tune, splits=20, seed=3), reference="noise")
+    half_splits = splits.set_index("method").loc["own", ["diff_low", "diff_high"]].diff().iloc[-1] / 2
+    assert (own["high"] - own["low"]) / 2 > half_splits
+    with pytest.raises(ValueError, match="folds must be an int >= 2"):
+        tune_crossfit(reps, labels, tasks, tune, folds=1)
+    with pytest.raises(ValueError, match=r"representation 'noise': expected one row per tune user \(%d\)" % len(tune)):
+        tune_crossfit({"noise": reps["noise"][:-1]}, labels, tasks, tune)
+    lacking = tasks["task_id"].iloc[1]
+    gap = labels[~((labels["user_id"] == tune[5]) & (labels["task_id"] == lacking))]
+    with pytest.raises(ValueError, match=r"tune_crossfit scores tune users.*\['%s'\] \(task '%s'" % (tune[5], lacking)):
+        tune_crossfit(reps, gap, tasks, tune)
+    with pytest.raises(ValueError, match="tune scores.*fold"):
+        tune_resamples(scores.drop(columns="fold"), labels, tasks)
+
+
 @pytest.mark.slow
 def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys):
     from qanchor_lab.cli import main
@@ -161,5 +204,19 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
     assert set(frame["method"]) == {"qanchor_base", "static_embedding", "logreg_features"}
     summary = pd.read_csv(tmp_path / "run" / "tune_splits_summary.csv")
     assert set(summary["reference"]) == {"logreg_features", "static_embedding"} and (summary["draws"] == 3).all()
+    scores = pd.read_parquet(tmp_path / "run" / "tune_scores.parquet")
+    assert set(scores["user_id"]) == set(tune) and set(scores["fold"]) == set(range(5))
+    assert "every tune user scored once (5-fold cross-fit)" in out
+    # the same model against its own output: every difference between the two runs is zero
+    rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "2", "--no-untrained",
+               "--out", str(tmp_path / "again"), "--against", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "the query's gain: this run - other: +0.0000 [+0.0000, +0.0000]" in out
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "1.5"]) == 2
     assert "fit_share must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--against",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "no tune_scores.parquet there; run `python -m qanchor_lab tune-splits" in capsys.readouterr().err
+    rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "2", "--no-untrained",
+               "--folds", "3", "--out", str(tmp_path / "three"), "--against", str(tmp_path / "run")])
+    assert rc == 2 and "not on the same tune users and folds" in capsys.readouterr().err

@@ -246,6 +246,25 @@ def test_resamples_shared_by_many_methods_match_the_one_method_bootstraps(monkey
         M.Resamples(labels, tasks, {"good": good, "noise": noise.iloc[1:]}, n_boot=10)
 
 
+def test_contrast_is_paired_for_two_methods_and_weighs_differences_of_differences():
+    labels, good, noise, tasks = _world(n_users=150)
+    half = good.assign(score=0.5 * good["score"])                      # the same ranking: the same AUC everywhere
+    draws = M.Resamples(labels, tasks, {"good": good, "noise": noise, "half": half, "twin": noise.copy()},
+                        n_boot=200, seed=4)
+    assert draws.contrast({"good": 1, "noise": -1}, per_task=True) == draws.paired("good", "noise", per_task=True)
+    # (good - noise) - (half - twin) is zero in every resample, whatever noise does
+    zero = draws.contrast({"good": 1, "noise": -1, "half": -1, "twin": 1}, "ks")
+    assert [zero["diff"], zero["low"], zero["high"]] == pytest.approx([0, 0, 0], abs=1e-12)
+    gain = draws.contrast({"good": 2, "noise": -2})
+    once = draws.paired("good", "noise")
+    assert gain["diff"] == pytest.approx(2 * once["diff"]) and gain["low"] == pytest.approx(2 * once["low"])
+    assert draws.paired("good", "good")["diff"] == 0.0                  # a method against itself
+    with pytest.raises(ValueError, match="at least one"):
+        draws.contrast({})
+    with pytest.raises(KeyError, match="no scores named 'bad'"):
+        draws.contrast({"good": 1, "bad": -1})
+
+
 def test_bootstrap_bad_arguments():
     labels, good, noise, tasks = _world(n_users=50)
     with pytest.raises(ValueError, match="unknown metric 'f1'; valid choices: auc, ks"):
