@@ -197,6 +197,21 @@ def _tune_targets(labels: pd.DataFrame, task_id: str, tune: list[str]) -> tuple[
     return pos, y
 
 
+def _check_weights(w: Any, n_rows: int, what: str) -> np.ndarray | None:
+    """None, or `w` as n_rows finite positive float64 weights (a row of weight 0 belongs out of the fit, so that
+    the CV's folds and the class counts see only the rows that count)."""
+    if w is None:
+        return None
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (n_rows,):
+        raise ValueError(f"{what}: expected one weight per training row ({n_rows}); got shape {w.shape}")
+    bad = ~(np.isfinite(w) & (w > 0))
+    if bad.any():
+        raise ValueError(f"{what}: weights must be finite and > 0 (leave a row out instead of weighting it 0); "
+                         f"{int(bad.sum())} are not, e.g. row(s) {np.flatnonzero(bad)[:5].tolist()}")
+    return w
+
+
 def _check_classes(y: np.ndarray, where: str, min_per_class: int) -> None:
     n_pos = int(y.sum())
     n_neg = int(len(y) - n_pos)
@@ -249,8 +264,9 @@ def _probe_labels(y: np.ndarray, what: str, config: ProbeConfig) -> np.ndarray:
     return y
 
 
-def _logreg_cv(Z, y: np.ndarray, config: ProbeConfig) -> LogisticRegressionCV:
-    """The CV-tuned L2 logistic regression of every probe, fitted on (Z, y)."""
+def _logreg_cv(Z, y: np.ndarray, config: ProbeConfig, sample_weight: np.ndarray | None = None) -> LogisticRegressionCV:
+    """The CV-tuned L2 logistic regression of every probe, fitted on (Z, y) (rows weighted by `sample_weight`,
+    in the fits and in the folds' AUC, when given)."""
     model = LogisticRegressionCV(
         Cs=list(config.Cs),
         l1_ratios=(0.0,),
@@ -261,12 +277,13 @@ def _logreg_cv(Z, y: np.ndarray, config: ProbeConfig) -> LogisticRegressionCV:
         use_legacy_attributes=False,
     )
     with threadpool_limits(limits=config.n_threads):
-        return model.fit(Z, y)
+        return model.fit(Z, y, sample_weight=sample_weight)
 
 
-def _fit_logreg(Z, y: np.ndarray, Zt, config: ProbeConfig) -> tuple[float, np.ndarray]:
+def _fit_logreg(Z, y: np.ndarray, Zt, config: ProbeConfig,
+                sample_weight: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """(best mean CV AUC over config.Cs, P(y=1) for Zt) of the CV-tuned L2 logistic regression."""
-    model = _logreg_cv(Z, y, config)
+    model = _logreg_cv(Z, y, config, sample_weight)
     with threadpool_limits(limits=config.n_threads):
         proba = model.predict_proba(Zt)[:, 1].astype(np.float64)
     return float(model.scores_.mean(axis=0).max()), proba  # scores_: (folds, l1_ratios, Cs)
@@ -296,6 +313,7 @@ def probe_scores(
     extra_test=None,
     extra_shares: Sequence[float] = (1.0,),
     standardize_extra: bool = True,
+    sample_weight=None,
 ) -> np.ndarray:
     """Fit StandardScaler + CV-tuned L2 logistic regression on (train_X, train_y); P(y=1) for test_X.
 
@@ -310,10 +328,14 @@ def probe_scores(
     and the one with the best CV AUC is kept (same folds for all, so the choice reads training rows
     only); share 0 means X alone. `standardize_extra` first standardises the extra block on the
     training rows; pass False for a sparse block (centring would densify it, and unit variance would
-    blow its rarest columns up)."""
+    blow its rarest columns up).
+
+    `sample_weight`: one positive weight per training row (e.g. how often a bootstrap draw holds the user,
+    label_budget.refit_scores), used by the scalers, the fits and the CV's AUC; None weighs every row once."""
     config = config or ProbeConfig()
     y = np.asarray(train_y)
     X = _check_matrix(train_X, len(y), "probe train_X")
+    w = _check_weights(sample_weight, len(y), "probe sample_weight")
     Xt = np.asarray(test_X, dtype=np.float64)
     Xt = _check_matrix(Xt, Xt.shape[0] if Xt.ndim == 2 else -1, "probe test_X")
     if Xt.shape[1] != X.shape[1]:
@@ -321,10 +343,10 @@ def probe_scores(
     if (extra_train is None) != (extra_test is None):
         raise ValueError("probe: give extra_train and extra_test together, or neither")
     y = _probe_labels(y, "probe train_y", config)
-    scaler = StandardScaler().fit(X)  # on the training rows only, as a pipeline would
+    scaler = StandardScaler().fit(X, sample_weight=w)  # on the training rows only, as a pipeline would
     Z, Zt = scaler.transform(X), scaler.transform(Xt)
     if extra_train is None:
-        return _fit_logreg(Z, y, Zt, config)[1]
+        return _fit_logreg(Z, y, Zt, config, w)[1]
 
     E = _block(extra_train, len(y), "probe extra_train")
     Et = _block(extra_test, len(Xt), "probe extra_test")
@@ -336,18 +358,18 @@ def probe_scores(
     if standardize_extra:
         if sp.issparse(E) or sp.issparse(Et):
             raise ValueError("probe: a sparse extra block cannot be standardised (centring densifies it); pass standardize_extra=False")
-        extra_scaler = StandardScaler().fit(E)
+        extra_scaler = StandardScaler().fit(E, sample_weight=w)
         E, Et = extra_scaler.transform(E), extra_scaler.transform(Et)
     var_x, var_e = _total_variance(Z), _total_variance(E)
     stack = (lambda a, b: sp.hstack([sp.csr_matrix(a), b], format="csr")) if sp.issparse(E) else (lambda a, b: np.hstack([a, b]))
     best: tuple[float, np.ndarray] | None = None
     for share in shares:
         if share == 0:  # X alone: lets the CV fall back to no extra block at all
-            fit = _fit_logreg(Z, y, Zt, config)
+            fit = _fit_logreg(Z, y, Zt, config, w)
         else:
             # a block constant on the training rows carries nothing; leave its (irrelevant) scale alone
             weight = float(np.sqrt(share * var_x / var_e)) if var_e > 0 and var_x > 0 else 1.0
-            fit = _fit_logreg(stack(Z, E * weight), y, stack(Zt, Et * weight), config)
+            fit = _fit_logreg(stack(Z, E * weight), y, stack(Zt, Et * weight), config, w)
         if best is None or fit[0] > best[0]:  # ties keep the earlier share
             best = fit
     return best[1]
@@ -371,6 +393,7 @@ def blended_probe_scores(
     *,
     folds: int = 5,
     weights: Sequence[float] = BLEND_WEIGHTS,
+    sample_weight=None,
 ) -> np.ndarray:
     """Two blocks of columns (e.g. the hand-crafted features and an embedding) combined by blending two
     probes: one `probe_scores` probe per block, each with its own CV-chosen C, and the score
@@ -383,9 +406,11 @@ def blended_probe_scores(
     embedding that beats the features alone scored below itself (docs/design.md §7.10). A free logistic
     stacker over the two logits failed where positives are few (35 of 375): fold-to-fold swings in the
     probes' scale and a negative weight put one task below chance. Returns (n_test,) float64 scores
-    (a ranking, not probabilities)."""
+    (a ranking, not probabilities). `sample_weight` as in `probe_scores`, here also in the folds' AUC and
+    the logits' spread."""
     config = config or ProbeConfig()
     y = _probe_labels(np.asarray(train_y), "blended probe train_y", config)
+    sw = _check_weights(sample_weight, len(y), "blended probe sample_weight")
     if len(train_blocks) != 2 or len(test_blocks) != 2:
         raise ValueError(f"blended probe: give two train blocks and their two test blocks; got "
                          f"{len(train_blocks)} train and {len(test_blocks)} test blocks")
@@ -399,20 +424,25 @@ def blended_probe_scores(
     blocks = [_check_matrix(b, len(y), f"blended probe train block {j}") for j, b in enumerate(train_blocks)]
     tests = [np.asarray(b, dtype=np.float64) for b in test_blocks]
 
-    def scaled_logits(B_fit, y_fit, B_eval):
+    def scaled_logits(B_fit, y_fit, B_eval, w_fit):
         """The probe's logits for B_eval, in units of its logits' spread over the rows it was fitted on (so that a
         user's score does not depend on who else is scored)."""
-        both = _logit(probe_scores(B_fit, y_fit, np.vstack([B_fit, B_eval]), config))
+        both = _logit(probe_scores(B_fit, y_fit, np.vstack([B_fit, B_eval]), config, sample_weight=w_fit))
         fit, ev = both[:len(B_fit)], both[len(B_fit):]
-        return (ev - fit.mean()) / (fit.std() + 1e-12)
+        if w_fit is None:
+            return (ev - fit.mean()) / (fit.std() + 1e-12)
+        mean = np.average(fit, weights=w_fit)
+        return (ev - mean) / (np.sqrt(np.average((fit - mean) ** 2, weights=w_fit)) + 1e-12)
+
+    part = (lambda rows: None) if sw is None else (lambda rows: sw[rows])  # noqa: E731
 
     fold_auc = np.zeros((folds, len(weights)))
     split = StratifiedKFold(folds, shuffle=True, random_state=config.seed).split(np.zeros(len(y)), y)
     for f, (fit_rows, held) in enumerate(split):
-        a, b = (scaled_logits(B[fit_rows], y[fit_rows], B[held]) for B in blocks)    # (held,) each
-        fold_auc[f] = [roc_auc_score(y[held], (1 - w) * a + w * b) for w in weights]
+        a, b = (scaled_logits(B[fit_rows], y[fit_rows], B[held], part(fit_rows)) for B in blocks)  # (held,) each
+        fold_auc[f] = [roc_auc_score(y[held], (1 - w) * a + w * b, sample_weight=part(held)) for w in weights]
     w = weights[int(np.argmax(fold_auc.mean(axis=0)))]                  # first (smallest) of the best on ties
-    a, b = (scaled_logits(B, y, Bt) for B, Bt in zip(blocks, tests))                  # (n_test,) each
+    a, b = (scaled_logits(B, y, Bt, sw) for B, Bt in zip(blocks, tests))              # (n_test,) each
     return ((1 - w) * a + w * b).astype(np.float64)
 
 

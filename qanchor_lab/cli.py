@@ -1,4 +1,4 @@
-"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,label-curve,tune-splits,experiment} ...` (also installed as `qanchor`)."""
+"""Command line: `python -m qanchor_lab {data,pretrain,demo,bench,diagnose,label-curve,tune-splits,refit-intervals,experiment} ...` (also installed as `qanchor`)."""
 
 from __future__ import annotations
 
@@ -195,6 +195,47 @@ def _cmd_tune_splits(args) -> int:
     return 0
 
 
+def _report_resampling(run) -> tuple[int, int]:
+    """(n_boot, seed) of the run's test report (its demo_config.json), so that the features' probe and the
+    test-only intervals printed beside the refits' are the report's; DemoConfig's defaults for a bare model
+    directory."""
+    from qanchor_lab.pipeline import DemoConfig
+
+    run = Path(run)
+    marker = next((c for c in (run / "demo_config.json", run.parent / "demo_config.json") if c.is_file()), None)
+    config = json.loads(marker.read_text()) if marker else {}
+    return int(config.get("n_boot", DemoConfig.n_boot)), int(config.get("seed", DemoConfig.seed))
+
+
+def _cmd_refit_intervals(args) -> int:
+    from qanchor_lab.baselines import ProbeConfig
+    from qanchor_lab.evaluate import MECHANISMS
+    from qanchor_lab.label_budget import PLUS_FEATURES, model_representations, refit_contrasts, refit_scores
+
+    model, world, others, out_dir = _load_for_probes(args)
+    n_boot, run_seed = _report_resampling(args.run)
+    tune, test = world.users_in("tune"), world.users_in("test")
+    reps = model_representations(model, world, tune + test, others=others)
+    # the demo's feature baseline shuffles its probe's CV folds with the run's seed (pipeline.evaluate_run)
+    scores = refit_scores(reps, world.labels, world.tasks, tune, test, refits=args.refits, seed=args.seed,
+                          blends=PLUS_FEATURES, configs={"logreg_features": ProbeConfig(seed=run_seed)},
+                          n_jobs=args.jobs, show_progress=True)
+    known = set(reps) | set(PLUS_FEATURES)
+    contrasts = {title: {a: 1.0, b: -1.0} for title, a, b in MECHANISMS if a in known and b in known}
+    table = refit_contrasts(scores, world.labels, world.tasks, contrasts, n_boot=n_boot, seed=run_seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores.to_parquet(out_dir / "refit_scores.parquet", index=False)
+    table.to_csv(out_dir / "refit_intervals.csv", index=False)
+    print(f"test users ({len(test)}), avg AUC; every probe refitted on {args.refits} bootstrap draws of the "
+          f"{len(tune)} tune users (docs/design.md §7.36)")
+    print(f"  {'':<36} {'difference':>10}  {'test users resampled':>22}  {'fit sd':>6}  {'and the probes refitted':>22}")
+    for r in table.itertuples():
+        print(f"  {r.contrast:<36} {r.diff:>+10.4f}  [{r.low:+.4f}, {r.high:+.4f}]  {r.fit_sd:>6.4f}  "
+              f"[{r.fit_low:+.4f}, {r.fit_high:+.4f}]")
+    print(f"\nwrote {out_dir / 'refit_intervals.csv'} and refit_scores.parquet")
+    return 0
+
+
 def _tune_scores_of(run) -> "pd.DataFrame":
     """The cross-fitted tune scores another `tune-splits` run wrote (RUN/tune_scores.parquet, or the file itself)."""
     import pandas as pd
@@ -233,6 +274,14 @@ def _cmd_experiment(args) -> int:
     print(table.to_markdown(index=False, floatfmt=".4f") if _has_tabulate() else table.to_string(index=False))
     print(f"\n{len(exp.runs)} runs in {exp.seconds:.1f} s; wrote {exp.paths['results']} and {exp.paths['summary']}")
     return 0
+
+
+def _probe_run_arguments(parser, writes: str) -> None:
+    """The arguments `_load_for_probes` reads, shared by label-curve, tune-splits and refit-intervals."""
+    parser.add_argument("run", help="run directory holding model/ (or a saved model directory)")
+    parser.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    parser.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
+    parser.add_argument("--out", default=None, help=f"where {writes} go (default: the run directory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,20 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("label-curve", help="probe AUC against the number of labelled tune users (the model under each "
                        "task's query and the generic query, the features, the untrained model; scored on test users)")
-    c.add_argument("run", help="run directory holding model/ (or a saved model directory)")
-    c.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    _probe_run_arguments(c, "label_curve.csv/_summary.csv/.html")
     c.add_argument("--budgets", default="50,100,200,400,800", help="labelled tune users per task, comma-separated")
     c.add_argument("--draws", type=int, default=5, help="draws of labelled users per budget")
     c.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    c.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
-    c.add_argument("--out", default=None, help="where label_curve.csv/_summary.csv/.html go (default: the run directory)")
     c.set_defaults(func=_cmd_label_curve)
 
     t = sub.add_parser("tune-splits", help="choose between variants without test users: the probe fitted on a share of "
                        "the tune users and scored on the rest, over random splits (the model under each task's query "
                        "and the generic query, the features, the untrained model)")
-    t.add_argument("run", help="run directory holding model/ (or a saved model directory)")
-    t.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
+    _probe_run_arguments(t, "tune_splits.csv/_summary.csv and tune_scores.parquet")
     t.add_argument("--splits", type=int, default=10, help="random splits of the tune users")
     t.add_argument("--fit-share", type=float, default=0.7, help="share of the tune users each probe is fitted on")
     t.add_argument("--seed", type=int, default=0, help="seed of the splits, the folds and the resamples")
@@ -317,9 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(for intervals that resample users)")
     t.add_argument("--against", default=None, help="another run's tune-splits output (its directory or "
                    "tune_scores.parquet, same world, --seed and --folds): paired differences between the two models")
-    t.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
-    t.add_argument("--out", default=None, help="where tune_splits.csv/_summary.csv and tune_scores.parquet go (default: the run directory)")
     t.set_defaults(func=_cmd_tune_splits)
+
+    f = sub.add_parser("refit-intervals", help="the report's paired intervals widened by which tune users the probes "
+                       "were fitted on: every probe refitted on bootstrap draws of the tune users, scored on test users "
+                       "(pre-training, the task query, the embedding next to the features)")
+    _probe_run_arguments(f, "refit_intervals.csv and refit_scores.parquet")
+    f.add_argument("--refits", type=int, default=30, help="bootstrap draws of the tune users")
+    f.add_argument("--seed", type=int, default=0, help="seed of the draws (the test resamples are the report's)")
+    f.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
+    f.set_defaults(func=_cmd_refit_intervals)
 
     from qanchor_lab.experiments import EXPERIMENTS
 

@@ -20,6 +20,10 @@ the probe happened to be fitted on, not which users were drawn into the tune spl
 every tune user once, out of fold, and `tune_resamples` resamples users over those scores, as the test report does,
 for intervals a choice between models can rest on (`Resamples.contrast` compares one model's query gain with
 another's).
+
+`refit_scores` is the test users' side of the same question: the report resamples test users around one fit of
+each probe, so `refit_scores` refits the probes on bootstrap draws of the tune users and `refit_contrasts` widens
+the report's paired intervals by their spread (docs/design.md §7.36; `python -m qanchor_lab refit-intervals RUN`).
 """
 
 from __future__ import annotations
@@ -73,19 +77,13 @@ def label_curve(
     users has a single draw. Returns one row per (budget, draw, task, method): columns budget, draw, task_id,
     method, auc, n_positive."""
     config = config or ProbeConfig()
-    tune, test = _split_ids(tune_users, test_users)
-    tasks_v = validate_tasks(tasks)
-    labels_v = validate_labels(labels, tasks=tasks_v)
-    task_ids = tasks_v["task_id"].tolist()
-    if not representations:
-        raise ValueError("representations: give at least one (name -> matrix)")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
+    tune, test, labels_v, task_ids, mats = _tune_test_inputs(representations, labels, tasks, tune_users, test_users)
     budgets = list(budgets)
     bad = [b for b in budgets if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 < b <= len(tune)]
     if bad or not budgets:
         raise ValueError(f"budgets must be labelled-user counts in 1..{len(tune)} (the tune users); got {bad or budgets}")
-    mats = {name: _per_task(name, X, len(tune) + len(test), len(task_ids)) for name, X in representations.items()}
     test_y = labels_v[labels_v["user_id"].isin(set(test))].pivot(index="user_id", columns="task_id", values="label")
     missing = [u for u in test if u not in test_y.index]
     if missing:
@@ -106,6 +104,20 @@ def label_curve(
                 rows.append({"budget": int(n), "draw": r, "task_id": task_id, "method": name,
                              "auc": float(roc_auc_score(yt, scores)), "n_positive": int(y[picked].sum())})
     return pd.DataFrame(rows)
+
+
+def _tune_test_inputs(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
+                      tune_users: Sequence[str], test_users: Sequence[str]):
+    """(tune, test, validated labels, task ids, name -> checked matrix) for probes fitted on tune users and scored on
+    test users, the representations' rows tune users then test users."""
+    tune, test = _split_ids(tune_users, test_users)
+    tasks_v = validate_tasks(tasks)
+    labels_v = validate_labels(labels, tasks=tasks_v)
+    task_ids = tasks_v["task_id"].tolist()
+    if not representations:
+        raise ValueError("representations: give at least one (name -> matrix)")
+    mats = {name: _per_task(name, X, len(tune) + len(test), len(task_ids)) for name, X in representations.items()}
+    return tune, test, labels_v, task_ids, mats
 
 
 def _per_task(name: str, X, n_rows: int, n_tasks: int) -> np.ndarray:
@@ -312,6 +324,143 @@ def tune_resamples(scores: pd.DataFrame, labels: pd.DataFrame, tasks: pd.DataFra
     return Resamples(tune_labels, per_fold, {m: g[["user_id", "task_id", "score"]]
                                              for m, g in scored.groupby("method", sort=False)},
                      n_boot=n_boot, seed=seed)
+
+
+# The report's methods that blend two representations, as the demo fits them (baselines.blended_probe_scores,
+# features first): refit_scores refits them beside the plain probes.
+PLUS_FEATURES: dict[str, tuple[str, str]] = {"qanchor_plus_features": ("logreg_features", "qanchor_base")}
+
+
+def refit_scores(
+    representations: Mapping[str, np.ndarray],
+    labels: pd.DataFrame,
+    tasks: pd.DataFrame,
+    tune_users: Sequence[str],
+    test_users: Sequence[str],
+    *,
+    refits: int = 30,
+    seed: int = 0,
+    blends: Mapping[str, tuple[str, str]] | None = None,
+    config: ProbeConfig | None = None,
+    configs: Mapping[str, ProbeConfig] | None = None,
+    n_jobs: int | None = None,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Test-user scores of each representation's probe fitted on every tune user once (refit 0: the report's
+    fit) and on `refits` bootstrap draws of the tune users (refits 1..R: each user weighted by how often the draw
+    holds it, users it misses left out; the same draw for every representation and task, so differences stay
+    paired). `representations` as in `label_curve` (rows: tune users, then test users); `blends` maps a method
+    name to two of them (features, embedding) fitted as `blended_probe_scores` fits the demo's
+    qanchor_plus_features (`PLUS_FEATURES`). `configs`: a representation's own probe settings where they differ
+    from `config` (the demo fits the features' probe with its world seed's CV folds). Returns the long table
+    user_id, task_id, method, score, refit (categorical columns); `refit_contrasts` turns it into intervals.
+
+    Why: the test report resamples the test users around one fit of each probe, so its intervals leave out which
+    users the probes happened to be fitted on, which moves a difference between two methods too (docs/design.md
+    §7.35, §7.36). The spread of a difference over the refits measures that part."""
+    from qanchor_lab.baselines import _fit_task, _Rows
+    from qanchor_lab.parallel import fit_map
+
+    if isinstance(refits, bool) or not isinstance(refits, int) or refits < 2:
+        raise ValueError(f"refits must be an int >= 2 (a spread needs two draws); got {refits!r}")
+    unknown = sorted(set(configs or {}) - set(representations))
+    if unknown:
+        raise ValueError(f"configs: {', '.join(map(repr, unknown))} name no representation; known: {', '.join(representations)}")
+    config = config or ProbeConfig()
+    tune, test, labels_v, task_ids, mats = _tune_test_inputs(representations, labels, tasks, tune_users, test_users)
+    blends = dict(blends or {})
+    for name, pair in blends.items():
+        unknown = [p for p in pair if p not in mats]
+        if len(pair) != 2 or unknown:
+            raise ValueError(f"blend {name!r}: give two of the representations ({', '.join(mats)}); got {pair!r}")
+        if name in mats:
+            raise ValueError(f"blend {name!r}: the name is already a representation's")
+    configs = {name: (configs or {}).get(name, config) for name in mats}
+    targets = [_tune_targets(labels_v, t, tune) for t in task_ids]  # per task: labelled tune positions, labels
+    counts = [None] + [np.random.default_rng([seed, r]).multinomial(len(tune), np.full(len(tune), 1 / len(tune)))
+                       for r in range(1, refits + 1)]               # refit r: how often each tune user is drawn
+    # per task, each representation as one array that every refit's job takes its rows from when it runs (_Rows), so
+    # the jobs hold no copies
+    blocks = [{name: np.ascontiguousarray(X[:, k]) if X.ndim == 3 else X for name, X in mats.items()}
+              for k in range(len(task_ids))]
+    jobs = []
+    for r, count in enumerate(counts):
+        for k, (task_id, (pos, y)) in enumerate(zip(task_ids, targets)):
+            w = None if count is None else count[pos].astype(np.float64)  # (n labelled,)
+            keep = slice(None) if w is None else w > 0
+            fit = tuple((name, _Rows(B, pos[keep]), _Rows(B, slice(len(tune), None))) for name, B in blocks[k].items())
+            jobs.append((task_id, f" (refit {r})", _refit_one,
+                         (fit, y[keep], None if w is None else w[keep], blends, configs, config), {}))
+    per_job = fit_map(_fit_task, jobs, n_jobs, desc="probe refits", show_progress=show_progress)
+    names = list(mats) + list(blends)
+    n_test, n_tasks = len(test), len(task_ids)
+    score = np.empty((len(counts), len(names), n_tasks, n_test))  # (R+1, M, T, U)
+    for j, out in enumerate(per_job):
+        r, k = divmod(j, n_tasks)
+        for m, name in enumerate(names):
+            score[r, m, k] = out[name]
+    shape = score.shape
+    idx = np.indices(shape).reshape(len(shape), -1)
+    return pd.DataFrame({
+        "user_id": pd.Categorical.from_codes(idx[3], test),
+        "task_id": pd.Categorical.from_codes(idx[2], task_ids),
+        "method": pd.Categorical.from_codes(idx[1], names),
+        "score": score.ravel(),
+        "refit": idx[0].astype(np.int32),
+    })
+
+
+def _refit_one(fit: Sequence[tuple[str, np.ndarray, np.ndarray]], y: np.ndarray, w: np.ndarray | None,
+               blends: Mapping[str, tuple[str, str]], configs: Mapping[str, ProbeConfig],
+               config: ProbeConfig) -> dict[str, np.ndarray]:
+    """One task's probes of one refit: name -> test scores (a `refit_scores` job, maybe in a worker); `fit` holds
+    (name, fitted rows, test rows) per representation."""
+    from qanchor_lab.baselines import blended_probe_scores
+
+    rows = {name: (X, Xt) for name, X, Xt in fit}
+    out = {name: probe_scores(X, y, Xt, configs[name], sample_weight=w) for name, (X, Xt) in rows.items()}
+    for name, (a, b) in blends.items():
+        out[name] = blended_probe_scores([rows[a][0], rows[b][0]], y, [rows[a][1], rows[b][1]], config, sample_weight=w)
+    return out
+
+
+def refit_contrasts(scores: pd.DataFrame, labels: pd.DataFrame, tasks: pd.DataFrame,
+                    contrasts: Mapping[str, Mapping[str, float]], *, n_boot: int = 1000, seed: int = 0,
+                    ci: float = 0.95) -> pd.DataFrame:
+    """One row per contrast (name -> {method: weight}, as `Resamples.contrast`) of `refit_scores`' table: diff
+    (refit 0, the report's fit, on every test user), low/high (the report's interval: test users resampled, the
+    same resamples for the same n_boot and seed), fit_sd (the contrast's standard deviation over the refits),
+    fit_low/fit_high and p_value (both sources of variation: `Resamples.contrast`'s other_draws), refits."""
+    from qanchor_lab.metrics import Resamples, task_metrics
+
+    require_columns(scores, ("user_id", "task_id", "method", "score", "refit"), "refit scores")
+    refit_ids = sorted(int(r) for r in pd.unique(scores["refit"]))
+    if refit_ids[:1] != [0] or len(refit_ids) < 3:
+        raise ValueError(f"refit scores: need refit 0 (every tune user once) and at least two refits; got {refit_ids[:5]}")
+    known = set(scores["method"].astype(str))
+    for title, terms in contrasts.items():
+        missing = [m for m in terms if m not in known]
+        if missing:
+            raise ValueError(f"contrast {title!r}: no refit scores for {', '.join(missing)}; known: {', '.join(sorted(known))}")
+    used = sorted({m for terms in contrasts.values() for m in terms})
+    frame = scores[scores["method"].astype(str).isin(used)].astype({"user_id": str, "task_id": str, "method": str})
+    test_labels = labels[labels["user_id"].isin(set(frame["user_id"]))]
+    avg = {}                                                            # (refit, method) -> AUC averaged over tasks
+    for (r, m), g in frame[frame["refit"] > 0].groupby(["refit", "method"], sort=True):
+        avg[(int(r), m)] = float(task_metrics(test_labels, g[["user_id", "task_id", "score"]], tasks)["auc"].mean())
+    first = frame[frame["refit"] == 0]
+    resamples = Resamples(test_labels, tasks, {m: g[["user_id", "task_id", "score"]]
+                                               for m, g in first.groupby("method", sort=False)},
+                          n_boot=n_boot, seed=seed)
+    rows = []
+    for title, terms in contrasts.items():
+        draws = np.array([sum(float(w) * avg[(r, m)] for m, w in terms.items()) for r in refit_ids[1:]])  # (R,)
+        report = resamples.contrast(terms, ci=ci)
+        both = resamples.contrast(terms, ci=ci, other_draws=draws)
+        rows.append({"contrast": title, "diff": report["diff"], "low": report["low"], "high": report["high"],
+                     "fit_sd": float(draws.std(ddof=1)), "fit_low": both["low"], "fit_high": both["high"],
+                     "p_value": both["p_value"], "refits": len(draws)})
+    return pd.DataFrame(rows)
 
 
 def run_tune_splits(model, world, *, splits: int = 10, fit_share: float = 0.7, seed: int = 0,

@@ -400,10 +400,16 @@ class Resamples:
         return self.contrast(terms, metric, ci=ci, alternative=alternative, per_task=per_task)
 
     def contrast(self, terms: Mapping[str, float], metric: Metric = "auc", *, ci: float = 0.95,
-                 alternative: Alternative = "greater", per_task: bool = False) -> dict:
+                 alternative: Alternative = "greater", per_task: bool = False,
+                 other_draws: np.ndarray | None = None) -> dict:
         """A weighted sum of methods' metrics under the same resamples, e.g. {a: 1, b: -1} (= `paired(a, b)`, to
         the bit) or a difference of differences {a: 1, b: -1, c: -1, d: 1}: whether the gain of a over b exceeds
-        that of c over d on the same users. Keys as `paired`'s result ("diff" is the contrast's value)."""
+        that of c over d on the same users. Keys as `paired`'s result ("diff" is the contrast's value).
+
+        `other_draws`: (R,) values of the average contrast under R draws of another source of variation,
+        independent of which users are scored (label_budget.refit_scores: which users the probes were fitted
+        on). Resample b gets draw b mod R's deviation from the draws' mean added, so the interval and p-value
+        cover both sources around the same observed value; per-task intervals do not take them."""
         _check_boot_args(metric, self.n_boot, ci, alternative)
         if not terms:
             raise ValueError("contrast needs at least one (method -> weight) term")
@@ -412,6 +418,12 @@ class Resamples:
         valid = _valid_rows(*(v[1] for v in values.values()), n_boot=self.n_boot)
         diffs = sum(float(w) * values[n][1][valid] for n, w in terms.items())  # (B', T)
         avg = diffs.mean(axis=1)  # (B',)
+        if other_draws is not None:
+            draws = np.asarray(other_draws, dtype=np.float64)
+            if draws.ndim != 1 or len(draws) < 2 or not np.isfinite(draws).all():
+                raise ValueError(f"other_draws must be a 1-d array of at least 2 finite numbers; got shape {draws.shape}")
+            dev = draws - draws.mean()                                                  # (R,)
+            avg = avg + dev[np.arange(len(avg)) % len(dev)]  # (B',): both sources, independent
         low, high = _interval(avg, ci, float(observed.mean()))
         result = {
             "metric": metric,

@@ -299,7 +299,11 @@ def write_report(
     out.append(_table_html(metrics))
     if metrics.get("comparisons"):
         out.append("<h2>Does each mechanism matter?</h2>")
-        out.append("<p>Paired differences over the same bootstrap resamples of test users (a − b, average over tasks).</p>")
+        out.append("<p>Paired differences over the same bootstrap resamples of test users (a − b, average over tasks). "
+                   "Each probe was fitted once, on the tune users; which tune users those were moves a difference too, "
+                   "and these intervals leave that out: <code>python -m qanchor_lab refit-intervals RUN</code> refits "
+                   "the probes on bootstrap draws of the tune users and widens the intervals by it (docs/design.md "
+                   "§7.36).</p>")
         out.append(_comparisons_html(metrics["comparisons"]))
     for i, (heading, div_id, fig) in enumerate(figures):
         out.append(f"<h2>{html.escape(heading)}</h2>")

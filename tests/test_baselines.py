@@ -191,6 +191,40 @@ def test_fit_linear_probe_is_the_probe_of_probe_scores():
         B.fit_linear_probe(X[:50], np.r_[np.ones(2), np.zeros(48)])
 
 
+def test_probe_sample_weights_count_rows_as_often_as_repeating_them():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(360, 4)) * [1, 3, 0.5, 2]
+    y = (X[:, 0] + 0.3 * X[:, 1] + rng.normal(size=360) > 0.3).astype(int)
+    count = rng.integers(1, 4, size=300)                                 # a bootstrap-like draw: 1 to 3 copies
+    one_c = B.ProbeConfig(Cs=(0.1,))                                     # C fixed: no CV folds to tell the two apart
+    weighted = B.probe_scores(X[:300], y[:300], X[300:], one_c, sample_weight=count)
+    repeated = B.probe_scores(np.repeat(X[:300], count, axis=0), np.repeat(y[:300], count), X[300:], one_c)
+    plain = B.probe_scores(X[:300], y[:300], X[300:], one_c)
+    np.testing.assert_allclose(weighted, repeated, atol=2e-4)            # lbfgs stops within its tolerance
+    assert np.abs(weighted - plain).max() > 0.02                         # the weights are not ignored
+    # no weights and unit weights fit the same probe (the report's fit, refit 0 of label_budget.refit_scores)
+    np.testing.assert_allclose(B.probe_scores(X[:300], y[:300], X[300:], sample_weight=np.ones(300)),
+                               B.probe_scores(X[:300], y[:300], X[300:]), atol=1e-9)
+    blocks, tests = [X[:300, :2], X[:300, 2:]], [X[300:, :2], X[300:, 2:]]
+    np.testing.assert_allclose(B.blended_probe_scores(blocks, y[:300], tests, sample_weight=np.ones(300)),
+                               B.blended_probe_scores(blocks, y[:300], tests), atol=1e-9)
+    assert not np.allclose(B.blended_probe_scores(blocks, y[:300], tests, sample_weight=count),
+                           B.blended_probe_scores(blocks, y[:300], tests))
+    # the blend weight is chosen by weighted out-of-fold AUC: with one column a block, a probe ranks users alike
+    # whatever the weights, and block a explains the heavily weighted half, so the blend keeps a alone
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=600), rng.normal(size=600)
+    heavy = np.arange(600) < 300
+    yb = (rng.random(600) < 1 / (1 + np.exp(-np.where(heavy, 2 * a, 2 * b)))).astype(int)
+    cols = [a[:, None], b[:, None]]
+    assert np.corrcoef(B.blended_probe_scores(cols, yb, cols, sample_weight=np.where(heavy, 12.0, 1.0)), a)[0, 1] > 0.999
+    assert np.corrcoef(B.blended_probe_scores(cols, yb, cols), a)[0, 1] < 0.8
+    with pytest.raises(ValueError, match=r"probe sample_weight: weights must be finite and > 0 .*row\(s\) \[7\]"):
+        B.probe_scores(X[:300], y[:300], X[300:], sample_weight=np.where(np.arange(300) == 7, 0.0, 1.0))
+    with pytest.raises(ValueError, match=r"blended probe sample_weight: expected one weight per training row \(300\)"):
+        B.blended_probe_scores(blocks, y[:300], tests, sample_weight=np.ones(299))
+
+
 def test_probe_extra_block_is_not_drowned_by_a_wide_one():
     """One informative column beside 300 noise columns: a plain hstack shrinks it with the noise;
     rescaling the block by a CV-chosen share lets it lead. Dense and sparse blocks agree."""

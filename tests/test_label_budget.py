@@ -187,6 +187,63 @@ def test_tune_crossfit_scores_every_tune_user_once_and_its_resamples_cover_users
         tune_resamples(scores.drop(columns="fold"), labels, tasks)
 
 
+def test_refit_scores_refit_the_probes_on_shared_draws_and_widen_the_report_intervals(small_world):
+    from qanchor_lab.baselines import ProbeConfig, blended_probe_scores, probe_scores
+    from qanchor_lab.label_budget import refit_contrasts, refit_scores
+    from qanchor_lab.metrics import Resamples
+
+    tune, test = _split(small_world)
+    tasks = small_world.tasks.iloc[:2]
+    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
+    reps = {"own": reps["own"][:, :2], "noise": reps["noise"], "twin": reps["own"][:, :2].copy()}
+    labels = _labels(small_world, tasks)
+    blends = {"both": ("noise", "own")}
+    kw = dict(refits=4, seed=2, blends=blends)
+    scores = refit_scores(reps, labels, tasks, tune, test, **kw)
+    assert len(scores) == 5 * 4 * 2 * len(test) and set(scores["refit"]) == set(range(5))
+    assert scores.equals(refit_scores(reps, labels, tasks, tune, test, **kw))                    # seeded
+    assert scores.equals(refit_scores(reps, labels, tasks, tune, test, **kw, n_jobs=2))          # any n_jobs
+    # refit 0 is the report's fit: every tune user once
+    y = labels.set_index(["user_id", "task_id"])["label"]
+    task = tasks["task_id"].iloc[1]
+    first = scores[(scores.refit == 0) & (scores.task_id == task)].set_index("method")
+    yk = y.loc[list(zip(tune, [task] * len(tune)))].to_numpy()
+    own = reps["own"][:, 1]
+    np.testing.assert_array_equal(first.loc["own", "score"], probe_scores(own[:len(tune)], yk, own[len(tune):]))
+    np.testing.assert_array_equal(first.loc["both", "score"], blended_probe_scores(
+        [reps["noise"][:len(tune)], own[:len(tune)]], yk, [reps["noise"][len(tune):], own[len(tune):]]))
+    # a representation's own probe settings (the demo's features probe shuffles its CV folds with the run's seed)
+    own7 = refit_scores(reps, labels, tasks, tune, test, **kw, configs={"own": ProbeConfig(seed=7)})
+    first7 = own7[(own7.refit == 0) & (own7.task_id == task)].set_index("method")
+    np.testing.assert_array_equal(first7.loc["own", "score"],
+                                  probe_scores(own[:len(tune)], yk, own[len(tune):], ProbeConfig(seed=7)))
+    assert (first7.loc["twin", "score"].to_numpy() == first.loc["twin", "score"].to_numpy()).all()
+    wide = scores.pivot_table(index=["refit", "user_id", "task_id"], columns="method", values="score", observed=True)
+    assert (wide["own"] == wide["twin"]).all()                     # the same draw for every representation
+    assert wide["own"].groupby(level="refit").mean().nunique() == 5  # each draw its own fit
+    table = refit_contrasts(scores, labels, tasks, {"own - noise": {"own": 1, "noise": -1},
+                                                    "own - twin": {"own": 1, "twin": -1}}, n_boot=300, seed=5)
+    rows = table.set_index("contrast")
+    first_all = scores[scores.refit == 0].astype({"user_id": str, "task_id": str, "method": str})
+    report = Resamples(labels[labels.user_id.isin(set(test))], tasks,
+                       {m: g[["user_id", "task_id", "score"]] for m, g in first_all.groupby("method")},
+                       n_boot=300, seed=5).paired("own", "noise")
+    assert [rows.loc["own - noise", k] for k in ("diff", "low", "high")] == [report["diff"], report["low"], report["high"]]
+    gain = rows.loc["own - noise"]
+    assert gain["fit_sd"] > 0 and gain["fit_low"] < gain["low"] and gain["fit_high"] > gain["high"] and gain["fit_low"] > 0.1
+    assert rows.loc["own - twin", ["diff", "fit_sd", "fit_low", "fit_high"]].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="refits must be an int >= 2"):
+        refit_scores(reps, labels, tasks, tune, test, refits=1)
+    with pytest.raises(ValueError, match=r"blend 'both': give two of the representations \(own, noise, twin\)"):
+        refit_scores(reps, labels, tasks, tune, test, blends={"both": ("noise", "gone")})
+    with pytest.raises(ValueError, match=r"configs: 'gone' name no representation; known: own, noise, twin"):
+        refit_scores(reps, labels, tasks, tune, test, configs={"gone": ProbeConfig()})
+    with pytest.raises(ValueError, match="contrast 'x': no refit scores for gone"):
+        refit_contrasts(scores, labels, tasks, {"x": {"own": 1, "gone": -1}})
+    with pytest.raises(ValueError, match="need refit 0"):
+        refit_contrasts(scores[scores.refit > 0], labels, tasks, {"x": {"own": 1}})
+
+
 @pytest.mark.slow
 def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys):
     from qanchor_lab.cli import main
@@ -220,3 +277,33 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
     rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "2", "--no-untrained",
                "--folds", "3", "--out", str(tmp_path / "three"), "--against", str(tmp_path / "run")])
     assert rc == 2 and "not on the same tune users and folds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_model, small_world, tmp_path, capsys):
+    import json
+
+    from qanchor_lab.cli import main
+    from qanchor_lab.data import save_world
+    from qanchor_lab.pipeline import restrict_tasks
+
+    tiny_model.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "demo_config.json").write_text(json.dumps({"seed": 3, "n_boot": 200}))
+    save_world(restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2]), tmp_path / "data")
+    rc = main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--refits", "3", "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "refitted on 3 bootstrap draws" in out and "wrote" in out
+    table = pd.read_csv(tmp_path / "run" / "refit_intervals.csv").set_index("contrast")
+    # the untrained model is there, so all three mechanisms the refits can cover
+    assert list(table.index) == ["pre-training", "the task query", "the embedding next to the features"]
+    assert (table["refits"] == 3).all()
+    # the fixture's model is its own untrained start: the same embeddings, refitted on the same draws, differ by 0
+    assert table.loc["pre-training", ["diff", "fit_sd", "fit_low", "fit_high"]].tolist() == [0, 0, 0, 0]
+    moved = table.drop(index="pre-training")
+    assert (moved["fit_sd"] > 0).all() and ((moved["fit_low"] < moved["low"]) & (moved["fit_high"] > moved["high"])).all()
+    scores = pd.read_parquet(tmp_path / "run" / "refit_scores.parquet")
+    assert set(scores["refit"]) == {0, 1, 2, 3} and set(scores["user_id"]) == set(small_world.users_in("test"))
+    assert set(scores["method"]) == {"qanchor_base", "static_embedding", "untrained", "logreg_features",
+                                     "qanchor_plus_features"}
+    assert main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--refits", "1"]) == 2
+    assert "refits must be an int >= 2" in capsys.readouterr().err

@@ -265,6 +265,21 @@ def test_contrast_is_paired_for_two_methods_and_weighs_differences_of_difference
         draws.contrast({"good": 1, "bad": -1})
 
 
+def test_contrast_widens_by_another_source_of_variation_around_the_same_value():
+    labels, good, noise, tasks = _world(n_users=150)
+    draws = M.Resamples(labels, tasks, {"good": good, "noise": noise}, n_boot=200, seed=4)
+    alone = draws.paired("good", "noise")
+    # draws that do not vary add nothing, whatever their level: only deviations from their mean count
+    flat = draws.contrast({"good": 1, "noise": -1}, other_draws=np.full(5, 0.3))
+    assert [flat["diff"], flat["low"], flat["high"], flat["p_value"]] == [alone["diff"], alone["low"], alone["high"],
+                                                                         alone["p_value"]]
+    spread = draws.contrast({"good": 1, "noise": -1}, other_draws=np.array([-0.05, 0.05]))
+    assert spread["diff"] == alone["diff"] and spread["low"] < alone["low"] - 0.02 and spread["high"] > alone["high"] + 0.02
+    for bad in (np.array([0.1]), np.zeros((2, 2)), np.array([0.0, np.nan])):
+        with pytest.raises(ValueError, match="other_draws must be a 1-d array of at least 2 finite numbers"):
+            draws.contrast({"good": 1, "noise": -1}, other_draws=bad)
+
+
 def test_bootstrap_bad_arguments():
     labels, good, noise, tasks = _world(n_users=50)
     with pytest.raises(ValueError, match="unknown metric 'f1'; valid choices: auc, ks"):
