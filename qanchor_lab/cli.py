@@ -48,6 +48,8 @@ def _cmd_pretrain(args) -> int:
     cfg.backbone = args.backbone
     if args.epochs is not None:
         cfg.epochs = args.epochs
+    if args.seed is not None:
+        cfg.seed = args.seed
     summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
@@ -152,6 +154,15 @@ def _cmd_label_curve(args) -> int:
     return 0
 
 
+# Two runs' models side by side (tune-splits and refit-intervals with --against): the other run's methods carry
+# the prefix "other:", so each difference is this run's minus the other's, paired user by user.
+BETWEEN_RUNS = {
+    "base: this run - other": {"qanchor_base": 1, "other:qanchor_base": -1},
+    "static: this run - other": {"static_embedding": 1, "other:static_embedding": -1},
+    "the query's gain: this run - other": {"qanchor_base": 1, "static_embedding": -1,
+                                           "other:qanchor_base": -1, "other:static_embedding": 1}}
+
+
 def _cmd_tune_splits(args) -> int:
     import pandas as pd
 
@@ -180,11 +191,7 @@ def _cmd_tune_splits(args) -> int:
     if against is not None:
         _check_same_folds(scores, against, args.against)
         scores = pd.concat([scores, against.assign(method="other:" + against["method"])], ignore_index=True)
-        contrasts.update({
-            "base: this run - other": {"qanchor_base": 1, "other:qanchor_base": -1},
-            "static: this run - other": {"static_embedding": 1, "other:static_embedding": -1},
-            "the query's gain: this run - other": {"qanchor_base": 1, "static_embedding": -1,
-                                                   "other:qanchor_base": -1, "other:static_embedding": 1}})
+        contrasts.update(BETWEEN_RUNS)
     resamples = tune_resamples(scores, world.labels, world.tasks, seed=args.seed)
     print(f"\nevery tune user scored once ({args.folds}-fold cross-fit), 95% CIs resampling users "
           f"(the splits' intervals above cover the probe's draws only; docs/design.md §7.35):")
@@ -210,24 +217,33 @@ def _report_resampling(run) -> tuple[int, int]:
 def _cmd_refit_intervals(args) -> int:
     from qanchor_lab.baselines import ProbeConfig
     from qanchor_lab.evaluate import MECHANISMS
-    from qanchor_lab.label_budget import PLUS_FEATURES, model_representations, refit_contrasts, refit_scores
+    from qanchor_lab.diagnostics import run_model_dir
+    from qanchor_lab.label_budget import (PLUS_FEATURES, model_representations, query_representations,
+                                          refit_contrasts, refit_scores)
+    from qanchor_lab.model import QAnchorModel
 
+    against = run_model_dir(args.against) if args.against else None     # found first: a bad path fails fast
     model, world, others, out_dir = _load_for_probes(args)
     n_boot, run_seed = _report_resampling(args.run)
     tune, test = world.users_in("tune"), world.users_in("test")
     reps = model_representations(model, world, tune + test, others=others)
+    if against is not None:     # the other run's model, embedded on this run's world and refitted on the same draws
+        reps.update(query_representations(QAnchorModel.from_pretrained(against).eval(), world, tune + test,
+                                          prefix="other:"))
     # the demo's feature baseline shuffles its probe's CV folds with the run's seed (pipeline.evaluate_run)
     scores = refit_scores(reps, world.labels, world.tasks, tune, test, refits=args.refits, seed=args.seed,
                           blends=PLUS_FEATURES, configs={"logreg_features": ProbeConfig(seed=run_seed)},
                           n_jobs=args.jobs, show_progress=True)
     known = set(reps) | set(PLUS_FEATURES)
     contrasts = {title: {a: 1.0, b: -1.0} for title, a, b in MECHANISMS if a in known and b in known}
+    if against is not None:
+        contrasts.update(BETWEEN_RUNS)
     table = refit_contrasts(scores, world.labels, world.tasks, contrasts, n_boot=n_boot, seed=run_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores.to_parquet(out_dir / "refit_scores.parquet", index=False)
     table.to_csv(out_dir / "refit_intervals.csv", index=False)
     print(f"test users ({len(test)}), avg AUC; every probe refitted on {args.refits} bootstrap draws of the "
-          f"{len(tune)} tune users (docs/design.md §7.36)")
+          f"{len(tune)} tune users (docs/design.md §7.36)" + (f"; other: {against}" if against else ""))
     print(f"  {'':<36} {'difference':>10}  {'test users resampled':>22}  {'fit sd':>6}  {'and the probes refitted':>22}")
     for r in table.itertuples():
         print(f"  {r.contrast:<36} {r.diff:>+10.4f}  [{r.low:+.4f}, {r.high:+.4f}]  {r.fit_sd:>6.4f}  "
@@ -301,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl)")
     t.add_argument("--backbone", default="tiny", help="tiny | smollm2 | a Hugging Face id or local directory")
     t.add_argument("--epochs", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None, help="pre-training seed: initialisation, batches, held-out "
+                   "paraphrases (default 7, the demo's; `demo --seed N` pre-trains its world with N)")
     t.add_argument("--resume", default=None, help="checkpoint directory to resume from (optimizer and schedule too); a pre-training config that differs from the checkpoint's is named in a warning")
     t.add_argument("--fast", action="store_true", help="a quick small run (CI / smoke test)")
     t.set_defaults(func=_cmd_pretrain)
@@ -371,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--refits", type=int, default=30, help="bootstrap draws of the tune users")
     f.add_argument("--seed", type=int, default=0, help="seed of the draws (the test resamples are the report's)")
     f.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
+    f.add_argument("--against", default=None, help="another run (its directory or saved model directory): its model "
+                   "embedded on this run's world and its probes refitted on the same draws, for paired differences "
+                   "between the two models")
     f.set_defaults(func=_cmd_refit_intervals)
 
     from qanchor_lab.experiments import EXPERIMENTS

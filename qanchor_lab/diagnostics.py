@@ -1041,6 +1041,18 @@ def save_diagnostics(diag: Mapping[str, Any], out_dir) -> tuple[Path, Path]:
 # command line helpers
 
 
+def run_model_dir(run) -> Path:
+    """The saved model directory of a run directory holding `model/`, or a saved model directory itself."""
+    from qanchor_lab.model import CONFIG_NAME
+
+    run = Path(run)
+    for candidate in (run, run / "model"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(f"{run} is neither a run directory with model/{CONFIG_NAME} nor a saved model "
+                            f"directory (no {CONFIG_NAME})")
+
+
 def resolve_run(run, data=None) -> tuple[Path, Path]:
     """(model dir, world dir) for a run directory holding `model/` (or a saved model directory itself).
 
@@ -1048,17 +1060,11 @@ def resolve_run(run, data=None) -> tuple[Path, Path]:
     next to the model directory) implies through `pipeline.world_dir`."""
     from dataclasses import fields
 
-    from qanchor_lab.model import CONFIG_NAME
     from qanchor_lab.pipeline import DemoConfig, world_dir
 
     run = Path(run)
-    if (run / CONFIG_NAME).is_file():
-        model_dir, candidates = run, [run / "demo_config.json", run.parent / "demo_config.json"]
-    elif (run / "model" / CONFIG_NAME).is_file():
-        model_dir, candidates = run / "model", [run / "demo_config.json"]
-    else:
-        raise FileNotFoundError(f"{run} is neither a run directory with model/{CONFIG_NAME} nor a saved model "
-                                f"directory (no {CONFIG_NAME})")
+    model_dir = run_model_dir(run)
+    candidates = [run / "demo_config.json"] + ([run.parent / "demo_config.json"] if model_dir == run else [])
     if data is None:
         marker = next((c for c in candidates if c.is_file()), None)
         if marker is None:

@@ -170,12 +170,21 @@ def model_representations(model, world, users: Sequence[str], *, others: Mapping
     from qanchor_lab.pipeline import query_embeddings
 
     users = list(users)
-    emb = query_embeddings(model, world, users, show_progress=show_progress)         # (U, T+1, d)
-    reps = {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1]}
+    reps = query_representations(model, world, users, show_progress=show_progress)
     for name, other in (others or {}).items():
         reps[name] = query_embeddings(other, world, users, show_progress=show_progress)[:, :-1]  # (U, T, d)
     reps["logreg_features"] = _feature_matrix(world, users)[1]
     return reps
+
+
+def query_representations(model, world, users: Sequence[str], *, prefix: str = "",
+                          show_progress: bool = True) -> dict[str, np.ndarray]:
+    """A model's embeddings under each task's query ((U, T, d), `prefix` + "qanchor_base") and under the generic
+    query ((U, d), `prefix` + "static_embedding"), rows in `users` order; one pass over both."""
+    from qanchor_lab.pipeline import query_embeddings
+
+    emb = query_embeddings(model, world, list(users), show_progress=show_progress)   # (U, T+1, d)
+    return {f"{prefix}qanchor_base": emb[:, :-1], f"{prefix}static_embedding": emb[:, -1]}
 
 
 def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,

@@ -359,6 +359,13 @@ def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path):
         assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "run"), "--fast", "--epochs", "0.05"]) == 0
     summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
     assert summary["steps"] >= 1 and summary["retrieval"]["trained"]["n"] > 0
+    # the seed is the demo's unless given (demo --seed N pre-trains with N; pretrain --seed N does the same)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideWindowWarning)
+        assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "s3"), "--fast", "--epochs", "0.05",
+                     "--seed", "3"]) == 0
+    seeds = [json.loads((tmp_path / r / "qanchor_config.json").read_text())["backbone"]["seed"] for r in ("run", "s3")]
+    assert seeds == [7, 3]
     users.iloc[:0].to_csv(d / "users.csv", index=False)  # nobody to pre-train: a clear error, not a traceback
     assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "run2"), "--fast"]) == 2
 

@@ -281,7 +281,10 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
 
 @pytest.mark.slow
 def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_model, small_world, tmp_path, capsys):
+    import copy
     import json
+
+    import torch
 
     from qanchor_lab.cli import main
     from qanchor_lab.data import save_world
@@ -307,3 +310,25 @@ def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_mode
                                      "qanchor_plus_features"}
     assert main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--refits", "1"]) == 2
     assert "refits must be an int >= 2" in capsys.readouterr().err
+    # against another run: its model (here the same one with a perturbed head) embedded on this run's world and
+    # refitted on the same draws; the query's gain between runs is the base difference less the static one
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        noise = torch.randn(other.head[-1].weight.shape, generator=torch.Generator().manual_seed(0))
+        other.head[-1].weight.add_(0.5 * noise)
+    other.save_pretrained(tmp_path / "other")
+    rc = main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--refits", "2",
+               "--jobs", "1", "--no-untrained", "--out", str(tmp_path / "vs"), "--against", str(tmp_path / "other")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"other: {tmp_path / 'other'}" in out
+    table = pd.read_csv(tmp_path / "vs" / "refit_intervals.csv").set_index("contrast")
+    between = ["base: this run - other", "static: this run - other", "the query's gain: this run - other"]
+    assert list(table.index) == ["the task query", "the embedding next to the features"] + between
+    assert (table.loc[between, "diff"] != 0).all() and (table.loc[between, "fit_sd"] > 0).all()
+    d = table["diff"]
+    assert d[between[2]] == pytest.approx(d[between[0]] - d[between[1]], abs=1e-12)
+    methods = set(pd.read_parquet(tmp_path / "vs" / "refit_scores.parquet")["method"])
+    assert {"other:qanchor_base", "other:static_embedding"} <= methods
+    assert main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--against",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "nowhere is neither a run directory with model/" in capsys.readouterr().err
