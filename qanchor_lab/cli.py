@@ -155,12 +155,13 @@ def _cmd_label_curve(args) -> int:
 
 
 # Two runs' models side by side (tune-splits and refit-intervals with --against): the other run's methods carry
-# the prefix "other:", so each difference is this run's minus the other's, paired user by user.
+# the prefix OTHER, so each difference is this run's minus the other's, paired user by user.
+OTHER = "other:"
 BETWEEN_RUNS = {
-    "base: this run - other": {"qanchor_base": 1, "other:qanchor_base": -1},
-    "static: this run - other": {"static_embedding": 1, "other:static_embedding": -1},
+    "base: this run - other": {"qanchor_base": 1, OTHER + "qanchor_base": -1},
+    "static: this run - other": {"static_embedding": 1, OTHER + "static_embedding": -1},
     "the query's gain: this run - other": {"qanchor_base": 1, "static_embedding": -1,
-                                           "other:qanchor_base": -1, "other:static_embedding": 1}}
+                                           OTHER + "qanchor_base": -1, OTHER + "static_embedding": 1}}
 
 
 def _cmd_tune_splits(args) -> int:
@@ -190,7 +191,7 @@ def _cmd_tune_splits(args) -> int:
     contrasts.update({f"{o} model (task query) - generic query": {o: 1, "static_embedding": -1} for o in others})
     if against is not None:
         _check_same_folds(scores, against, args.against)
-        scores = pd.concat([scores, against.assign(method="other:" + against["method"])], ignore_index=True)
+        scores = pd.concat([scores, against.assign(method=OTHER + against["method"])], ignore_index=True)
         contrasts.update(BETWEEN_RUNS)
     resamples = tune_resamples(scores, world.labels, world.tasks, seed=args.seed)
     print(f"\nevery tune user scored once ({args.folds}-fold cross-fit), 95% CIs resampling users "
@@ -229,7 +230,7 @@ def _cmd_refit_intervals(args) -> int:
     reps = model_representations(model, world, tune + test, others=others)
     if against is not None:     # the other run's model, embedded on this run's world and refitted on the same draws
         reps.update(query_representations(QAnchorModel.from_pretrained(against).eval(), world, tune + test,
-                                          prefix="other:"))
+                                          prefix=OTHER))
     # the demo's feature baseline shuffles its probe's CV folds with the run's seed (pipeline.evaluate_run)
     scores = refit_scores(reps, world.labels, world.tasks, tune, test, refits=args.refits, seed=args.seed,
                           blends=PLUS_FEATURES, configs={"logreg_features": ProbeConfig(seed=run_seed)},
