@@ -329,7 +329,8 @@ def run_diagnostics(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, sho
     from qanchor_lab.diagnostics import diagnose, save_diagnostics
 
     size = cfg.diagnostics_size()
-    diag = diagnose(model, world, untrained=build_model(world, cfg), seed=cfg.seed, show_progress=show_progress,
+    untrained = build_model(world, cfg).to(model.device)   # beside the trained model (a GPU's too)
+    diag = diagnose(model, world, untrained=untrained, seed=cfg.seed, show_progress=show_progress,
                     n_jobs=n_jobs, **size)
     save_diagnostics(diag, out_dir)
     return diag
@@ -510,7 +511,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             show_progress=show_progress)
 
         def untrained_scores() -> pd.DataFrame:
-            untrained = build_model(world, cfg).eval()
+            untrained = build_model(world, cfg).to(model.device).eval()   # beside the trained model (a GPU's too)
             return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
                                   n_jobs=n_jobs, jobs=jobs)[0]["base"]
 

@@ -165,7 +165,7 @@ class TaskAdapter(nn.Module):
             x = (emb - self.center).double()
             cov = x.T @ x / max(len(x) - 1, 1)                                    # (d, d)
             a = self.config.shrinkage
-            cov = (1 - a) * cov + a * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
+            cov = (1 - a) * cov + a * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype, device=cov.device)
             evals, evecs = torch.linalg.eigh(cov)
             inv_sqrt = evals.clamp_min(1e-12 * evals.max()).rsqrt()
             self.whiten.copy_((evecs * inv_sqrt) @ evecs.T)                       # (d, d) symmetric
@@ -187,7 +187,7 @@ class TaskAdapter(nn.Module):
         """Fit the probe read-out on tuned embeddings (N, d) of labelled users (baselines.fit_linear_probe)."""
         from qanchor_lab.baselines import fit_linear_probe
 
-        fitted = fit_linear_probe(emb.numpy(), labels)
+        fitted = fit_linear_probe(emb.cpu().numpy(), labels)
         for name in ("mean", "scale", "coef", "intercept"):
             getattr(self, f"probe_{name}").copy_(torch.from_numpy(fitted[name]))
 
@@ -203,7 +203,7 @@ class TaskAdapter(nn.Module):
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path.with_suffix(".safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path.with_suffix(".safetensors"))
         path.with_suffix(".json").write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
         return path.with_suffix(".safetensors")
 
@@ -277,13 +277,14 @@ def _start(model, cache: PrefixCache, labels: np.ndarray, rows: np.ndarray, quer
            config: PromptTuningConfig, rng: np.random.Generator) -> TaskAdapter:
     """A fresh adapter fitted on `rows` of a task cache: prompt init, normalisation, k-means, head phase."""
     H = model.llm.get_input_embeddings().weight.shape[1]
-    adapter = TaskAdapter(config.n_prompt, H, model.config.embed_dim, 2, config.prototypes_per_class, query, config)
+    adapter = TaskAdapter(config.n_prompt, H, model.config.embed_dim, 2, config.prototypes_per_class, query,
+                          config).to(model.device)  # where the model is: the prompt runs through its layers
     gen = torch.Generator().manual_seed(config.seed)
     with torch.no_grad():
         adapter.prompt.copy_(_init_prompt(model, config.n_prompt, query, config.prompt_init, gen))
         base = _embed_rows(adapter, model, cache, rows)                         # (n, d)
         adapter.fit_normalization(base)
-        unit = torch.nn.functional.normalize(adapter.features(base), dim=-1).numpy()
+        unit = torch.nn.functional.normalize(adapter.features(base), dim=-1).cpu().numpy()
         protos = []
         for c in (0, 1):
             x = unit[labels[rows] == c]
@@ -348,7 +349,7 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
 
     def val_auc() -> float:
         with torch.no_grad():
-            probs = adapter.prototype_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].numpy()
+            probs = adapter.prototype_probs(_embed_rows(adapter, model, cache, va_idx))[:, 1].cpu().numpy()
         return float(roc_auc_score(labels[va_idx], probs))
 
     # epoch 0 (initial prompt, fitted prototypes) is a candidate too: tuning must earn its keep on validation

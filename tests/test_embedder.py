@@ -193,6 +193,27 @@ def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_st
     assert not any(p.requires_grad for p in model.parameters())  # backbone and encoder stay frozen
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU machine, not CI)")
+def test_tune_task_runs_where_the_model_is(tiny_model, tiny_store, tmp_path):
+    """Prompt tuning of a model on a GPU: the adapter is made on the model's device, every read-back to numpy
+    goes through the CPU, and the saved adapter scores the same users on the CPU as it did on the GPU."""
+    import copy
+
+    from sklearn.metrics import roc_auc_score
+
+    cfg = PromptTuningConfig(n_prompt=2, epochs=4, patience=2, normalize="whiten", seed=1)
+    cpu = tiny_model.eval()
+    cache, labels = searchers(cpu, tiny_store)
+    gpu = copy.deepcopy(cpu).to("cuda")
+    gpu_cache, _ = searchers(gpu, tiny_store)
+    result = tune_task(gpu, gpu_cache, labels, "does this user search", cfg)
+    assert {p.device.type for p in result.adapter.parameters()} == {"cuda"}
+    scores = result.adapter.score(gpu, gpu_cache)                                 # numpy, from the GPU
+    assert result.val_auc > 0.7 and roc_auc_score(labels, scores) > 0.7
+    again = TaskAdapter.load(result.adapter.save(tmp_path / "task")).score(cpu, cache)
+    np.testing.assert_allclose(again, scores, atol=1e-3)
+
+
 def test_adapter_readouts_and_an_adapter_saved_before_the_probe_readout(tmp_path):
     import json
 
