@@ -173,6 +173,12 @@ def build_model(world, cfg: DemoConfig) -> QAnchorModel:
                                   window_start=start, window_end=end)
 
 
+def untrained_beside(model: QAnchorModel, world, cfg: DemoConfig) -> QAnchorModel:
+    """A fresh model of this config, the comparison the demo and the diagnostics score beside `model`: on its device
+    (a GPU's too, where the trained model is), in eval mode."""
+    return build_model(world, cfg).to(model.device).eval()
+
+
 def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> dict:
     """Load a dataset (a saved world, or a directory of your own tables: `load_dataset`), build (or resume) the
     model, pre-train, and report retrieval before/after."""
@@ -329,9 +335,8 @@ def run_diagnostics(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, sho
     from qanchor_lab.diagnostics import diagnose, save_diagnostics
 
     size = cfg.diagnostics_size()
-    untrained = build_model(world, cfg).to(model.device)   # beside the trained model (a GPU's too)
-    diag = diagnose(model, world, untrained=untrained, seed=cfg.seed, show_progress=show_progress,
-                    n_jobs=n_jobs, **size)
+    diag = diagnose(model, world, untrained=untrained_beside(model, world, cfg), seed=cfg.seed,
+                    show_progress=show_progress, n_jobs=n_jobs, **size)
     save_diagnostics(diag, out_dir)
     return diag
 
@@ -511,9 +516,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             show_progress=show_progress)
 
         def untrained_scores() -> pd.DataFrame:
-            untrained = build_model(world, cfg).to(model.device).eval()   # beside the trained model (a GPU's too)
-            return qanchor_scores(untrained, world, tuning=None, show_progress=show_progress, with_features=False,
-                                  n_jobs=n_jobs, jobs=jobs)[0]["base"]
+            return qanchor_scores(untrained_beside(model, world, cfg), world, tuning=None, show_progress=show_progress,
+                                  with_features=False, n_jobs=n_jobs, jobs=jobs)[0]["base"]
 
         references = {  # every skippable method but the oracle and the text baseline's MiniLM, in the order they run
             "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
