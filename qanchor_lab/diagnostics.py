@@ -300,8 +300,17 @@ def _mean_offdiag_cos(V: np.ndarray) -> float:
     return float((s @ s - n) / (n * (n - 1)))                                  # ||sum||² counts the n self-pairs
 
 
+def task_query_targets(world, users: Sequence[str]) -> dict[str, np.ndarray]:
+    """{task query: (U,) target over `users`} for `query_geometry(targets=...)`: each task's oracle logit (the 0/1
+    labels where the data has no known truth, `task_targets`), keyed by the query that asks for the task."""
+    targets, _ = task_targets(world, users)
+    return {q: targets[t].to_numpy(np.float64) for t, q in zip(world.tasks["task_id"], world.tasks["query"])
+            if t in targets.columns}
+
+
 def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, reference_query: str | None = None,
-                   batch_size: int = 64, show_progress: bool = False) -> dict[str, Any]:
+                   targets: Mapping[str, np.ndarray] | None = None, batch_size: int = 64,
+                   show_progress: bool = False) -> dict[str, Any]:
     """How the embeddings spread over users and queries.
 
     per_query: effective dimensionality over users for each query. same_user_cos: mean cosine between one
@@ -314,12 +323,28 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     that query's embedding variance over users that a linear map of the reference query's embedding does not
     predict (1 - out-of-fold ridge R², `probe_r2_many`). A probe refitted per query reads the same from both
     embeddings except through that share, so a question can only add to such a probe where its novelty is well
-    above the untrained model's (docs/design.md §7.14); `novelty_mean` averages it over the other queries."""
+    above the untrained model's (docs/design.md §7.14); `novelty_mean` averages it over the other queries.
+
+    With `targets` too ({query: (U,) target over `user_ids`}, e.g. `task_query_targets`), a task query's row also holds
+    `task_r2` (out-of-fold ridge R² of its task's target from the embedding under that query) and `task_r2_reference`
+    (from the reference query's embedding, on the same folds); `task_read_gain_mean` averages task_r2 -
+    task_r2_reference: does asking for the task keep more of the task in the embedding than the generic question?
+    Novelty says the question changes what the embedding holds; this says whether the change is toward its task
+    (docs/design.md §7.39)."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
         raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
     if reference_query is not None and reference_query not in queries:
         raise ValueError(f"query_geometry: reference_query {reference_query!r} is not among the queries")
+    targets = dict(targets or {})
+    if targets and reference_query is None:
+        raise ValueError("query_geometry: targets are read against the reference query's embedding; pass reference_query")
+    for q, y in targets.items():
+        if q not in queries:
+            raise ValueError(f"query_geometry: target for {q!r}, which is not among the queries")
+        if np.shape(y) != (len(user_ids),):
+            raise ValueError(f"query_geometry: the target for {q!r} has shape {np.shape(y)}; expected "
+                             f"({len(user_ids)},), one value per user")
     emb = model.encode(store, queries, user_ids=user_ids, batch_size=batch_size,
                        show_progress_bar=show_progress).astype(np.float64)     # (U, Q, d)
     U, Q, _ = emb.shape
@@ -345,6 +370,15 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
                 row["novelty"] = linear_novelty(ref, emb[:, j])
         out["reference_query"] = reference_query
         out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
+    if targets:
+        asked = [j for j, q in enumerate(queries) if q in targets and q != reference_query]
+        Y = np.stack([targets[queries[j]] for j in asked], axis=1)                # (U, T)
+        from_reference = probe_r2_many(ref, Y)                                    # (T,) the same folds as below
+        for k, j in enumerate(asked):
+            per_query[j]["task_r2"] = float(probe_r2(emb[:, j], Y[:, k]))
+            per_query[j]["task_r2_reference"] = float(from_reference[k])
+        out["task_read_gain_mean"] = float(np.nanmean([per_query[j]["task_r2"] - per_query[j]["task_r2_reference"]
+                                                       for j in asked]))
     return out
 
 
@@ -849,7 +883,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
         store = stores[key]
         stages = stage_probe_table(m, world, users, query, store=store, seed=seed, show_progress=show_progress)
         geometry = query_geometry(m, store, users[:geometry_users], queries + [GENERIC_QUERY],
-                                  reference_query=GENERIC_QUERY, show_progress=show_progress)
+                                  reference_query=GENERIC_QUERY, targets=task_query_targets(world, users[:geometry_users]),
+                                  show_progress=show_progress)
         claims = claim_accuracy(m, world, store=store, baselines=baselines[key], show_progress=show_progress)
         overall = claims[(claims["intent"] == "overall") & (claims["source"] == "all")].iloc[0]
         emb = stages[stages["stage"] == "embedding"].iloc[0]
@@ -865,7 +900,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
             "user_share": geometry["user_share"], "query_share": geometry["query_share"],
             "interaction_share": geometry["interaction_share"], "novelty_mean": geometry["novelty_mean"],
-            "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
+            "task_read_gain": geometry["task_read_gain_mean"], "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
         }
@@ -966,14 +1001,21 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
     parts.append("## Query geometry\n\n" + _md_table(geo, [
         "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share",
-        "interaction_share", "novelty_mean"])
+        "interaction_share", "novelty_mean", "task_read_gain_mean"])
         + "\n\nnovelty: share of a task query's embedding that no linear map of the generic query's embedding predicts "
-          "(out-of-fold ridge); a probe refitted per task can gain from the question only through it.")
+          "(out-of-fold ridge); a probe refitted per task can gain from the question only through it. "
+          f"task_read_gain: {what} R² of each task from the embedding under its own query minus under the generic "
+          "query (same folds), averaged over tasks: above zero, the question keeps more of its task.")
+    def read_gain(row):
+        return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
+
     perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
-             **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names}}
+             **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names},
+             **{f"read_gain_{n}": read_gain(diag["geometry"][n]["per_query"][i]) for n in names}}
             for i, r in enumerate(diag["geometry"][first]["per_query"])]
-    parts.append("Effective dimensionality and novelty per query:\n\n" + _md_table(
-        perq, ["query", *[f"dim_{n}" for n in names], *[f"novelty_{n}" for n in names]]))
+    parts.append("Effective dimensionality, novelty and task read gain per query:\n\n" + _md_table(
+        perq, ["query", *[f"dim_{n}" for n in names], *[f"novelty_{n}" for n in names],
+               *[f"read_gain_{n}" for n in names]]))
     parts.append("## Claim accuracy (pretrain_val QA rows)\n\n" + _md_table(claim_comparison(diag).to_dict("records"), [
         "intent", "source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc",
         *[f"margin_{n}" for n in names]])

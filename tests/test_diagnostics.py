@@ -170,6 +170,51 @@ def test_query_geometry_shapes_and_bounds(tiny_model, small_world, tiny_store):
         D.query_geometry(tiny_model, tiny_store, users, queries, reference_query="not asked")
 
 
+class _FixedEncoder:
+    """Stands in for a model in query_geometry: fixed embeddings per query, so the read gain's truth is known."""
+
+    def __init__(self, emb: dict[str, np.ndarray]):
+        self.emb = emb
+
+    def encode(self, store, queries, *, user_ids, batch_size=64, show_progress_bar=False):
+        return np.stack([self.emb[q] for q in queries], axis=1)                 # (U, Q, d)
+
+
+def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.normal(size=n)                                                      # the task's truth
+    user = rng.normal(size=(n, 6))                                              # what every query keeps
+    asks = np.column_stack([user[:, :5], y + 0.1 * rng.normal(size=n)])        # trades a user column for the task
+    other = user @ rng.normal(size=(6, 6)) + 1.0                                # a linear view of the generic one
+    enc = _FixedEncoder({"asks": asks, "generic": user, "other": other})        # the generic query lacks y
+    users = [f"u{i}" for i in range(n)]
+    g = D.query_geometry(enc, None, users, ["asks", "other", "generic"], reference_query="generic",
+                         targets={"asks": y, "other": y})
+    asks_row, other_row, generic_row = g["per_query"]
+    assert asks_row["task_r2"] > 0.9 and asks_row["task_r2_reference"] < 0.05
+    assert abs(other_row["task_r2"] - other_row["task_r2_reference"]) < 0.02
+    assert "task_r2" not in generic_row
+    assert g["task_read_gain_mean"] == pytest.approx(np.mean([asks_row["task_r2"] - asks_row["task_r2_reference"],
+                                                              other_row["task_r2"] - other_row["task_r2_reference"]]))
+    assert "task_read_gain_mean" not in D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic")
+    with pytest.raises(ValueError, match="not among the queries"):
+        D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={"other": y})
+    with pytest.raises(ValueError, match="one value per user"):
+        D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={"asks": y[:10]})
+    with pytest.raises(ValueError, match="pass reference_query"):
+        D.query_geometry(enc, None, users, ["asks", "generic"], targets={"asks": y})
+
+
+def test_task_query_targets_follow_the_tasks_queries(small_world):
+    users = _tune(small_world, 30)
+    targets = D.task_query_targets(small_world, users)
+    assert list(targets) == small_world.tasks["query"].tolist()
+    oracle = D.oracle_targets(small_world, users)
+    for task_id, query in zip(small_world.tasks["task_id"], small_world.tasks["query"]):
+        np.testing.assert_array_equal(targets[query], oracle[task_id].to_numpy())
+
+
 def testlinear_novelty_separates_a_linear_map_from_new_information():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 8))
@@ -412,6 +457,10 @@ def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
         assert diag["summary"][name]["query_selectivity"] == diag["selectivity"][name][-1]["selectivity"]
         assert diag["tune_selectivity"][name][-1]["intent"] == "overall"
         assert diag["summary"][name]["tune_query_selectivity"] == diag["tune_selectivity"][name][-1]["selectivity"]
+        rows = diag["geometry"][name]["per_query"]
+        assert all("task_r2" in r for r in rows[:-1]) and "task_r2" not in rows[-1]   # the generic query is the reference
+        assert diag["summary"][name]["task_read_gain"] == pytest.approx(
+            np.mean([r["task_r2"] - r["task_r2_reference"] for r in rows[:-1]]))
     # the inputs do not depend on the model; the head perturbation changes only the embedding stage
     t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
     assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
