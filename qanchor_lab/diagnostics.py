@@ -325,12 +325,12 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     embeddings except through that share, so a question can only add to such a probe where its novelty is well
     above the untrained model's (docs/design.md §7.14); `novelty_mean` averages it over the other queries.
 
-    With `targets` too ({query: (U,) target over `user_ids`}, e.g. `task_query_targets`), a task query's row also holds
-    `task_r2` (out-of-fold ridge R² of its task's target from the embedding under that query) and `task_r2_reference`
-    (from the reference query's embedding, on the same folds); `task_read_gain_mean` averages task_r2 -
-    task_r2_reference: does asking for the task keep more of the task in the embedding than the generic question?
-    Novelty says the question changes what the embedding holds; this says whether the change is toward its task
-    (docs/design.md §7.39)."""
+    With `targets` too ({query: (U,) target over `user_ids`}, e.g. `task_query_targets`), a task query's row also
+    holds `task_r2` (out-of-fold ridge R² of its task's target from the embedding under that query) and
+    `task_r2_reference` (from the reference query's embedding, on the same folds); `task_read_gain_mean` averages
+    task_r2 - task_r2_reference: does asking for the task keep more of the task in the embedding than the generic
+    question? Novelty says the question changes what the embedding holds; this says whether the change is toward its
+    task (docs/design.md §7.39)."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
         raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
@@ -338,7 +338,8 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         raise ValueError(f"query_geometry: reference_query {reference_query!r} is not among the queries")
     targets = dict(targets or {})
     if targets and reference_query is None:
-        raise ValueError("query_geometry: targets are read against the reference query's embedding; pass reference_query")
+        raise ValueError("query_geometry: targets are read against the reference query's embedding; "
+                         "pass reference_query")
     for q, y in targets.items():
         if q not in queries:
             raise ValueError(f"query_geometry: target for {q!r}, which is not among the queries")
@@ -370,8 +371,8 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
                 row["novelty"] = linear_novelty(ref, emb[:, j])
         out["reference_query"] = reference_query
         out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
-    if targets:
-        asked = [j for j, q in enumerate(queries) if q in targets and q != reference_query]
+    asked = [j for j, q in enumerate(queries) if q in targets and q != reference_query]
+    if asked:
         Y = np.stack([targets[queries[j]] for j in asked], axis=1)                # (U, T)
         from_reference = probe_r2_many(ref, Y)                                    # (T,) the same folds as below
         for k, j in enumerate(asked):
@@ -883,8 +884,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
         store = stores[key]
         stages = stage_probe_table(m, world, users, query, store=store, seed=seed, show_progress=show_progress)
         geometry = query_geometry(m, store, users[:geometry_users], queries + [GENERIC_QUERY],
-                                  reference_query=GENERIC_QUERY, targets=task_query_targets(world, users[:geometry_users]),
-                                  show_progress=show_progress)
+                                  reference_query=GENERIC_QUERY, show_progress=show_progress,
+                                  targets=task_query_targets(world, users[:geometry_users]))
         claims = claim_accuracy(m, world, store=store, baselines=baselines[key], show_progress=show_progress)
         overall = claims[(claims["intent"] == "overall") & (claims["source"] == "all")].iloc[0]
         emb = stages[stages["stage"] == "embedding"].iloc[0]
@@ -900,7 +901,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
             "user_share": geometry["user_share"], "query_share": geometry["query_share"],
             "interaction_share": geometry["interaction_share"], "novelty_mean": geometry["novelty_mean"],
-            "task_read_gain": geometry["task_read_gain_mean"], "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
+            "task_read_gain": geometry["task_read_gain_mean"],
+            "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
         }
@@ -971,6 +973,11 @@ def claim_comparison(diag: Mapping[str, Any]) -> pd.DataFrame:
     return merged
 
 
+def _read_gain(row: Mapping[str, Any]) -> float | None:
+    """One query_geometry row's task read gain (task_r2 - task_r2_reference); None for a query without a task."""
+    return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
+
+
 def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     """The diagnostics as Markdown: headline, stage probes, geometry, claim accuracy, perfect QA learner."""
     names = list(diag["models"])
@@ -1006,12 +1013,9 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
           "(out-of-fold ridge); a probe refitted per task can gain from the question only through it. "
           f"task_read_gain: {what} R² of each task from the embedding under its own query minus under the generic "
           "query (same folds), averaged over tasks: above zero, the question keeps more of its task.")
-    def read_gain(row):
-        return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
-
     perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
              **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names},
-             **{f"read_gain_{n}": read_gain(diag["geometry"][n]["per_query"][i]) for n in names}}
+             **{f"read_gain_{n}": _read_gain(diag["geometry"][n]["per_query"][i]) for n in names}}
             for i, r in enumerate(diag["geometry"][first]["per_query"])]
     parts.append("Effective dimensionality, novelty and task read gain per query:\n\n" + _md_table(
         perq, ["query", *[f"dim_{n}" for n in names], *[f"novelty_{n}" for n in names],

@@ -198,6 +198,9 @@ def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
     assert g["task_read_gain_mean"] == pytest.approx(np.mean([asks_row["task_r2"] - asks_row["task_r2_reference"],
                                                               other_row["task_r2"] - other_row["task_r2_reference"]]))
     assert "task_read_gain_mean" not in D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic")
+    only_reference = D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic",
+                                      targets={"generic": y})                   # nothing asked for a task: no read
+    assert "task_read_gain_mean" not in only_reference and "task_r2" not in only_reference["per_query"][0]
     with pytest.raises(ValueError, match="not among the queries"):
         D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={"other": y})
     with pytest.raises(ValueError, match="one value per user"):
