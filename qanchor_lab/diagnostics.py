@@ -308,6 +308,11 @@ def task_query_targets(world, users: Sequence[str]) -> dict[str, np.ndarray]:
             if t in targets.columns}
 
 
+def _read_gain(row: Mapping[str, Any]) -> float | None:
+    """One query_geometry row's task read gain (task_r2 - task_r2_reference); None for a query without a task."""
+    return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
+
+
 def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, reference_query: str | None = None,
                    targets: Mapping[str, np.ndarray] | None = None, batch_size: int = 64,
                    show_progress: bool = False) -> dict[str, Any]:
@@ -378,8 +383,7 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         for k, j in enumerate(asked):
             per_query[j]["task_r2"] = float(probe_r2(emb[:, j], Y[:, k]))
             per_query[j]["task_r2_reference"] = float(from_reference[k])
-        out["task_read_gain_mean"] = float(np.nanmean([per_query[j]["task_r2"] - per_query[j]["task_r2_reference"]
-                                                       for j in asked]))
+        out["task_read_gain_mean"] = float(np.nanmean([_read_gain(per_query[j]) for j in asked]))
     return out
 
 
@@ -971,11 +975,6 @@ def claim_comparison(diag: Mapping[str, Any]) -> pd.DataFrame:
         merged = t if merged is None else merged.merge(
             t[["intent", "source", f"acc_{name}", f"margin_{name}"]], on=["intent", "source"], how="left")
     return merged
-
-
-def _read_gain(row: Mapping[str, Any]) -> float | None:
-    """One query_geometry row's task read gain (task_r2 - task_r2_reference); None for a query without a task."""
-    return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
 
 
 def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
