@@ -147,13 +147,8 @@ def trait_targets(world, users: Sequence[str]) -> pd.DataFrame:
 # probes
 
 
-def probe_r2_many(X: np.ndarray, Y: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-fold ridge R² of X (n, p) for every column of Y (n, k); (k,) array.
-
-    Inside each fold X is standardised on the training part and RidgeCV picks one penalty per target
-    from `ALPHAS` (efficient leave-one-out on the training part only), so no information leaks from the
-    held-out part. R² compares the out-of-fold predictions with the overall mean; a constant target
-    gives NaN."""
+def _oof_ridge(X: np.ndarray, Y: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """(n, k) out-of-fold ridge predictions of every column of Y (n, k) from X (n, p) (see `probe_r2_many`)."""
     X = np.asarray(X, dtype=np.float64)
     Y = np.asarray(Y, dtype=np.float64)
     if Y.ndim == 1:
@@ -170,10 +165,50 @@ def probe_r2_many(X: np.ndarray, Y: np.ndarray, *, folds: int = 5, seed: int = 0
         ridge = RidgeCV(alphas=ALPHAS, alpha_per_target=Y.shape[1] > 1)
         ridge.fit(scaler.transform(X[train]), Y[train])
         pred[test] = ridge.predict(scaler.transform(X[test])).reshape(len(test), -1)
+    return pred
+
+
+def _r2(Y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(k,) R² of predictions (n, k) against the overall mean of Y (n, k); NaN for a constant column."""
     sst = ((Y - Y.mean(0)) ** 2).sum(0)
     sse = ((Y - pred) ** 2).sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(sst > 0, 1.0 - sse / sst, np.nan)
+
+
+def probe_r2_many(X: np.ndarray, Y: np.ndarray, *, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Out-of-fold ridge R² of X (n, p) for every column of Y (n, k); (k,) array.
+
+    Inside each fold X is standardised on the training part and RidgeCV picks one penalty per target
+    from `ALPHAS` (efficient leave-one-out on the training part only), so no information leaks from the
+    held-out part. R² compares the out-of-fold predictions with the overall mean; a constant target
+    gives NaN."""
+    Y = np.asarray(Y, dtype=np.float64)
+    Y = Y[:, None] if Y.ndim == 1 else Y
+    return _r2(Y, _oof_ridge(X, Y, folds=folds, seed=seed))
+
+
+def paired_r2_gain_interval(Y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, *, n_boot: int = 1000,
+                            ci: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of mean over columns of R²(pred_a) - R²(pred_b), both against Y (n, k), users resampled.
+
+    Both sets of predictions are scored on the same resampled users (paired), with each resample's own mean and
+    variance of Y. The probes are not refitted per resample, so the interval covers which users are scored, not
+    which users the probes were fitted on: a lower bound on the read's noise. Basic (pivotal) interval, as
+    the evaluation's (`metrics`)."""
+    from qanchor_lab.metrics import _interval, _resample_weights
+
+    Y, pa, pb = (np.asarray(a, dtype=np.float64) for a in (Y, pred_a, pred_b))
+    if not Y.shape == pa.shape == pb.shape or Y.ndim != 2:
+        raise ValueError(f"paired_r2_gain_interval: Y {Y.shape}, pred_a {pa.shape} and pred_b {pb.shape} must be "
+                         "the same (n, k) shape")
+    n = Y.shape[0]
+    w = _resample_weights(n, n_boot, seed).T                                   # (B, n) multiplicities
+    mean = w @ Y / n                                                           # (B, k)
+    sst = w @ (Y ** 2) - n * mean ** 2                                         # (B, k)
+    gain = (w @ ((Y - pb) ** 2) - w @ ((Y - pa) ** 2)) / sst                   # (B, k) = R²_a - R²_b
+    observed = float(np.nanmean(_r2(Y, pa) - _r2(Y, pb)))
+    return _interval(np.nanmean(gain, axis=1), ci, observed)
 
 
 def probe_r2(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:
@@ -334,7 +369,8 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     holds `task_r2` (out-of-fold ridge R² of its task's target from the embedding under that query) and
     `task_r2_reference` (from the reference query's embedding, on the same folds); `task_read_gain_mean` averages
     task_r2 - task_r2_reference: does asking for the task keep more of the task in the embedding than the generic
-    question? Novelty says the question changes what the embedding holds; this says whether the change is toward its
+    question? `task_read_gain_low` / `task_read_gain_high` bound it (95%, users resampled, paired;
+    `paired_r2_gain_interval`). Novelty says the question changes what the embedding holds; this says whether the change is toward its
     task (docs/design.md §7.39)."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
@@ -378,12 +414,14 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
     asked = [j for j, q in enumerate(queries) if q in targets and q != reference_query]
     if asked:
-        Y = np.stack([targets[queries[j]] for j in asked], axis=1)                # (U, T)
-        from_reference = probe_r2_many(ref, Y)                                    # (T,) the same folds as below
-        for k, j in enumerate(asked):
-            per_query[j]["task_r2"] = float(probe_r2(emb[:, j], Y[:, k]))
-            per_query[j]["task_r2_reference"] = float(from_reference[k])
+        Y = np.stack([targets[queries[j]] for j in asked], axis=1).astype(np.float64)  # (U, T)
+        from_reference = _oof_ridge(ref, Y)                                       # (U, T) the same folds as below
+        own = np.stack([_oof_ridge(emb[:, j], Y[:, k])[:, 0] for k, j in enumerate(asked)], axis=1)  # (U, T)
+        for k, (j, r2, r2_ref) in enumerate(zip(asked, _r2(Y, own), _r2(Y, from_reference))):
+            per_query[j]["task_r2"] = float(r2)
+            per_query[j]["task_r2_reference"] = float(r2_ref)
         out["task_read_gain_mean"] = float(np.nanmean([_read_gain(per_query[j]) for j in asked]))
+        out["task_read_gain_low"], out["task_read_gain_high"] = paired_r2_gain_interval(Y, own, from_reference)
     return out
 
 
@@ -905,7 +943,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "same_user_cos": geometry["same_user_cos"], "cross_user_cos": geometry["cross_user_cos"],
             "user_share": geometry["user_share"], "query_share": geometry["query_share"],
             "interaction_share": geometry["interaction_share"], "novelty_mean": geometry["novelty_mean"],
-            "task_read_gain": geometry["task_read_gain_mean"],
+            "task_read_gain": geometry["task_read_gain_mean"], "task_read_gain_low": geometry["task_read_gain_low"],
+            "task_read_gain_high": geometry["task_read_gain_high"],
             "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
@@ -1007,11 +1046,12 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
     parts.append("## Query geometry\n\n" + _md_table(geo, [
         "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share",
-        "interaction_share", "novelty_mean", "task_read_gain_mean"])
+        "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low", "task_read_gain_high"])
         + "\n\nnovelty: share of a task query's embedding that no linear map of the generic query's embedding predicts "
           "(out-of-fold ridge); a probe refitted per task can gain from the question only through it. "
           f"task_read_gain: {what} R² of each task from the embedding under its own query minus under the generic "
-          "query (same folds), averaged over tasks: above zero, the question keeps more of its task.")
+          "query (same folds), averaged over tasks: above zero, the question keeps more of its task; _low / _high: "
+          "its 95% interval, users resampled (the probes fixed, so it understates the noise).")
     perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
              **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names},
              **{f"read_gain_{n}": _read_gain(diag["geometry"][n]["per_query"][i]) for n in names}}

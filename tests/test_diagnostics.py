@@ -180,6 +180,29 @@ class _FixedEncoder:
         return np.stack([self.emb[q] for q in queries], axis=1)                 # (U, Q, d)
 
 
+def test_paired_r2_gain_interval_covers_the_truth_and_narrows_with_users():
+    rng = np.random.default_rng(1)
+
+    def draw(n, gain):  # two predictions of y whose R² differ by `gain` in expectation
+        y = rng.normal(size=(n, 2))
+        a = np.sqrt(0.3 + gain) * (np.sqrt(0.3 + gain) * y + np.sqrt(0.7 - gain) * rng.normal(size=(n, 2)))
+        b = np.sqrt(0.3) * (np.sqrt(0.3) * y + np.sqrt(0.7) * rng.normal(size=(n, 2)))
+        return y, a, b                                                          # R² of a: 0.3 + gain; of b: 0.3
+
+    covered = [lo <= 0.1 <= hi for lo, hi in (D.paired_r2_gain_interval(*draw(300, 0.1), n_boot=300, seed=s)
+                                               for s in range(60))]
+    assert 0.85 <= np.mean(covered) <= 1.0                                      # a 95% interval, 60 worlds
+    y, a, b = draw(300, 0.0)
+    assert D.paired_r2_gain_interval(y, a, b, seed=3) == D.paired_r2_gain_interval(y, a, b, seed=3)
+    lo, hi = D.paired_r2_gain_interval(y, a, b)
+    y4, a4, b4 = draw(1200, 0.0)
+    lo4, hi4 = D.paired_r2_gain_interval(y4, a4, b4)
+    assert 0.35 < (hi4 - lo4) / (hi - lo) < 0.7                                 # 4x the users: about half as wide
+    assert D.paired_r2_gain_interval(y, a, a) == (0.0, 0.0)                     # the same read: no gain at all
+    with pytest.raises(ValueError, match="same"):
+        D.paired_r2_gain_interval(y, a[:10], b)
+
+
 def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
     rng = np.random.default_rng(0)
     n = 300
@@ -197,6 +220,11 @@ def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
     assert "task_r2" not in generic_row
     assert g["task_read_gain_mean"] == pytest.approx(np.mean([asks_row["task_r2"] - asks_row["task_r2_reference"],
                                                               other_row["task_r2"] - other_row["task_r2_reference"]]))
+    assert g["task_read_gain_low"] < g["task_read_gain_mean"] < g["task_read_gain_high"]
+    kept = D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={"asks": y})
+    assert kept["task_read_gain_low"] > 0.8                                     # the task kept: far from zero
+    linear = D.query_geometry(enc, None, users, ["other", "generic"], reference_query="generic", targets={"other": y})
+    assert -0.01 < linear["task_read_gain_low"] <= linear["task_read_gain_high"] < 0.01  # a linear view: nothing
     assert "task_read_gain_mean" not in D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic")
     only_reference = D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic",
                                       targets={"generic": y})                   # nothing asked for a task: no read
@@ -464,6 +492,8 @@ def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
         assert all("task_r2" in r for r in rows[:-1]) and "task_r2" not in rows[-1]   # the generic query is the reference
         assert diag["summary"][name]["task_read_gain"] == pytest.approx(
             np.mean([r["task_r2"] - r["task_r2_reference"] for r in rows[:-1]]))
+        summary = diag["summary"][name]
+        assert summary["task_read_gain_low"] <= summary["task_read_gain"] <= summary["task_read_gain_high"]
     # the inputs do not depend on the model; the head perturbation changes only the embedding stage
     t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
     assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
