@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,27 @@ def _has_tabulate() -> bool:
     return True
 
 
+SET_HELP = ("any setting of the model, pre-training or prompt-tuning config by dotted key, e.g. --set model.embed_dim=16 "
+            "--set pretrain.reconstruction=1 (repeatable; VALUE is read as JSON, else as a string; docs/design.md §7.39)")
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    """{dotted key: value} of --set KEY=VALUE arguments; a value is JSON where it parses (16, 1.0, true, ["qq"])."""
+    out = {}
+    for pair in pairs or []:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. model.embed_dim=16")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
 def _cmd_pretrain(args) -> int:
+    from dataclasses import replace
+
     from qanchor_lab.pipeline import DemoConfig, pretrain_run
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
@@ -50,12 +71,15 @@ def _cmd_pretrain(args) -> int:
         cfg.epochs = args.epochs
     if args.seed is not None:
         cfg.seed = args.seed
+    cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
     summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_demo(args) -> int:
+    from dataclasses import replace
+
     from qanchor_lab.pipeline import RUNS_ROOT, DemoConfig, run_demo
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
@@ -76,6 +100,9 @@ def _cmd_demo(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
+    cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
+    for key, value in cfg.overrides.items():  # runs/demo-model.embed_dim16-pretrain.reconstruction1
+        default += "-" + re.sub(r"[^A-Za-z0-9._]", "", f"{key}{json.dumps(value)}")
     run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data, n_jobs=args.jobs)
     return 0
 
@@ -322,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "paraphrases (default 7, the demo's; `demo --seed N` pre-trains its world with N)")
     t.add_argument("--resume", default=None, help="checkpoint directory to resume from (optimizer and schedule too); a pre-training config that differs from the checkpoint's is named in a warning")
     t.add_argument("--fast", action="store_true", help="a quick small run (CI / smoke test)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     t.set_defaults(func=_cmd_pretrain)
 
     m = sub.add_parser("demo", help="the main job: data -> pre-training -> evaluation -> report")
@@ -339,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "derived from the event log")
     m.add_argument("--jobs", type=int, default=-1, help=DEMO_JOBS_HELP)
     m.add_argument("--fast", action="store_true")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP + "; the run goes to "
+                   "runs/demo-KEYVALUE...")
     m.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: kv (cached-prefix speedup), prompt (tuning step cached vs full), pretrain (tokens/s vs bare backbone), explorer (new-query latency over 2,000 users), bootstrap (the report's paired bootstrap at the demo's scale), hugepages (the demo's torch work with torch's huge pages off and on)")

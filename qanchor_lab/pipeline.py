@@ -10,9 +10,9 @@ import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,7 @@ RUNS_ROOT = Path(os.environ.get("QANCHOR_RUNS", project_root() / "runs"))
 
 
 DATASETS = ("synthetic", "movielens")  # what `dataset` may name: the UserU world or a named real source
+OVERRIDE_SECTIONS = ("model", "pretrain", "tuning")  # the stage configs DemoConfig.overrides may change
 
 
 @dataclass
@@ -84,10 +85,25 @@ class DemoConfig:
     text_max_events: int | None = None  # latest events per modality in that text; None: 3 on the synthetic world, where
                                         # it lets every modality in (chosen on tune users, docs/design.md §7.20), and the
                                         # serialiser's 20 on other data, where it was not measured (text_serialization)
+    # Any other setting of the model, pre-training or prompt-tuning config by dotted key, as an experiment's
+    # (experiments.config.RunConfig.override), e.g. {"model.embed_dim": 16, "pretrain.reconstruction": 1.0}: the CLI's
+    # --set KEY=VALUE. Applied over the fields above; the world stays the one `n_users` and `seed` name.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r}; valid choices: {', '.join(map(repr, DATASETS))}")
+        if not isinstance(self.overrides, Mapping):
+            raise ValueError(f"overrides must be a dict of dotted keys, got {self.overrides!r}")
+        bad = [k for k in self.overrides if not isinstance(k, str) or k.split(".", 1)[0] not in OVERRIDE_SECTIONS
+               or "." not in k]
+        if bad:
+            raise ValueError(f"override key(s) {bad} name no setting of the demo's stages; a key is SECTION.NAME "
+                             f"with SECTION one of {', '.join(OVERRIDE_SECTIONS)} (e.g. model.embed_dim, "
+                             "pretrain.reconstruction, tuning.lr)")
+        self.overrides = dict(self.overrides)
+        if self.overrides:
+            self._stage_configs()  # a bad key or value fails here, not after the world is generated
         if self.text_max_events is not None and (not isinstance(self.text_max_events, int)
                                                  or isinstance(self.text_max_events, bool) or self.text_max_events < 1):
             raise ValueError(f"text_max_events must be None or an integer >= 1 (latest events per modality in the "
@@ -112,15 +128,31 @@ class DemoConfig:
     def world_config(self) -> WorldConfig:
         return WorldConfig(n_users=self.n_users, seed=self.seed)
 
+    def _stage_configs(self) -> tuple[QAnchorConfig, PretrainConfig, PromptTuningConfig]:
+        """(model, pre-training, prompt-tuning) configs: this config's fields, then `overrides` through the experiment
+        layer's override (each stage's __post_init__ checks the new value; an unknown key names the valid ones)."""
+        model = QAnchorConfig(backbone=BackboneConfig(name=self.backbone, tiny_size=self.tiny_size, seed=self.seed),
+                              max_events=self.max_events, text_encoder=self.text_encoder)
+        pretrain = PretrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, max_steps=self.max_steps)
+        tuning = PromptTuningConfig(n_prompt=self.n_prompt, epochs=self.tune_epochs, seed=self.seed)
+        if not self.overrides:
+            return model, pretrain, tuning
+        from qanchor_lab.experiments.config import RunConfig
+
+        try:
+            run = RunConfig(model=model, pretrain=pretrain, tuning=tuning).override(self.overrides)
+        except ValueError as e:  # a stage's own check names the field, not the override that set it
+            raise ValueError(f"overrides {self.overrides}: {e}") from None
+        return run.model, run.pretrain, run.tuning
+
     def model_config(self) -> QAnchorConfig:
-        return QAnchorConfig(backbone=BackboneConfig(name=self.backbone, tiny_size=self.tiny_size, seed=self.seed),
-                             max_events=self.max_events, text_encoder=self.text_encoder)
+        return self._stage_configs()[0]
 
     def pretrain_config(self) -> PretrainConfig:
-        return PretrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, max_steps=self.max_steps)
+        return self._stage_configs()[1]
 
     def tuning_config(self) -> PromptTuningConfig:
-        return PromptTuningConfig(n_prompt=self.n_prompt, epochs=self.tune_epochs, seed=self.seed)
+        return self._stage_configs()[2]
 
 
 SYNTHETIC_TEXT_EVENTS = 3  # text_max_events=None on the synthetic world (docs/design.md §7.20)
@@ -245,7 +277,9 @@ def run_key(cfg: DemoConfig, data_dir=None) -> dict:
     """What a demo's pre-trained model depends on, as JSON: the demo config without its EVALUATION_FIELDS, the model
     and pre-training configs it resolves to (library defaults included, so that a changed default retrains rather
     than reusing an older model), and the dataset directory when it is a user's own."""
-    key = {**_training_fields(asdict(cfg)), "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
+    # overrides reach the key through the configs they resolve to: one that changes only prompt tuning keeps the model
+    training = {k: v for k, v in _training_fields(asdict(cfg)).items() if k != "overrides"}
+    key = {**training, "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
     if data_dir is not None:
         key["data"] = str(Path(data_dir).resolve())
     return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
@@ -317,11 +351,13 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     metrics["stage_seconds"] = dict(stages)
     loss_log = [json.loads(line) for line in (out_dir / "model" / "log.jsonl").read_text().splitlines()]
     write_metrics(metrics, out_dir / "metrics.json", config=asdict(cfg), wall_seconds=wall)
+    backbone = cfg.model_config().backbone
     write_report(out_dir / "report.html", metrics, loss_log=loss_log, retrieval=r, diagnostics=diag,
                  notes=[(dataset_note(world, cfg) if data_dir is None else
                          f"dataset: {data_dir} ({len(world.users)} users, modalities {', '.join(world.modalities)})")
-                        + f"; backbone {cfg.backbone} ({cfg.tiny_size}); "
-                        f"{summary['steps']} pre-training steps; wall time {wall:.0f} s ({stages.line()})", *notes])
+                        + f"; backbone {backbone.name} ({backbone.tiny_size}); "
+                        + (f"settings changed: {json.dumps(cfg.overrides)}; " if cfg.overrides else "")
+                        + f"{summary['steps']} pre-training steps; wall time {wall:.0f} s ({stages.line()})", *notes])
     print("\n" + results_markdown(metrics))
     print(f"\ntime: {stages.line()}; evaluation: {Stopwatch(metrics['evaluation_seconds']).line()}")
     print(f"wrote {out_dir / 'report.html'} and {out_dir / 'metrics.json'}; demo wall time {wall:.0f} s")

@@ -366,6 +366,16 @@ def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path):
                      "--seed", "3"]) == 0
     seeds = [json.loads((tmp_path / r / "qanchor_config.json").read_text())["backbone"]["seed"] for r in ("run", "s3")]
     assert seeds == [7, 3]
+    # any stage setting by dotted key (--set), read as JSON; a malformed one is named before anything runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideWindowWarning)
+        assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "d16"), "--fast", "--epochs", "0.05",
+                     "--set", "model.embed_dim=16", "--set", "pretrain.reconstruction=1.0"]) == 0
+    assert json.loads((tmp_path / "d16" / "qanchor_config.json").read_text())["embed_dim"] == 16
+    assert json.loads((tmp_path / "run" / "qanchor_config.json").read_text())["embed_dim"] != 16
+    for bad in ("embed_dim=16", "model.embed_dim", "model.embed_dim=0", "model.width=16"):
+        assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "bad"), "--fast", "--set", bad]) == 2
+    assert not (tmp_path / "bad").exists()
     users.iloc[:0].to_csv(d / "users.csv", index=False)  # nobody to pre-train: a clear error, not a traceback
     assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "run2"), "--fast"]) == 2
 

@@ -358,9 +358,38 @@ def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
     assert set(evaluation) == set(EVALUATION_FIELDS)
     for name, value in evaluation.items():
         assert run_key(replace(cfg, **{name: value})) == key, name
-    assert {f.name for f in fields(DemoConfig)} - set(EVALUATION_FIELDS) <= set(key)
+    # overrides reach the key through the model and pre-training configs they resolve to (next test)
+    assert {f.name for f in fields(DemoConfig)} - set(EVALUATION_FIELDS) - {"overrides"} <= set(key)
     for name, value in {"epochs": 1.0, "max_events": 4, "retrieval_pairs": 100, "max_steps": 5, "seed": 8}.items():
         assert run_key(replace(cfg, **{name: value})) != key, name
+
+
+def test_demo_overrides_reach_the_stage_configs_and_the_run_key():
+    """DemoConfig.overrides (the CLI's --set) change any stage setting by dotted key: the model is retrained when a
+    model or pre-training setting changes, not when only prompt tuning does; a bad key or value is named at once."""
+    from dataclasses import asdict
+
+    from qanchor_lab.pipeline import DemoConfig, run_key
+
+    base = DemoConfig()
+    cfg = DemoConfig(overrides={"model.embed_dim": 16, "pretrain.reconstruction": 1.0, "tuning.lr": 1e-3})
+    model, pretrain, tuning = cfg.model_config(), cfg.pretrain_config(), cfg.tuning_config()
+    assert (model.embed_dim, pretrain.reconstruction, tuning.lr) == (16, 1.0, 1e-3)
+    assert base.model_config().embed_dim != 16 and base.pretrain_config().reconstruction != 1.0
+    # everything else is the demo's: its seed, epochs and prompt tokens, the rest of the library's defaults
+    assert (model.backbone.seed, pretrain.epochs, pretrain.seed, tuning.n_prompt) == (7, 1.5, 7, 6)
+    for a, b in ((model, base.model_config()), (pretrain, base.pretrain_config()), (tuning, base.tuning_config())):
+        assert {k for k in asdict(a) if asdict(a)[k] != asdict(b)[k]} <= {"embed_dim", "reconstruction", "lr"}
+    assert run_key(DemoConfig(overrides={"tuning.lr": 1e-3})) == run_key(base)          # the same model
+    assert run_key(DemoConfig(overrides={"model.embed_dim": 16})) != run_key(base)
+    assert run_key(DemoConfig(overrides={"pretrain.epochs": 6})) != run_key(base)
+    for bad, message in (({"embed_dim": 16}, "SECTION.NAME"), ({"world.n_users": 400}, "one of model, pretrain, tuning"),
+                         ({"model.embed_dims": 16}, "valid keys there: .*embed_dim"),
+                         ({"model.embed_dim": -1}, r"overrides .*model.embed_dim.*: embed_dim must be >= 1"),
+                         ({"model.embed_dim": "wide"}, r"model.embed_dim' takes an integer \(now 128\), got 'wide'"),
+                         ({"model.use_user_token": 0}, "takes true or false"), ({"pretrain": 3}, "SECTION.NAME")):
+        with pytest.raises(ValueError, match=message):
+            DemoConfig(overrides=bad)
 
 
 def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuses_its_model(monkeypatch, tmp_path):

@@ -128,6 +128,7 @@ class RunConfig:
                     if isinstance(node[part], dict) and not isinstance(value, Mapping):
                         raise ValueError(f"config key {key!r} is a section; override one of its keys: "
                                          f"{', '.join(sorted(node[part]))}")
+                    _check_type(key, node[part], value)
                     node[part] = value
                 else:
                     node = node[part]
@@ -210,6 +211,22 @@ def _check_keys(d: Mapping, template: Mapping, where: str) -> None:
                              f"{', '.join(sorted(template))}")
         if isinstance(template[k], dict) and isinstance(v, Mapping) and k != "feature_spec":
             _check_keys(v, template[k], f"{where}{k}.")
+
+
+def _check_type(key: str, old: Any, new: Any) -> None:
+    """An override keeps its setting's kind (a number, a whole number, a switch, a word); a stage config's own checks
+    compare values and would fail on the wrong kind with a TypeError from deep inside."""
+    def kind(v):
+        if isinstance(v, bool):
+            return "true or false"
+        if isinstance(v, int):
+            return "an integer"
+        return "a number" if isinstance(v, float) else "a string" if isinstance(v, str) else None
+
+    want, got = kind(old), kind(new)
+    ok = want is None or got == want or (want == "a number" and got == "an integer")
+    if not ok:
+        raise ValueError(f"config key {key!r} takes {want} (now {old!r}), got {new!r}")
 
 
 def _hash(d: Mapping) -> str:
