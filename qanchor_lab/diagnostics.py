@@ -195,20 +195,30 @@ def paired_r2_gain_interval(Y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarra
     Both sets of predictions are scored on the same resampled users (paired), with each resample's own mean and
     variance of Y. The probes are not refitted per resample, so the interval covers which users are scored, not
     which users the probes were fitted on: a lower bound on the read's noise. Basic (pivotal) interval, as
-    the evaluation's (`metrics`)."""
-    from qanchor_lab.metrics import _interval, _resample_weights
+    the evaluation's (`metrics`). As there, a resample in which some task's target is constant (a rare 0/1 label
+    on a small log) has no R² and is left out; (NaN, NaN) when fewer than `metrics.MIN_VALID_SHARE` of them
+    remain, or when no target varies."""
+    from qanchor_lab.metrics import MIN_VALID_SHARE, _interval, _resample_weights
 
     Y, pa, pb = (np.asarray(a, dtype=np.float64) for a in (Y, pred_a, pred_b))
     if not Y.shape == pa.shape == pb.shape or Y.ndim != 2:
         raise ValueError(f"paired_r2_gain_interval: Y {Y.shape}, pred_a {pa.shape} and pred_b {pb.shape} must be "
                          "the same (n, k) shape")
+    per_task = _r2(Y, pa) - _r2(Y, pb)                                         # (k,) NaN where Y is constant
+    varies = np.isfinite(per_task)
+    if not varies.any():
+        return float("nan"), float("nan")
+    Y, pa, pb = Y[:, varies], pa[:, varies], pb[:, varies]
     n = Y.shape[0]
     w = _resample_weights(n, n_boot, seed).T                                   # (B, n) multiplicities
-    mean = w @ Y / n                                                           # (B, k)
-    sst = w @ (Y ** 2) - n * mean ** 2                                         # (B, k)
-    gain = (w @ ((Y - pb) ** 2) - w @ ((Y - pa) ** 2)) / sst                   # (B, k) = R²_a - R²_b
-    observed = float(np.nanmean(_r2(Y, pa) - _r2(Y, pb)))
-    return _interval(np.nanmean(gain, axis=1), ci, observed)
+    Yc = Y - Y.mean(0)                                                         # (n, k) R² is shift-free; centred,
+    square = w @ (Yc ** 2)                                                     # (B, k) a constant resample's sst
+    sst = square - (w @ Yc) ** 2 / n                                           # (B, k) cancels to ~0, not to noise
+    valid = (sst > 1e-9 * square).all(axis=1)                                  # (B,) every task's target varies
+    if valid.sum() < MIN_VALID_SHARE * n_boot:
+        return float("nan"), float("nan")
+    gain = (w[valid] @ ((Y - pb) ** 2) - w[valid] @ ((Y - pa) ** 2)) / sst[valid]  # (B', k) = R²_a - R²_b
+    return _interval(gain.mean(axis=1), ci, float(per_task[varies].mean()))
 
 
 def probe_r2(X: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> float:

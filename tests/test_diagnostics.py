@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import replace
 
@@ -201,6 +202,21 @@ def test_paired_r2_gain_interval_covers_the_truth_and_narrows_with_users():
     assert D.paired_r2_gain_interval(y, a, a) == (0.0, 0.0)                     # the same read: no gain at all
     with pytest.raises(ValueError, match="same"):
         D.paired_r2_gain_interval(y, a[:10], b)
+    # a rare 0/1 target (a small log's label): resamples without a positive have no R² and are left out, not ±inf
+    rare = np.zeros((40, 3))
+    rare[0, 0] = rare[1, 1] = rare[2, 2] = 1.0                                  # one positive per task
+    pa, pb = rare + 0.3 * rng.normal(size=rare.shape), 0.3 * rng.normal(size=rare.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                          # no divide-by-zero on the way
+        lo, hi = D.paired_r2_gain_interval(rare[:, :1], pa[:, :1], pb[:, :1])
+        assert np.isfinite([lo, hi]).all() and lo < hi
+        # a constant task has no R² at all: it is left out, the rest read as without it
+        with_constant = np.column_stack([rare[:, :1], np.ones(40)])
+        assert D.paired_r2_gain_interval(with_constant, np.column_stack([pa[:, :1], pb[:, 1]]),
+                                         np.column_stack([pb[:, :1], pb[:, 1]])) == pytest.approx((lo, hi), abs=1e-12)
+        # three rare tasks at once: most resamples miss some task's positive, too few are left to say anything
+        assert np.isnan(D.paired_r2_gain_interval(rare, pa, pb)).all()
+        assert np.isnan(D.paired_r2_gain_interval(np.ones((40, 2)), pa[:, :2], pb[:, :2])).all()
 
 
 def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
