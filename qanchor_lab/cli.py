@@ -20,7 +20,8 @@ def _cmd_data(args) -> int:
     from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
 
     t0 = time.perf_counter()
-    world = generate_world(WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty), show_progress=True)
+    config = WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty, side_interests=args.side_interests)
+    world = generate_world(config, show_progress=True)
     save_world(world, args.out)
     seconds = time.perf_counter() - t0
     counts = world.manifest.get("counts", {})
@@ -58,6 +59,11 @@ def _overrides(pairs: list[str] | None) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = text
     return out
+
+
+def _overrides_suffix(overrides: dict) -> str:
+    """The settings in a default output name: {"model.embed_dim": 16} -> "-model.embed_dim16"."""
+    return "".join("-" + re.sub(r"[^A-Za-z0-9._]", "", f"{key}{json.dumps(value)}") for key, value in overrides.items())
 
 
 def _cmd_pretrain(args) -> int:
@@ -101,8 +107,7 @@ def _cmd_demo(args) -> int:
         cfg.seed = args.seed
         default += f"-seed{args.seed}"
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
-    for key, value in cfg.overrides.items():  # runs/demo-model.embed_dim16-pretrain.reconstruction1
-        default += "-" + re.sub(r"[^A-Za-z0-9._]", "", f"{key}{json.dumps(value)}")
+    default += _overrides_suffix(cfg.overrides)  # runs/demo-model.embed_dim16-pretrain.reconstruction1
     run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data, n_jobs=args.jobs)
     return 0
 
@@ -309,9 +314,17 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def _cmd_experiment(args) -> int:
-    from qanchor_lab.experiments import run_named
+    from qanchor_lab.experiments import base_config_for, run_named
+    from qanchor_lab.experiments.runner import EXPERIMENTS_ROOT
 
-    exp = run_named(args.name, fast=args.fast, seeds=args.seeds, out=args.out, device=args.device, jobs=args.jobs)
+    overrides = _overrides(args.set)
+    # The settings apply to the reference and so to every variant (a variant's own setting still wins); checked
+    # here, before any run, and the tables go beside the plain experiment's, not over them.
+    base = base_config_for(args.name, args.fast).override(overrides) if overrides else None
+    out = args.out
+    if out is None and overrides:
+        out = EXPERIMENTS_ROOT / "tables" / (args.name + ("-fast" if args.fast else "") + _overrides_suffix(overrides))
+    exp = run_named(args.name, fast=args.fast, seeds=args.seeds, out=out, device=args.device, jobs=args.jobs, base=base)
     cols = ["variant", "method", "n_seeds", "auc", "auc_low", "auc_high", "ks", "auc_diff", "auc_diff_low",
             "auc_diff_high", "verdict"]
     table = exp.summary[cols]
@@ -336,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--users", type=int, default=6000, help="number of users (default 6000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--difficulty", type=float, default=1.0, help="label noise scale (1.0 = default)")
+    d.add_argument("--side-interests", type=int, default=0, metavar="K",
+                   help="K independent interests per user that no task depends on (profile columns and questions "
+                        "about them; 0-160, default 0; docs/design.md §7.41)")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(func=_cmd_data)
 
@@ -434,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="where results.csv/summary.csv go (default runs/experiments/tables/NAME)")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="pre-training device (scoring runs on the CPU)")
     e.add_argument("--jobs", type=int, default=1, help="parallel processes (each pre-trains/runs one config)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any setting of the experiment's reference run by dotted key, model.*, pretrain.*, tuning.*, "
+                        "eval.* or world.* (e.g. --set pretrain.reconstruction=1; repeatable; VALUE is read as JSON, "
+                        "else as a string); every variant starts from it; the tables go to "
+                        "runs/experiments/tables/NAME-KEYVALUE")
     e.set_defaults(func=_cmd_experiment)
     return p
 

@@ -108,6 +108,8 @@ class PromptTuningConfig:
             raise ValueError(f"prototypes_per_class must be >= 1, got {self.prototypes_per_class}")
         if not 0 < self.val_share < 1:
             raise ValueError(f"val_share must lie in (0, 1), got {self.val_share}")
+        if not (self.lr > 0 and self.head_lr > 0):  # Adam would take a negative rate and climb the loss without a word
+            raise ValueError(f"lr and head_lr must be > 0, got {self.lr} and {self.head_lr}")
 
 
 class TaskAdapter(nn.Module):

@@ -19,6 +19,14 @@ def test_data_command_writes_tables_and_manifest(tmp_path, capsys):
         assert len(pd.read_parquet(tmp_path / "w" / f"{table}.parquet")) > 0
     manifest = json.loads((tmp_path / "w" / "manifest.json").read_text())
     assert manifest["seed"] == 4 and len(manifest["tasks"]) == 10
+    assert manifest["config"]["side_interests"] == 0 and "side_interest_qa" not in manifest["counts"]
+    # a richer user: side interests as profile columns and questions; a bad count is named, nothing written
+    assert main(["data", "--users", "600", "--seed", "4", "--side-interests", "3", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["counts"]["side_interest_qa"] > 0
+    assert {"interest_fishing_gear", "interest_yoga_gear"} <= set(pd.read_parquet(tmp_path / "r" / "profiles.parquet"))
+    capsys.readouterr()
+    assert main(["data", "--users", "600", "--side-interests", "500", "--out", str(tmp_path / "bad")]) == 2
+    assert "side_interests" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_bad_arguments_give_a_clean_error(tmp_path, capsys):

@@ -316,7 +316,9 @@ def test_head_phase_lowers_the_prototype_loss_on_fixed_embeddings(tiny_model):
                                         (dict(prompt_init="vocab"), "random_words"),
                                         (dict(readout="logistic"), "prototypes', 'probe"),
                                         (dict(shrinkage=1.5), "shrinkage"),
-                                        (dict(head_epochs=-1), "head_epochs")])
+                                        (dict(head_epochs=-1), "head_epochs"),
+                                        (dict(lr=-0.01), "lr and head_lr must be > 0"),
+                                        (dict(head_lr=0.0), "lr and head_lr must be > 0")])
 def test_prompt_tuning_config_names_the_valid_choices(bad, match):
     with pytest.raises(ValueError, match=match):
         PromptTuningConfig(**bad)

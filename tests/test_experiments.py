@@ -182,6 +182,46 @@ def test_fast_scaling_and_sweeps_reuse_the_fast_ablation_reference():
     assert sweeps.base_config(True).model_key() == reference.model_key()
 
 
+
+def test_experiment_cli_set_changes_the_reference_of_every_variant(monkeypatch, tmp_path, capsys):
+    """`experiment NAME --set KEY=VALUE`: the setting reaches the reference and every variant built on it (a
+    variant's own setting still wins), the tables go beside the plain experiment's, and a bad key or value is
+    named before anything runs."""
+    import qanchor_lab.experiments as E
+    from qanchor_lab.cli import main
+    from qanchor_lab.experiments import ablations, sweeps
+
+    seen = {}
+
+    def fake_run_named(name, **kw):  # stands in for the runs; the variants are built from `base` below
+        seen.update(kw, name=name)
+        raise ValueError("stopped before running")
+
+    monkeypatch.setattr(E, "run_named", fake_run_named)
+    assert main(["experiment", "prompt_tokens", "--fast", "--set", "pretrain.reconstruction=1",
+                 "--set", "tuning.lr=0.01"]) == 2
+    assert "stopped before running" in capsys.readouterr().err
+    base = seen["base"]
+    assert base.pretrain.reconstruction == 1 and base.tuning.lr == 0.01
+    # a whole number given for a number is stored as a float: one setting, one cache key, and later overrides
+    # (an ablation's 0.0 below) still take floats
+    assert isinstance(base.pretrain.reconstruction, float)
+    assert base.key() == sweeps.base_config(True).override({"pretrain.reconstruction": 1.0, "tuning.lr": 0.01}).key()
+    assert set(base.diff(sweeps.base_config(True))) == {"pretrain.reconstruction", "tuning.lr"}
+    assert str(seen["out"]).endswith("tables/prompt_tokens-fast-pretrain.reconstruction1-tuning.lr0.01")
+    vs, _, _ = sweeps.sweep_variants("prompt_tokens", base, fast=True)
+    assert {v.pretrain.reconstruction for v in vs.values()} == {1}
+    assert len({v.tuning.n_prompt for v in vs.values()}) == len(vs)  # the swept setting is the variant's own
+    abl = ablations.variants(E.base_config_for("ablations", True).override({"pretrain.reconstruction": 1}))
+    assert abl["no_reconstruction"].pretrain.reconstruction == 0 and abl[ablations.REFERENCE].pretrain.reconstruction == 1
+    # without --set: the family's own reference and default tables
+    seen.clear()
+    assert main(["experiment", "ablations", "--fast", "--out", str(tmp_path / "t")]) == 2
+    assert seen["base"] is None and seen["out"] == str(tmp_path / "t")
+    for bad in ("pretrain.reconstruction", "pretrain.reconstructio=1", "model.embed_dim=abc", "tuning.lr=-1"):
+        seen.clear()
+        assert main(["experiment", "prompt_tokens", "--fast", "--set", bad]) == 2
+        assert not seen  # named before any run
 # ----- a tiny experiment end to end -----
 
 @pytest.mark.slow

@@ -69,6 +69,8 @@ def _words(text: str) -> set[str]:
     ({"qa_per_user_min": 5, "qa_per_user_max": 2}, "qa_per_user_min"),
     ({"qa_style": "essay"}, "qa_style"),
     ({"terse_answer_share": 1.5}, "terse_answer_share"),
+    ({"side_interests": 161}, "side_interests"),
+    ({"side_interests": -1}, "side_interests"),
 ])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -304,6 +306,42 @@ def test_terse_answers_change_only_the_wording_of_kept_answers():
     from qanchor_lab.diagnostics import intent_catalogue
     assert "No." in intent_catalogue(terse.qa)["late_fees"].answers["none"]
     assert "No." not in intent_catalogue(plain.qa)["late_fees"].answers["none"]
+
+
+def test_side_interests_add_profile_columns_and_questions_and_change_nothing_else(tmp_path):
+    """WorldConfig.side_interests: a richer user (docs/design.md §7.41) whose events, core profile, users, tasks,
+    labels and core QA are the plain world's, byte for byte."""
+    from qanchor_lab.sources.synthetic.interests import CLAIMS, QA_PER_USER, column_name, SIDE_INTEREST_NAMES
+
+    plain = generate_world(WorldConfig(n_users=600, seed=3))
+    rich = generate_world(WorldConfig(n_users=600, seed=3, side_interests=12))
+    for table in ("events", "users", "tasks", "labels"):
+        pd.testing.assert_frame_equal(getattr(plain, table), getattr(rich, table), obj=table)
+    cols = [column_name(n) for n in SIDE_INTEREST_NAMES[:12]]
+    assert cols[:2] == ["interest_fishing_gear", "interest_piano_gear"]
+    assert list(rich.profiles.columns) == list(plain.profiles.columns) + cols
+    pd.testing.assert_frame_equal(plain.profiles, rich.profiles[list(plain.profiles.columns)])
+    shown = rich.profiles[cols].to_numpy()
+    assert abs(shown.mean()) < 0.1 and 1.0 < shown.std() < 1.1            # sd 1 plus the profile's noise
+    assert np.abs(np.corrcoef(shown.T)[np.triu_indices(12, 1)]).max() < 0.15  # independent interests
+    pd.testing.assert_frame_equal(plain.qa, rich.qa.iloc[:len(plain.qa)])
+    side = rich.qa.iloc[len(plain.qa):]
+    pre = set(rich.users_in("pretrain", "pretrain_val"))
+    assert set(side["user_id"]) == pre and (side.groupby("user_id").size() == QA_PER_USER).all()
+    assert side.groupby("user_id")["intent"].nunique().eq(QA_PER_USER).all()   # distinct interests per user
+    assert set(side["intent"]) <= set(cols) and set(side["source"]) == {"uqa"}
+    assert rich.manifest["counts"]["side_interest_qa"] == len(side)
+    # the answer names its interest and states a level that agrees with the profile's noisy view of it
+    prof = rich.profiles.set_index("user_id")
+    level = {text.split(" {n}")[0]: rank for rank, (_, _, text) in enumerate(CLAIMS)}
+    for row in side.head(200).itertuples():
+        name = row.intent.removeprefix("interest_").replace("_", " ")
+        assert name in row.query and row.answer.endswith(f"{name}.")
+        rank = level[row.answer.split(f" {name}")[0]]
+        assert rank == 0 or prof.at[row.user_id, row.intent] > -0.5 - 1.5   # noise sd 0.3: five sd
+        assert rank == 2 or prof.at[row.user_id, row.intent] < 0.7 + 1.5
+    # the rich world is a world like any other: saved, validated and loaded back
+    assert read_world(save_world(rich, tmp_path / "rich")).profiles.shape == rich.profiles.shape
 
 
 # ----------------------------------------------------------------------------------------------

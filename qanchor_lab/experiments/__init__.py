@@ -7,6 +7,7 @@ sweeps.py, scaling.py) and plotly figures for their tables (figures.py).
     exp.summary
 """
 
+from qanchor_lab.experiments import ablations, scaling, sweeps
 from qanchor_lab.experiments.ablations import run_ablations
 from qanchor_lab.experiments.config import EvalConfig, RunConfig, get_config
 from qanchor_lab.experiments.core import Experiment, run_experiment
@@ -15,6 +16,17 @@ from qanchor_lab.experiments.scaling import run_scaling
 from qanchor_lab.experiments.sweeps import run_sweep
 
 EXPERIMENTS = ("ablations", "prompt_tokens", "tuning_epochs", "prompt_init", "prototypes", "scaling")
+
+
+def base_config_for(name: str, fast: bool = False) -> RunConfig:
+    """The reference config of one experiment by its CLI name: what its variants change one setting of."""
+    if name == "ablations":
+        return ablations.base_config(fast)
+    if name == "scaling":
+        return scaling.base_config(fast)
+    if name in EXPERIMENTS:
+        return sweeps.base_config(fast)
+    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
 
 
 def run_named(name: str, **kw) -> Experiment:
@@ -28,5 +40,5 @@ def run_named(name: str, **kw) -> Experiment:
     raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
 
 
-__all__ = ["EXPERIMENTS", "EvalConfig", "Experiment", "RunConfig", "RunResult", "ensure_model", "get_config", "run",
-           "run_ablations", "run_experiment", "run_named", "run_scaling", "run_sweep"]
+__all__ = ["EXPERIMENTS", "EvalConfig", "Experiment", "RunConfig", "RunResult", "base_config_for", "ensure_model",
+           "get_config", "run", "run_ablations", "run_experiment", "run_named", "run_scaling", "run_sweep"]

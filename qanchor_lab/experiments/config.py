@@ -128,8 +128,7 @@ class RunConfig:
                     if isinstance(node[part], dict) and not isinstance(value, Mapping):
                         raise ValueError(f"config key {key!r} is a section; override one of its keys: "
                                          f"{', '.join(sorted(node[part]))}")
-                    _check_type(key, node[part], value)
-                    node[part] = value
+                    node[part] = _check_type(key, node[part], value)
                 else:
                     node = node[part]
         return RunConfig.from_dict(d)
@@ -213,9 +212,11 @@ def _check_keys(d: Mapping, template: Mapping, where: str) -> None:
             _check_keys(v, template[k], f"{where}{k}.")
 
 
-def _check_type(key: str, old: Any, new: Any) -> None:
-    """An override keeps its setting's kind (a number, a whole number, a switch, a word); a stage config's own checks
-    compare values and would fail on the wrong kind with a TypeError from deep inside."""
+def _check_type(key: str, old: Any, new: Any) -> Any:
+    """`new` if it has its setting's kind (a number, a whole number, a switch, a word), a whole number given for a
+    number as a float: a stage config's own checks compare values and would fail on the wrong kind with a TypeError
+    from deep inside, and 1 stored for 1.0 would give the same setting another cache key and make the setting
+    read as whole-numbered to a later override (e.g. an ablation's 0.0 over --set pretrain.reconstruction=1)."""
     def kind(v):
         if isinstance(v, bool):
             return "true or false"
@@ -227,6 +228,7 @@ def _check_type(key: str, old: Any, new: Any) -> None:
     ok = want is None or got == want or (want == "a number" and got == "an integer")
     if not ok:
         raise ValueError(f"config key {key!r} takes {want} (now {old!r}), got {new!r}")
+    return float(new) if want == "a number" and got == "an integer" else new
 
 
 def _hash(d: Mapping) -> str:

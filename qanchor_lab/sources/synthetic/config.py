@@ -115,6 +115,11 @@ class WorldConfig(DictConfig):
     # own words. Only the QA table depends on it. Pre-training's claim masking joins rows that share a text, so a
     # shared short answer also masks the claims it states across intents (§7.14 measures both ways; neither helped).
     terse_answer_share: float = 0.0
+    # Independent side interests per user that no task depends on, up to 160 ("fishing gear", "piano lessons", ...):
+    # each one noisy profile column and D_uqa questions about it for pre-training users (docs/design.md §7.41). A
+    # richer user than the embedding needs for the tasks, to test whether the task's question then chooses. 0 adds
+    # nothing; events, core profile columns, users, tasks and labels never depend on it (a random stream of its own).
+    side_interests: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -165,6 +170,11 @@ class WorldConfig(DictConfig):
                 f"WorldConfig.qa_per_user_min/qa_per_user_max must satisfy 1 <= min <= max <= {len(INTENTS)} "
                 f"(the number of intents), got {self.qa_per_user_min!r}/{self.qa_per_user_max!r}"
             )
+        from qanchor_lab.sources.synthetic.interests import MAX_SIDE_INTERESTS
+
+        if not 0 <= self.side_interests <= MAX_SIDE_INTERESTS:
+            raise ValueError(f"WorldConfig.side_interests must lie in [0, {MAX_SIDE_INTERESTS}] (the named interests), "
+                             f"got {self.side_interests!r}")
         if not 0.0 <= float(self.terse_answer_share) <= 1.0:
             raise ValueError(f"WorldConfig.terse_answer_share must lie in [0, 1], got {self.terse_answer_share!r}")
         for name in ("future_qa_weight", "salient_qa_boost"):

@@ -12,6 +12,7 @@ from qanchor_lab.data import load_world, save_world, saved_manifest
 from qanchor_lab.metrics import ks
 from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS, World
 from qanchor_lab.sources.synthetic.config import _F, PERSONAS, TRAITS, WorldConfig
+from qanchor_lab.sources.synthetic.interests import interest_profiles, interest_qa, side_interests
 from qanchor_lab.sources.synthetic.qa import _synthesise_qa, build_evidence, verify_answers
 from qanchor_lab.sources.synthetic.simulation import _events_frame, _profiles, _sample_latents, _simulate
 from qanchor_lab.sources.synthetic.tasks import TASK_IDS, TASK_SPECS, _tasks_frame, calibrate_tasks, oracle_probabilities
@@ -65,8 +66,9 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
             bar.set_postfix_str(name)
             bar.update(1)
 
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(7)]
-    rng_lat, rng_split, rng_hist, rng_prof, rng_fut, rng_qa, rng_lab = streams
+    # Each part draws from its own child of the seed; a child added later (side interests) leaves the others as they were.
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(8)]
+    rng_lat, rng_split, rng_hist, rng_prof, rng_fut, rng_qa, rng_lab, rng_side = streams
     n = config.n_users
     start = pd.Timestamp(config.start_date)
     width = max(6, len(str(n - 1)))
@@ -100,6 +102,12 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
     generated = _synthesise_qa(rng_qa, evidence, config)
     kept = verify_answers(generated, evidence)
     qa = generated.loc[kept, ["user_id", "source", "intent", "query", "answer"]].reset_index(drop=True)
+    n_side_qa = 0
+    if config.side_interests:  # after the core QA, whose evidence must not see the new profile columns
+        values, shown = side_interests(rng_side, n, config.side_interests)
+        profiles = interest_profiles(profiles, shown)
+        side_qa = interest_qa(rng_side, values, user_ids, pretrain)
+        qa, n_side_qa = pd.concat([qa, side_qa], ignore_index=True), len(side_qa)
     tick(steps[4])
 
     down = np.flatnonzero(~pretrain)
@@ -148,6 +156,7 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
             "events_total": int(len(events)),
             "distinct_event_texts": int(events["text"].nunique()),
             "qa": {s: int((qa["source"] == s).sum()) for s in ("future", "uqa")},
+            **({"side_interest_qa": n_side_qa} if config.side_interests else {}),
             "labels": int(len(labels)),
         },
         "tasks": {t: {"domain": spec.domain,
