@@ -18,26 +18,26 @@ from qanchor_lab.experiments.sweeps import run_sweep
 EXPERIMENTS = ("ablations", "prompt_tokens", "tuning_epochs", "prompt_init", "prototypes", "scaling")
 
 
+def _family(name: str):
+    """The module of one experiment by its CLI name (see EXPERIMENTS): ablations, scaling, or the prompt sweeps."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    return ablations if name == "ablations" else scaling if name == "scaling" else sweeps
+
+
 def base_config_for(name: str, fast: bool = False) -> RunConfig:
     """The reference config of one experiment by its CLI name: what its variants change one setting of."""
-    if name == "ablations":
-        return ablations.base_config(fast)
-    if name == "scaling":
-        return scaling.base_config(fast)
-    if name in EXPERIMENTS:
-        return sweeps.base_config(fast)
-    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    return _family(name).base_config(fast)
 
 
 def run_named(name: str, **kw) -> Experiment:
     """One experiment by its CLI name (see EXPERIMENTS)."""
-    if name == "ablations":
+    family = _family(name)
+    if family is ablations:
         return run_ablations(**kw)
-    if name == "scaling":
+    if family is scaling:
         return run_scaling(**kw)
-    if name in EXPERIMENTS:
-        return run_sweep(name, **kw)
-    raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    return run_sweep(name, **kw)
 
 
 __all__ = ["EXPERIMENTS", "EvalConfig", "Experiment", "RunConfig", "RunResult", "base_config_for", "ensure_model",

@@ -57,8 +57,8 @@ def interest_profiles(profiles: pd.DataFrame, shown: np.ndarray) -> pd.DataFrame
 def interest_qa(rng: np.random.Generator, values: np.ndarray, user_ids: np.ndarray, asked: np.ndarray) -> pd.DataFrame:
     """D_uqa pairs about the side interests of the users where `asked` (pre-training users): min(K, QA_PER_USER)
     distinct interests each, a query template drawn per pair, the answer stating the interest's level; the
-    intent is named by the interest's profile column. The answers come from the interest itself, not from the noisy profile column, as a
-    synthesiser that read more of the user would write them."""
+    intent is named by the interest's profile column. The answers come from the interest itself, not from the
+    noisy profile column, as a synthesiser that read more of the user would write them."""
     k = values.shape[1]
     per_user = min(k, QA_PER_USER)
     rows: dict[str, list[str]] = {"user_id": [], "source": [], "intent": [], "query": [], "answer": []}
