@@ -104,6 +104,11 @@ class BehaviourStore:
     def tabular_dim(self) -> int:
         return self._tabular.shape[1]
 
+    @property
+    def tabular(self) -> torch.Tensor:
+        """(U, F) every user's tabular vector, in store order (read-only: a view of the store's own)."""
+        return self._tabular
+
     def indices(self, user_ids: Sequence[str]) -> list[int]:
         missing = [u for u in user_ids if u not in self.index]
         if missing:

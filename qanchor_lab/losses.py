@@ -370,14 +370,16 @@ class NextTokenLoss(nn.Module):
 
 def reconstruction_loss(predicted: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean squared error between ``predicted`` and ``target`` (both (B, F)), averaged over rows and
-    features, each feature's squared error times ``weights`` (F,) when given (weights of mean 1 keep the
-    scale). With standardised targets a predictor that knows nothing (zeros) scores about 1."""
+    features, each feature's squared error times ``weights`` when given: (F,) for every row alike or (B, F)
+    row by row (weights of mean 1 keep the scale). With standardised targets a predictor that knows nothing
+    (zeros) scores about 1."""
     if predicted.shape != target.shape or predicted.ndim != 2:
         raise ValueError(f"predicted {tuple(predicted.shape)} and target {tuple(target.shape)} must both be (B, F)")
     error = (predicted.float() - target.float()).pow(2)                       # (B, F)
     if weights is not None:
-        if tuple(weights.shape) != (target.shape[1],):
-            raise ValueError(f"weights {tuple(weights.shape)} must have one entry per feature ({target.shape[1]},)")
+        if tuple(weights.shape) not in ((target.shape[1],), tuple(target.shape)):
+            raise ValueError(f"weights {tuple(weights.shape)} must have one entry per feature ({target.shape[1]},) "
+                             f"or per row and feature {tuple(target.shape)}")
         error = error * weights.to(error)                                     # (B, F)
     return error.mean()
 
@@ -409,11 +411,12 @@ class ReconstructionLoss(nn.Module):
         # config and the feature spec
         self.register_buffer("weights", None if weights is None else weights.float(), persistent=False)
 
-    def forward(self, embeddings: Tensor, tabular: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, tabular: Tensor, row_weights: Tensor | None = None) -> Tensor:
+        """``row_weights`` (B, F): each row's own feature weights, in place of ``weights``."""
         # unit-norm embeddings to unit RMS: otherwise the decoder needs weights ~sqrt(d) times its
         # initialisation, which AdamW at a pre-training rate of 3e-4 does not reach in a few hundred steps
         predicted = self.decoder(embeddings * embeddings.shape[-1] ** 0.5)    # (B, F)
-        return reconstruction_loss(predicted, tabular, self.weights)          # scalar
+        return reconstruction_loss(predicted, tabular, self.weights if row_weights is None else row_weights)
 
 
 # --------------------------------------------------------------------------- answer sets

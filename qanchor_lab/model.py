@@ -251,15 +251,21 @@ class QAnchorModel(nn.Module):
     # ----- pre-training forward: both towers and the next-token logits in one call -----
     def forward(self, users: UserBatch, queries: Sequence[str], answers: Sequence[str],
                 *, user_rows: torch.Tensor | None = None, with_answer_tower: bool = True,
-                with_lm: bool = True, lm_vocab: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                with_lm: bool = True, lm_vocab: torch.Tensor | None = None,
+                user_queries: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Both towers and the next-token logits for one (user, query, answer) row per query.
 
         `user_rows` (N,) maps each row to a user of `users` (U distinct users, U <= N): each user's prefix
         is then computed once into a KV cache and all of that user's queries run on top of it (the same
         numbers as full recomputation, docs/design.md §2), so a batch of u users x k questions costs u prefixes.
         `lm_vocab` (sorted token ids) restricts the next-token logits to those tokens; `lm_targets` then index
-        into it (PretrainConfig.lm_vocabulary, docs/design.md §7.16)."""
+        into it (PretrainConfig.lm_vocabulary, docs/design.md §7.16).
+        `user_queries` (U,): one more query per distinct user (per row when `user_rows` is None), run over the
+        same prefixes without an answer; their anchors come back as `user_anchor` (U, d)
+        (PretrainConfig.reconstruction_target="intent" asks every user the generic question this way)."""
         suffix = self.make_suffix(queries, answers=answers if with_lm else None)
+        if user_queries is not None and user_rows is None:
+            user_rows = torch.arange(len(queries), device=self.device)  # the cache path: each prefix serves two suffixes
         if user_rows is None:
             prefix = self.encode_prefix(users.to(self.device))
             hidden = self.run_full(prefix, self.suffix_embeddings(suffix), suffix.mask)   # (N, S, H)
@@ -269,9 +275,16 @@ class QAnchorModel(nn.Module):
 
             cache = prefix_cache(self, users)                                          # U prefixes, with grad
             n_prefix = cache.mask.sum()
-            cache = cache.select(torch.as_tensor(user_rows, device=self.device))      # (N, kv, P, hd) per layer
-            hidden = run_suffix(self, cache, self.suffix_embeddings(suffix), suffix.mask)  # (N, S, H)
+            hidden = run_suffix(self, cache.select(torch.as_tensor(user_rows, device=self.device)),
+                                self.suffix_embeddings(suffix), suffix.mask)          # (N, S, H)
         out = {"anchor": self.pool(hidden, suffix), "n_tokens": n_prefix + suffix.mask.sum()}
+        if user_queries is not None:
+            if len(user_queries) != cache.lengths.shape[0]:
+                raise ValueError(f"user_queries has {len(user_queries)} queries for {cache.lengths.shape[0]} users: "
+                                 "one per distinct user (per row when user_rows is None)")
+            extra = self.make_suffix(user_queries)
+            extra_hidden = run_suffix(self, cache, self.suffix_embeddings(extra), extra.mask)  # (U, S', H)
+            out["user_anchor"] = self.pool(extra_hidden, extra)                       # (U, d)
         if with_lm:
             targets = suffix.targets.to(self.device)
             sel = targets != -100

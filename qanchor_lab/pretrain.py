@@ -33,6 +33,8 @@ Batching = Literal["random", "intent", "grid"]
 FalseNegatives = Literal["answer_text", "claim", "text_or_claim"]
 # How the reconstruction weighs the tabular vector's features (PretrainConfig.reconstruction_weighting)
 ReconstructionWeighting = Literal["group", "feature"]
+# Which features a row's embedding must give back: "all", or "intent" (those that predict its question's answers).
+ReconstructionTarget = Literal["all", "intent"]
 # Which tokens the next-token loss normalises over (PretrainConfig.lm_vocabulary)
 LmVocabulary = Literal["full", "answers"]
 TINY_LR = 3e-4  # chosen by sweep_pretrain on held-out retrieval (pretrain_val): 1e-2, 3e-3, 1e-3 and 1e-4 did worse
@@ -79,6 +81,13 @@ class PretrainConfig:
     # probe AUC by 0.013-0.018 over "feature" at the same weight (docs/design.md §7.10). "feature": every
     # column the same (§7.8).
     reconstruction_weighting: ReconstructionWeighting = "group"
+    # What each row's embedding reconstructs. "all": the whole tabular input, whatever the question (§7.8), so
+    # every question's embedding holds the whole user and the question cannot choose (§7.39). "intent": each
+    # row reconstructs the feature groups that predict its question's answers on the training users
+    # (`intent_reconstruction_weights`), and every user in the batch is also asked the generic question, whose
+    # embedding reconstructs the whole input: a question keeps its part of the user, the generic one keeps it all
+    # (docs/design.md §7.42).
+    reconstruction_target: ReconstructionTarget = "all"
     # Weight of the answer-set loss (losses.AnswerSetLoss): each anchor against every answer wording its question
     # has among the training pairs, the wordings of its own claim positive, L += answer_set * L_set. 0 is the
     # paper's objective, under which the anchor points at its question's majority answer or worse. 1 was chosen
@@ -118,6 +127,7 @@ class PretrainConfig:
         self.answer_mask_kinds = tuple(self.answer_mask_kinds)
         for name, choices in (("batching", get_args(Batching)), ("false_negatives", get_args(FalseNegatives)),
                               ("reconstruction_weighting", get_args(ReconstructionWeighting)),
+                              ("reconstruction_target", get_args(ReconstructionTarget)),
                               ("lm_vocabulary", get_args(LmVocabulary))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
@@ -355,7 +365,7 @@ def step_forward(module: "PretrainStep", batch: StepBatch, ntp_normalizer: float
     return module(batch.users, batch.queries, batch.answers, torch.as_tensor(batch.user_index, device=device),
                   torch.as_tensor(batch.answer_ids, device=device), ntp_normalizer,
                   None if batch.user_rows is None else torch.as_tensor(batch.user_rows, device=device),
-                  answer_set=batch.answer_set.to(device))
+                  answer_set=batch.answer_set.to(device), intent_ids=torch.as_tensor(batch.intent_ids, device=device))
 
 
 def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler=None, *, ntp_normalizer: float,
@@ -389,11 +399,52 @@ def answer_vocabulary(model: QAnchorModel, answers: Sequence[str]) -> torch.Tens
     return torch.tensor(sorted(tokens), dtype=torch.long)                          # (K,)
 
 
+def intent_reconstruction_weights(pairs: PairSet, tabular, groups: Sequence[str], base_weights=None, *,
+                                  folds: int = 3, min_share: float = 0.01) -> torch.Tensor:
+    """Per-intent feature weights (I, F) of the reconstruction (PretrainConfig.reconstruction_target="intent").
+
+    For each intent, the training users asked it (one answer each) and the claim their answer states: the
+    relevance of a feature group is the cross-validated R^2 (`folds`-fold ridge, clipped at 0) with which that
+    group's columns of `tabular` (U_store, F) predict the claim (one-hot). A feature's weight is its group's
+    relevance times `base_weights` (F,) (e.g. `group_weights`; None = 1), each intent's row rescaled to mean 1
+    so that it keeps the reconstruction's scale. An intent whose groups predict almost nothing (relevances
+    summing to <= `min_share`) or that has one claim gets `base_weights` itself, as "all" does. Deterministic:
+    unshuffled folds over the users in store order."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_predict
+
+    x = np.asarray(tabular, dtype=np.float64)                                   # (U_store, F)
+    groups = np.asarray(list(groups), dtype=object)
+    if len(groups) != x.shape[1]:
+        raise ValueError(f"{len(groups)} feature groups for {x.shape[1]} tabular columns")
+    names, column_group = np.unique(groups.astype(str), return_inverse=True)     # (G,), (F,)
+    n_intents = int(pairs.intent_ids.max()) + 1 if len(pairs) else 0
+    relevance = np.zeros((n_intents, len(names)))                               # (I, G)
+    for i in range(n_intents):
+        rows = np.flatnonzero(pairs.intent_ids == i)
+        users, first = np.unique(pairs.user_index[rows], return_index=True)
+        claims = pairs.claim_ids[rows[first]]
+        classes = np.unique(claims)
+        if len(classes) < 2 or len(users) < 2 * folds:
+            continue
+        y = (claims[:, None] == classes[None, :]).astype(np.float64)             # (n, C)
+        total = ((y - y.mean(0)) ** 2).sum()
+        for g in range(len(names)):
+            fit = cross_val_predict(RidgeCV(alphas=np.logspace(-1, 4, 12)), x[users][:, column_group == g], y, cv=folds)
+            relevance[i, g] = max(0.0, 1.0 - ((y - fit) ** 2).sum() / total)
+    by_group = np.where(relevance.sum(1, keepdims=True) > min_share, relevance, 1.0)  # (I, G)
+    base = np.ones(x.shape[1]) if base_weights is None else np.asarray(base_weights, dtype=np.float64)
+    weights = by_group[:, column_group] * base[None, :]                         # (I, F)
+    return torch.as_tensor(weights / weights.mean(1, keepdims=True), dtype=torch.float32)
+
+
 class PretrainStep(torch.nn.Module):
     """Model + losses as one module, so DDP sees a single forward; it returns `StepLosses`. With
-    `lm_vocabulary="answers"` it needs the training answers (`pairs.answers`) to build that vocabulary."""
+    `lm_vocabulary="answers"` it needs the training answers (`pairs.answers`) to build that vocabulary; with
+    `reconstruction_target="intent"` the per-intent feature weights (`intent_reconstruction_weights`)."""
 
-    def __init__(self, model: QAnchorModel, config: PretrainConfig, answers: Sequence[str] | None = None):
+    def __init__(self, model: QAnchorModel, config: PretrainConfig, answers: Sequence[str] | None = None,
+                 intent_weights: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.config = config
@@ -413,13 +464,25 @@ class PretrainStep(torch.nn.Module):
                 weights = (group_weights(model.feature_spec.feature_groups())
                            if config.reconstruction_weighting == "group" else None)
                 self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim, weights)
+        self.generic_query = None
+        if self.reconstruction is not None and config.reconstruction_target == "intent":
+            from qanchor_lab.pipeline import GENERIC_QUERY
+
+            if intent_weights is None or intent_weights.ndim != 2 or intent_weights.shape[1] != model.config.tabular_dim:
+                raise ValueError('reconstruction_target="intent" needs the per-intent feature weights (I, '
+                                 f'{model.config.tabular_dim}): PretrainStep(model, config, '
+                                 'intent_weights=intent_reconstruction_weights(pairs, store.tabular, groups, base))')
+            self.register_buffer("intent_weights", intent_weights.float().to(model.device), persistent=False)
+            self.generic_query = GENERIC_QUERY
         self.answer_set_loss = AnswerSetLoss(config.temperature) if config.uses_answer_set else None
 
     def forward(self, users, queries, answers, user_ids, answer_ids, ntp_normalizer, user_rows=None,
-                answer_set: AnswerSet | None = None):
+                answer_set: AnswerSet | None = None, intent_ids: torch.Tensor | None = None):
         c = self.config
+        n_users = len(users.tabular)                                                # U (or N: no user repeats)
         out = self.model(users, queries, answers, user_rows=user_rows, with_answer_tower=c.use_contrastive,
-                         with_lm=c.use_generative, lm_vocab=self.lm_vocab)
+                         with_lm=c.use_generative, lm_vocab=self.lm_vocab,
+                         user_queries=None if self.generic_query is None else [self.generic_query] * n_users)
         zero = out["anchor"].sum() * 0.0
         cl = self.contrastive(out["anchor"], out["answer"], user_ids=user_ids, answer_ids=answer_ids) if c.use_contrastive else zero
         if c.use_generative:
@@ -429,8 +492,18 @@ class PretrainStep(torch.nn.Module):
             ntp = zero
         if self.reconstruction is not None:
             tabular = users.tabular.to(out["anchor"].device)                        # (U or N, F)
-            tabular = tabular if user_rows is None else tabular[user_rows]           # (N, F)
-            rec = self.reconstruction(out["anchor"], tabular)
+            per_row = tabular if user_rows is None else tabular[user_rows]          # (N, F)
+            if self.generic_query is None:
+                rec = self.reconstruction(out["anchor"], per_row)
+            else:
+                # each row gives back its question's part of the user, each user's generic anchor all of it
+                if intent_ids is None:
+                    raise ValueError('reconstruction_target="intent" needs each row\'s intent_ids')
+                base = self.reconstruction.weights
+                base = torch.ones_like(tabular[0]) if base is None else base                # (F,)
+                weights = torch.cat([self.intent_weights[intent_ids], base.expand_as(tabular)])   # (N+U, F)
+                rec = self.reconstruction(torch.cat([out["anchor"], out["user_anchor"]]),         # (N+U, d)
+                                          torch.cat([per_row, tabular]), weights)
         else:
             rec = zero
         if self.answer_set_loss is not None and answer_set is not None and answer_set.texts:
@@ -494,7 +567,12 @@ def pretrain(
         # the projection head gets no gradient; DDP needs every trainable parameter used
         for p in model.head.parameters():
             p.requires_grad_(False)
-    module = PretrainStep(model, config, answers=pairs.answers)
+    intent_weights = None
+    if config.reconstruction > 0 and config.reconstruction_target == "intent":
+        groups = model.feature_spec.feature_groups()
+        intent_weights = intent_reconstruction_weights(
+            pairs, store.tabular, groups, group_weights(groups) if config.reconstruction_weighting == "group" else None)
+    module = PretrainStep(model, config, answers=pairs.answers, intent_weights=intent_weights)
     optimizer, scheduler = make_optimizer(module, config, total_steps)
     step = 0
     if resume_from is not None:

@@ -543,6 +543,12 @@ def test_weighted_reconstruction_weighs_each_feature_and_checks_the_weights():
     emb = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     assert torch.isclose(module(emb, target), reconstruction_loss(module.decoder(emb * 8 ** 0.5), target, w))
     assert set(module.state_dict()) == {"decoder.weight", "decoder.bias"}   # checkpoints hold the decoder alone
+    # row-by-row weights (PretrainConfig.reconstruction_target="intent"): each row's own, in place of the module's
+    rows = torch.rand(6, 3)
+    assert torch.isclose(reconstruction_loss(pred, target, rows), ((pred - target) ** 2 * rows).mean())
+    assert torch.isclose(module(emb, target, rows), reconstruction_loss(module.decoder(emb * 8 ** 0.5), target, rows))
+    with pytest.raises(ValueError, match="per row and feature"):
+        reconstruction_loss(pred, target, torch.ones(5, 3))
 
 
 def test_group_weights_give_every_group_the_same_total_weight():

@@ -1,5 +1,5 @@
 """Representation-quality switches: intent batches, claim-level false negatives, input scaling, tabular tokens,
-and pre-training on a world too small for the default retrieval check."""
+question-conditioned reconstruction, and pre-training on a world too small for the default retrieval check."""
 
 from __future__ import annotations
 
@@ -297,3 +297,72 @@ def test_answer_vocabulary_errors_are_clear(small_world, tiny_model):
     with pytest.raises(ValueError, match=r"targets \[7\] are not in the restricted vocabulary of 3 tokens"):
         vocab_positions(torch.tensor([2, 5, 9]), torch.tensor([5, 7, 9]))
     assert vocab_positions(torch.tensor([2, 5, 9]), torch.tensor([9, 2, 5])).tolist() == [2, 0, 1]
+
+
+def test_intent_reconstruction_weights_follow_the_groups_that_predict_each_answer():
+    from qanchor_lab.pretrain import PairSet, intent_reconstruction_weights
+
+    rng = np.random.default_rng(0)
+    n = 240
+    x = rng.normal(size=(n, 6)).astype(np.float32)                        # (U, F)
+    groups = ["a", "a", "a", "b", "b", "c"]
+    # intent 0 is answered from group a, intent 1 from group b, intent 2 has one claim, intent 3 is noise
+    claims = [(x[:, 0] > 0).astype(int), (x[:, 3] + x[:, 4] > 0).astype(int), np.zeros(n, int), rng.integers(0, 2, n)]
+    user_index = np.tile(np.arange(n), 4)
+    intent_ids = np.repeat(np.arange(4), n)
+    claim_ids = np.concatenate([c + 2 * i for i, c in enumerate(claims)])
+    pairs = PairSet(user_index, [""] * len(user_index), [""] * len(user_index), claim_ids, intent_ids, claim_ids,
+                    [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+    w = intent_reconstruction_weights(pairs, x, groups)                       # (I, F)
+    assert w.shape == (4, 6) and torch.allclose(w.mean(1), torch.ones(4))  # every row keeps the scale
+    by_group = lambda i, g: float(w[i, [j for j, name in enumerate(groups) if name == g]].mean())  # noqa: E731
+    assert by_group(0, "a") > 1.8 and by_group(0, "b") < 0.1 and by_group(0, "c") < 0.1
+    assert by_group(1, "b") > 2.5 and by_group(1, "a") < 0.1
+    assert torch.equal(w[2], torch.ones(6)) and torch.equal(w[3], torch.ones(6))  # nothing to choose: all of it
+    base = torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0, 2.5])                     # mean 1, as group_weights
+    on_base = intent_reconstruction_weights(pairs, x, groups, base)
+    assert torch.allclose(on_base[2:], base.expand(2, -1)) and torch.allclose(on_base.mean(1), torch.ones(4))
+    assert torch.allclose(on_base[:2], w[:2] * base / (w[:2] * base).mean(1, keepdim=True))
+    assert torch.equal(intent_reconstruction_weights(pairs, x, groups), w)   # deterministic
+    with pytest.raises(ValueError, match="5 feature groups for 6 tabular columns"):
+        intent_reconstruction_weights(pairs, x, groups[:5])
+
+
+def test_intent_reconstruction_asks_every_user_the_generic_question(small_world, tiny_model):
+    from qanchor_lab.losses import group_weights
+    from qanchor_lab.pipeline import GENERIC_QUERY
+    from qanchor_lab.pretrain import PretrainStep, intent_reconstruction_weights, make_step_batch, step_forward
+
+    users = small_world.users_in("pretrain")[:400]
+    store = tiny_model.behaviour(small_world.events, small_world.profiles, users)
+    pairs = make_pairs(small_world.qa, store)
+    batch = make_step_batch(pairs, np.arange(16), store)
+    groups = tiny_model.feature_spec.feature_groups()
+    base = group_weights(groups)
+    intent_cfg = PretrainConfig(reconstruction_target="intent", answer_set=0.0, seed=3)
+    all_cfg = replace(intent_cfg, reconstruction_target="all")
+    with pytest.raises(ValueError, match="reconstruction_target='gen'; valid choices: 'all', 'intent'"):
+        PretrainConfig(reconstruction_target="gen")
+    with pytest.raises(ValueError, match="needs the per-intent feature weights"):
+        PretrainStep(tiny_model, intent_cfg)
+    tiny_model.eval()
+    with torch.no_grad():
+        # with every intent weighing the features as "all" does, the term is the rows' and the users' generic
+        # anchors' reconstruction, averaged over both: the generic anchors are each user's embedding under it
+        flat = base.expand(int(pairs.intent_ids.max()) + 1, -1)
+        step = PretrainStep(tiny_model, intent_cfg, intent_weights=flat)
+        out = step_forward(step, batch, 10.0)
+        reference = PretrainStep(tiny_model, all_cfg)
+        rows = step_forward(reference, batch, 10.0)
+        u = store.batch(np.unique(batch.user_index))
+        generic = reference.reconstruction(tiny_model.embed(u, [GENERIC_QUERY] * len(u.tabular)), u.tabular)
+        n, n_users = len(batch), len(u.tabular)
+        assert torch.isclose(out.reconstruction, (n * rows.reconstruction + n_users * generic) / (n + n_users), atol=1e-5)
+        assert torch.isclose(out.contrastive, rows.contrastive, atol=1e-5)       # the other terms read the rows alone
+        # the weights a row gets are its intent's: other weights, another term
+        learned = intent_reconstruction_weights(pairs, store.tabular, groups, base)
+        assert not torch.allclose(learned, flat)
+        chosen = step_forward(PretrainStep(tiny_model, intent_cfg, intent_weights=learned), batch, 10.0)
+        assert not torch.isclose(chosen.reconstruction, out.reconstruction)
+        with pytest.raises(ValueError, match="user_queries has 2 queries for 3 users"):
+            tiny_model(store.batch([0, 1, 2]), ["a", "b", "c"], ["x", "y", "z"], user_queries=["q", "q"])
