@@ -399,6 +399,12 @@ def answer_vocabulary(model: QAnchorModel, answers: Sequence[str]) -> torch.Tens
     return torch.tensor(sorted(tokens), dtype=torch.long)                          # (K,)
 
 
+def reconstruction_base_weights(model: QAnchorModel, config: PretrainConfig) -> torch.Tensor | None:
+    """The reconstruction's per-feature weights (F,) before any question: `group_weights` of the model's feature
+    groups under reconstruction_weighting="group", None (every feature 1) under "feature"."""
+    return group_weights(model.feature_spec.feature_groups()) if config.reconstruction_weighting == "group" else None
+
+
 def intent_reconstruction_weights(pairs: PairSet, tabular, groups: Sequence[str], base_weights=None, *,
                                   folds: int = 3, min_share: float = 0.01) -> torch.Tensor:
     """Per-intent feature weights (I, F) of the reconstruction (PretrainConfig.reconstruction_target="intent").
@@ -429,8 +435,9 @@ def intent_reconstruction_weights(pairs: PairSet, tabular, groups: Sequence[str]
             continue
         y = (claims[:, None] == classes[None, :]).astype(np.float64)             # (n, C)
         total = ((y - y.mean(0)) ** 2).sum()
+        xu = x[users]                                                            # (n, F)
         for g in range(len(names)):
-            fit = cross_val_predict(RidgeCV(alphas=np.logspace(-1, 4, 12)), x[users][:, column_group == g], y, cv=folds)
+            fit = cross_val_predict(RidgeCV(alphas=np.logspace(-1, 4, 12)), xu[:, column_group == g], y, cv=folds)
             relevance[i, g] = max(0.0, 1.0 - ((y - fit) ** 2).sum() / total)
     by_group = np.where(relevance.sum(1, keepdims=True) > min_share, relevance, 1.0)  # (I, G)
     base = np.ones(x.shape[1]) if base_weights is None else np.asarray(base_weights, dtype=np.float64)
@@ -461,9 +468,8 @@ class PretrainStep(torch.nn.Module):
         if config.reconstruction > 0:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)  # the same decoder for the same seed, whatever ran before
-                weights = (group_weights(model.feature_spec.feature_groups())
-                           if config.reconstruction_weighting == "group" else None)
-                self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim, weights)
+                self.reconstruction = ReconstructionLoss(model.config.embed_dim, model.config.tabular_dim,
+                                                         reconstruction_base_weights(model, config))
         self.generic_query = None
         if self.reconstruction is not None and config.reconstruction_target == "intent":
             from qanchor_lab.pipeline import GENERIC_QUERY
@@ -569,9 +575,8 @@ def pretrain(
             p.requires_grad_(False)
     intent_weights = None
     if config.reconstruction > 0 and config.reconstruction_target == "intent":
-        groups = model.feature_spec.feature_groups()
-        intent_weights = intent_reconstruction_weights(
-            pairs, store.tabular, groups, group_weights(groups) if config.reconstruction_weighting == "group" else None)
+        intent_weights = intent_reconstruction_weights(pairs, store.tabular, model.feature_spec.feature_groups(),
+                                                       reconstruction_base_weights(model, config))
     module = PretrainStep(model, config, answers=pairs.answers, intent_weights=intent_weights)
     optimizer, scheduler = make_optimizer(module, config, total_steps)
     step = 0

@@ -20,7 +20,8 @@ Parquet tables and manifest.
 The package is split by concern: `config` (traits, personas, WorldConfig), `catalogue` (what events can
 be), `simulation` (latents, events, profiles), `qa` (evidence, intents, synthesis, self-reflection),
 `tasks` (tasks and calibrated labels), `interests` (optional side interests: a richer user), `generate`
-(the world, its manifest, ensure_world) and `views` (for notebooks). Worlds are written and read by qanchor_lab.data (save_world / load_world).
+(the world, its manifest, ensure_world) and `views` (for notebooks). Worlds are written and read by
+qanchor_lab.data (save_world / load_world).
 """
 
 from __future__ import annotations
