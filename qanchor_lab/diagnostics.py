@@ -337,6 +337,96 @@ def effective_dimensionality(E: np.ndarray) -> float:
     return float(total ** 2 / (lam ** 2).sum()) if total > 1e-12 * max(1.0, np.abs(E).max() ** 2) else 0.0
 
 
+# How many leading principal components `lead_share` reads. Chosen on tune users of worlds 7 and 11: the generic
+# query's first component already carries a fifth of a task on world 11 (the tasks share latent traits), and a 6-epoch
+# model's task query lifts its task into the first two there and into the first on world 7; with two, every 300-user
+# slice of either 6-epoch model reads above +0.07 and every slice of the demo's models (three pre-training seeds) below
+# +0.04 (docs/design.md §7.43).
+LEAD_COMPONENTS = 2
+
+
+def lead_share(X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None, *,
+               components: int = LEAD_COMPONENTS) -> float:
+    """Share of y's variance (n,) that lies in the span of the leading `components` principal components of X
+    (n, d): the R² of y regressed on those components' scores, X's columns standardised first as the evaluation's
+    probe standardises them (a constant column is dropped). `weights` (n,): how often each row counts (a bootstrap
+    resample's multiplicities); None counts each once. NaN when y or X has no variance.
+
+    Why beside an R²: two embeddings that hold the same task equally well (the same probe R² with ample labels) can
+    still differ in *where* they hold it. Where the task lies along the embedding's leading directions, a heavily
+    regularised probe (the evaluation's CV picks strong L2 penalties) finds it from few labels; where it lies along
+    minor directions, only many labels find it (docs/design.md §7.43)."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"lead_share: need X (n, d) and y (n,) over the same rows; got {X.shape} and {y.shape}")
+    if isinstance(components, bool) or not isinstance(components, (int, np.integer)) or components < 1:
+        raise ValueError(f"lead_share: components must be an int >= 1; got {components!r}")
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return _share_on(_leading_scores(X, w, components), y, w)
+
+
+def _leading_scores(X: np.ndarray, w: np.ndarray, components: int) -> np.ndarray | None:
+    """(n, c) each row's scores on the leading `components` principal directions of X's standardised columns, rows
+    weighted by w (uncorrelated under w); None when no column varies."""
+    total = w.sum()
+    Xc = X - (w @ X) / total                                                   # (n, d)
+    var = (w @ Xc ** 2) / total                                                # (d,)
+    keep = var > 1e-12 * max(float(var.max(initial=0.0)), 1e-300)
+    if not keep.any():
+        return None
+    Z = Xc[:, keep] / np.sqrt(var[keep])                                       # (n, d') standardised
+    corr = (Z * w[:, None]).T @ Z / total                                      # (d', d') correlation matrix
+    lam, vec = np.linalg.eigh(corr)                                            # ascending
+    lead = vec[:, -min(components, len(lam)):][:, lam[-min(components, len(lam)):] > 1e-12 * lam[-1]]
+    return Z @ lead                                                            # (n, c) the leading directions' scores
+
+
+def _share_on(scores: np.ndarray | None, y: np.ndarray, w: np.ndarray) -> float:
+    """Weighted R² of y (n,) on scores (n, c) whose columns are uncorrelated under w: the sum of the squared
+    correlations; NaN when y has no variance or no score column is given."""
+    if scores is None or scores.shape[1] == 0:
+        return math.nan
+    total = w.sum()
+    sc, yc = scores - (w @ scores) / total, y - (w @ y) / total               # (n, c), (n,)
+    s_var, y_var = (w @ sc ** 2) / total, float(w @ yc ** 2) / total           # (c,), ()
+    if y_var <= 1e-12 * max(float(w @ y ** 2) / total, 1e-300) or (s_var <= 0).any():
+        return math.nan
+    return float((((w @ (sc * yc[:, None])) / total) ** 2 / (s_var * y_var)).sum())
+
+
+def lead_gain_interval(own: np.ndarray, reference: np.ndarray, Y: np.ndarray, *, n_boot: int = 200,
+                       ci: float = 0.95, seed: int = 0, components: int = LEAD_COMPONENTS) -> tuple[float, float]:
+    """Bootstrap interval of the mean over tasks of lead_share(own[:, k], Y[:, k]) - lead_share(reference, Y[:, k]),
+    users resampled and each resample's principal directions found anew: own (n, k, d), one embedding per task;
+    reference (n, d); Y (n, k). Basic interval as `paired_r2_gain_interval`, and as there a task whose target is
+    constant is left out (it has no share), a resample where some task's target is constant is left out, and
+    (NaN, NaN) when fewer than `metrics.MIN_VALID_SHARE` remain or no target varies."""
+    from qanchor_lab.metrics import MIN_VALID_SHARE, _interval, _resample_weights
+
+    own, reference, Y = (np.asarray(a, dtype=np.float64) for a in (own, reference, Y))
+    if own.ndim != 3 or reference.ndim != 2 or Y.ndim != 2 or not own.shape[:2] == Y.shape \
+            or reference.shape[0] != Y.shape[0]:
+        raise ValueError(f"lead_gain_interval: own {own.shape} must be (n, k, d), reference {reference.shape} (n, d) "
+                         f"and Y {Y.shape} (n, k), over the same n users and k tasks")
+
+    def per_task(w: np.ndarray, tasks) -> np.ndarray:
+        ref_scores = _leading_scores(reference, w, components)                 # one set of directions for every task
+        return np.array([_share_on(_leading_scores(own[:, k], w, components), Y[:, k], w)
+                         - _share_on(ref_scores, Y[:, k], w) for k in tasks])
+
+    first = per_task(np.ones(Y.shape[0]), range(Y.shape[1]))                   # (k,) NaN where the target is constant
+    varies = np.flatnonzero(np.isfinite(first))
+    if not len(varies):
+        return float("nan"), float("nan")
+    observed = float(first[varies].mean())
+    gain = lambda w: float(per_task(w, varies).mean())                         # noqa: E731 NaN: a task went constant
+    samples = np.array([gain(w) for w in _resample_weights(Y.shape[0], n_boot, seed).T])  # (B,)
+    samples = samples[np.isfinite(samples)]
+    if len(samples) < MIN_VALID_SHARE * n_boot:
+        return float("nan"), float("nan")
+    return _interval(samples, ci, observed)
+
+
 def _mean_offdiag_cos(V: np.ndarray) -> float:
     """Mean cosine over distinct pairs of the rows of V (n, d) (rows normalised here)."""
     V = V / np.linalg.norm(V, axis=-1, keepdims=True).clip(min=1e-12)
@@ -356,6 +446,11 @@ def task_query_targets(world, users: Sequence[str]) -> dict[str, np.ndarray]:
 def _read_gain(row: Mapping[str, Any]) -> float | None:
     """One query_geometry row's task read gain (task_r2 - task_r2_reference); None for a query without a task."""
     return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
+
+
+def _lead_gain(row: Mapping[str, Any]) -> float | None:
+    """One query_geometry row's task lead gain (task_lead_share - task_lead_share_reference); None without a task."""
+    return row["task_lead_share"] - row["task_lead_share_reference"] if "task_lead_share" in row else None
 
 
 def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, reference_query: str | None = None,
@@ -381,7 +476,12 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     task_r2 - task_r2_reference: does asking for the task keep more of the task in the embedding than the generic
     question? `task_read_gain_low` / `task_read_gain_high` bound it (95%, users resampled, paired;
     `paired_r2_gain_interval`). Novelty says the question changes what the embedding holds; this says whether the change is toward its
-    task (docs/design.md §7.39)."""
+    task (docs/design.md §7.39). Each such row also holds `task_lead_share` / `task_lead_share_reference`: how much
+    of the task's target lies on the embedding's two leading principal components under the task's query and
+    under the reference query (`lead_share`); `task_lead_gain_mean` averages their difference, with `_low` / `_high`
+    (95%, users resampled, principal directions refitted per resample; `lead_gain_interval`). The read gain says
+    whether the question keeps more of its task; the lead gain whether it puts the task first, which is what a
+    probe fitted on few labels can use (docs/design.md §7.43)."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
         raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
@@ -430,8 +530,12 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         for k, (j, r2, r2_ref) in enumerate(zip(asked, _r2(Y, own), _r2(Y, from_reference))):
             per_query[j]["task_r2"] = float(r2)
             per_query[j]["task_r2_reference"] = float(r2_ref)
+            per_query[j]["task_lead_share"] = lead_share(emb[:, j], Y[:, k])
+            per_query[j]["task_lead_share_reference"] = lead_share(ref, Y[:, k])
         out["task_read_gain_mean"] = float(np.nanmean([_read_gain(per_query[j]) for j in asked]))
         out["task_read_gain_low"], out["task_read_gain_high"] = paired_r2_gain_interval(Y, own, from_reference)
+        out["task_lead_gain_mean"] = float(np.nanmean([_lead_gain(per_query[j]) for j in asked]))
+        out["task_lead_gain_low"], out["task_lead_gain_high"] = lead_gain_interval(emb[:, asked], ref, Y)
     return out
 
 
@@ -955,6 +1059,8 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "interaction_share": geometry["interaction_share"], "novelty_mean": geometry["novelty_mean"],
             "task_read_gain": geometry["task_read_gain_mean"], "task_read_gain_low": geometry["task_read_gain_low"],
             "task_read_gain_high": geometry["task_read_gain_high"],
+            "task_lead_gain": geometry["task_lead_gain_mean"], "task_lead_gain_low": geometry["task_lead_gain_low"],
+            "task_lead_gain_high": geometry["task_lead_gain_high"],
             "claim_acc": overall["model_acc"], "majority_acc": overall["majority_acc"],
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
@@ -1056,19 +1162,25 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     geo = [{"model": n, **{k: v for k, v in diag["geometry"][n].items() if k != "per_query"}} for n in names]
     parts.append("## Query geometry\n\n" + _md_table(geo, [
         "model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share", "query_share",
-        "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low", "task_read_gain_high"])
+        "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low", "task_read_gain_high",
+        "task_lead_gain_mean", "task_lead_gain_low", "task_lead_gain_high"])
         + "\n\nnovelty: share of a task query's embedding that no linear map of the generic query's embedding predicts "
           "(out-of-fold ridge); a probe refitted per task can gain from the question only through it. "
           f"task_read_gain: {what} R² of each task from the embedding under its own query minus under the generic "
           "query (same folds), averaged over tasks: above zero, the question keeps more of its task; _low / _high: "
-          "its 95% interval, users resampled (the probes fixed, so it understates the noise).")
+          "its 95% interval, users resampled (the probes fixed, so it understates the noise). "
+          "task_lead_gain: the share of each task's target on the embedding's two leading principal components under "
+          "its own query minus under the generic query, averaged over tasks: above zero, the question puts its task "
+          "first, which a probe fitted on few labels can use (`label-curve`); _low / _high: its 95% interval, users "
+          "resampled.")
     perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
              **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names},
-             **{f"read_gain_{n}": _read_gain(diag["geometry"][n]["per_query"][i]) for n in names}}
+             **{f"read_gain_{n}": _read_gain(diag["geometry"][n]["per_query"][i]) for n in names},
+             **{f"lead_gain_{n}": _lead_gain(diag["geometry"][n]["per_query"][i]) for n in names}}
             for i, r in enumerate(diag["geometry"][first]["per_query"])]
-    parts.append("Effective dimensionality, novelty and task read gain per query:\n\n" + _md_table(
+    parts.append("Effective dimensionality, novelty, task read gain and task lead gain per query:\n\n" + _md_table(
         perq, ["query", *[f"dim_{n}" for n in names], *[f"novelty_{n}" for n in names],
-               *[f"read_gain_{n}" for n in names]]))
+               *[f"read_gain_{n}" for n in names], *[f"lead_gain_{n}" for n in names]]))
     parts.append("## Claim accuracy (pretrain_val QA rows)\n\n" + _md_table(claim_comparison(diag).to_dict("records"), [
         "intent", "source", "n", *[f"acc_{n}" for n in names], "majority_acc", "logreg_acc", "gbdt_acc",
         *[f"margin_{n}" for n in names]])

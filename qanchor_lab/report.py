@@ -379,11 +379,13 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
                "generic query's embedding predicts, the only part through which the question can add to a probe "
                "refitted per task; task read gain: each task's R² from the embedding under its own query minus under the "
                "generic query (same folds, mean over tasks), whether that part is the task's, with its 95% interval "
-               "(users resampled, the probes fixed).</p>")
+               "(users resampled, the probes fixed); task lead gain: the share of each task's target along the "
+               "embedding's two leading principal components under its own query minus under the generic query (mean over "
+               "tasks): whether the question puts its task first, which a probe fitted on few labels can use.</p>")
     out.append(table([{"model": n, **diag["geometry"][n]} for n in names],
                      ["model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share",
                       "query_share", "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low",
-                      "task_read_gain_high"]))
+                      "task_read_gain_high", "task_lead_gain_mean", "task_lead_gain_low", "task_lead_gain_high"]))
     out.append("<h3>Claim accuracy on held-out pre-training users</h3>")
     claims = claim_comparison(diag)
     out.append(table(claims[claims["intent"] == "overall"].to_dict("records"),

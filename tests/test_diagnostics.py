@@ -253,6 +253,56 @@ def test_task_read_gain_is_positive_only_where_the_question_keeps_its_task():
         D.query_geometry(enc, None, users, ["asks", "generic"], targets={"asks": y})
 
 
+def test_task_lead_share_says_whether_the_question_puts_its_task_first():
+    rng = np.random.default_rng(0)
+    n = 300
+    y = rng.normal(size=n)                                                      # the task's truth
+    f, g = rng.normal(size=(2, n))                                              # other traits, not the task's
+    noise = lambda k: 0.5 * rng.normal(size=(n, k))
+    # both embeddings hold y in one clean column; they differ in which factors the other columns share
+    first = np.column_stack([y + 0.1 * rng.normal(size=n), y[:, None] + noise(5), f[:, None] + noise(3)])
+    last = np.column_stack([y + 0.1 * rng.normal(size=n), f[:, None] + noise(5), g[:, None] + noise(3)])
+    assert D.lead_share(first, y) > 0.8 and D.lead_share(last, y) < 0.1
+    # the leading components counted: y is last's third direction
+    assert D.lead_share(last, y, components=3) > 0.8 and D.lead_share(first, y, components=1) > 0.8
+    with pytest.raises(ValueError, match="components"):
+        D.lead_share(first, y, components=0)
+    # the probe's view: per-column scale and sign do not matter, a constant column is ignored
+    scaled = np.column_stack([first * rng.uniform(0.01, 100, size=9) * np.sign(rng.normal(size=9)), np.ones(n)])
+    assert D.lead_share(scaled, y) == pytest.approx(D.lead_share(first, y))
+    assert D.lead_share(first, -y) == pytest.approx(D.lead_share(first, y))
+    # weights are multiplicities: counting a row twice is the same as holding it twice
+    w = rng.integers(0, 3, size=n).astype(float)
+    rows = np.repeat(np.arange(n), w.astype(int))
+    assert D.lead_share(first, y, w) == pytest.approx(D.lead_share(first[rows], y[rows]))
+    assert np.isnan(D.lead_share(first, np.ones(n))) and np.isnan(D.lead_share(np.ones((n, 3)), y))
+    with pytest.raises(ValueError, match="same rows"):
+        D.lead_share(first, y[:10])
+
+    # in query_geometry: the same read either way, but only one question puts its task first
+    enc = _FixedEncoder({"asks": first, "generic": last})
+    users = [f"u{i}" for i in range(n)]
+    g = D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={"asks": y})
+    asks = g["per_query"][0]
+    assert abs(asks["task_r2"] - asks["task_r2_reference"]) < 0.02              # the same content
+    assert asks["task_lead_share"] > 0.8 and asks["task_lead_share_reference"] < 0.1
+    assert g["task_lead_gain_mean"] == pytest.approx(asks["task_lead_share"] - asks["task_lead_share_reference"])
+    assert 0.5 < g["task_lead_gain_low"] < g["task_lead_gain_mean"] < g["task_lead_gain_high"]
+    same = D.query_geometry(_FixedEncoder({"asks": first, "generic": first[:, ::-1]}), None, users,
+                            ["asks", "generic"], reference_query="generic", targets={"asks": y})
+    assert same["task_lead_gain_mean"] == pytest.approx(0.0, abs=1e-9)          # columns reordered: nothing
+    assert same["task_lead_gain_low"] == pytest.approx(0.0, abs=1e-9) == same["task_lead_gain_high"]
+    assert D.lead_gain_interval(first[:, None], last, y[:, None], seed=2) == \
+        D.lead_gain_interval(first[:, None], last, y[:, None], seed=2)          # seeded
+    assert np.isnan(D.lead_gain_interval(first[:, None], last, np.ones((n, 1)))).all()
+    # a task whose target is constant (a label no user has) is left out, as the read gain's interval leaves it out
+    both = np.stack([first, first], axis=1)                                     # (n, 2, d)
+    assert D.lead_gain_interval(both, last, np.column_stack([y, np.ones(n)])) == \
+        pytest.approx(D.lead_gain_interval(first[:, None], last, y[:, None]))
+    with pytest.raises(ValueError, match="same n users"):
+        D.lead_gain_interval(first, last, y[:, None])
+
+
 def test_task_query_targets_follow_the_tasks_queries(small_world):
     users = _tune(small_world, 30)
     targets = D.task_query_targets(small_world, users)
@@ -510,6 +560,9 @@ def test_diagnose_is_jsonable_and_complete(small_diag, small_world):
             np.mean([r["task_r2"] - r["task_r2_reference"] for r in rows[:-1]]))
         summary = diag["summary"][name]
         assert summary["task_read_gain_low"] <= summary["task_read_gain"] <= summary["task_read_gain_high"]
+        assert summary["task_lead_gain"] == pytest.approx(
+            np.mean([r["task_lead_share"] - r["task_lead_share_reference"] for r in rows[:-1]]))
+        assert summary["task_lead_gain_low"] <= summary["task_lead_gain"] <= summary["task_lead_gain_high"]
     # the inputs do not depend on the model; the head perturbation changes only the embedding stage
     t, u = diag["stages"]["trained"], diag["stages"]["untrained"]
     assert t[0]["oracle_r2"] == u[0]["oracle_r2"]
