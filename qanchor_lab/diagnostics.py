@@ -377,7 +377,8 @@ def _leading_scores(X: np.ndarray, w: np.ndarray, components: int) -> np.ndarray
     Z = Xc[:, keep] / np.sqrt(var[keep])                                       # (n, d') standardised
     corr = (Z * w[:, None]).T @ Z / total                                      # (d', d') correlation matrix
     lam, vec = np.linalg.eigh(corr)                                            # ascending
-    lead = vec[:, -min(components, len(lam)):][:, lam[-min(components, len(lam)):] > 1e-12 * lam[-1]]
+    top = slice(max(len(lam) - components, 0), None)                           # the leading `components`
+    lead = vec[:, top][:, lam[top] > 1e-12 * lam[-1]]                          # (d', c) those with any variance
     return Z @ lead                                                            # (n, c) the leading directions' scores
 
 
@@ -419,8 +420,8 @@ def lead_gain_interval(own: np.ndarray, reference: np.ndarray, Y: np.ndarray, *,
     if not len(varies):
         return float("nan"), float("nan")
     observed = float(first[varies].mean())
-    gain = lambda w: float(per_task(w, varies).mean())                         # noqa: E731 NaN: a task went constant
-    samples = np.array([gain(w) for w in _resample_weights(Y.shape[0], n_boot, seed).T])  # (B,)
+    weights = _resample_weights(Y.shape[0], n_boot, seed).T                    # (B, n) multiplicities
+    samples = np.array([per_task(w, varies).mean() for w in weights])          # (B,) NaN: a task went constant
     samples = samples[np.isfinite(samples)]
     if len(samples) < MIN_VALID_SHARE * n_boot:
         return float("nan"), float("nan")
