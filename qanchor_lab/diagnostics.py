@@ -395,6 +395,16 @@ def _share_on(scores: np.ndarray | None, y: np.ndarray, w: np.ndarray) -> float:
     return float((((w @ (sc * yc[:, None])) / total) ** 2 / (s_var * y_var)).sum())
 
 
+def _task_lead_shares(own: np.ndarray, reference: np.ndarray, Y: np.ndarray, w: np.ndarray, components: int,
+                      tasks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(len(tasks),) each task's lead share under its own embedding own[:, k] (n, d) and (len(tasks),) under the
+    reference (n, d), rows weighted by w: the one computation behind query_geometry's rows and lead_gain_interval.
+    The reference's leading directions are found once, for every task."""
+    ref_scores = _leading_scores(reference, w, components)                     # (n, c) shared by every task
+    shares = [_share_on(_leading_scores(own[:, k], w, components), Y[:, k], w) for k in tasks]
+    return np.array(shares, dtype=np.float64), np.array([_share_on(ref_scores, Y[:, k], w) for k in tasks])
+
+
 def lead_gain_interval(own: np.ndarray, reference: np.ndarray, Y: np.ndarray, *, n_boot: int = 200,
                        ci: float = 0.95, seed: int = 0, components: int = LEAD_COMPONENTS) -> tuple[float, float]:
     """Bootstrap interval of the mean over tasks of lead_share(own[:, k], Y[:, k]) - lead_share(reference, Y[:, k]),
@@ -411,9 +421,8 @@ def lead_gain_interval(own: np.ndarray, reference: np.ndarray, Y: np.ndarray, *,
                          f"and Y {Y.shape} (n, k), over the same n users and k tasks")
 
     def per_task(w: np.ndarray, tasks) -> np.ndarray:
-        ref_scores = _leading_scores(reference, w, components)                 # one set of directions for every task
-        return np.array([_share_on(_leading_scores(own[:, k], w, components), Y[:, k], w)
-                         - _share_on(ref_scores, Y[:, k], w) for k in tasks])
+        shares, reference_shares = _task_lead_shares(own, reference, Y, w, components, tasks)
+        return shares - reference_shares
 
     first = per_task(np.ones(Y.shape[0]), range(Y.shape[1]))                   # (k,) NaN where the target is constant
     varies = np.flatnonzero(np.isfinite(first))
@@ -528,15 +537,19 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
         Y = np.stack([targets[queries[j]] for j in asked], axis=1).astype(np.float64)  # (U, T)
         from_reference = _oof_ridge(ref, Y)                                       # (U, T) the same folds as below
         own = np.stack([_oof_ridge(emb[:, j], Y[:, k])[:, 0] for k, j in enumerate(asked)], axis=1)  # (U, T)
-        for k, (j, r2, r2_ref) in enumerate(zip(asked, _r2(Y, own), _r2(Y, from_reference))):
+        by_task = emb[:, asked]                                                   # (U, T, d) each task's own query
+        shares, reference_shares = _task_lead_shares(by_task, ref, Y, np.ones(U), LEAD_COMPONENTS,
+                                                     range(len(asked)))        # (T,), (T,)
+        for j, r2, r2_ref, share, share_ref in zip(asked, _r2(Y, own), _r2(Y, from_reference), shares,
+                                                   reference_shares):
             per_query[j]["task_r2"] = float(r2)
             per_query[j]["task_r2_reference"] = float(r2_ref)
-            per_query[j]["task_lead_share"] = lead_share(emb[:, j], Y[:, k])
-            per_query[j]["task_lead_share_reference"] = lead_share(ref, Y[:, k])
+            per_query[j]["task_lead_share"] = float(share)
+            per_query[j]["task_lead_share_reference"] = float(share_ref)
         out["task_read_gain_mean"] = float(np.nanmean([_read_gain(per_query[j]) for j in asked]))
         out["task_read_gain_low"], out["task_read_gain_high"] = paired_r2_gain_interval(Y, own, from_reference)
         out["task_lead_gain_mean"] = float(np.nanmean([_lead_gain(per_query[j]) for j in asked]))
-        out["task_lead_gain_low"], out["task_lead_gain_high"] = lead_gain_interval(emb[:, asked], ref, Y)
+        out["task_lead_gain_low"], out["task_lead_gain_high"] = lead_gain_interval(by_task, ref, Y)
     return out
 
 
