@@ -302,7 +302,36 @@ def results_markdown(metrics: Mapping) -> str:
         out += f"\nNot evaluated: {method_label(name)}: {why}.\n"
     if metrics.get("comparisons"):
         out += "\n" + comparisons_markdown(metrics)
+    if metrics.get("few_labels"):
+        out += "\n" + few_labels_markdown(metrics)
     return out
+
+
+def few_labels_lead(few: Mapping) -> str:
+    """The sentence that introduces the few-label read (label_budget.few_label_read), or says why it was left out."""
+    if "skipped" in few:
+        return f"Few-label read left out: {few['skipped']}."
+    return (f"With {few['budget']} labelled tune users a task, a probe fitted on each of {few['draws']} draws of them "
+            f"({few['interval']}). A question that puts its task first pays here before it pays with every tune "
+            "user labelled (docs/design.md §7.43).")
+
+
+def few_labels_rows(few: Mapping) -> list[list[str]]:
+    """[method, AUC [CI], difference from the reference [CI]] per method of the few-label read."""
+    ref = few["reference"]
+    return [[method_label(m), _fmt(r["auc"], r["auc_low"], r["auc_high"]),
+             "reference" if m == ref else _fmt(r["diff"], r["diff_low"], r["diff_high"], signed=True)]
+            for m, r in few["methods"].items()]
+
+
+def few_labels_markdown(metrics: Mapping) -> str:
+    """The few-label read as a sentence and a markdown table."""
+    few = metrics["few_labels"]
+    out = few_labels_lead(few) + "\n"
+    if "skipped" in few:
+        return out
+    out += f"\n| method | AUC [95% CI] | − {method_label(few['reference'])} [95% CI] |\n| --- | ---: | ---: |\n"
+    return out + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in few_labels_rows(few))
 
 
 def comparisons_markdown(metrics: Mapping) -> str:

@@ -38,18 +38,27 @@ from tqdm.auto import tqdm
 
 from qanchor_lab.baselines import ProbeConfig, _check_matrix, _split_ids, _tune_targets, probe_scores
 from qanchor_lab.data import DataValidationError, require_columns, validate_labels, validate_tasks
+from qanchor_lab.parallel import fit_map
 
 BUDGETS: tuple[int, ...] = (50, 100, 200, 400)  # labelled tune users per task, the default curve
 
 
+def budget_problem(y: np.ndarray, n: int, min_per_class: int) -> str | None:
+    """Why n labelled rows cannot be drawn from `y` (0/1) with `min_per_class` of each class, or None if they can."""
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if n > len(y):
+        return f"a budget of {n} labelled users exceeds the {len(y)} tune users"
+    if min(n_pos, n_neg) < min_per_class or n < 2 * min_per_class:
+        return f"a budget of {n} cannot hold {min_per_class} of each class ({n_pos} positive, {n_neg} negative tune users)"
+    return None
+
+
 def draw_labelled(y: np.ndarray, n: int, rng: np.random.Generator, min_per_class: int) -> np.ndarray:
     """Indices of n rows of `y` (0/1): positives in y's proportion, at least `min_per_class` of each class."""
+    problem = budget_problem(y, n, min_per_class)
+    if problem:
+        raise ValueError(problem)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if n > len(y):
-        raise ValueError(f"a budget of {n} labelled users exceeds the {len(y)} tune users")
-    if min(len(pos), len(neg)) < min_per_class or n < 2 * min_per_class:
-        raise ValueError(f"a budget of {n} cannot hold {min_per_class} of each class ({len(pos)} positive, "
-                         f"{len(neg)} negative tune users)")
     k = int(np.clip(round(n * len(pos) / len(y)), min_per_class, min(len(pos), n - min_per_class)))
     if n - k > len(neg):
         k = n - len(neg)
@@ -68,14 +77,16 @@ def label_curve(
     seed: int = 0,
     config: ProbeConfig | None = None,
     show_progress: bool = False,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Test AUC of a probe fitted on `budget` labelled tune users, per representation, task, budget and draw.
 
     `representations`: name -> rows for tune users then test users, either (U, d), one matrix for every task,
     or (U, T, d), one per task in `tasks` order (e.g. the embedding under each task's query). Draw r of budget
     n picks the same users for every representation (seeded by `seed`, n, r and the task). A budget of all tune
-    users has a single draw. Returns one row per (budget, draw, task, method): columns budget, draw, task_id,
-    method, auc, n_positive."""
+    users has a single draw. `n_jobs`: worker processes, one task each (parallel.fit_map; the same curve for any
+    value). Returns one row per (budget, draw, task, method): columns budget, draw, task_id, method, auc,
+    n_positive."""
     config = config or ProbeConfig()
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
@@ -90,20 +101,33 @@ def label_curve(
         raise DataValidationError(f"labels: {len(missing)} test user(s) have no label, e.g. {missing[:5]}")
     # per task: the tune users labelled for it (positions into `tune`), their labels, and the test labels
     targets = [(*_tune_targets(labels_v, t, tune), test_y.loc[test, t].to_numpy().astype(int)) for t in task_ids]
-    rows = []
-    jobs = [(n, r) for n in budgets for r in range(1 if n == len(tune) else draws)]
-    for n, r in tqdm(jobs, desc="label budgets", unit="draw", disable=not show_progress):
-        for k, (task_id, (pos, y, yt)) in enumerate(zip(task_ids, targets)):
-            try:
-                picked = draw_labelled(y, int(n), np.random.default_rng([seed, int(n), r, k]), config.cv)
-            except ValueError as exc:
-                raise ValueError(f"task {task_id!r}: {exc}") from None
-            for name, X in mats.items():
-                Xk = X[:, k] if X.ndim == 3 else X
-                scores = probe_scores(Xk[pos[picked]], y[picked], Xk[len(tune):], config)
-                rows.append({"budget": int(n), "draw": r, "task_id": task_id, "method": name,
-                             "auc": float(roc_auc_score(yt, scores)), "n_positive": int(y[picked].sum())})
+    for task_id, (_, y, _) in zip(task_ids, targets):
+        problem = next(filter(None, (budget_problem(y, int(n), config.cv) for n in budgets)), None)
+        if problem:
+            raise ValueError(f"task {task_id!r}: {problem}")
+    draws_of = [(int(n), r) for n in budgets for r in range(1 if n == len(tune) else draws)]
+    # one job per task, carrying only that task's rows of each representation
+    jobs = [(task_id, k, {name: (X[:, k] if X.ndim == 3 else X) for name, X in mats.items()}, pos, y, yt, draws_of,
+             seed, config) for k, (task_id, (pos, y, yt)) in enumerate(zip(task_ids, targets))]
+    per_task = fit_map(_curve_of_task, jobs, n_jobs, desc="label curve", show_progress=show_progress)
+    # rows ordered by budget, draw, task, method
+    rows = [row for i in range(len(draws_of)) for task_rows in per_task for row in task_rows[i]]
     return pd.DataFrame(rows)
+
+
+def _curve_of_task(task_id: str, k: int, mats: Mapping[str, np.ndarray], pos: np.ndarray, y: np.ndarray,
+                   yt: np.ndarray, draws_of: Sequence[tuple[int, int]], seed: int, config: ProbeConfig) -> list[list[dict]]:
+    """label_curve's rows of one task (index k), one list per (budget, draw) of `draws_of`: a fit_map job."""
+    out = []
+    for n, r in draws_of:
+        picked = draw_labelled(y, n, np.random.default_rng([seed, n, r, k]), config.cv)
+        rows = []
+        for name, X in mats.items():
+            scores = probe_scores(X[pos[picked]], y[picked], X[len(X) - len(yt):], config)  # test: the last rows
+            rows.append({"budget": n, "draw": r, "task_id": task_id, "method": name,
+                         "auc": float(roc_auc_score(yt, scores)), "n_positive": int(y[picked].sum())})
+        out.append(rows)
+    return out
 
 
 def _tune_test_inputs(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
@@ -189,12 +213,43 @@ def query_representations(model, world, users: Sequence[str], *, prefix: str = "
 
 def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,
                     others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
-                    show_progress: bool = True) -> pd.DataFrame:
+                    show_progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
     """`label_curve` for a Q-Anchor model on a world's tune and test users, over `model_representations`."""
     tune, test = world.users_in("tune"), world.users_in("test")
     reps = model_representations(model, world, tune + test, others=others, show_progress=show_progress)
     return label_curve(reps, world.labels, world.tasks, tune, test, budgets=budgets, draws=draws, seed=seed,
-                       config=config, show_progress=show_progress)
+                       config=config, show_progress=show_progress, n_jobs=n_jobs)
+
+
+def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
+                   tune_users: Sequence[str], test_users: Sequence[str], *, budget: int, draws: int, seed: int = 0,
+                   reference: str = "static_embedding", config: ProbeConfig | None = None,
+                   n_jobs: int | None = None) -> dict:
+    """One budget of the label curve as the demo's report reads it (docs/design.md §7.43): each representation's
+    average test AUC with `budget` labelled tune users a task and its paired difference from `reference`, t-intervals
+    over `draws` (they cover which tune users were labelled; the test users are fixed). Where the tune split cannot
+    give fewer than all its users with `ProbeConfig.cv` of each class for some task, the read is left out
+    ({"skipped": why}, naming the task) rather than failing the evaluation around it."""
+    config = config or ProbeConfig()
+    if reference not in representations:
+        raise ValueError(f"reference {reference!r} is not among the representations: {', '.join(representations)}")
+    tune = list(tune_users)
+    tasks = validate_tasks(tasks)
+    labels = validate_labels(labels, tasks=tasks)
+    for task_id in tasks["task_id"]:
+        _, y = _tune_targets(labels, task_id, tune)
+        problem = (f"with {budget} labels a task every draw would label all {len(y)} tune users" if budget >= len(y)
+                   else budget_problem(y, budget, config.cv))
+        if problem:
+            return {"budget": budget, "draws": draws, "skipped": f"task {task_id!r}: {problem}"}
+    curve = label_curve(representations, labels, tasks, tune, test_users, budgets=[budget], draws=draws, seed=seed,
+                        config=config, n_jobs=n_jobs)
+    summary = curve_summary(curve, reference=reference)
+    cols = ["auc", "auc_low", "auc_high", "diff", "diff_low", "diff_high"]
+    return {"budget": budget, "draws": draws, "seed": seed, "reference": reference,
+            "interval": "95% t-intervals over the draws: they cover which tune users were labelled, not which users "
+                        "were tested",
+            "methods": {r.method: {c: float(getattr(r, c)) for c in cols} for r in summary.itertuples()}}
 
 
 def tune_splits(

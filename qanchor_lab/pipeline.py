@@ -80,6 +80,10 @@ class DemoConfig:
     n_prompt: int = 6              # soft prompt tokens per task
     tune_epochs: int = 10          # upper bound; early stopping on a held-out part of the tune split
     n_boot: int = 1000             # bootstrap resamples for the CIs
+    # the report's few-label read: labelled tune users a task, the task query against the generic query and the
+    # features (where the question pays, docs/design.md §7.43), and draws of them; None leaves it out
+    few_labels: int | None = 100
+    few_label_draws: int = 10
     max_steps: int | None = None   # cap on pre-training steps (fast mode)
     text_max_chars: int = 800      # serialised-behaviour length for the text-embedding baseline (MiniLM reads <= 256 word pieces)
     text_max_events: int | None = None  # latest events per modality in that text; None: 3 on the synthetic world, where
@@ -102,6 +106,11 @@ class DemoConfig:
                              f"with SECTION one of {', '.join(OVERRIDE_SECTIONS)} (e.g. model.embed_dim, "
                              "pretrain.reconstruction, tuning.lr)")
         self.overrides = dict(self.overrides)
+        for name, value, floor in (("few_labels", self.few_labels, 2), ("few_label_draws", self.few_label_draws, 1)):
+            if (value is not None or name == "few_label_draws") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < floor):
+                raise ValueError(f"{name} must be an integer >= {floor}"
+                                 + (" or None (no few-label read)" if name == "few_labels" else "") + f"; got {value!r}")
         if self.overrides:
             self._stage_configs()  # a bad key or value fails here, not after the world is generated
         if self.text_max_events is not None and (not isinstance(self.text_max_events, int)
@@ -265,7 +274,8 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
 
 # DemoConfig fields only the evaluation reads (prompt tuning, the text baseline, the bootstrap): a run whose config
 # differs in these alone reuses its pre-trained model.
-EVALUATION_FIELDS = ("n_prompt", "tune_epochs", "n_boot", "text_max_chars", "text_max_events")
+EVALUATION_FIELDS = ("n_prompt", "tune_epochs", "n_boot", "text_max_chars", "text_max_events", "few_labels",
+                     "few_label_draws")
 
 
 def _training_fields(config: dict) -> dict:
@@ -395,14 +405,16 @@ def query_embeddings(model: QAnchorModel, world, users: Sequence[str], *, store=
 def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | None, show_progress: bool = True,
                    adapters_dir: Path | None = None, with_features: bool = True,
                    with_probes: bool = True, watch: Stopwatch | None = None,
-                   n_jobs: int | None = None, jobs: Jobs | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+                   n_jobs: int | None = None, jobs: Jobs | None = None,
+                   embeddings: np.ndarray | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
     `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
     the seconds of query_embeddings, probes, plus_features and prompt_tuning. `n_jobs`: worker processes for
     the probes' fits (parallel.fit_map) and threads for the tasks' prompt tuning (parallel.torch_jobs: None tunes
     one task after the other with torch's threads as they are; an integer, one torch thread per task, the same
-    numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one)."""
+    numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one).
+    `embeddings`: the probes' `query_embeddings` of the tune then test users, when the caller has them already."""
     from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
 
     watch = watch if watch is not None else Stopwatch()
@@ -413,8 +425,10 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     queries = tasks["query"].tolist()
     out = {}
     if with_probes:
-        with watch("query_embeddings"):
-            emb = query_embeddings(model, world, users, store=store, show_progress=show_progress)  # (U, T+1, d)
+        if embeddings is None:
+            with watch("query_embeddings"):
+                embeddings = query_embeddings(model, world, users, store=store, show_progress=show_progress)
+        emb = embeddings  # (U, T+1, d)
         by_query = {q: emb[:, i] for i, q in enumerate(queries)}
         row = {u: i for i, u in enumerate(users)}
 
@@ -524,9 +538,10 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     one torch thread per job, the same metrics for any value. "evaluation_seconds" gives text_embedding as MiniLM's
     own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning is then the wait for every
     task) and may sum to more than the evaluation's wall time, which they never do with None."""
-    from qanchor_lab.baselines import (feature_scores, oracle_scores, text_embedding_scores, text_embedding_vectors,
-                                       tfidf_feature_scores)
+    from qanchor_lab.baselines import (_feature_matrix, feature_scores, oracle_scores, text_embedding_scores,
+                                       text_embedding_vectors, tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
+    from qanchor_lab.label_budget import few_label_read
 
     skip = _check_skip(skip_methods)
     world = restrict_tasks(world, task_ids)
@@ -566,9 +581,11 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             if name not in skip:
                 with watch(name):
                     scores[name] = run()
+        with watch("query_embeddings"):     # read by the probes and the few-label read alike
+            emb = query_embeddings(model.eval(), world, tune + test, show_progress=show_progress)  # (U, T+1, d)
         trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(),
                                               show_progress=show_progress, adapters_dir=out_dir / "adapters",
-                                              watch=watch, n_jobs=n_jobs, jobs=jobs)
+                                              watch=watch, n_jobs=n_jobs, jobs=jobs, embeddings=emb)
         if text is not None:
             vectors, seconds = text.result()    # MiniLM's own seconds, not the wait for them
             with watch("text_embedding"):       # and its probes'
@@ -587,6 +604,13 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         out_dir / "scores.parquet", index=False)  # every method's test scores, to recompute any comparison
     with watch("bootstrap"):
         metrics = evaluate_methods(scores, world.labels, world.tasks, test, n_boot=cfg.n_boot, seed=cfg.seed)
+    if cfg.few_labels is not None:
+        with watch("few_labels"):
+            metrics["few_labels"] = few_label_read(
+                {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1],
+                 **({} if "logreg_features" in skip else {"logreg_features": _feature_matrix(world, tune + test)[1]})},
+                world.labels, world.tasks, tune, test, budget=cfg.few_labels, draws=cfg.few_label_draws, seed=cfg.seed,
+                n_jobs=n_jobs)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     metrics["skipped_methods"] = skipped
     metrics["evaluation_seconds"] = dict(watch)   # where the time went: each reference method, Q-Anchor's stages

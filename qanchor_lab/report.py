@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from qanchor_lab.evaluate import _check_metrics, formatted_table, method_label, method_order
+from qanchor_lab.evaluate import (_check_metrics, few_labels_lead, few_labels_rows, formatted_table, method_label,
+                                   method_order)
 
 ORACLE = "oracle"
 # Which Q-Anchor variant the summary speaks for when the metrics name no reference.
@@ -305,6 +306,9 @@ def write_report(
                    "the probes on bootstrap draws of the tune users and widens the intervals by it (docs/design.md "
                    "§7.36).</p>")
         out.append(_comparisons_html(metrics["comparisons"]))
+    if metrics.get("few_labels"):
+        out.append("<h2>With few labels</h2>")
+        out.append(_few_labels_html(metrics["few_labels"]))
     for i, (heading, div_id, fig) in enumerate(figures):
         out.append(f"<h2>{html.escape(heading)}</h2>")
         if div_id == "fig-retrieval":
@@ -337,6 +341,16 @@ def _comparisons_html(comparisons: Sequence[Mapping[str, Any]]) -> str:
         f"<td>{'yes' if c['auc_low'] > 0 else 'no'}</td></tr>" for c in comparisons)
     return ("<table><thead><tr><th>does it matter?</th><th>a − b</th><th>AUC diff [95% CI]</th>"
             f"<th>KS diff [95% CI]</th><th>AUC CI above zero</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def _few_labels_html(few: Mapping[str, Any]) -> str:
+    out = f"<p>{html.escape(few_labels_lead(few))}</p>"
+    if "skipped" in few:
+        return out
+    head = ("<th>method</th><th>AUC [95% CI]</th>"
+            f"<th>− {html.escape(method_label(few['reference']))} [95% CI]</th>")
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in few_labels_rows(few))
+    return out + f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
 def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = False) -> str:

@@ -283,9 +283,16 @@ def test_evaluate_run_leaves_out_the_skipped_methods_and_says_so(small_world, ti
     assert set(metrics["skipped_methods"]) == set(skip)
     assert "pre-training" not in {c["question"] for c in metrics["comparisons"]}   # it needs the untrained model
     assert "Not evaluated: text embedding + probe: left out by the caller" in results_markdown(metrics)
+    # the few-label read: the task query, the generic query and the features, each probe fitted on 100 tune users
+    few = metrics["few_labels"]
+    assert (few["budget"], few["draws"], few["reference"]) == (cfg.few_labels, cfg.few_label_draws, "static_embedding")
+    assert set(few["methods"]) == {"qanchor_base", "static_embedding", "logreg_features"}
+    assert all(0.3 < r["auc"] < 1 and r["auc_low"] <= r["auc"] <= r["auc_high"] for r in few["methods"].values())
+    assert "With 100 labelled tune users a task" in results_markdown(metrics)
+    assert "<h2>With few labels</h2>" in write_report(tmp_path / "r.html", metrics).read_text()
     # the time of what ran, and nothing for what was left out
     assert set(metrics["evaluation_seconds"]) == {"gbdt_features", "logreg_features", "tfidf_features", "query_embeddings",
-                                                  "probes", "plus_features", "prompt_tuning", "bootstrap"}
+                                                  "probes", "plus_features", "prompt_tuning", "bootstrap", "few_labels"}
     assert all(v >= 0 for v in metrics["evaluation_seconds"].values())
 
 
@@ -354,7 +361,8 @@ def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
 
     cfg = DemoConfig()
     key = run_key(cfg)
-    evaluation = {"n_prompt": 3, "tune_epochs": 2, "n_boot": 50, "text_max_chars": 100, "text_max_events": 2}
+    evaluation = {"n_prompt": 3, "tune_epochs": 2, "n_boot": 50, "text_max_chars": 100, "text_max_events": 2,
+                  "few_labels": 50, "few_label_draws": 3}
     assert set(evaluation) == set(EVALUATION_FIELDS)
     for name, value in evaluation.items():
         assert run_key(replace(cfg, **{name: value})) == key, name
@@ -434,6 +442,7 @@ def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, 
     # Q-Anchor's own methods stand in as nothing: the text baseline's vectors are read after them
     monkeypatch.setattr(P, "qanchor_scores", lambda *a, **k: (dict.fromkeys(("static", "base", "prompt_tuned",
                                                                               "plus_features")), {}))
+    monkeypatch.setattr(P, "query_embeddings", lambda *a, **k: None)
     cfg = replace(DemoConfig.fast(), text_max_chars=300, text_max_events=2)
     with pytest.raises(Reached) as got:
         evaluate_run(SimpleNamespace(eval=lambda: None), small_world, cfg, tmp_path, show_progress=False,
@@ -449,3 +458,16 @@ def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, 
     for bad in (0, True, 2.5):
         with pytest.raises(ValueError, match=f"text_max_events must be None or an integer >= 1.*got {bad}"):
             DemoConfig(text_max_events=bad)
+
+
+def test_demo_config_names_a_bad_few_label_setting():
+    from qanchor_lab.pipeline import DemoConfig
+
+    assert DemoConfig(few_labels=None).few_labels is None                 # no few-label read
+    for bad in (1, True, 2.5, "100"):
+        with pytest.raises(ValueError, match=f"few_labels must be an integer >= 2 or None.*got {bad!r}"):
+            DemoConfig(few_labels=bad)
+    for bad in (0, None, 1.0):
+        with pytest.raises(ValueError, match=f"few_label_draws must be an integer >= 1; got {bad!r}"):
+            DemoConfig(few_label_draws=bad)
+

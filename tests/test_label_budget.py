@@ -332,3 +332,31 @@ def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_mode
     assert main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--against",
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere is neither a run directory with model/" in capsys.readouterr().err
+
+
+def test_few_label_read_is_one_budget_of_the_curve_and_says_when_it_cannot_run(small_world):
+    from qanchor_lab.label_budget import few_label_read
+
+    tune, test = _split(small_world)
+    tasks = small_world.tasks.iloc[:2]
+    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
+    reps = {"own": reps["own"][:, :2], "noise": reps["noise"]}
+    labels = _labels(small_world, tasks)
+    few = few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3, seed=1, reference="noise")
+    s = curve_summary(label_curve(reps, labels, tasks, tune, test, budgets=(40,), draws=3, seed=1),
+                      reference="noise").set_index("method")
+    assert (few["budget"], few["draws"], few["reference"]) == (40, 3, "noise")
+    for method in ("own", "noise"):
+        assert few["methods"][method] == pytest.approx(s.loc[method, list(few["methods"][method])].to_dict())
+    assert few["methods"]["own"]["diff_low"] > 0.1 and few["methods"]["noise"]["diff"] == 0
+    # two worker processes give the same read (each task's draws are seeded by the task, not by the worker)
+    assert few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3, seed=1, reference="noise",
+                          n_jobs=2) == few
+    # a budget the tune split cannot give is left out, naming the task, instead of failing the whole evaluation
+    every = few_label_read(reps, labels, tasks, tune, test, budget=len(tune), draws=3, reference="noise")
+    assert set(every) == {"budget", "draws", "skipped"} and f"all {len(tune)} tune users" in every["skipped"]
+    assert every["skipped"].startswith(f"task {tasks['task_id'].iloc[0]!r}")
+    assert "cannot hold 3 of each class" in few_label_read(reps, labels, tasks, tune, test, budget=4, draws=3,
+                                                            reference="noise")["skipped"]
+    with pytest.raises(ValueError, match="reference 'static_embedding' is not among the representations: own, noise"):
+        few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3)
