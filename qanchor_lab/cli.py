@@ -171,7 +171,8 @@ def _cmd_label_curve(args) -> int:
 
     budgets = _int_list(args.budgets, "--budgets")
     model, world, others, out_dir = _load_for_probes(args)
-    curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others)
+    curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others,
+                            n_jobs=args.jobs)
     out_dir.mkdir(parents=True, exist_ok=True)
     vs_features = curve_summary(curve, reference="logreg_features")
     vs_static = curve_summary(curve, reference="static_embedding")
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budgets", default="50,100,200,400,800", help="labelled tune users per task, comma-separated")
     c.add_argument("--draws", type=int, default=5, help="draws of labelled users per budget")
     c.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    c.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     c.set_defaults(func=_cmd_label_curve)
 
     t = sub.add_parser("tune-splits", help="choose between variants without test users: the probe fitted on a share of "

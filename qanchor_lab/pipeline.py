@@ -428,6 +428,9 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
         if embeddings is None:
             with watch("query_embeddings"):
                 embeddings = query_embeddings(model, world, users, store=store, show_progress=show_progress)
+        elif np.shape(embeddings)[:2] != (len(users), len(queries) + 1):
+            raise ValueError(f"embeddings: expected (tune + test users, tasks + 1, d) = ({len(users)}, "
+                             f"{len(queries) + 1}, d) as query_embeddings gives them; got {np.shape(embeddings)}")
         emb = embeddings  # (U, T+1, d)
         by_query = {q: emb[:, i] for i, q in enumerate(queries)}
         row = {u: i for i, u in enumerate(users)}

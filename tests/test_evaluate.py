@@ -471,3 +471,13 @@ def test_demo_config_names_a_bad_few_label_setting():
         with pytest.raises(ValueError, match=f"few_label_draws must be an integer >= 1; got {bad!r}"):
             DemoConfig(few_label_draws=bad)
 
+
+
+def test_qanchor_scores_names_embeddings_of_the_wrong_shape(small_world, tiny_model):
+    from qanchor_lab.pipeline import qanchor_scores, restrict_tasks
+
+    world = restrict_tasks(small_world, ["dormancy_churn", "travel_coupon"])
+    n_users = len(world.users_in("tune")) + len(world.users_in("test"))
+    with pytest.raises(ValueError, match=rf"expected \(tune \+ test users, tasks \+ 1, d\) = \({n_users}, 3, d\).*"
+                                         rf"got \({n_users}, 2, 4\)"):
+        qanchor_scores(tiny_model.eval(), world, tuning=None, show_progress=False, embeddings=np.zeros((n_users, 2, 4)))
