@@ -10,7 +10,8 @@ averages over tasks and gives each method's mean and its difference from a refer
 draws: what it covers is which users happened to be labelled; the test users are fixed. `run_label_curve`
 does all of it for a model: the embedding under each task's query (qanchor_base), under the generic query
 (static_embedding), the hand-crafted features (logreg_features), and optionally another model's embedding
-(e.g. the untrained one).
+(e.g. the untrained one). `few_label_read` is one budget of it as every evaluation reports it (`evaluate_run`, the
+demo's "With few labels", docs/design.md §7.45).
 
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
