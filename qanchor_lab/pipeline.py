@@ -65,6 +65,11 @@ DATASETS = ("synthetic", "movielens")  # what `dataset` may name: the UserU worl
 OVERRIDE_SECTIONS = ("model", "pretrain", "tuning")  # the stage configs DemoConfig.overrides may change
 
 
+def _is_count(value: Any, floor: int) -> bool:
+    """Whether `value` is an integer (not a bool) of at least `floor`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= floor
+
+
 @dataclass
 class DemoConfig:
     dataset: str = "synthetic"     # synthetic (UserU, n_users) | movielens (MovieLens-100K, sources/movielens.py)
@@ -106,15 +111,13 @@ class DemoConfig:
                              f"with SECTION one of {', '.join(OVERRIDE_SECTIONS)} (e.g. model.embed_dim, "
                              "pretrain.reconstruction, tuning.lr)")
         self.overrides = dict(self.overrides)
-        for name, value, floor in (("few_labels", self.few_labels, 2), ("few_label_draws", self.few_label_draws, 1)):
-            if (value is not None or name == "few_label_draws") and (
-                    not isinstance(value, int) or isinstance(value, bool) or value < floor):
-                raise ValueError(f"{name} must be an integer >= {floor}"
-                                 + (" or None (no few-label read)" if name == "few_labels" else "") + f"; got {value!r}")
+        if self.few_labels is not None and not _is_count(self.few_labels, 2):
+            raise ValueError(f"few_labels must be an integer >= 2 or None (no few-label read); got {self.few_labels!r}")
+        if not _is_count(self.few_label_draws, 1):
+            raise ValueError(f"few_label_draws must be an integer >= 1; got {self.few_label_draws!r}")
         if self.overrides:
             self._stage_configs()  # a bad key or value fails here, not after the world is generated
-        if self.text_max_events is not None and (not isinstance(self.text_max_events, int)
-                                                 or isinstance(self.text_max_events, bool) or self.text_max_events < 1):
+        if self.text_max_events is not None and not _is_count(self.text_max_events, 1):
             raise ValueError(f"text_max_events must be None or an integer >= 1 (latest events per modality in the "
                              f"text baseline); got {self.text_max_events!r}")
 
