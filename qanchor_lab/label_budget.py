@@ -11,7 +11,7 @@ draws: what it covers is which users happened to be labelled; the test users are
 does all of it for a model: the embedding under each task's query (qanchor_base), under the generic query
 (static_embedding), the hand-crafted features (logreg_features), and optionally another model's embedding
 (e.g. the untrained one). `few_label_read` is one budget of it as every evaluation reports it (`evaluate_run`, the
-demo's "With few labels", docs/design.md §7.45).
+demo's "With few labels", docs/design.md §7.45), its intervals widened to cover the test users too (§7.46).
 
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
@@ -29,7 +29,7 @@ the report's paired intervals by their spread (docs/design.md §7.36; `python -m
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,6 +88,24 @@ def label_curve(
     users has a single draw. `n_jobs`: worker processes, one task each (parallel.fit_map; the same curve for any
     value). Returns one row per (budget, draw, task, method): columns budget, draw, task_id, method, auc,
     n_positive."""
+    fit = _fit_curve(representations, labels, tasks, tune_users, test_users, budgets=budgets, draws=draws, seed=seed,
+                     config=config, n_jobs=n_jobs, show_progress=show_progress)
+    return _curve_table(fit)
+
+
+class _CurveFit(NamedTuple):
+    """label_curve's fitted probes: every test score, before they become AUCs."""
+    test: list[str]                       # test user ids, the order of every score array
+    task_ids: list[str]
+    test_y: list[np.ndarray]              # per task: the test users' labels (0/1)
+    draws_of: list[tuple[int, int]]       # (budget, draw) pairs, in the order of each task's fits
+    fits: list[list[tuple[int, dict[str, np.ndarray]]]]  # per task, per (budget, draw): (positives drawn, name -> scores)
+
+
+def _fit_curve(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
+               tune_users: Sequence[str], test_users: Sequence[str], *, budgets: Sequence[int], draws: int, seed: int,
+               config: ProbeConfig | None, n_jobs: int | None, show_progress: bool) -> _CurveFit:
+    """Check label_curve's inputs and fit its probes: one fit_map job per task."""
     config = config or ProbeConfig()
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
@@ -108,27 +126,35 @@ def label_curve(
             raise ValueError(f"task {task_id!r}: {problem}")
     draws_of = [(int(n), r) for n in budgets for r in range(1 if n == len(tune) else draws)]
     # one job per task, carrying only that task's rows of each representation
-    jobs = [(task_id, k, {name: (X[:, k] if X.ndim == 3 else X) for name, X in mats.items()}, pos, y, yt, draws_of,
-             seed, config) for k, (task_id, (pos, y, yt)) in enumerate(zip(task_ids, targets))]
-    per_task = fit_map(_curve_of_task, jobs, n_jobs, desc="label curve", show_progress=show_progress)
-    # rows ordered by budget, draw, task, method
-    rows = [row for i in range(len(draws_of)) for task_rows in per_task for row in task_rows[i]]
-    return pd.DataFrame(rows)
+    jobs = [(k, {name: (X[:, k] if X.ndim == 3 else X) for name, X in mats.items()}, pos, y, len(test), draws_of,
+             seed, config) for k, (pos, y, _) in enumerate(targets)]
+    fits = fit_map(_curve_of_task, jobs, n_jobs, desc="label curve", show_progress=show_progress)
+    return _CurveFit(test, task_ids, [yt for _, _, yt in targets], draws_of, fits)
 
 
-def _curve_of_task(task_id: str, k: int, mats: Mapping[str, np.ndarray], pos: np.ndarray, y: np.ndarray,
-                   yt: np.ndarray, draws_of: Sequence[tuple[int, int]], seed: int, config: ProbeConfig) -> list[list[dict]]:
-    """label_curve's rows of one task (index k), one list per (budget, draw) of `draws_of`: a fit_map job."""
+def _curve_of_task(k: int, mats: Mapping[str, np.ndarray], pos: np.ndarray, y: np.ndarray, n_test: int,
+                   draws_of: Sequence[tuple[int, int]], seed: int,
+                   config: ProbeConfig) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """The probes of one task (index k) for each (budget, draw) of `draws_of`: (positives drawn, name -> test
+    scores); a fit_map job. The draw is seeded by the seed, budget, draw and task, never by the worker."""
     out = []
     for n, r in draws_of:
         picked = draw_labelled(y, n, np.random.default_rng([seed, n, r, k]), config.cv)
-        rows = []
-        for name, X in mats.items():
-            scores = probe_scores(X[pos[picked]], y[picked], X[len(X) - len(yt):], config)  # test: the last rows
-            rows.append({"budget": n, "draw": r, "task_id": task_id, "method": name,
-                         "auc": float(roc_auc_score(yt, scores)), "n_positive": int(y[picked].sum())})
-        out.append(rows)
+        scores = {name: probe_scores(X[pos[picked]], y[picked], X[len(X) - n_test:], config)  # test: the last rows
+                  for name, X in mats.items()}
+        out.append((int(y[picked].sum()), scores))
     return out
+
+
+def _curve_table(fit: _CurveFit) -> pd.DataFrame:
+    """label_curve's table: one AUC row per (budget, draw, task, method), in that order."""
+    return pd.DataFrame([
+        {"budget": n, "draw": r, "task_id": task_id, "method": name, "auc": float(roc_auc_score(yt, s)),
+         "n_positive": n_pos}
+        for i, (n, r) in enumerate(fit.draws_of)
+        for task_id, yt, task_fits in zip(fit.task_ids, fit.test_y, fit.fits)
+        for n_pos, scores in [task_fits[i]]
+        for name, s in scores.items()])
 
 
 def _tune_test_inputs(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
@@ -224,16 +250,26 @@ def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: in
 
 def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
                    tune_users: Sequence[str], test_users: Sequence[str], *, budget: int, draws: int, seed: int = 0,
-                   reference: str = "static_embedding", config: ProbeConfig | None = None,
+                   reference: str = "static_embedding", config: ProbeConfig | None = None, n_boot: int = 1000,
                    n_jobs: int | None = None) -> dict:
-    """One budget of the label curve as the demo's report reads it (docs/design.md §7.43): each representation's
-    average test AUC with `budget` labelled tune users a task and its paired difference from `reference`, t-intervals
-    over `draws` (they cover which tune users were labelled; the test users are fixed). Where the tune split cannot
-    give fewer than all its users with `ProbeConfig.cv` of each class for some task, the read is left out
-    ({"skipped": why}, naming the task) rather than failing the evaluation around it."""
+    """One budget of the label curve as the demo's report reads it (docs/design.md §7.43, §7.46): each
+    representation's average test AUC with `budget` labelled tune users a task, and its paired difference from
+    `reference`, both averaged over `draws` draws of the labelled users.
+
+    Each value comes with two 95% intervals. `auc_low`/`auc_high` and `diff_low`/`diff_high` cover both sources
+    of variation, independent of each other: which tune users were labelled (the t-interval over draws,
+    `curve_summary`'s, kept as `*_draws_low`/`*_draws_high`) and which users were tested (the test users resampled
+    `n_boot` times with `seed`, the report's own resamples for the same test users, n_boot and seed, around the mean
+    over draws); their half-widths add in quadrature. With a single draw the spread over draws is unknown and every
+    interval is NaN. Where the tune split cannot give fewer than all its users with `ProbeConfig.cv` of each
+    class for some task, the read is left out ({"skipped": why}, naming the task) rather than failing the
+    evaluation around it."""
+    from qanchor_lab.metrics import _check_n_boot
+
     config = config or ProbeConfig()
     if reference not in representations:
         raise ValueError(f"reference {reference!r} is not among the representations: {', '.join(representations)}")
+    _check_n_boot(n_boot)
     tune = list(tune_users)
     tasks = validate_tasks(tasks)
     labels = validate_labels(labels, tasks=tasks)
@@ -243,14 +279,56 @@ def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFra
                    else budget_problem(y, budget, config.cv))
         if problem:
             return {"budget": budget, "draws": draws, "skipped": f"task {task_id!r}: {problem}"}
-    curve = label_curve(representations, labels, tasks, tune, test_users, budgets=[budget], draws=draws, seed=seed,
-                        config=config, n_jobs=n_jobs)
-    summary = curve_summary(curve, reference=reference)
-    cols = ["auc", "auc_low", "auc_high", "diff", "diff_low", "diff_high"]
-    return {"budget": budget, "draws": draws, "seed": seed, "reference": reference,
-            "interval": "95% t-intervals over the draws: they cover which tune users were labelled, not which users "
-                        "were tested",
-            "methods": {r.method: {c: float(getattr(r, c)) for c in cols} for r in summary.itertuples()}}
+    fit = _fit_curve(representations, labels, tasks, tune, test_users, budgets=[budget], draws=draws, seed=seed,
+                     config=config, n_jobs=n_jobs, show_progress=False)
+    summary = curve_summary(_curve_table(fit), reference=reference).set_index("method")
+    users = _test_user_halves(fit, labels, tasks, reference, n_boot=n_boot, seed=seed)
+    methods = {}
+    for m in representations:
+        r, row = summary.loc[m], {}
+        for v in ("auc", "diff"):
+            # each source's half-width at its own reference distribution (t over draws, bootstrap over test
+            # users), added in quadrature: the draws' t-interval when every test user is the same, and NaN
+            # with one draw, whose spread is unknown
+            draws_half = (r[f"{v}_high"] - r[f"{v}_low"]) / 2
+            both = float(np.hypot(draws_half, users[m][v]))
+            row |= {v: float(r[v]), f"{v}_low": float(r[v]) - both, f"{v}_high": float(r[v]) + both,
+                    f"{v}_draws_low": float(r[f"{v}_low"]), f"{v}_draws_high": float(r[f"{v}_high"])}
+        methods[m] = row
+    return {"budget": budget, "draws": draws, "seed": seed, "reference": reference, "n_boot": n_boot,
+            "interval": "95% intervals covering which tune users were labelled and which users were tested",
+            "methods": methods}
+
+
+def _test_user_halves(fit: _CurveFit, labels: pd.DataFrame, tasks: pd.DataFrame, reference: str, *, n_boot: int,
+                      seed: int, ci: float = 0.95) -> dict[str, dict[str, float]]:
+    """few_label_read's test-user part: name -> {"auc": half-width, "diff": half-width} of the report's bootstrap
+    interval (test users resampled; one Resamples over every (method, draw)) for the mean over draws of one budget's
+    fits: its AUC, and its difference from `reference`."""
+    from qanchor_lab.metrics import Resamples
+
+    n_draws = len(fit.draws_of)
+    names = list(fit.fits[0][0][1])
+    user_col = np.tile(np.asarray(fit.test, dtype=object), len(fit.task_ids))  # (T*U,): users within each task
+    task_col = np.repeat(np.asarray(fit.task_ids, dtype=object), len(fit.test))  # (T*U,)
+    tables = {f"{m}@{i}": pd.DataFrame({"user_id": user_col, "task_id": task_col,
+                                        "score": np.concatenate([task_fits[i][1][m] for task_fits in fit.fits])})
+              for m in names for i in range(n_draws)}
+    scored = labels[labels["user_id"].isin(set(fit.test)) & labels["task_id"].isin(set(fit.task_ids))]
+    resamples = Resamples(scored, tasks, tables, n_boot=n_boot, seed=seed)
+
+    def half(terms: dict[str, float]) -> float:
+        out = resamples.contrast(terms, ci=ci)
+        return (out["high"] - out["low"]) / 2
+
+    result = {}
+    for m in names:
+        diff: dict[str, float] = {}
+        for i in range(n_draws):   # the reference against itself: weights of 0, a difference of 0
+            diff[f"{m}@{i}"] = diff.get(f"{m}@{i}", 0.0) + 1 / n_draws
+            diff[f"{reference}@{i}"] = diff.get(f"{reference}@{i}", 0.0) - 1 / n_draws
+        result[m] = {"auc": half({f"{m}@{i}": 1 / n_draws for i in range(n_draws)}), "diff": half(diff)}
+    return result
 
 
 def tune_splits(

@@ -616,7 +616,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
                 {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1],
                  **({} if "logreg_features" in skip else {"logreg_features": _feature_matrix(world, tune + test)[1]})},
                 world.labels, world.tasks, tune, test, budget=cfg.few_labels, draws=cfg.few_label_draws, seed=cfg.seed,
-                n_jobs=n_jobs)
+                n_boot=cfg.n_boot, n_jobs=n_jobs)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     metrics["skipped_methods"] = skipped
     metrics["evaluation_seconds"] = dict(watch)   # where the time went: each reference method, Q-Anchor's stages

@@ -52,6 +52,13 @@ def test_label_curve_is_paired_deterministic_and_tells_signal_from_noise(small_w
     paired = curve.pivot_table(index=["budget", "draw", "task_id"], columns="method", values="auc")
     assert (paired["own"] == paired["twin"]).all() and paired["own"].nunique() > 3
     assert not curve.equals(label_curve(reps, _labels(small_world, tasks), tasks, tune, test, **{**kw, "seed": 2}))
+    # rows by budget, draw, task (the tasks table's order), method (the representations' order)
+    order = [(n, r, t, m) for n, r in [(40, 0), (40, 1), (40, 2), (len(tune), 0)] for t in tasks["task_id"] for m in reps]
+    assert list(curve[["budget", "draw", "task_id", "method"]].itertuples(index=False, name=None)) == order
+    # a task's draws are its own: the first task's curve is the same with or without the second task beside it
+    alone = label_curve(reps | {"own": reps["own"][:, :1], "twin": reps["twin"][:, :1]},
+                        _labels(small_world, tasks.iloc[:1]), tasks.iloc[:1], tune, test, **kw)
+    assert alone.reset_index(drop=True).equals(curve[curve["task_id"] == tasks["task_id"].iloc[0]].reset_index(drop=True))
     s = curve_summary(curve, reference="noise").set_index(["budget", "method"])
     few = s.loc[(40, "own")]
     assert few["draws"] == 3 and few["diff_low"] > 0.1 and few["auc_low"] <= few["auc"] <= few["auc_high"]
@@ -346,9 +353,24 @@ def test_few_label_read_is_one_budget_of_the_curve_and_says_when_it_cannot_run(s
     s = curve_summary(label_curve(reps, labels, tasks, tune, test, budgets=(40,), draws=3, seed=1),
                       reference="noise").set_index("method")
     assert (few["budget"], few["draws"], few["reference"]) == (40, 3, "noise")
+    for method in ("own", "noise"):   # the values, and the t-intervals over draws, are the curve's
+        r = few["methods"][method]
+        assert [r[k] for k in ("auc", "auc_draws_low", "auc_draws_high", "diff", "diff_draws_low", "diff_draws_high")] \
+            == pytest.approx(s.loc[method, ["auc", "auc_low", "auc_high", "diff", "diff_low", "diff_high"]].tolist())
+    # the reported intervals also resample the test users: wider than the draws' alone, around the same values
     for method in ("own", "noise"):
-        assert few["methods"][method] == pytest.approx(s.loc[method, list(few["methods"][method])].to_dict())
-    assert few["methods"]["own"]["diff_low"] > 0.1 and few["methods"]["noise"]["diff"] == 0
+        r = few["methods"][method]
+        assert r["auc_low"] < r["auc_draws_low"] <= r["auc"] <= r["auc_draws_high"] < r["auc_high"]
+    own = few["methods"]["own"]
+    assert 0.1 < own["diff_low"] < own["diff_draws_low"] and own["diff_high"] > own["diff_draws_high"]
+    assert [few["methods"]["noise"][k] for k in ("diff", "diff_low", "diff_high")] == [0, 0, 0]  # the reference
+    assert few["n_boot"] == 1000 and "which users were tested" in few["interval"]
+    # the test users' resamples follow n_boot and the seed; the values do not move with them
+    other = few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3, seed=1, reference="noise", n_boot=200)
+    assert other["methods"]["own"]["auc"] == own["auc"] and other["methods"]["own"]["auc_low"] != own["auc_low"]
+    # one draw: how much another draw would move the read is unknown, so no interval
+    one = few_label_read(reps, labels, tasks, tune, test, budget=40, draws=1, seed=1, reference="noise")["methods"]["own"]
+    assert np.isnan([one["auc_low"], one["diff_high"], one["diff_draws_low"]]).all() and one["diff"] > 0.1
     # two worker processes give the same read (each task's draws are seeded by the task, not by the worker)
     assert few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3, seed=1, reference="noise",
                           n_jobs=2) == few
