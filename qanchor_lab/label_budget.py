@@ -321,13 +321,15 @@ def _test_user_halves(fit: _CurveFit, labels: pd.DataFrame, tasks: pd.DataFrame,
         out = resamples.contrast(terms, ci=ci)
         return (out["high"] - out["low"]) / 2
 
+    def mean_of(m: str) -> dict[str, float]:   # the mean over draws, as contrast terms
+        return {f"{m}@{i}": 1 / n_draws for i in range(n_draws)}
+
     result = {}
     for m in names:
-        diff: dict[str, float] = {}
-        for i in range(n_draws):   # the reference against itself: weights of 0, a difference of 0
-            diff[f"{m}@{i}"] = diff.get(f"{m}@{i}", 0.0) + 1 / n_draws
-            diff[f"{reference}@{i}"] = diff.get(f"{reference}@{i}", 0.0) - 1 / n_draws
-        result[m] = {"auc": half({f"{m}@{i}": 1 / n_draws for i in range(n_draws)}), "diff": half(diff)}
+        diff = mean_of(m)
+        for key, w in mean_of(reference).items():   # the reference against itself: weights of 0, a difference of 0
+            diff[key] = diff.get(key, 0.0) - w
+        result[m] = {"auc": half(mean_of(m)), "diff": half(diff)}
     return result
 
 
