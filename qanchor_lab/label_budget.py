@@ -7,11 +7,12 @@ users per task and draw (stratified: the tune split's positive rate, at least `P
 the probe's CV can run), fits the library's probe (`baselines.probe_scores`) on each representation and scores
 every test user. All representations see the same draws, so their differences are paired. `curve_summary`
 averages over tasks and gives each method's mean and its difference from a reference with a t-interval over
-draws: what it covers is which users happened to be labelled; the test users are fixed. `run_label_curve`
-does all of it for a model: the embedding under each task's query (qanchor_base), under the generic query
-(static_embedding), the hand-crafted features (logreg_features), and optionally another model's embedding
-(e.g. the untrained one). `few_label_read` is one budget of it as every evaluation reports it (`evaluate_run`, the
-demo's "With few labels", docs/design.md §7.45), its intervals widened to cover the test users too (§7.46).
+draws: what it covers is which users happened to be labelled; the test users are fixed. `fit_label_curve` keeps
+every test score (a `LabelCurve`), so that `LabelCurve.summary` also resamples the test users, as the demo's
+report does, and its intervals cover both (§7.46). `run_label_curve` does all of it for a model: the embedding
+under each task's query (qanchor_base), under the generic query (static_embedding), the hand-crafted features
+(logreg_features), and optionally another model's embedding (e.g. the untrained one). `few_label_read` is one
+budget of it as every evaluation reports it (`evaluate_run`, the demo's "With few labels", §7.45).
 
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
@@ -29,7 +30,8 @@ the report's paired intervals by their spread (docs/design.md §7.36; `python -m
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -87,25 +89,100 @@ def label_curve(
     n picks the same users for every representation (seeded by `seed`, n, r and the task). A budget of all tune
     users has a single draw. `n_jobs`: worker processes, one task each (parallel.fit_map; the same curve for any
     value). Returns one row per (budget, draw, task, method): columns budget, draw, task_id, method, auc,
-    n_positive."""
-    fit = _fit_curve(representations, labels, tasks, tune_users, test_users, budgets=budgets, draws=draws, seed=seed,
-                     config=config, n_jobs=n_jobs, show_progress=show_progress)
-    return _curve_table(fit)
+    n_positive. `fit_label_curve` keeps the test scores as well, for intervals that also cover the test users."""
+    return fit_label_curve(representations, labels, tasks, tune_users, test_users, budgets=budgets, draws=draws,
+                           seed=seed, config=config, show_progress=show_progress, n_jobs=n_jobs).table()
 
 
-class _CurveFit(NamedTuple):
-    """label_curve's fitted probes: every test score, before they become AUCs."""
+@dataclass
+class LabelCurve:
+    """A label curve's fitted probes with every test score kept (`fit_label_curve`, `run_label_curve`).
+
+    `table()` is `label_curve`'s AUC table. `summary(reference)` averages it as `curve_summary` does, with
+    intervals that also resample the test users, as every interval of the demo's report does (docs/design.md
+    §7.46)."""
     test: list[str]                       # test user ids, the order of every score array
     task_ids: list[str]
     test_y: list[np.ndarray]              # per task: the test users' labels (0/1)
     draws_of: list[tuple[int, int]]       # (budget, draw) pairs, in the order of each task's fits
     fits: list[list[tuple[int, dict[str, np.ndarray]]]]  # per task, per (budget, draw): (positives drawn, name -> scores)
+    n_tune: int                           # tune users: a budget of all of them has no draw-to-draw variation
+    labels: pd.DataFrame                  # the test users' labels of these tasks, for resampling them
+    tasks: pd.DataFrame
+    _resamples: dict = field(default_factory=dict, repr=False, compare=False)  # (n_boot, seed) -> metrics.Resamples
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.fits[0][0][1])
+
+    def table(self) -> pd.DataFrame:
+        """One AUC row per (budget, draw, task, method), in that order: columns budget, draw, task_id, method, auc,
+        n_positive."""
+        return pd.DataFrame([
+            {"budget": n, "draw": r, "task_id": task_id, "method": name, "auc": float(roc_auc_score(yt, s)),
+             "n_positive": n_pos}
+            for i, (n, r) in enumerate(self.draws_of)
+            for task_id, yt, task_fits in zip(self.task_ids, self.test_y, self.fits)
+            for n_pos, scores in [task_fits[i]]
+            for name, s in scores.items()])
+
+    def summary(self, reference: str | None = None, *, n_boot: int = 1000, seed: int = 0,
+                ci: float = 0.95) -> pd.DataFrame:
+        """`curve_summary`'s table (per budget and method: auc and diff from `reference`, default the first method),
+        its intervals covering which tune users were labelled *and* which users were tested.
+
+        The draws' t-interval (kept as auc_draws_low/high, diff_draws_low/high) and the test users' bootstrap
+        interval for the mean over draws (`n_boot` resamples with `seed`: for the same test users, n_boot and seed
+        the demo's report resamples them alike) are independent sources; their half-widths add in quadrature. A
+        budget of every tune user has one fit and no draw-to-draw variation: its interval is the bootstrap's own,
+        the report's interval for the same probe. Another single draw leaves the spread over draws unknown: NaN."""
+        from qanchor_lab.metrics import Resamples, _check_n_boot
+
+        _check_n_boot(n_boot)
+        table = curve_summary(self.table(), reference=reference, ci=ci)
+        reference = table["reference"].iloc[0]
+        if (n_boot, seed) not in self._resamples:
+            self._resamples[n_boot, seed] = Resamples(self.labels, self.tasks, self._score_tables(), n_boot=n_boot,
+                                                      seed=seed)
+        resamples = self._resamples[n_boot, seed]
+        methods = self.methods
+        rows = []
+        for r in table.to_dict("records"):
+            at = [i for i, (n, _) in enumerate(self.draws_of) if n == r["budget"]]
+
+            def mean_of(m: str) -> dict[str, float]:   # the mean over this budget's draws, as contrast terms
+                return {f"{methods.index(m)}:{i}": 1 / len(at) for i in at}
+
+            terms = {"auc": mean_of(r["method"]), "diff": mean_of(r["method"])}
+            for key, w in mean_of(reference).items():   # the reference against itself: weights of 0, a difference of 0
+                terms["diff"][key] = terms["diff"].get(key, 0.0) - w
+            row = {k: r[k] for k in ("budget", "method", "draws", "auc")}
+            for v in ("auc", "diff"):
+                users = resamples.contrast(terms[v], ci=ci)
+                if r["budget"] == self.n_tune:     # one fit on every tune user: the test users are all that varies
+                    low, high = users["low"], users["high"]
+                else:
+                    both = float(np.hypot((r[f"{v}_high"] - r[f"{v}_low"]) / 2, (users["high"] - users["low"]) / 2))
+                    low, high = r[v] - both, r[v] + both
+                row |= {v: r[v], f"{v}_low": low, f"{v}_high": high, f"{v}_draws_low": r[f"{v}_low"],
+                        f"{v}_draws_high": r[f"{v}_high"]}
+            rows.append(row | {"reference": reference})
+        return pd.DataFrame(rows)
+
+    def _score_tables(self) -> dict[str, pd.DataFrame]:
+        """"method index:fit index" -> (user_id, task_id, score) over every test user and task."""
+        user_col = np.tile(np.asarray(self.test, dtype=object), len(self.task_ids))   # (T*U,): users within each task
+        task_col = np.repeat(np.asarray(self.task_ids, dtype=object), len(self.test))  # (T*U,)
+        return {f"{j}:{i}": pd.DataFrame({"user_id": user_col, "task_id": task_col,
+                                          "score": np.concatenate([task_fits[i][1][m] for task_fits in self.fits])})
+                for j, m in enumerate(self.methods) for i in range(len(self.draws_of))}
 
 
-def _fit_curve(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
-               tune_users: Sequence[str], test_users: Sequence[str], *, budgets: Sequence[int], draws: int, seed: int,
-               config: ProbeConfig | None, n_jobs: int | None, show_progress: bool) -> _CurveFit:
-    """Check label_curve's inputs and fit its probes: one fit_map job per task."""
+def fit_label_curve(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
+                    tune_users: Sequence[str], test_users: Sequence[str], *, budgets: Sequence[int] = BUDGETS,
+                    draws: int = 5, seed: int = 0, config: ProbeConfig | None = None, show_progress: bool = False,
+                    n_jobs: int | None = None) -> LabelCurve:
+    """`label_curve`'s probes (the same arguments), kept as a `LabelCurve`: one fit_map job per task."""
     config = config or ProbeConfig()
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be an int >= 1; got {draws!r}")
@@ -129,7 +206,10 @@ def _fit_curve(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, 
     jobs = [(k, {name: (X[:, k] if X.ndim == 3 else X) for name, X in mats.items()}, pos, y, len(test), draws_of,
              seed, config) for k, (pos, y, _) in enumerate(targets)]
     fits = fit_map(_curve_of_task, jobs, n_jobs, desc="label curve", show_progress=show_progress)
-    return _CurveFit(test, task_ids, [yt for _, _, yt in targets], draws_of, fits)
+    scored = labels_v[labels_v["user_id"].isin(set(test)) & labels_v["task_id"].isin(set(task_ids))]
+    tasks_v = validate_tasks(tasks)
+    return LabelCurve(test, task_ids, [yt for _, _, yt in targets], draws_of, fits, len(tune), scored,
+                      tasks_v[tasks_v["task_id"].isin(set(task_ids))])
 
 
 def _curve_of_task(k: int, mats: Mapping[str, np.ndarray], pos: np.ndarray, y: np.ndarray, n_test: int,
@@ -144,17 +224,6 @@ def _curve_of_task(k: int, mats: Mapping[str, np.ndarray], pos: np.ndarray, y: n
                   for name, X in mats.items()}
         out.append((int(y[picked].sum()), scores))
     return out
-
-
-def _curve_table(fit: _CurveFit) -> pd.DataFrame:
-    """label_curve's table: one AUC row per (budget, draw, task, method), in that order."""
-    return pd.DataFrame([
-        {"budget": n, "draw": r, "task_id": task_id, "method": name, "auc": float(roc_auc_score(yt, s)),
-         "n_positive": n_pos}
-        for i, (n, r) in enumerate(fit.draws_of)
-        for task_id, yt, task_fits in zip(fit.task_ids, fit.test_y, fit.fits)
-        for n_pos, scores in [task_fits[i]]
-        for name, s in scores.items()])
 
 
 def _tune_test_inputs(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
@@ -240,12 +309,13 @@ def query_representations(model, world, users: Sequence[str], *, prefix: str = "
 
 def run_label_curve(model, world, *, budgets: Sequence[int] = BUDGETS, draws: int = 5, seed: int = 0,
                     others: Mapping[str, object] | None = None, config: ProbeConfig | None = None,
-                    show_progress: bool = True, n_jobs: int | None = None) -> pd.DataFrame:
-    """`label_curve` for a Q-Anchor model on a world's tune and test users, over `model_representations`."""
+                    show_progress: bool = True, n_jobs: int | None = None) -> LabelCurve:
+    """The label curve of a Q-Anchor model on a world's tune and test users, over `model_representations`: a
+    `LabelCurve` (`.table()` for the AUCs, `.summary(reference)` for the curve with its intervals)."""
     tune, test = world.users_in("tune"), world.users_in("test")
     reps = model_representations(model, world, tune + test, others=others, show_progress=show_progress)
-    return label_curve(reps, world.labels, world.tasks, tune, test, budgets=budgets, draws=draws, seed=seed,
-                       config=config, show_progress=show_progress, n_jobs=n_jobs)
+    return fit_label_curve(reps, world.labels, world.tasks, tune, test, budgets=budgets, draws=draws, seed=seed,
+                           config=config, show_progress=show_progress, n_jobs=n_jobs)
 
 
 def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFrame, tasks: pd.DataFrame,
@@ -254,16 +324,12 @@ def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFra
                    n_jobs: int | None = None) -> dict:
     """One budget of the label curve as the demo's report reads it (docs/design.md §7.43, §7.46): each
     representation's average test AUC with `budget` labelled tune users a task, and its paired difference from
-    `reference`, both averaged over `draws` draws of the labelled users.
-
-    Each value comes with two 95% intervals. `auc_low`/`auc_high` and `diff_low`/`diff_high` cover both sources
-    of variation, independent of each other: which tune users were labelled (the t-interval over draws,
-    `curve_summary`'s, kept as `*_draws_low`/`*_draws_high`) and which users were tested (the test users resampled
-    `n_boot` times with `seed`, the report's own resamples for the same test users, n_boot and seed, around the mean
-    over draws); their half-widths add in quadrature. With a single draw the spread over draws is unknown and every
-    interval is NaN. Where the tune split cannot give fewer than all its users with `ProbeConfig.cv` of each
-    class for some task, the read is left out ({"skipped": why}, naming the task) rather than failing the
-    evaluation around it."""
+    `reference`, both averaged over `draws` draws of the labelled users, with `LabelCurve.summary`'s intervals:
+    `auc_low`/`auc_high` and `diff_low`/`diff_high` cover which tune users were labelled and which users were
+    tested (the report's own `n_boot` resamples with `seed`), `*_draws_low`/`*_draws_high` the draws alone. With a
+    single draw the spread over draws is unknown and every interval is NaN. Where the tune split cannot give fewer
+    than all its users with `ProbeConfig.cv` of each class for some task, the read is left out ({"skipped": why},
+    naming the task) rather than failing the evaluation around it."""
     from qanchor_lab.metrics import _check_n_boot
 
     config = config or ProbeConfig()
@@ -279,58 +345,14 @@ def few_label_read(representations: Mapping[str, np.ndarray], labels: pd.DataFra
                    else budget_problem(y, budget, config.cv))
         if problem:
             return {"budget": budget, "draws": draws, "skipped": f"task {task_id!r}: {problem}"}
-    fit = _fit_curve(representations, labels, tasks, tune, test_users, budgets=[budget], draws=draws, seed=seed,
-                     config=config, n_jobs=n_jobs, show_progress=False)
-    summary = curve_summary(_curve_table(fit), reference=reference).set_index("method")
-    users = _test_user_halves(fit, labels, tasks, reference, n_boot=n_boot, seed=seed)
-    methods = {}
-    for m in representations:
-        r, row = summary.loc[m], {}
-        for v in ("auc", "diff"):
-            # each source's half-width at its own reference distribution (t over draws, bootstrap over test
-            # users), added in quadrature: the draws' t-interval when every test user is the same, and NaN
-            # with one draw, whose spread is unknown
-            draws_half = (r[f"{v}_high"] - r[f"{v}_low"]) / 2
-            both = float(np.hypot(draws_half, users[m][v]))
-            row |= {v: float(r[v]), f"{v}_low": float(r[v]) - both, f"{v}_high": float(r[v]) + both,
-                    f"{v}_draws_low": float(r[f"{v}_low"]), f"{v}_draws_high": float(r[f"{v}_high"])}
-        methods[m] = row
+    curve = fit_label_curve(representations, labels, tasks, tune, test_users, budgets=[budget], draws=draws,
+                            seed=seed, config=config, n_jobs=n_jobs)
+    summary = curve.summary(reference, n_boot=n_boot, seed=seed)
+    methods = {r.pop("method"): {k: float(v) for k, v in r.items() if k not in ("budget", "draws", "reference")}
+               for r in summary.to_dict("records")}
     return {"budget": budget, "draws": draws, "seed": seed, "reference": reference, "n_boot": n_boot,
             "interval": "95% intervals covering which tune users were labelled and which users were tested",
             "methods": methods}
-
-
-def _test_user_halves(fit: _CurveFit, labels: pd.DataFrame, tasks: pd.DataFrame, reference: str, *, n_boot: int,
-                      seed: int, ci: float = 0.95) -> dict[str, dict[str, float]]:
-    """few_label_read's test-user part: name -> {"auc": half-width, "diff": half-width} of the report's bootstrap
-    interval (test users resampled; one Resamples over every (method, draw)) for the mean over draws of one budget's
-    fits: its AUC, and its difference from `reference`."""
-    from qanchor_lab.metrics import Resamples
-
-    n_draws = len(fit.draws_of)
-    names = list(fit.fits[0][0][1])
-    user_col = np.tile(np.asarray(fit.test, dtype=object), len(fit.task_ids))  # (T*U,): users within each task
-    task_col = np.repeat(np.asarray(fit.task_ids, dtype=object), len(fit.test))  # (T*U,)
-    tables = {f"{m}@{i}": pd.DataFrame({"user_id": user_col, "task_id": task_col,
-                                        "score": np.concatenate([task_fits[i][1][m] for task_fits in fit.fits])})
-              for m in names for i in range(n_draws)}
-    scored = labels[labels["user_id"].isin(set(fit.test)) & labels["task_id"].isin(set(fit.task_ids))]
-    resamples = Resamples(scored, tasks, tables, n_boot=n_boot, seed=seed)
-
-    def half(terms: dict[str, float]) -> float:
-        out = resamples.contrast(terms, ci=ci)
-        return (out["high"] - out["low"]) / 2
-
-    def mean_of(m: str) -> dict[str, float]:   # the mean over draws, as contrast terms
-        return {f"{m}@{i}": 1 / n_draws for i in range(n_draws)}
-
-    result = {}
-    for m in names:
-        diff = mean_of(m)
-        for key, w in mean_of(reference).items():   # the reference against itself: weights of 0, a difference of 0
-            diff[key] = diff.get(key, 0.0) - w
-        result[m] = {"auc": half(mean_of(m)), "diff": half(diff)}
-    return result
 
 
 def tune_splits(

@@ -139,7 +139,9 @@ def _joined(
             raise DataValidationError(
                 f"{name}: {int(absent.sum())} labelled (user, task) pair(s) have no score, e.g. {pairs}"
             )
-    return joined, tasks
+    # each merge leaves its column in a block of its own; a label curve's hundreds of score tables would make
+    # pandas warn about a fragmented frame on the next insert, so the blocks are consolidated once
+    return joined.copy(), tasks
 
 
 def _task_order(joined: pd.DataFrame, tasks: pd.DataFrame) -> list[str]:

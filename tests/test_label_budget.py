@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from qanchor_lab.label_budget import curve_summary, draw_labelled, label_curve, run_label_curve
+from qanchor_lab.label_budget import curve_summary, draw_labelled, fit_label_curve, label_curve, run_label_curve
 
 
 def test_draw_labelled_keeps_the_class_balance_and_a_floor_per_class():
@@ -37,6 +37,15 @@ def _oracle_reps(world, tune, test, rng):
     p = world.labels.pivot(index="user_id", columns="task_id", values="oracle_prob").loc[tune + test, tasks].to_numpy()
     own = np.log(p / (1 - p))[:, :, None] + rng.normal(0, 1, (len(p), len(tasks), 3))   # (U, T, 3)
     return {"own": own, "noise": rng.normal(size=(len(p), 4))}
+
+
+def _two_tasks(world):
+    """(tune, test, tasks, reps, labels) of the world's first two tasks: 'own' (their true logits plus noise) and
+    'noise'."""
+    tune, test = _split(world)
+    tasks = world.tasks.iloc[:2]
+    reps = _oracle_reps(world, tune, test, np.random.default_rng(0))
+    return tune, test, tasks, {"own": reps["own"][:, :2], "noise": reps["noise"]}, _labels(world, tasks)
 
 
 def test_label_curve_is_paired_deterministic_and_tells_signal_from_noise(small_world):
@@ -74,6 +83,46 @@ def test_label_curve_is_paired_deterministic_and_tells_signal_from_noise(small_w
     assert s.loc[(len(tune), "own"), "auc"] >= few["auc"] - 0.02
 
 
+def test_label_curve_summary_also_resamples_the_test_users(small_world):
+    from qanchor_lab.baselines import probe_scores
+    from qanchor_lab.metrics import bootstrap_ci
+
+    tune, test, tasks, reps, labels = _two_tasks(small_world)
+    curve = fit_label_curve(reps, labels, tasks, tune, test, budgets=(40, len(tune)), draws=3, seed=1)
+    assert curve.table().equals(label_curve(reps, labels, tasks, tune, test, budgets=(40, len(tune)), draws=3, seed=1))
+    s = curve.summary("noise", n_boot=300, seed=4).set_index(["budget", "method"])
+    t = curve_summary(curve.table(), reference="noise").set_index(["budget", "method"])
+    # the values are the curve's; the draws' t-intervals are kept as *_draws_*; both intervals are wider than them
+    assert s["auc"].tolist() == t["auc"].tolist() and s["diff"].tolist() == t["diff"].tolist()
+    few = s.loc[(40, "own")]
+    assert [few[f"{v}_draws_{e}"] for v in ("auc", "diff") for e in ("low", "high")] == \
+        [t.loc[(40, "own"), f"{v}_{e}"] for v in ("auc", "diff") for e in ("low", "high")]
+    assert few["auc_low"] < few["auc_draws_low"] < few["auc"] < few["auc_draws_high"] < few["auc_high"]
+    assert 0.1 < few["diff_low"] < few["diff_draws_low"] and few["diff_high"] > few["diff_draws_high"]
+    assert (s.loc[(40, "noise"), ["diff", "diff_low", "diff_high"]] == 0).all()   # the reference against itself
+    # every tune user labelled: one fit, nothing drawn, so the interval is the report's bootstrap interval for the
+    # same probe on the same test users (fitted here independently of the curve)
+    every = s.loc[(len(tune), "own")]
+    assert np.isnan(every["auc_draws_low"])
+    y_tune = labels.pivot(index="user_id", columns="task_id", values="label").loc[tune, tasks["task_id"]].to_numpy()
+    scores = pd.concat([pd.DataFrame({"user_id": test, "task_id": t, "score": probe_scores(
+        reps["own"][:len(tune), k], y_tune[:, k], reps["own"][len(tune):, k])}) for k, t in enumerate(tasks["task_id"])])
+    report = bootstrap_ci(labels[labels["user_id"].isin(set(test))], scores, tasks, n_boot=300, seed=4)
+    assert [every["auc"], every["auc_low"], every["auc_high"]] == pytest.approx(
+        [report["value"], report["low"], report["high"]], abs=1e-12)
+    # the test users' resamples follow n_boot and the seed, and one summary's resamples serve every reference
+    other = curve.summary("noise", n_boot=200, seed=4).set_index(["budget", "method"])
+    assert other.loc[(40, "own"), "auc"] == few["auc"] and other.loc[(40, "own"), "auc_low"] != few["auc_low"]
+    vs_own = curve.summary("own", n_boot=300, seed=4).set_index(["budget", "method"])
+    assert vs_own.loc[(40, "own"), ["auc_low", "auc_high"]].tolist() == few[["auc_low", "auc_high"]].tolist()
+    assert vs_own.loc[(40, "noise"), "diff_high"] == pytest.approx(-few["diff_low"])
+    with pytest.raises(ValueError, match="reference 'nope'"):
+        curve.summary("nope")
+    # a single draw below every tune user: the spread over draws is unknown, so no interval
+    one = fit_label_curve(reps, labels, tasks, tune, test, budgets=(40,), draws=1, seed=1).summary("noise")
+    assert one[["auc_low", "diff_high"]].isna().all().all()
+
+
 def test_label_curve_names_what_is_wrong(small_world):
     tune, test = _split(small_world)
     tasks = small_world.tasks.iloc[:1]
@@ -97,10 +146,10 @@ def test_run_label_curve_reads_a_model_under_each_query_and_the_features(tiny_mo
     world = restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2])
     curve = run_label_curve(tiny_model.eval(), world, budgets=(60,), draws=2, others={"copy": tiny_model},
                             show_progress=False)
-    assert set(curve["method"]) == {"qanchor_base", "static_embedding", "copy", "logreg_features"}
-    s = curve_summary(curve).set_index("method")
+    assert set(curve.methods) == {"qanchor_base", "static_embedding", "copy", "logreg_features"}
+    s = curve.summary(n_boot=200).set_index("method")
     assert s.loc["copy", "diff"] == pytest.approx(0.0, abs=1e-12)   # the same model under the same queries
-    assert s["auc"].between(0.3, 1.0).all()
+    assert s["auc"].between(0.3, 1.0).all() and curve.table()["auc"].between(0.3, 1.0).all()
 
 
 @pytest.mark.slow
@@ -119,6 +168,8 @@ def test_cli_label_curve_writes_the_curve_and_names_bad_input(tiny_model, small_
         "qanchor_base", "static_embedding", "untrained", "logreg_features"}
     summary = pd.read_csv(tmp_path / "run" / "label_curve_summary.csv")
     assert set(summary["reference"]) == {"logreg_features", "static_embedding"}
+    # intervals over the draws and the test users, the draws' own kept beside them
+    assert (summary["auc_low"] < summary["auc_draws_low"]).all() and (summary["auc_high"] > summary["auc_draws_high"]).all()
     assert (tmp_path / "run" / "label_curve.html").stat().st_size > 1000
     assert main(["label-curve", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--budgets", "40,many"]) == 2
     assert "--budgets must be comma-separated integers" in capsys.readouterr().err
@@ -350,11 +401,7 @@ def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_mode
 def test_few_label_read_is_one_budget_of_the_curve_and_says_when_it_cannot_run(small_world):
     from qanchor_lab.label_budget import few_label_read
 
-    tune, test = _split(small_world)
-    tasks = small_world.tasks.iloc[:2]
-    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
-    reps = {"own": reps["own"][:, :2], "noise": reps["noise"]}
-    labels = _labels(small_world, tasks)
+    tune, test, tasks, reps, labels = _two_tasks(small_world)
     few = few_label_read(reps, labels, tasks, tune, test, budget=40, draws=3, seed=1, reference="noise")
     s = curve_summary(label_curve(reps, labels, tasks, tune, test, budgets=(40,), draws=3, seed=1),
                       reference="noise").set_index("method")

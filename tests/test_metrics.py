@@ -246,6 +246,18 @@ def test_resamples_shared_by_many_methods_match_the_one_method_bootstraps(monkey
         M.Resamples(labels, tasks, {"good": good, "noise": noise.iloc[1:]}, n_boot=10)
 
 
+def test_resamples_take_hundreds_of_score_tables_quietly():
+    """A label curve resamples one table per (method, budget, draw): a few hundred, with no pandas warning."""
+    import warnings
+
+    labels, good, noise, tasks = _world(n_users=60)
+    tables = {f"m{i}": (good if i % 2 else noise) for i in range(150)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        draws = M.Resamples(labels, tasks, tables, n_boot=20, seed=1)
+    assert draws.ci("m1") == M.bootstrap_ci(labels, good, tasks, n_boot=20, seed=1)
+
+
 def test_contrast_is_paired_for_two_methods_and_weighs_differences_of_differences():
     labels, good, noise, tasks = _world(n_users=150)
     half = good.assign(score=0.5 * good["score"])                      # the same ranking: the same AUC everywhere
