@@ -4,6 +4,9 @@ free-text box changed in the page, the plot's points read back from plotly's div
 under runs/browser/. The notebook's world and fast model go to the test's temporary directory, not the checkout's
 data/ and runs/: the test neither reuses a model left there by older code nor leaves one for notebooks 03-05.
 
+A second test exports an executed notebook to HTML, as workshop material is shared, and reads its figures back
+in Chromium with the network cut off.
+
 Needs `apt-get install -y chromium` and the dev extras (playwright); .ci/run installs chromium. Without them the
 test is skipped with a message saying so, except in CI (QANCHOR_CI=1), where it fails instead.
 """
@@ -160,3 +163,39 @@ def test_explorer_notebook_in_headless_chromium(tmp_path):
     assert shot.stat().st_size > 10_000
     # the notebook trained its model in the test's directory, where _start_lab pointed it
     assert (tmp_path / "runs" / "nb-fast" / "model" / "pretrain_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_notebook_exported_to_html_shows_its_figures_offline(tmp_path, monkeypatch):
+    """Workshop material is shared as HTML: notebook 01, run in fast mode and exported as `jupyter nbconvert --to
+    html` does (the lab template), shows every one of its figures in Chromium with the network cut off, because
+    the notebooks' renderer puts plotly.js in the notebook next to the JSON JupyterLab reads (docs/design.md §5)."""
+    chromium, sync_playwright = _requirements()
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    for name, value in {"QANCHOR_FAST": "1", "HF_HUB_OFFLINE": "1", "QANCHOR_DATA": str(tmp_path / "data"),
+                        "QANCHOR_RUNS": str(tmp_path / "runs")}.items():
+        monkeypatch.setenv(name, value)   # the kernel inherits them: fresh data, nothing written to the checkout
+    nb = nbformat.read(ROOT / "notebooks" / "01_synthetic_userU.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    figures = sum("application/vnd.plotly.v1+json" in out.get("data", {})
+                  for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    html, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    page_file = tmp_path / "01.html"
+    page_file.write_text(html, encoding="utf-8")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        # offline, as a colleague opening an attachment on a train: every request but the file itself fails
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+        page.goto(page_file.as_uri(), wait_until="load")
+        drawn = "n => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0 && " \
+                "[...document.querySelectorAll('.js-plotly-plot')].every(p => p.querySelector('.main-svg')) && " \
+                "document.querySelectorAll('.js-plotly-plot').length >= n"
+        page.wait_for_function(drawn, arg=figures, timeout=60_000)
+        plots = page.locator(".js-plotly-plot").count()
+        marks = page.locator(".js-plotly-plot .trace").count()
+        browser.close()
+    assert figures >= 3 and plots == figures and marks >= figures
