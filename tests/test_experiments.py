@@ -214,6 +214,8 @@ def test_experiment_cli_set_changes_the_reference_of_every_variant(monkeypatch, 
     assert len({v.tuning.n_prompt for v in vs.values()}) == len(vs)  # the swept setting is the variant's own
     abl = ablations.variants(E.base_config_for("ablations", True).override({"pretrain.reconstruction": 1}))
     assert abl["no_reconstruction"].pretrain.reconstruction == 0 and abl[ablations.REFERENCE].pretrain.reconstruction == 1
+    # every ablation is set beside a claim in the paper check (ours marked as ours), none left out of it
+    assert [v for v, _, _ in ablations.PAPER_CLAIMS] == [v for v in ablations.ABLATIONS if v != ablations.REFERENCE]
     # without --set: the family's own reference and default tables
     seen.clear()
     assert main(["experiment", "ablations", "--fast", "--out", str(tmp_path / "t")]) == 2

@@ -36,6 +36,7 @@ PAPER_CLAIMS: tuple[tuple[str, int, str], ...] = (
     ("no_contrastive", -1, "removing contrastive learning costs the most of all ablations"),
     ("no_generative", -1, "(not listed in §1.8) the joint objective implies the next-token loss helps"),
     ("no_reconstruction", -1, "(ours, not the paper's) the reconstruction term keeps the user's input in the embedding"),
+    ("no_answer_set", -1, "(ours, not the paper's) the answer-set term teaches each anchor its own question's answers"),
     ("no_pretraining", -1, "without pre-training performance collapses"),
 )
 
