@@ -109,7 +109,7 @@ class LabelCurve:
     n_tune: int                           # tune users: a budget of all of them has no draw-to-draw variation
     labels: pd.DataFrame                  # the test users' labels of these tasks, for resampling them
     tasks: pd.DataFrame
-    _resamples: dict = field(default_factory=dict, repr=False, compare=False)  # (n_boot, seed) -> metrics.Resamples
+    _resamples: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (n_boot, seed) -> Resamples
 
     @property
     def methods(self) -> list[str]:
