@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Mapping
 
 FIT_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent); -1 (default): "
                  "every core, 1: this process only; the numbers do not depend on it")
@@ -78,7 +79,7 @@ def _cmd_pretrain(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
-    summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume)
+    summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -170,6 +171,7 @@ def _cmd_label_curve(args) -> int:
     from qanchor_lab.label_budget import run_label_curve
 
     budgets = _int_list(args.budgets, "--budgets")
+    _check_counts({"--budgets": (min(budgets, default=0), 1), "--draws": (args.draws, 1)})
     model, world, others, out_dir = _load_for_probes(args)
     curve = run_label_curve(model, world, budgets=budgets, draws=args.draws, seed=args.seed, others=others,
                             n_jobs=args.jobs)
@@ -204,6 +206,9 @@ def _cmd_tune_splits(args) -> int:
 
     from qanchor_lab.label_budget import curve_summary, model_representations, tune_crossfit, tune_resamples, tune_splits
 
+    _check_counts({"--splits": (args.splits, 1), "--folds": (args.folds, 2)})
+    if not 0 < args.fit_share < 1:
+        raise ValueError(f"--fit-share must lie strictly between 0 and 1; got {args.fit_share}")
     model, world, others, out_dir = _load_for_probes(args)
     against = _tune_scores_of(args.against) if args.against else None    # read first: a bad path fails fast
     tune = world.users_in("tune")
@@ -258,6 +263,7 @@ def _cmd_refit_intervals(args) -> int:
                                           refit_contrasts, refit_scores)
     from qanchor_lab.model import QAnchorModel
 
+    _check_counts({"--refits": (args.refits, 2)})
     against = run_model_dir(args.against) if args.against else None     # found first: a bad path fails fast
     model, world, others, out_dir = _load_for_probes(args)
     n_boot, run_seed = _report_resampling(args.run)
@@ -316,6 +322,14 @@ def _int_list(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be comma-separated integers, e.g. 50,100,200; got {text!r}") from None
 
 
+def _check_counts(counts: Mapping[str, tuple[int, int]]) -> None:
+    """{flag: (value, least)}: the counts a probe command reads, checked before its model and world are loaded
+    and every user embedded (a minute on the default world), not after."""
+    for flag, (value, least) in counts.items():
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}; got {value}")
+
+
 def _cmd_experiment(args) -> int:
     from qanchor_lab.experiments import base_config_for, run_named
     from qanchor_lab.experiments.runner import EXPERIMENTS_ROOT
@@ -368,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "paraphrases (default 7, the demo's; `demo --seed N` pre-trains its world with N)")
     t.add_argument("--resume", default=None, help="checkpoint directory to resume from (optimizer and schedule too); a pre-training config that differs from the checkpoint's is named in a warning")
     t.add_argument("--fast", action="store_true", help="a quick small run (CI / smoke test)")
+    t.add_argument("--overwrite", action="store_true", help="replace the model --out already holds (without it, "
+                   "an existing model is kept and the command stops)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP)
     t.set_defaults(func=_cmd_pretrain)
 

@@ -103,7 +103,7 @@ class LabelCurve:
     §7.46)."""
     test: list[str]                       # test user ids, the order of every score array
     task_ids: list[str]
-    test_y: list[np.ndarray]              # per task: the test users' labels (0/1)
+    test_y: list[np.ndarray]              # per task: the test users' labels (0/1; NaN: not labelled for that task)
     draws_of: list[tuple[int, int]]       # (budget, draw) pairs, in the order of each task's fits
     fits: list[list[tuple[int, dict[str, np.ndarray]]]]  # per task, per (budget, draw): (positives drawn, name -> scores)
     n_tune: int                           # tune users: a budget of all of them has no draw-to-draw variation
@@ -118,11 +118,12 @@ class LabelCurve:
     def table(self) -> pd.DataFrame:
         """One AUC row per (budget, draw, task, method), in that order: columns budget, draw, task_id, method, auc,
         n_positive."""
+        known = [~np.isnan(yt) for yt in self.test_y]   # per task: the test users labelled for it
         return pd.DataFrame([
-            {"budget": n, "draw": r, "task_id": task_id, "method": name, "auc": float(roc_auc_score(yt, s)),
+            {"budget": n, "draw": r, "task_id": task_id, "method": name, "auc": float(roc_auc_score(yt[k], s[k])),
              "n_positive": n_pos}
             for i, (n, r) in enumerate(self.draws_of)
-            for task_id, yt, task_fits in zip(self.task_ids, self.test_y, self.fits)
+            for task_id, yt, k, task_fits in zip(self.task_ids, self.test_y, known, self.fits)
             for n_pos, scores in [task_fits[i]]
             for name, s in scores.items()])
 
@@ -195,8 +196,14 @@ def fit_label_curve(representations: Mapping[str, np.ndarray], labels: pd.DataFr
     missing = [u for u in test if u not in test_y.index]
     if missing:
         raise DataValidationError(f"labels: {len(missing)} test user(s) have no label, e.g. {missing[:5]}")
+    # a test user without a label for some task is left out of that task's AUC, as the report leaves it out
+    test_y = test_y.reindex(index=test, columns=task_ids)                       # (U, T), NaN where unlabelled
+    for t in task_ids:
+        if test_y[t].nunique() < 2:
+            raise DataValidationError(f"task {t!r}: the labelled test users need both classes for an AUC; their "
+                                      f"{int(test_y[t].notna().sum())} label(s) are {sorted(test_y[t].dropna().unique())}")
     # per task: the tune users labelled for it (positions into `tune`), their labels, and the test labels
-    targets = [(*_tune_targets(labels_v, t, tune), test_y.loc[test, t].to_numpy().astype(int)) for t in task_ids]
+    targets = [(*_tune_targets(labels_v, t, tune), test_y[t].to_numpy(dtype=np.float64)) for t in task_ids]
     for task_id, (_, y, _) in zip(task_ids, targets):
         problem = next(filter(None, (budget_problem(y, int(n), config.cv) for n in budgets)), None)
         if problem:

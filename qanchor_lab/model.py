@@ -219,18 +219,21 @@ class QAnchorModel(nn.Module):
         picks users from it (default: all of the store, or the world's test split). `batch_size` users
         share one prefix batch, and every query runs on top of it.
         """
-        from qanchor_lab.embedder import CachedEmbedder
+        from qanchor_lab.embedder import CachedEmbedder, text_list
         from qanchor_lab.schema import World
 
         if isinstance(users, World):
-            ids = list(user_ids) if user_ids is not None else users.users_in("test")
+            ids = text_list(user_ids, "user_ids") if user_ids is not None else users.users_in("test")
+            known = set(users.users["user_id"])
+            unknown = [u for u in ids if u not in known]
+            if unknown:   # a typo would otherwise get an embedding of no behaviour at all
+                raise KeyError(f"{len(unknown)} user id(s) not in the world's users table, e.g. {unknown[:5]}")
             store, user_ids = self.behaviour(users.events, users.profiles, ids), ids
         elif isinstance(users, BehaviourStore):
             store = users
         else:
             raise TypeError(f"users must be a BehaviourStore or a World, not {type(users).__name__}")
-        ids = list(user_ids) if user_ids is not None else store.user_ids
-        store.indices(ids)  # fail early, naming unknown users
+        ids = text_list(user_ids, "user_ids") if user_ids is not None else store.user_ids
         return CachedEmbedder(self, store).encode(ids, queries, batch_size=batch_size, prompt=prompt,
                                                   show_progress_bar=show_progress_bar)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -223,9 +224,17 @@ def untrained_beside(model: QAnchorModel, world, cfg: DemoConfig) -> QAnchorMode
     return build_model(world, cfg).to(model.device).eval()
 
 
-def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> dict:
+def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, overwrite: bool = False,
+                 show_progress: bool = True) -> dict:
     """Load a dataset (a saved world, or a directory of your own tables: `load_dataset`), build (or resume) the
-    model, pre-train, and report retrieval before/after."""
+    model, pre-train, and report retrieval before/after. A directory that already holds a pre-trained model is
+    replaced only with `overwrite` (or continued with `resume_from`), as Hugging Face's Trainer keeps an output
+    directory unless told to overwrite it."""
+    from qanchor_lab.model import CONFIG_NAME
+
+    if resume_from is None and not overwrite and (Path(out_dir) / CONFIG_NAME).exists():
+        raise ValueError(f"{out_dir} already holds a pre-trained model; give another --out, --overwrite to replace it, "
+                         f"or --resume {out_dir} to go on training it")
     world = load_dataset(data_dir, seed=cfg.seed, for_evaluation=False)
     return pretrain_world(world, out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
 
@@ -319,6 +328,14 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     if stored == key and (model_dir / "pretrain_summary.json").exists():
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
+    if stored is not None and (model_dir / "pretrain_summary.json").exists():   # said, never silent
+        from qanchor_lab.experiments.config import flatten
+
+        old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        warnings.warn(f"{run_dir} holds a model pre-trained with other settings ({', '.join(changed[:5])}"
+                      f"{', ...' if len(changed) > 5 else ''}); pre-training a new one in its place (give another "
+                      "run directory to keep it)", stacklevel=2)
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
     marker.write_text(json.dumps(key, indent=2))
     return model, world, summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -131,10 +132,19 @@ class PretrainConfig:
                               ("lm_vocabulary", get_args(LmVocabulary))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}; valid choices: {', '.join(map(repr, choices))}")
+        # the optional settings: their default None says nothing of their kind, so a word given for a number
+        # (`--set pretrain.lr=fast`) would otherwise fail deep inside torch's optimizer
+        for name, whole, least in (("lr", False, None), ("margin", False, 0), ("max_steps", True, 1),
+                                   ("save_every", True, 1)):
+            value = getattr(self, name)
+            kind = numbers.Integral if whole else numbers.Real
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)
+                                      or (value <= 0 if least is None else value < least)):
+                want = "an integer" if whole else "a number"
+                bound = "> 0" if least is None else f">= {least}"
+                raise ValueError(f"{name} must be None or {want} {bound}, got {value!r}")
         if self.intents_per_batch < 1:
             raise ValueError(f"intents_per_batch must be >= 1, got {self.intents_per_batch}")
-        if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be >= 0 or None, got {self.margin}")
         bad = (set(self.negatives) | set(self.answer_mask_kinds)) - {"anchor_anchor", "anchor_answer", "answer_anchor"}
         if bad:
             raise ValueError(f"negatives or answer_mask_kinds {sorted(bad)} invalid; choose from anchor_anchor, anchor_answer, answer_anchor")

@@ -339,7 +339,7 @@ def test_byo_errors_name_table_column_user_value(shop, tmp_path):
     assert set(world.qa["user_id"]) <= set(world.users_in("pretrain", "pretrain_val"))
 
 
-def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path):
+def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path, capsys):
     """`pretrain --data DIR` on your own log: only events and pre-training users, no QA, tasks or labels."""
     from qanchor_lab.cli import main
     from qanchor_lab.pipeline import load_dataset
@@ -360,12 +360,20 @@ def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path):
     summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
     assert summary["steps"] >= 1 and summary["retrieval"]["trained"]["n"] > 0
     # the seed is the demo's unless given (demo --seed N pre-trains with N; pretrain --seed N does the same)
+    def seed_of():
+        return json.loads((tmp_path / "run" / "qanchor_config.json").read_text())["backbone"]["seed"]
+
+    assert seed_of() == 7
+    # a directory holding a model is not trained over unless asked: the model is kept, the command says how
+    weights = (tmp_path / "run" / "qanchor.safetensors").read_bytes()
+    again = ["pretrain", "--data", str(d), "--out", str(tmp_path / "run"), "--fast", "--epochs", "0.05", "--seed", "3"]
+    assert main(again) == 2
+    assert "already holds a pre-trained model; give another --out, --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "run" / "qanchor.safetensors").read_bytes() == weights and seed_of() == 7
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutsideWindowWarning)
-        assert main(["pretrain", "--data", str(d), "--out", str(tmp_path / "s3"), "--fast", "--epochs", "0.05",
-                     "--seed", "3"]) == 0
-    seeds = [json.loads((tmp_path / r / "qanchor_config.json").read_text())["backbone"]["seed"] for r in ("run", "s3")]
-    assert seeds == [7, 3]
+        assert main(again + ["--overwrite"]) == 0
+    assert seed_of() == 3 and (tmp_path / "run" / "qanchor.safetensors").read_bytes() != weights
     # any stage setting by dotted key (--set), read as JSON; a malformed one is named before anything runs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OutsideWindowWarning)

@@ -146,6 +146,22 @@ def test_model_encode_api(tiny_model, tiny_store):
     assert np.allclose(np.linalg.norm(out, axis=-1), 1, atol=1e-5)
     with pytest.raises(KeyError, match="not in this behaviour store"):
         tiny_model.encode(tiny_store, QUERIES[:1], user_ids=["nobody"])
+    # a lone string is one query or one user, not one per character; no queries is named, not a tokenizer error
+    with pytest.raises(TypeError, match="queries must be a list of strings, not one string"):
+        tiny_model.encode(tiny_store, QUERIES[0], user_ids=tiny_store.user_ids[:2])
+    with pytest.raises(TypeError, match="user_ids must be a list of strings, not one string"):
+        tiny_model.encode(tiny_store, QUERIES[:1], user_ids=tiny_store.user_ids[0])
+    with pytest.raises(ValueError, match="queries is empty"):
+        tiny_model.encode(tiny_store, [], user_ids=tiny_store.user_ids[:2])
+    assert tiny_model.encode(tiny_store, QUERIES[:1], user_ids=[]).shape == (0, 1, tiny_model.config.embed_dim)
+
+
+def test_model_encode_on_a_world_names_users_it_does_not_hold(tiny_model, small_world):
+    test = small_world.users_in("test")[:2]
+    assert tiny_model.encode(small_world, QUERIES[:1], user_ids=test).shape == (2, 1, tiny_model.config.embed_dim)
+    # a typo would otherwise be embedded from no behaviour at all
+    with pytest.raises(KeyError, match=r"1 user id\(s\) not in the world's users table, e.g. \['u_typo'\]"):
+        tiny_model.encode(small_world, QUERIES[:1], user_ids=test + ["u_typo"])
 
 
 def test_prompt_loss_over_cache_equals_full_sequence_loss(tiny_model, tiny_store):

@@ -352,6 +352,36 @@ def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch,
     assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
 
 
+def test_a_run_directory_says_when_its_model_is_replaced(monkeypatch, tmp_path):
+    """ensure_pretrained reuses a model of the same settings quietly and says which settings differ before it
+    pre-trains over one of other settings (pre-training itself replaced by a stub here)."""
+    import warnings
+    from dataclasses import replace
+
+    from qanchor_lab import pipeline as P
+
+    trained = []
+
+    def fake_pretrain(world, model_dir, cfg, **kw):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "pretrain_summary.json").write_text(json.dumps({"epochs": cfg.epochs}))
+        trained.append(cfg.epochs)
+        return "model", {"epochs": cfg.epochs}
+
+    monkeypatch.setattr(P, "ensure_demo_world", lambda cfg: "world")
+    monkeypatch.setattr(P, "pretrain_world", fake_pretrain)
+    monkeypatch.setattr(P.QAnchorModel, "from_pretrained", classmethod(lambda cls, d: "loaded"))
+    cfg = P.DemoConfig.fast()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.ensure_pretrained(tmp_path, cfg)[0] == "model"           # a fresh directory: nothing to say
+        assert P.ensure_pretrained(tmp_path, cfg)[0] == "loaded"          # the same settings: reused
+    with pytest.warns(UserWarning, match=r"holds a model pre-trained with other settings \(epochs, "
+                                         r"pretrain_config.epochs\); pre-training a new one in its place"):
+        P.ensure_pretrained(tmp_path, replace(cfg, epochs=2.0))
+    assert trained == [cfg.epochs, 2.0]
+
+
 def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
     """Changing how a run is evaluated (prompt tokens, tuning epochs, resamples, the text baseline's text) must not
     retrain its model; every other setting must."""
@@ -395,7 +425,11 @@ def test_demo_overrides_reach_the_stage_configs_and_the_run_key():
                          ({"model.embed_dims": 16}, "valid keys there: .*embed_dim"),
                          ({"model.embed_dim": -1}, r"overrides .*model.embed_dim.*: embed_dim must be >= 1"),
                          ({"model.embed_dim": "wide"}, r"model.embed_dim' takes an integer \(now 128\), got 'wide'"),
-                         ({"model.use_user_token": 0}, "takes true or false"), ({"pretrain": 3}, "SECTION.NAME")):
+                         ({"model.use_user_token": 0}, "takes true or false"), ({"pretrain": 3}, "SECTION.NAME"),
+                         # settings whose default is None: their kind is checked by the stage, before anything runs
+                         ({"pretrain.lr": "fast"}, r"pretrain.lr.*lr must be None or a number > 0, got 'fast'"),
+                         ({"pretrain.margin": "abc"}, "margin must be None or a number >= 0"),
+                         ({"pretrain.max_steps": -3}, "max_steps must be None or an integer >= 1, got -3")):
         with pytest.raises(ValueError, match=message):
             DemoConfig(overrides=bad)
 

@@ -123,6 +123,44 @@ def test_label_curve_summary_also_resamples_the_test_users(small_world):
     assert one[["auc_low", "diff_high"]].isna().all().all()
 
 
+def test_label_curve_leaves_a_test_user_out_of_a_task_it_has_no_label_for(small_world):
+    from qanchor_lab.data import DataValidationError
+
+    tune, test, tasks, reps, labels = _two_tasks(small_world)
+    first, gone = tasks["task_id"].iloc[0], test[0]
+    holed = labels[~((labels["user_id"] == gone) & (labels["task_id"] == first))]
+    kw = dict(budgets=(40,), draws=2, seed=1)
+    curve = fit_label_curve(reps, holed, tasks, tune, test, **kw)
+    # for that task, as if the user were not tested at all (the report scores labelled pairs only)
+    keep = np.r_[np.arange(len(tune)), len(tune) + np.arange(1, len(test))]
+    without = label_curve({k: v[keep] for k, v in reps.items()}, labels, tasks, tune, test[1:], **kw)
+    ours = curve.table()
+    assert ours[ours["task_id"] == first]["auc"].tolist() == without[without["task_id"] == first]["auc"].tolist()
+    assert ours[ours["task_id"] != first]["auc"].tolist() != without[without["task_id"] != first]["auc"].tolist()
+    assert np.isfinite(curve.summary("noise", n_boot=50)[["auc_low", "diff_high"]].to_numpy()).all()
+    # a task whose labelled test users are all of one class has no AUC: named, not a scikit-learn error
+    one_class = labels.assign(label=np.where((labels["task_id"] == first) & labels["user_id"].isin(set(test)), 0,
+                                             labels["label"]))
+    with pytest.raises(DataValidationError, match=f"task {first!r}: the labelled test users need both classes"):
+        label_curve(reps, one_class, tasks, tune, test, **kw)
+
+
+def test_probe_commands_check_their_counts_before_loading_anything(capsys, tmp_path):
+    """A bad count is named at once, before the run (here not even a run) is loaded and every user embedded."""
+    from qanchor_lab.cli import main
+
+    nowhere = str(tmp_path / "nowhere")
+    for argv, message in ((["label-curve", nowhere, "--draws", "0"], "--draws must be >= 1; got 0"),
+                          (["label-curve", nowhere, "--budgets", "0,50"], "--budgets must be >= 1; got 0"),
+                          (["tune-splits", nowhere, "--folds", "1"], "--folds must be >= 2; got 1"),
+                          (["tune-splits", nowhere, "--splits", "0"], "--splits must be >= 1; got 0"),
+                          (["tune-splits", nowhere, "--fit-share", "1"], "--fit-share must lie strictly between"),
+                          (["refit-intervals", nowhere, "--refits", "1"], "--refits must be >= 2; got 1")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert main(["label-curve", nowhere]) == 2 and "neither a run directory" in capsys.readouterr().err
+
+
 def test_label_curve_names_what_is_wrong(small_world):
     tune, test = _split(small_world)
     tasks = small_world.tasks.iloc[:1]
@@ -334,7 +372,7 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
     out = capsys.readouterr().out
     assert rc == 0 and "the query's gain: this run - other: +0.0000 [+0.0000, +0.0000]" in out
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "1.5"]) == 2
-    assert "fit_share must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert "--fit-share must lie strictly between 0 and 1" in capsys.readouterr().err
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--against",
                  str(tmp_path / "nowhere")]) == 2
     assert "no tune_scores.parquet there; run `python -m qanchor_lab tune-splits" in capsys.readouterr().err
@@ -373,7 +411,7 @@ def test_cli_refit_intervals_prints_the_mechanisms_with_both_intervals(tiny_mode
     assert set(scores["method"]) == {"qanchor_base", "static_embedding", "untrained", "logreg_features",
                                      "qanchor_plus_features"}
     assert main(["refit-intervals", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--refits", "1"]) == 2
-    assert "refits must be an int >= 2" in capsys.readouterr().err
+    assert "--refits must be >= 2; got 1" in capsys.readouterr().err
     # against another run: its model (here the same one with a perturbed head) embedded on this run's world and
     # refitted on the same draws; the query's gain between runs is the base difference less the static one
     other = copy.deepcopy(tiny_model)

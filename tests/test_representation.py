@@ -133,6 +133,15 @@ def test_pretrain_config_names_valid_choices():
     with pytest.raises(ValueError, match="intents_per_batch must be >= 1"):
         PretrainConfig(batching="intent", intents_per_batch=0)
     PretrainConfig(batch_size=2)  # fewer rows than intents per batch: rows of one intent just stop sitting together
+    # the optional settings (default None) take a number of their kind, named when not
+    for bad, message in ((dict(lr="fast"), "lr must be None or a number > 0, got 'fast'"), (dict(lr=0), "lr must be"),
+                         (dict(margin=-0.1), "margin must be None or a number >= 0"),
+                         (dict(max_steps=0), "max_steps must be None or an integer >= 1, got 0"),
+                         (dict(max_steps=2.5), "max_steps must be None or an integer"),
+                         (dict(save_every=True), "save_every must be None or an integer >= 1, got True")):
+        with pytest.raises(ValueError, match=message):
+            PretrainConfig(**bad)
+    assert PretrainConfig(lr=1e-3, margin=0.0, max_steps=np.int64(5), save_every=10).max_steps == 5
 
 
 def test_split_event_norm_rescales_text_and_numbers_and_zeroes_padding(small_world, tiny_store):
