@@ -352,36 +352,6 @@ def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch,
     assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
 
 
-def test_a_run_directory_says_when_its_model_is_replaced(monkeypatch, tmp_path):
-    """ensure_pretrained reuses a model of the same settings quietly and says which settings differ before it
-    pre-trains over one of other settings (pre-training itself replaced by a stub here)."""
-    import warnings
-    from dataclasses import replace
-
-    from qanchor_lab import pipeline as P
-
-    trained = []
-
-    def fake_pretrain(world, model_dir, cfg, **kw):
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "pretrain_summary.json").write_text(json.dumps({"epochs": cfg.epochs}))
-        trained.append(cfg.epochs)
-        return "model", {"epochs": cfg.epochs}
-
-    monkeypatch.setattr(P, "ensure_demo_world", lambda cfg: "world")
-    monkeypatch.setattr(P, "pretrain_world", fake_pretrain)
-    monkeypatch.setattr(P.QAnchorModel, "from_pretrained", classmethod(lambda cls, d: "loaded"))
-    cfg = P.DemoConfig.fast()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert P.ensure_pretrained(tmp_path, cfg)[0] == "model"           # a fresh directory: nothing to say
-        assert P.ensure_pretrained(tmp_path, cfg)[0] == "loaded"          # the same settings: reused
-    with pytest.warns(UserWarning, match=r"holds a model pre-trained with other settings \(epochs, "
-                                         r"pretrain_config.epochs\); pre-training a new one in its place"):
-        P.ensure_pretrained(tmp_path, replace(cfg, epochs=2.0))
-    assert trained == [cfg.epochs, 2.0]
-
-
 def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
     """Changing how a run is evaluated (prompt tokens, tuning epochs, resamples, the text baseline's text) must not
     retrain its model; every other setting must."""
@@ -436,7 +406,9 @@ def test_demo_overrides_reach_the_stage_configs_and_the_run_key():
 
 def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuses_its_model(monkeypatch, tmp_path):
     """A run directory whose demo_config.json still holds the evaluation fields (written before run_key left them
-    out) is reused when everything pre-training reads matches, and retrained when a training setting differs."""
+    out) is reused quietly when everything pre-training reads matches, and retrained when a training setting
+    differs, saying which settings differ (its model is replaced, never silently)."""
+    import warnings
     from dataclasses import replace
 
     import qanchor_lab.pipeline as P
@@ -451,8 +423,12 @@ def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuse
     (run / "model" / "pretrain_summary.json").write_text("{}")
     old_marker = {**P.run_key(cfg), **{name: getattr(cfg, name) for name in P.EVALUATION_FIELDS}, "n_boot": 17}
     (run / "demo_config.json").write_text(json.dumps(old_marker))
-    assert P.ensure_pretrained(run, cfg, show_progress=False)[0] == ("loaded", str(run / "model")) and not trained
-    assert P.ensure_pretrained(run, replace(cfg, epochs=1.0), show_progress=False)[0][0] == "trained"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.ensure_pretrained(run, cfg, show_progress=False)[0] == ("loaded", str(run / "model")) and not trained
+    with pytest.warns(UserWarning, match=r"holds a model pre-trained with other settings \(epochs, "
+                                         r"pretrain_config.epochs\); pre-training a new one in its place"):
+        assert P.ensure_pretrained(run, replace(cfg, epochs=1.0), show_progress=False)[0][0] == "trained"
     assert json.loads((run / "demo_config.json").read_text()) == P.run_key(replace(cfg, epochs=1.0))
 
 
