@@ -274,6 +274,16 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
     if for_evaluation and (world.tasks.empty or world.labels.empty):
         raise DataValidationError(f"dataset {data_dir}: the demo evaluates downstream tasks: add a tasks table "
                                   "(task_id, query) and a labels table (user_id, task_id, label)")
+    if for_evaluation:   # said now, not after pre-training, where the first probe would find it
+        split = world.labels["user_id"].map(world.users.set_index("user_id")["split"])
+        classes = world.labels.groupby([world.labels["task_id"], split])["label"].unique()
+        for task_id in world.tasks["task_id"]:
+            for s in ("tune", "test"):
+                found = sorted(int(v) for v in classes.get((task_id, s), []))
+                if len(found) < 2:
+                    raise DataValidationError(
+                        f"dataset {data_dir}: task {task_id!r}: the {s} users' labels are {found or 'missing'}; the "
+                        "demo fits on tune users and scores test users, which needs both classes in each")
     if world.qa.empty:
         # no QA table: D_uqa/D_future pairs from the log, the pre-training users' last 30 days as their future
         units = {m.unit for m in world.modality_specs if m.amount != "zero"}

@@ -337,6 +337,14 @@ def test_byo_errors_name_table_column_user_value(shop, tmp_path):
     world = load_dataset(d)  # ...and the demo derives pre-training pairs from the event log (derive_qa)
     assert set(world.qa["source"]) == {"uqa", "future"}
     assert set(world.qa["user_id"]) <= set(world.users_in("pretrain", "pretrain_val"))
+    # a task the demo cannot fit or score (one class among its tune users) is named before pre-training
+    task = no_qa["tasks"]["task_id"].iloc[0]
+    tune = set(no_qa["users"].loc[no_qa["users"]["split"] == "tune", "user_id"])
+    labels = no_qa["labels"].copy()
+    labels.loc[(labels["task_id"] == task) & labels["user_id"].isin(tune), "label"] = 0
+    labels.to_csv(d / "labels.csv", index=False)
+    with pytest.raises(DataValidationError, match=rf"task {task!r}: the tune users' labels are \[0\]; the demo fits"):
+        load_dataset(d)
 
 
 def test_pretrain_cli_reads_a_pretraining_only_directory(shop, tmp_path, capsys):
