@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from qanchor_lab.data import DataValidationError, validate_labels, validate_tasks
 from qanchor_lab.parallel import fit_map
+from qanchor_lab.schema import string_list
 
 FeatureModel = Literal["gbdt", "logreg"]
 FEATURE_MODELS: tuple[str, ...] = get_args(FeatureModel)
@@ -156,20 +157,9 @@ BLEND_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 # shared checks
 
 
-def _ids(users: Sequence[str], what: str) -> list[str]:
-    if isinstance(users, str):
-        raise ValueError(f"{what} must be a sequence of user ids, not the single string {users!r}")
-    ids = [str(u) for u in users]
-    if not ids:
-        raise ValueError(f"{what} is empty")
-    dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
-    if dup:
-        raise ValueError(f"{what} repeats user id(s) {dup[:5]}")
-    return ids
-
-
 def _split_ids(tune_users: Sequence[str], test_users: Sequence[str]) -> tuple[list[str], list[str]]:
-    tune, test = _ids(tune_users, "tune_users"), _ids(test_users, "test_users")
+    tune = string_list(tune_users, "tune_users", allow_empty=False, unique=True)
+    test = string_list(test_users, "test_users", allow_empty=False, unique=True)
     both = sorted(set(tune) & set(test))
     if both:
         raise ValueError(f"tune_users and test_users overlap in {len(both)} user(s), e.g. {both[:5]}; a probe must not fit on test users")
@@ -549,7 +539,7 @@ def _fit_task(task_id: str, what: str, fit: Callable[..., np.ndarray], args: Seq
 
 def oracle_scores(labels: pd.DataFrame, test_users: Sequence[str]) -> pd.DataFrame:
     """The synthetic world's true P(label=1) as the score: the best any model could rank."""
-    test = _ids(test_users, "test_users")
+    test = string_list(test_users, "test_users", allow_empty=False, unique=True)
     labels_v = validate_labels(labels)
     sub = labels_v[labels_v["user_id"].isin(set(test))]
     if sub.empty:

@@ -18,19 +18,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
+from qanchor_lab.schema import string_list
 from qanchor_lab.sequence import Suffix, pack_left, position_ids
-
-
-def text_list(values, name: str, *, allow_empty: bool = True) -> list[str]:
-    """`values` as a list, or a clear error: a lone string would otherwise be read as one item per character
-    ("Will this user ...?" as 45 queries, "u000002" as 7 users), and no queries at all would fail inside the
-    tokenizer."""
-    if isinstance(values, str):
-        raise TypeError(f"{name} must be a list of strings, not one string: pass [{values[:40]!r}]")
-    values = list(values)
-    if not values and not allow_empty:
-        raise ValueError(f"{name} is empty: give at least one")
-    return values
 
 
 @dataclass
@@ -163,7 +152,7 @@ class CachedEmbedder:
         Queries of the same token length run together, so no query is padded; a query alone in its
         length runs on the cached rows as they are, without copying them."""
         self.model.eval()
-        user_ids, queries = text_list(user_ids, "user_ids"), text_list(queries, "queries", allow_empty=False)
+        user_ids, queries = string_list(user_ids, "user_ids"), string_list(queries, "queries", allow_empty=False)
         self.store.indices(user_ids)  # fail before any work, naming unknown users
         out = np.zeros((len(user_ids), len(queries), self.model.config.embed_dim), np.float32)
         groups = self._length_groups(queries, n_prompt=0 if prompt is None else prompt.shape[-2])
@@ -186,7 +175,7 @@ class CachedEmbedder:
         queries have the same token length run together (none is padded), so a batch of users asking many
         different questions costs a few suffix runs rather than one per question."""
         self.model.eval()
-        user_ids, queries = text_list(user_ids, "user_ids"), text_list(queries, "queries")
+        user_ids, queries = string_list(user_ids, "user_ids"), string_list(queries, "queries")
         if len(user_ids) != len(queries):
             raise ValueError(f"encode_pairs: {len(user_ids)} user ids for {len(queries)} queries")
         out = np.zeros((len(user_ids), self.model.config.embed_dim), np.float32)

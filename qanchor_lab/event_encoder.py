@@ -19,6 +19,8 @@ from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from qanchor_lab.schema import string_list
+
 _SHARD_FORMAT = "qanchor-text-cache-1"
 _SHARD_SUFFIX = ".safetensors"
 _DIGEST_BYTES = 20  # sha1
@@ -33,17 +35,6 @@ class TextEncoder(Protocol):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:  # (n, dim) float32
         ...
-
-
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    """Return `texts` as a list, raising a clear error on a non-string item."""
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, not a single string; wrap it in a list")
-    out = list(texts)
-    for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__} {t!r}, expected str")
-    return out
 
 
 class MiniLMEncoder:
@@ -111,7 +102,7 @@ class MiniLMEncoder:
         return self._model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:  # (n, 384) float32
-        texts = _check_texts(texts)
+        texts = string_list(texts, "texts")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.batch_invariant:
@@ -176,7 +167,7 @@ class HashingEncoder:
         return hit
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:  # (n, dim) float32
-        texts = _check_texts(texts)
+        texts = string_list(texts, "texts")
         out = np.zeros((len(texts), self.dim), dtype=np.float64)  # (n, dim)
         for i, text in enumerate(texts):
             low = text.lower()
@@ -356,7 +347,7 @@ class CachedTextEncoder:
         inverse (n,) int64 with `vectors[inverse] == encode(texts)`. Use it for event tables, where
         materialising one row per event would repeat the same vectors many times.
         """
-        texts = _check_texts(texts)
+        texts = string_list(texts, "texts")
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
         inverse, uniques = pd.factorize(pd.Series(texts, dtype=object), sort=False)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, ModalitySpec
+from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, ModalitySpec, string_list
 
 FEATURE_SPEC_VERSION = 1
 OTHER = "other"  # the pooled bucket for categories / channels not kept at fit time
@@ -94,13 +94,10 @@ def _check_str_column(s: pd.Series, table: str) -> None:
 
 
 def _check_user_ids(user_ids: Sequence[str]) -> list[str]:
-    if isinstance(user_ids, str):
-        raise FeatureInputError("user_ids must be a sequence of user id strings, not a single string")
-    out = list(user_ids)
-    for i, u in enumerate(out):
-        if not isinstance(u, str):
-            raise FeatureInputError(f"user_ids[{i}] is {type(u).__name__} {u!r}; user ids are strings")
-    return out
+    try:
+        return string_list(user_ids, "user_ids")
+    except TypeError as exc:  # a FeatureInputError, as every input error of this module
+        raise FeatureInputError(str(exc)) from None
 
 
 def _clean_events(events: Any, columns: Sequence[str]) -> pd.DataFrame:

@@ -219,11 +219,11 @@ class QAnchorModel(nn.Module):
         picks users from it (default: all of the store, or the world's test split). `batch_size` users
         share one prefix batch, and every query runs on top of it.
         """
-        from qanchor_lab.embedder import CachedEmbedder, text_list
-        from qanchor_lab.schema import World
+        from qanchor_lab.embedder import CachedEmbedder
+        from qanchor_lab.schema import World, string_list
 
         if isinstance(users, World):
-            ids = text_list(user_ids, "user_ids") if user_ids is not None else users.users_in("test")
+            ids = string_list(user_ids, "user_ids") if user_ids is not None else users.users_in("test")
             known = set(users.users["user_id"])
             unknown = [u for u in ids if u not in known]
             if unknown:   # a typo would otherwise get an embedding of no behaviour at all
@@ -233,7 +233,7 @@ class QAnchorModel(nn.Module):
             store = users
         else:
             raise TypeError(f"users must be a BehaviourStore or a World, not {type(users).__name__}")
-        ids = text_list(user_ids, "user_ids") if user_ids is not None else store.user_ids
+        ids = string_list(user_ids, "user_ids") if user_ids is not None else store.user_ids
         return CachedEmbedder(self, store).encode(ids, queries, batch_size=batch_size, prompt=prompt,
                                                   show_progress_bar=show_progress_bar)
 

@@ -226,3 +226,27 @@ def declared_window(manifest: Mapping[str, Any]) -> tuple[pd.Timestamp | None, p
         start = pd.Timestamp(cfg["start_date"])
         return start, start + pd.Timedelta(days=int(cfg["history_days"]))
     return None, None
+
+
+def string_list(values: Any, name: str, *, allow_empty: bool = True, unique: bool = False) -> list[str]:
+    """`values` (user ids, queries, event texts) as a list of strings, or an error that names `name`.
+
+    One check for every public entry point that takes several strings: a lone string would otherwise be
+    read as one item per character ("Will this user ...?" as 45 queries, "u000002" as 7 users), a number
+    among user ids would match no user, and an empty list would fail deep inside a tokenizer or a fit.
+    A wrong type is a TypeError; an empty or (with `unique`) repeating list is a ValueError."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, not a single string: pass [{values[:40]!r}]")
+    try:
+        out = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}") from None
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] is {type(v).__name__} {v!r}; expected a string")
+    if not out and not allow_empty:
+        raise ValueError(f"{name} is empty: give at least one")
+    if unique and len(set(out)) < len(out):
+        dup = list(dict.fromkeys(pd.Index(out)[pd.Index(out).duplicated()]))
+        raise ValueError(f"{name} repeats {len(dup)} value(s): {dup[:5]}")
+    return out

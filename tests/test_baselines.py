@@ -258,6 +258,12 @@ def test_errors_name_the_culprit(small, splits, spec):
     tune, test = splits
     with pytest.raises(ValueError, match="overlap"):
         B.embedding_probe_scores(_noise_embed, tune, test + tune[:3], small.labels, small.tasks)
+    with pytest.raises(TypeError, match="test_users must be a list of strings, not a single string"):
+        B.embedding_probe_scores(_noise_embed, tune, test[0], small.labels, small.tasks)
+    with pytest.raises(ValueError, match=r"tune_users repeats 1 value\(s\)"):
+        B.embedding_probe_scores(_noise_embed, tune + tune[:1], test, small.labels, small.tasks)
+    with pytest.raises(ValueError, match="test_users is empty"):
+        B.oracle_scores(small.labels, [])
     first = small.tasks["task_id"].iloc[0]
 
     def short(user_ids, query):

@@ -145,6 +145,19 @@ def test_users_without_events_are_real_users(shop):
     D.check_world(world)  # the default accepts them
 
 
+def test_users_without_a_profile_row_are_counted(shop):
+    tables = _tables(shop)
+    assert shop[2].manifest["counts"]["users_without_profile_row"] == int(
+        (~tables["users"]["user_id"].isin(tables["profiles"]["user_id"])).sum())
+    dropped = tables["profiles"]["user_id"].iloc[:3].tolist()
+    tables["profiles"] = tables["profiles"].iloc[3:]
+    world = byo.load(tables, manifest=shop[1])
+    assert world.manifest["counts"]["users_without_profile_row"] == shop[2].manifest["counts"]["users_without_profile_row"] + 3
+    assert FeatureSpec.fit_world(world).frame(world.events, world.profiles, dropped)["profile.missing"].eq(1).all()
+    del tables["profiles"]
+    assert byo.load(tables, manifest=shop[1]).manifest["counts"]["users_without_profile_row"] == len(tables["users"])
+
+
 def test_profile_only_and_single_modality_users_get_finite_embeddings(tiny_model, small_world):
     w = small_world
     real = w.users_in("test")[0]
@@ -422,3 +435,22 @@ def test_hand_built_log_runs_end_to_end(shop, tmp_path):
     assert set(metrics["methods"]) == expected
     for entry in metrics["methods"].values():
         assert 0.0 <= entry["avg_auc"] <= 1.0 and set(entry["tasks"]) == set(tables["tasks"]["task_id"])
+
+
+def test_string_list_names_what_is_wrong_with_a_list_of_ids_or_texts():
+    from qanchor_lab.schema import string_list
+
+    assert string_list(pd.Series(["u1", "u2"]), "user_ids") == ["u1", "u2"]
+    assert string_list(np.array(["a", "b"]), "texts") == ["a", "b"]      # numpy strings are strings
+    assert string_list((), "queries") == []
+    with pytest.raises(TypeError, match=r"queries must be a list of strings, not a single string: pass \['Will"):
+        string_list("Will this user churn?", "queries")
+    with pytest.raises(TypeError, match="user_ids must be a list of strings, got int"):
+        string_list(7, "user_ids")
+    with pytest.raises(TypeError, match=r"user_ids\[1\] is int 7; expected a string"):
+        string_list(["u1", 7], "user_ids")
+    with pytest.raises(ValueError, match="queries is empty: give at least one"):
+        string_list([], "queries", allow_empty=False)
+    with pytest.raises(ValueError, match=r"tune_users repeats 2 value\(s\): \['u1', 'u2'\]"):
+        string_list(["u1", "u2", "u1", "u2", "u3"], "tune_users", unique=True)
+    assert string_list(["u1", "u1"], "user_ids") == ["u1", "u1"]          # repeats are allowed unless asked

@@ -147,9 +147,9 @@ def test_model_encode_api(tiny_model, tiny_store):
     with pytest.raises(KeyError, match="not in this behaviour store"):
         tiny_model.encode(tiny_store, QUERIES[:1], user_ids=["nobody"])
     # a lone string is one query or one user, not one per character; no queries is named, not a tokenizer error
-    with pytest.raises(TypeError, match="queries must be a list of strings, not one string"):
+    with pytest.raises(TypeError, match="queries must be a list of strings, not a single string"):
         tiny_model.encode(tiny_store, QUERIES[0], user_ids=tiny_store.user_ids[:2])
-    with pytest.raises(TypeError, match="user_ids must be a list of strings, not one string"):
+    with pytest.raises(TypeError, match="user_ids must be a list of strings, not a single string"):
         tiny_model.encode(tiny_store, QUERIES[:1], user_ids=tiny_store.user_ids[0])
     with pytest.raises(ValueError, match="queries is empty"):
         tiny_model.encode(tiny_store, [], user_ids=tiny_store.user_ids[:2])

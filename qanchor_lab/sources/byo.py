@@ -164,6 +164,8 @@ def _assemble(frames: dict[str, pd.DataFrame], manifest: dict[str, Any], where: 
             "duplicate_event_rows": count_duplicate_events(events),  # kept as events (data/README.md)
             "events_outside_window": int(outside.sum()),  # in the table, never in features or sequences
             "users_without_events_in_window": int((~users["user_id"].isin(have)).sum()),
+            # their profile columns are the fitted means with profile.missing = 1 (FeatureSpec.transform)
+            "users_without_profile_row": int((~users["user_id"].isin(profiles["user_id"])).sum()),
             "qa": int(len(qa)),
             "labels": int(len(labels)),
         },
