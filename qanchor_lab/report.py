@@ -395,7 +395,9 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
                "generic query (same folds, mean over tasks), whether that part is the task's, with its 95% interval "
                "(users resampled, the probes fixed); task lead gain: the share of each task's target along the "
                "embedding's two leading principal components under its own query minus under the generic query (mean over "
-               "tasks): whether the question puts its task first, which a probe fitted on few labels can use.</p>")
+               "tasks): whether the question puts its task first, which a probe fitted on few labels can use, with its "
+               "95% interval (users resampled and the directions found anew; wide where leading directions nearly "
+               "tie).</p>")
     out.append(table([{"model": n, **diag["geometry"][n]} for n in names],
                      ["model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share",
                       "query_share", "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low",

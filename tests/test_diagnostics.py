@@ -303,6 +303,22 @@ def test_task_lead_share_says_whether_the_question_puts_its_task_first():
         D.lead_gain_interval(first, last, y[:, None])
 
 
+def test_lead_gain_interval_holds_its_estimate_where_leading_directions_nearly_tie():
+    """Three groups of correlated columns, the task's and another nearly tied for the second place: the full
+    sample puts the task's group first, resamples often reorder the two. The basic interval alone excluded the
+    estimate (and passed 1, beyond any share difference); the interval holds it and says the lead may be smaller."""
+    rng = np.random.default_rng(0)
+    n = 300
+    f = rng.normal(size=(n, 3))
+    X = np.hstack([f[:, [0]] + 0.3 * rng.normal(size=(n, 4)), f[:, [1]] + 0.30 * rng.normal(size=(n, 3)),
+                   f[:, [2]] + 0.33 * rng.normal(size=(n, 3))])                 # (n, 10)
+    y, reference = f[:, 1], rng.normal(size=(n, 10))
+    gain = D.lead_share(X, y) - D.lead_share(reference, y)
+    low, high = D.lead_gain_interval(X[:, None], reference, y[:, None])
+    assert gain > 0.9 and low <= gain <= high <= 1.0
+    assert low < 0.6                                                             # resamples read less lead
+
+
 def test_task_query_targets_follow_the_tasks_queries(small_world):
     users = _tune(small_world, 30)
     targets = D.task_query_targets(small_world, users)
