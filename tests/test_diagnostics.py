@@ -304,8 +304,8 @@ def test_task_lead_share_says_whether_the_question_puts_its_task_first():
 
 
 def test_lead_gain_interval_holds_its_estimate_where_leading_directions_nearly_tie():
-    """Three groups of correlated columns, the task's and another nearly tied for the second place: the full
-    sample puts the task's group first, resamples often reorder the two. The basic interval alone excluded the
+    """Three groups of correlated columns, the task's and another nearly tied for the second principal direction:
+    the full sample ranks the task's group ahead, resamples often reorder the two. The basic interval alone excluded the
     estimate (and passed 1, beyond any share difference); the interval holds it and says the lead may be smaller."""
     rng = np.random.default_rng(0)
     n = 300
