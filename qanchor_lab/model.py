@@ -228,12 +228,12 @@ class QAnchorModel(nn.Module):
             unknown = [u for u in ids if u not in known]
             if unknown:   # a typo would otherwise get an embedding of no behaviour at all
                 raise KeyError(f"{len(unknown)} user id(s) not in the world's users table, e.g. {unknown[:5]}")
-            store, user_ids = self.behaviour(users.events, users.profiles, ids), ids
+            store = self.behaviour(users.events, users.profiles, ids)
         elif isinstance(users, BehaviourStore):
-            store = users
+            store, ids = users, users.user_ids if user_ids is None else user_ids
         else:
             raise TypeError(f"users must be a BehaviourStore or a World, not {type(users).__name__}")
-        ids = string_list(user_ids, "user_ids") if user_ids is not None else store.user_ids
+        # CachedEmbedder.encode checks the ids (a list of strings, every one in the store)
         return CachedEmbedder(self, store).encode(ids, queries, batch_size=batch_size, prompt=prompt,
                                                   show_progress_bar=show_progress_bar)
 

@@ -7,6 +7,7 @@ synthetic UserU world and for a user's own logs (data/README.md documents it for
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence, get_args
 
@@ -246,7 +247,7 @@ def string_list(values: Any, name: str, *, allow_empty: bool = True, unique: boo
             raise TypeError(f"{name}[{i}] is {type(v).__name__} {v!r}; expected a string")
     if not out and not allow_empty:
         raise ValueError(f"{name} is empty: give at least one")
-    if unique and len(set(out)) < len(out):
-        dup = list(dict.fromkeys(pd.Index(out)[pd.Index(out).duplicated()]))
+    dup = [v for v, n in Counter(out).items() if n > 1] if unique else []
+    if dup:
         raise ValueError(f"{name} repeats {len(dup)} value(s): {dup[:5]}")
     return out
