@@ -5,8 +5,10 @@
 - `prompt`: one soft-prompt tuning step over cached prefixes vs over full sequences: loss difference
   and speedup per step, for the prompt before the query (the query runs in every step) and after it
   (the query joins the cache once per task).
-- `pretrain`: pre-training tokens/s against a bare backbone forward+backward on the same sequences,
-  both as a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound).
+- `pretrain`: the demo's pre-training step in tokens/s, beside the same step with the batch's answers in a
+  tower pass of their own and with AdamW's per-tensor loop (the step before docs/design.md §7.49), with the
+  next-token softmax over the answers' tokens, and a bare backbone forward+backward on the same sequences, both
+  as a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound).
 - `explorer`: the query explorer opened over 2,000 users: time to embed a new free-text query over the
   cached population and time from submitting it to the updated figure (embed + layout + restyle), medians
   of several new queries, beside the 1 s / 3 s targets (issue 9).
@@ -191,47 +193,70 @@ def bench_prompt(fast: bool = False, batch_size: int = 64) -> dict:
             "layouts": layouts}
 
 
-def _train_steps(step, optimizer, store, pairs, rows) -> int:
-    """One PretrainStep update per array of pair rows in `rows`; the tokens the steps trained on."""
+def _step_batches(model, world, config, steps: int):
+    """The world's pre-training pairs and the first `steps` batches of epoch 0, built as the trainer builds them:
+    (store, pairs, [StepBatch])."""
+    from qanchor_lab.pretrain import epoch_batches, make_pairs, make_step_batch
+
+    store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
+    pairs = make_pairs(world.qa, store, false_negatives=config.false_negatives)
+    batches = [make_step_batch(pairs, rows[0], store) for rows in epoch_batches(pairs, config, 0)[:steps]]
+    if len(batches) < steps:
+        raise ValueError(f"the world's {len(pairs)} pre-training pairs fill {len(batches)} batches of "
+                         f"{config.batch_size}, fewer than the {steps} steps asked for")
+    return store, pairs, batches
+
+
+def _train_steps(module, optimizer, batches, grad_clip: float | None) -> int:
+    """One `training_step` per batch, as the trainer takes it in one process; the tokens the steps trained on."""
+    from qanchor_lab.pretrain import count_answer_tokens, training_step
+
     n = 0
-    for r in rows:
-        out = step(store.batch(pairs.user_index[r]), [pairs.queries[i] for i in r], [pairs.answers[i] for i in r],
-                   torch.as_tensor(pairs.user_index[r]), torch.as_tensor(pairs.answer_ids[r]), None)  # StepLosses
-        out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+    for b in batches:
+        out = training_step(module, b, optimizer, grad_clip=grad_clip, ntp_normalizer=count_answer_tokens(module.model, b.answers))
         n += int(out.n_tokens)
     return n
 
 
 def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> dict:
-    """Our pre-training step vs a bare causal-LM step of the backbone on the same token sequences, and our step
-    with the next-token softmax over the answers' tokens only (PretrainConfig.lm_vocabulary="answers")."""
-    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
+    """The demo's pre-training step (PretrainStep on `make_step_batch`'s batches, `make_optimizer`'s AdamW,
+    `training_step`) against: the same step with a second answer-tower pass for the batch's answers and with
+    AdamW's per-tensor loop (the step before docs/design.md §7.49); with the next-token softmax over the answers'
+    tokens only (PretrainConfig.lm_vocabulary="answers"); and bare backbone steps on the same token sequences, as
+    a plain causal LM (full-vocabulary head) and as the decoder body alone (the strict bound)."""
+    from dataclasses import replace
+
+    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_optimizer
     from qanchor_lab.sequence import position_ids
 
     world, model, _, _ = _setup(fast)
     model.train()
-    store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
-    pairs = make_pairs(world.qa, store)
-    modules = {name: PretrainStep(model, PretrainConfig(batch_size=batch_size, lm_vocabulary=vocab), answers=pairs.answers)
-               for name, vocab in (("ours", "full"), ("ours_answer_vocab", "answers"))}
-    opts = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in modules.items()}
-    opt = opts["ours"]
-    rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
-    counts = {}
+    config = PretrainConfig(batch_size=batch_size)
+    store, pairs, batches = _step_batches(model, world, config, steps)
+    two_passes = [replace(b, answer_set=b.answer_set._replace(row_candidate=None)) for b in batches]
+    modules = {"ours": PretrainStep(model, config),
+               "ours_answer_vocab": PretrainStep(model, replace(config, lm_vocabulary="answers"), answers=pairs.answers)}
+    opts = {name: make_optimizer(m, config, None)[0] for name, m in modules.items()}
+    loop = torch.optim.AdamW([p for p in modules["ours"].parameters() if p.requires_grad], lr=config.resolved_lr(model),
+                             betas=(0.9, config.beta2), eps=config.eps, weight_decay=config.weight_decay, fused=False)
+    counts: dict[str, int] = {}
 
-    def our_steps(name: str) -> None:
-        counts[name] = _train_steps(modules[name], opts[name], store, pairs, rows)
+    def our_steps(name: str, module: str = "ours", optimizer=None, step_batches=batches) -> Callable[[], None]:
+        def run() -> None:
+            counts[name] = _train_steps(modules[module], optimizer or opts[module], step_batches, config.grad_clip)
+        return run
 
     # the same anchor sequences, fed to the bare backbone as a plain causal LM (loss on every position)
     seqs = []
     with torch.no_grad():
-        for r in rows:
-            prefix = model.encode_prefix(store.batch(pairs.user_index[r]))
-            suffix = model.make_suffix([pairs.queries[i] for i in r], answers=[pairs.answers[i] for i in r])
+        for b in batches:
+            prefix = model.encode_prefix(store.batch(b.user_index))
+            suffix = model.make_suffix(b.queries, answers=b.answers)
             embeds = torch.cat([prefix.embeds, model.suffix_embeddings(suffix)], 1).detach()
             mask = torch.cat([prefix.mask, suffix.mask], 1)
             labels = torch.randint(0, model.tokenizer.vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
             seqs.append((embeds, mask, labels))
+    opt = opts["ours"]
 
     def bare_lm() -> None:
         n = 0
@@ -251,18 +276,25 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
             n += int(mask.sum())
         counts["bare_body"] = n
 
-    t_ours, t_vocab, t_lm, t_body = _alternate(lambda: our_steps("ours"), lambda: our_steps("ours_answer_vocab"),
-                                               bare_lm, bare_body, repeats=2 if fast else 3)
-    ours_tps, vocab_tps = counts["ours"] / t_ours, counts["ours_answer_vocab"] / t_vocab
-    lm_tps, body_tps = counts["bare_lm"] / t_lm, counts["bare_body"] / t_body
+    contenders = {"ours": our_steps("ours"), "two_answer_passes": our_steps("two_answer_passes", step_batches=two_passes),
+                  "loop_adamw": our_steps("loop_adamw", optimizer=loop),
+                  "answer_vocab": our_steps("answer_vocab", module="ours_answer_vocab"),
+                  "bare_lm": bare_lm, "bare_body": bare_body}
+    seconds = dict(zip(contenders, _alternate(*contenders.values(), repeats=2 if fast else 3)))
+    tps = {name: counts[name] / seconds[name] for name in contenders}
+    ours = tps["ours"]
     return {"batch_size": batch_size, "steps": steps, "tokens_per_step": counts["ours"] / steps,
-            "tokens_per_second": ours_tps,
+            "tokens_per_second": ours, "seconds_per_step": seconds["ours"] / steps,
+            # the step before §7.49: the batch's answers in a tower pass of their own, then the per-tensor AdamW loop
+            "two_answer_passes_tokens_per_second": tps["two_answer_passes"],
+            "shared_answer_pass_speedup": ours / tps["two_answer_passes"],
+            "loop_adamw_tokens_per_second": tps["loop_adamw"], "fused_adamw_speedup": ours / tps["loop_adamw"],
             # the same step, next-token softmax over the answers' tokens (lm_vocabulary="answers")
-            "answer_vocab_tokens_per_second": vocab_tps, "answer_vocab_speedup": vocab_tps / ours_tps,
+            "answer_vocab_tokens_per_second": tps["answer_vocab"], "answer_vocab_speedup": tps["answer_vocab"] / ours,
             # bare causal-LM step (full-vocabulary logits at every position) on the same sequences
-            "bare_lm_tokens_per_second": lm_tps, "ratio_vs_bare_lm": ours_tps / lm_tps,
+            "bare_lm_tokens_per_second": tps["bare_lm"], "ratio_vs_bare_lm": ours / tps["bare_lm"],
             # bare decoder body only (no LM head): the strictest comparison
-            "bare_body_tokens_per_second": body_tps, "ratio_vs_bare_body": ours_tps / body_tps}
+            "bare_body_tokens_per_second": tps["bare_body"], "ratio_vs_bare_body": ours / tps["bare_body"]}
 
 
 # new free-text questions (none is a task query): each timed query must be one the explorer has not seen
@@ -411,24 +443,20 @@ def allocation_workloads(fast: bool = False, steps: int = 20, n_texts: int = 256
     weights and of the vectors say whether two runs computed the same bits."""
     from qanchor_lab.baselines import text_embedding_vectors
     from qanchor_lab.pipeline import DemoConfig, text_serialization
-    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_pairs
+    from qanchor_lab.pretrain import PretrainConfig, PretrainStep, make_optimizer
 
     if fast:
         steps, n_texts = 2, 16
     torch.manual_seed(0)
     world, model, _, test_users = _setup(fast)
     model.train()
-    store = model.behaviour(world.events, world.profiles, world.users_in("pretrain"))
-    pairs = make_pairs(world.qa, store)
-    if steps * batch_size > len(pairs.queries):
-        raise ValueError(f"allocation_workloads: {steps} steps of {batch_size} pairs need {steps * batch_size} pairs; "
-                         f"the world has {len(pairs.queries)}")
-    step = PretrainStep(model, PretrainConfig(batch_size=batch_size), answers=pairs.answers)
-    optimizer = torch.optim.AdamW([p for p in step.parameters() if p.requires_grad], lr=1e-4)
+    config = PretrainConfig(batch_size=batch_size)
+    _, _, batches = _step_batches(model, world, config, steps)
+    step = PretrainStep(model, config)
+    optimizer, _ = make_optimizer(step, config, None)
 
-    rows = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(steps)]
     text_users = list(test_users[:n_texts])
-    _, pretrain_t = _timed(lambda: _train_steps(step, optimizer, store, pairs, rows))
+    _, pretrain_t = _timed(lambda: _train_steps(step, optimizer, batches, config.grad_clip))
     vectors, minilm_t = _timed(lambda: text_embedding_vectors(
         world, text_users, serialize_kw=text_serialization(DemoConfig(), world), show_progress=False))  # (n_texts, 384)
     return {"pretrain": {**pretrain_t, "steps": steps,

@@ -312,11 +312,14 @@ class AnswerSet(NamedTuple):
     texts: list[str]                             # (K,) every answer wording of the batch's intents
     candidate_intent: np.ndarray | torch.Tensor  # (K,)
     candidate_claim: np.ndarray | torch.Tensor   # (K,)
+    # (N,) each row's own (intent, wording) among the candidates: the answer tower runs once per step, over
+    # the candidates, and the contrastive loss reads each row's answer from there. None: a pass of its own.
+    row_candidate: np.ndarray | torch.Tensor | None = None
 
     def to(self, device) -> "AnswerSet":
         t = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
         return AnswerSet(t(self.row_intent), t(self.row_claim), self.texts, t(self.candidate_intent),
-                         t(self.candidate_claim))
+                         t(self.candidate_claim), None if self.row_candidate is None else t(self.row_candidate))
 
 
 def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> StepBatch:
@@ -327,12 +330,16 @@ def make_step_batch(pairs: PairSet, rows: np.ndarray, store: BehaviourStore) -> 
     uniq, user_rows = np.unique(user_index, return_inverse=True)
     repeated = len(uniq) < len(rows)
     intents = pairs.intent_ids[rows]
+    answers = [pairs.answers[i] for i in rows]
     cand = np.flatnonzero(np.isin(pairs.candidate_intent, intents))
-    answer_set = AnswerSet(intents, pairs.claim_ids[rows], [pairs.candidate_texts[i] for i in cand],
-                           pairs.candidate_intent[cand], pairs.candidate_claim[cand])
+    texts = [pairs.candidate_texts[i] for i in cand]
+    # every row's (intent, wording) is a candidate of its intent (make_pairs), so its answer is among `texts`
+    position = {key: k for k, key in enumerate(zip(pairs.candidate_intent[cand].tolist(), texts))}
+    row_candidate = np.array([position[key] for key in zip(intents.tolist(), answers)], dtype=np.int64)
+    answer_set = AnswerSet(intents, pairs.claim_ids[rows], texts, pairs.candidate_intent[cand],
+                           pairs.candidate_claim[cand], row_candidate)
     return StepBatch(rows, store.batch(uniq if repeated else user_index), user_rows if repeated else None,
-                     [pairs.queries[i] for i in rows], [pairs.answers[i] for i in rows], user_index,
-                     pairs.answer_ids[rows], intents, answer_set)
+                     [pairs.queries[i] for i in rows], answers, user_index, pairs.answer_ids[rows], intents, answer_set)
 
 
 def make_optimizer(model: "QAnchorModel | PretrainStep", config: PretrainConfig, total_steps: int | None):
@@ -344,8 +351,11 @@ def make_optimizer(model: "QAnchorModel | PretrainStep", config: PretrainConfig,
 
     params = [p for p in model.parameters() if p.requires_grad]
     qanchor = model.model if isinstance(model, PretrainStep) else model
+    # the fused kernel updates every tensor in one pass, a tenth of a CPU step less than the per-tensor loop and the
+    # same update up to float rounding (docs/design.md §7.49); torch has it for CPU and CUDA tensors
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
     optimizer = torch.optim.AdamW(params, lr=config.resolved_lr(qanchor), betas=(0.9, config.beta2), eps=config.eps,
-                                  weight_decay=config.weight_decay)
+                                  weight_decay=config.weight_decay, fused=fused)
     if total_steps is None:
         return optimizer, None
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps)
@@ -496,9 +506,17 @@ class PretrainStep(torch.nn.Module):
                 answer_set: AnswerSet | None = None, intent_ids: torch.Tensor | None = None):
         c = self.config
         n_users = len(users.tabular)                                                # U (or N: no user repeats)
-        out = self.model(users, queries, answers, user_rows=user_rows, with_answer_tower=c.use_contrastive,
+        with_set = self.answer_set_loss is not None and answer_set is not None and len(answer_set.texts) > 0
+        # the batch's answers are among the answer-set candidates: one pass of the answer tower serves both
+        # terms (the same embeddings and gradients as two passes, about a seventh of a step less: docs/design.md §7.49)
+        shared = with_set and answer_set.row_candidate is not None
+        out = self.model(users, queries, answers, user_rows=user_rows, with_answer_tower=c.use_contrastive and not shared,
                          with_lm=c.use_generative, lm_vocab=self.lm_vocab,
                          user_queries=None if self.generic_query is None else [self.generic_query] * n_users)
+        if with_set:
+            candidates = self.model.embed_answers(answer_set.texts)                 # (K, d)
+            if shared:
+                out["answer"] = candidates[answer_set.row_candidate]                # (N, d)
         zero = out["anchor"].sum() * 0.0
         cl = self.contrastive(out["anchor"], out["answer"], user_ids=user_ids, answer_ids=answer_ids) if c.use_contrastive else zero
         if c.use_generative:
@@ -522,8 +540,7 @@ class PretrainStep(torch.nn.Module):
                                           torch.cat([per_row, tabular]), weights)
         else:
             rec = zero
-        if self.answer_set_loss is not None and answer_set is not None and answer_set.texts:
-            candidates = self.model.embed_answers(answer_set.texts)                 # (K, d)
+        if with_set:
             in_set = self.answer_set_loss(out["anchor"], candidates, answer_set.row_intent, answer_set.candidate_intent,
                                           answer_set.row_claim, answer_set.candidate_claim)
         else:

@@ -68,6 +68,8 @@ def test_bench_pretrain_counts_the_step_tokens_of_both_vocabularies():
     # every row is a user prefix plus its query and answer: dozens of tokens, not a loss value read as a count
     assert result["tokens_per_step"] > 8 * 20
     assert result["answer_vocab_tokens_per_second"] > 0 and result["answer_vocab_speedup"] > 0
+    # the step before docs/design.md §7.49, timed beside it: a second answer-tower pass, the per-tensor AdamW
+    assert result["shared_answer_pass_speedup"] > 0 and result["fused_adamw_speedup"] > 0
     assert result["ratio_vs_bare_lm"] > 0 and result["ratio_vs_bare_body"] > 0
 
 

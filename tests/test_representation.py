@@ -92,6 +92,30 @@ def test_answer_set_candidates_cover_every_wording_of_the_batch_intents(small_wo
     assert np.array_equal(aset.row_intent, pairs.intent_ids[rows]) and np.array_equal(aset.row_claim, pairs.claim_ids[rows])
     wanted = {(i, t) for i, t in zip(pairs.candidate_intent.tolist(), pairs.candidate_texts) if i in set(aset.row_intent.tolist())}
     assert set(zip(aset.candidate_intent.tolist(), aset.texts)) == wanted and len(aset.texts) == len(wanted)
+    # each row's own candidate: its answer's wording under its intent
+    assert [aset.texts[k] for k in aset.row_candidate] == batch.answers
+    assert np.array_equal(aset.candidate_intent[aset.row_candidate], aset.row_intent)
+
+
+def test_one_answer_tower_pass_serves_the_contrastive_and_answer_set_terms(small_world, tiny_model, monkeypatch):
+    from dataclasses import replace as dc_replace
+
+    from qanchor_lab.pretrain import PretrainStep, make_step_batch, step_forward
+
+    store = tiny_model.behaviour(small_world.events, small_world.profiles, small_world.users_in("pretrain")[:16])
+    pairs = make_pairs(small_world.qa, store)
+    batch = make_step_batch(pairs, np.arange(min(16, len(pairs))), store)
+    two_passes = dc_replace(batch, answer_set=batch.answer_set._replace(row_candidate=None))
+    module = PretrainStep(tiny_model, PretrainConfig(reconstruction=0.0, seed=3))
+    calls, embed = [], tiny_model.embed_answers
+    monkeypatch.setattr(tiny_model, "embed_answers", lambda texts: calls.append(len(texts)) or embed(texts))
+    with torch.no_grad():
+        one = step_forward(module, batch, 10.0)
+        assert calls == [len(batch.answer_set.texts)]           # the candidates only: the rows' answers are among them
+        two = step_forward(module, two_passes, 10.0)
+    assert calls[1:] == [len(batch), len(batch.answer_set.texts)]
+    for name in ("loss", "contrastive", "answer_set"):
+        assert torch.allclose(getattr(one, name), getattr(two, name), atol=1e-5), name
 
 
 def test_answer_set_term_adds_to_the_loss_and_trains_the_answer_tower(small_world, tiny_model):
@@ -375,3 +399,10 @@ def test_intent_reconstruction_asks_every_user_the_generic_question(small_world,
         assert not torch.isclose(chosen.reconstruction, out.reconstruction)
         with pytest.raises(ValueError, match="user_queries has 2 queries for 3 users"):
             tiny_model(store.batch([0, 1, 2]), ["a", "b", "c"], ["x", "y", "z"], user_queries=["q", "q"])
+
+
+def test_pretraining_updates_with_the_fused_adamw(tiny_model):
+    from qanchor_lab.pretrain import make_optimizer
+
+    optimizer, _ = make_optimizer(tiny_model, PretrainConfig(), None)
+    assert all(group["fused"] for group in optimizer.param_groups)  # one kernel over every tensor (docs/design.md §7.49)
