@@ -237,8 +237,9 @@ def bench_pretrain(fast: bool = False, batch_size: int = 32, steps: int = 3) -> 
     modules = {"ours": PretrainStep(model, config),
                "ours_answer_vocab": PretrainStep(model, replace(config, lm_vocabulary="answers"), answers=pairs.answers)}
     opts = {name: make_optimizer(m, config, None)[0] for name, m in modules.items()}
-    loop = torch.optim.AdamW([p for p in modules["ours"].parameters() if p.requires_grad], lr=config.resolved_lr(model),
-                             betas=(0.9, config.beta2), eps=config.eps, weight_decay=config.weight_decay, fused=False)
+    fused = opts["ours"]   # the per-tensor loop: make_optimizer's AdamW over the same tensors, fused off
+    loop = torch.optim.AdamW(fused.param_groups[0]["params"], fused=False,
+                             **{k: fused.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")})
     counts: dict[str, int] = {}
 
     def our_steps(name: str, module: str = "ours", optimizer=None, step_batches=batches) -> Callable[[], None]:
