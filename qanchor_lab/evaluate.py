@@ -115,6 +115,28 @@ def _test_scores(method: str, table: pd.DataFrame, test_labels: pd.DataFrame) ->
     return merged
 
 
+def _check_named_methods(scores: Mapping[str, Any], reference: str | None,
+                         comparisons: Sequence[tuple[str, str, str]]) -> None:
+    """A clear error for a reference or comparison that names no method at all: neither scored nor known.
+    A known method that was not scored is fine (the demo's fast mode leaves some out); its differences are
+    simply absent."""
+    if isinstance(comparisons, (str, bytes)) or not all(
+            isinstance(c, (tuple, list)) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in comparisons):
+        raise TypeError("comparisons must be a sequence of (question, method a, method b) string triples, "
+                        f"e.g. {MECHANISMS[0]!r}")
+    named = {"reference": [reference] if reference is not None else []}
+    for question, a, b in comparisons:
+        named[f"comparison {question!r}"] = [a, b]
+    valid = set(METHODS) | set(scores)
+    for where, names in named.items():
+        wrong = [n for n in names if n not in valid]
+        if wrong:
+            raise ValueError(
+                f"{where}: {', '.join(map(repr, wrong))} is neither a scored method ({', '.join(map(repr, scores))}) "
+                f"nor a known one ({', '.join(METHODS)})"
+            )
+
+
 def evaluate_methods(
     scores: Mapping[str, pd.DataFrame],
     labels: pd.DataFrame,
@@ -136,12 +158,15 @@ def evaluate_methods(
 
     Methods come in `method_order`. `vs_reference` is (method - reference) on the average over tasks,
     from a paired bootstrap that resamples test users (same draws for every method and both metrics);
-    it is absent when `reference` is None or not among `scores` (then "reference" is None).
+    it is absent when `reference` is None or a known method that was not scored (then "reference" is None).
     "comparisons": [{"question", "a", "b", "auc_diff", "auc_low", "auc_high", "ks_diff", ...}] for each
-    (question, a, b) of `comparisons` whose two methods were scored (same resamples as above).
+    (question, a, b) of `comparisons` whose two methods were scored (same resamples as above). A reference or
+    comparison naming a method that is neither scored nor one of METHODS is an error (a misspelt name would
+    otherwise drop its differences without a word).
     """
     if not scores:
         raise ValueError(f"scores is empty; give at least one method (known methods: {', '.join(METHODS)})")
+    _check_named_methods(scores, reference, comparisons)
     test = pd.Index(pd.Series(list(test_users), dtype="str").unique())
     if len(test) == 0:
         raise ValueError("test_users is empty")

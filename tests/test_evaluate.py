@@ -491,3 +491,21 @@ def test_qanchor_scores_names_embeddings_of_the_wrong_shape(small_world, tiny_mo
     with pytest.raises(ValueError, match=rf"expected \(tune \+ test users, tasks \+ 1, d\) = \({n_users}, 3, d\).*"
                                          rf"got \({n_users}, 2, 4\)"):
         qanchor_scores(tiny_model.eval(), world, tuning=None, show_progress=False, embeddings=np.zeros((n_users, 2, 4)))
+
+
+def test_a_reference_or_comparison_naming_no_method_is_an_error(toy):
+    labels, scores, test = toy
+    sub = {"gbdt_features": scores["gbdt_features"], "my_method": scores["my_method"]}
+    with pytest.raises(ValueError, match=r"reference: 'gbdt_feature' is neither a scored method \('gbdt_features', "
+                                         r"'my_method'\) nor a known one"):
+        evaluate_methods(sub, labels, TASKS, test, reference="gbdt_feature", n_boot=50)
+    typo = (("mine vs gbdt", "my_methd", "gbdt_features"),)
+    with pytest.raises(ValueError, match=r"comparison 'mine vs gbdt': 'my_methd' is neither"):
+        evaluate_methods(sub, labels, TASKS, test, comparisons=typo, n_boot=50)
+    with pytest.raises(TypeError, match="string triples"):
+        evaluate_methods(sub, labels, TASKS, test, comparisons=("mine", "my_method", "gbdt_features"), n_boot=50)
+    # a known method that was not scored is no error: its differences are absent, the scored pair's are there
+    ok = (("mine vs gbdt", "my_method", "gbdt_features"), ("pre-training", "qanchor_base", "untrained"))
+    got = evaluate_methods(sub, labels, TASKS, test, reference="qanchor_base", comparisons=ok, n_boot=50)
+    assert got["reference"] is None
+    assert [c["question"] for c in got["comparisons"]] == ["mine vs gbdt"]
