@@ -21,7 +21,8 @@ def _cmd_data(args) -> int:
     from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
 
     t0 = time.perf_counter()
-    config = WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty, side_interests=args.side_interests)
+    config = WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty, side_interests=args.side_interests,
+                         pretrain_share=args.pretrain_share, test_share=args.test_share)
     world = generate_world(config, show_progress=True)
     save_world(world, args.out)
     seconds = time.perf_counter() - t0
@@ -369,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--side-interests", type=int, default=0, metavar="K",
                    help="K independent interests per user that no task depends on (profile columns and questions "
                         "about them; 0-160, default 0; docs/design.md §7.41)")
+    d.add_argument("--pretrain-share", type=float, default=0.5, metavar="S",
+                   help="share of users in the pre-training population, the rest downstream (default 0.5)")
+    d.add_argument("--test-share", type=float, default=0.5, metavar="S",
+                   help="share of the downstream users in the test split, the rest tune users that probes and prompts "
+                        "learn from (default 0.5; a large world with a small share gives a large labelled pool, "
+                        "docs/design.md §7.50)")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(func=_cmd_data)
 
