@@ -132,7 +132,7 @@ def _check_named_methods(scores: Mapping[str, Any], reference: str | None,
         wrong = [n for n in names if n not in valid]
         if wrong:
             raise ValueError(
-                f"{where}: {', '.join(map(repr, wrong))} is neither a scored method ({', '.join(map(repr, scores))}) "
+                f"{where} names {', '.join(map(repr, wrong))}: neither a scored method ({', '.join(map(repr, scores))}) "
                 f"nor a known one ({', '.join(METHODS)})"
             )
 

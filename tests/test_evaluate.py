@@ -496,11 +496,11 @@ def test_qanchor_scores_names_embeddings_of_the_wrong_shape(small_world, tiny_mo
 def test_a_reference_or_comparison_naming_no_method_is_an_error(toy):
     labels, scores, test = toy
     sub = {"gbdt_features": scores["gbdt_features"], "my_method": scores["my_method"]}
-    with pytest.raises(ValueError, match=r"reference: 'gbdt_feature' is neither a scored method \('gbdt_features', "
+    with pytest.raises(ValueError, match=r"reference names 'gbdt_feature': neither a scored method \('gbdt_features', "
                                          r"'my_method'\) nor a known one"):
         evaluate_methods(sub, labels, TASKS, test, reference="gbdt_feature", n_boot=50)
     typo = (("mine vs gbdt", "my_methd", "gbdt_features"),)
-    with pytest.raises(ValueError, match=r"comparison 'mine vs gbdt': 'my_methd' is neither"):
+    with pytest.raises(ValueError, match=r"comparison 'mine vs gbdt' names 'my_methd': neither"):
         evaluate_methods(sub, labels, TASKS, test, comparisons=typo, n_boot=50)
     with pytest.raises(TypeError, match="string triples"):
         evaluate_methods(sub, labels, TASKS, test, comparisons=("mine", "my_method", "gbdt_features"), n_boot=50)
