@@ -116,16 +116,20 @@ def _test_scores(method: str, table: pd.DataFrame, test_labels: pd.DataFrame) ->
 
 
 def _check_named_methods(scores: Mapping[str, Any], reference: str | None,
-                         comparisons: Sequence[tuple[str, str, str]]) -> None:
-    """A clear error for a reference or comparison that names no method at all: neither scored nor known.
-    A known method that was not scored is fine (the demo's fast mode leaves some out); its differences are
-    simply absent."""
-    if isinstance(comparisons, (str, bytes)) or not all(
-            isinstance(c, (tuple, list)) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in comparisons):
+                         comparisons: Sequence[tuple[str, str, str]]) -> tuple[tuple[str, str, str], ...]:
+    """`comparisons` as a tuple of triples, or a clear error for a reference or comparison that names no method at
+    all: neither scored nor known. A known method that was not scored is fine (the demo's fast mode leaves some
+    out); its differences are simply absent."""
+    try:  # a tuple, so that a generator is read once, here and by the caller
+        triples = None if isinstance(comparisons, (str, bytes)) else tuple(comparisons)
+    except TypeError:
+        triples = None
+    if triples is None or not all(
+            isinstance(c, (tuple, list)) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in triples):
         raise TypeError("comparisons must be a sequence of (question, method a, method b) string triples, "
                         f"e.g. {MECHANISMS[0]!r}")
     named = {"reference": [reference] if reference is not None else []}
-    for question, a, b in comparisons:
+    for question, a, b in triples:
         named[f"comparison {question!r}"] = [a, b]
     valid = set(METHODS) | set(scores)
     for where, names in named.items():
@@ -135,6 +139,7 @@ def _check_named_methods(scores: Mapping[str, Any], reference: str | None,
                 f"{where} names {', '.join(map(repr, wrong))}: neither a scored method ({', '.join(map(repr, scores))}) "
                 f"nor a known one ({', '.join(METHODS)})"
             )
+    return triples
 
 
 def evaluate_methods(
@@ -166,7 +171,7 @@ def evaluate_methods(
     """
     if not scores:
         raise ValueError(f"scores is empty; give at least one method (known methods: {', '.join(METHODS)})")
-    _check_named_methods(scores, reference, comparisons)
+    comparisons = _check_named_methods(scores, reference, comparisons)
     test = pd.Index(pd.Series(list(test_users), dtype="str").unique())
     if len(test) == 0:
         raise ValueError("test_users is empty")

@@ -504,8 +504,13 @@ def test_a_reference_or_comparison_naming_no_method_is_an_error(toy):
         evaluate_methods(sub, labels, TASKS, test, comparisons=typo, n_boot=50)
     with pytest.raises(TypeError, match="string triples"):
         evaluate_methods(sub, labels, TASKS, test, comparisons=("mine", "my_method", "gbdt_features"), n_boot=50)
+    with pytest.raises(TypeError, match="string triples"):
+        evaluate_methods(sub, labels, TASKS, test, comparisons=None, n_boot=50)
     # a known method that was not scored is no error: its differences are absent, the scored pair's are there
     ok = (("mine vs gbdt", "my_method", "gbdt_features"), ("pre-training", "qanchor_base", "untrained"))
     got = evaluate_methods(sub, labels, TASKS, test, reference="qanchor_base", comparisons=ok, n_boot=50)
     assert got["reference"] is None
     assert [c["question"] for c in got["comparisons"]] == ["mine vs gbdt"]
+    # comparisons as a generator are read once and still compared
+    again = evaluate_methods(sub, labels, TASKS, test, comparisons=(c for c in ok), n_boot=50)
+    assert again["comparisons"] == got["comparisons"]
