@@ -128,11 +128,11 @@ def _check_named_methods(scores: Mapping[str, Any], reference: str | None,
             isinstance(c, (tuple, list)) and len(c) == 3 and all(isinstance(x, str) for x in c) for c in triples):
         raise TypeError("comparisons must be a sequence of (question, method a, method b) string triples, "
                         f"e.g. {MECHANISMS[0]!r}")
-    named = {"reference": [reference] if reference is not None else []}
-    for question, a, b in triples:
-        named[f"comparison {question!r}"] = [a, b]
+    # a list, not a dict keyed by the question: two comparisons may share a question's text
+    named = [("reference", [reference])] if reference is not None else []
+    named += [(f"comparison {question!r}", [a, b]) for question, a, b in triples]
     valid = set(METHODS) | set(scores)
-    for where, names in named.items():
+    for where, names in named:
         wrong = [n for n in names if n not in valid]
         if wrong:
             raise ValueError(
