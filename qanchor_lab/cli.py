@@ -128,6 +128,11 @@ def _cmd_diagnose(args) -> int:
     from qanchor_lab.model import QAnchorModel
 
     model_dir, data_dir = resolve_run(args.run, args.data)
+    out_dir = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
+    held = [name for name in ("diagnostics.json", "diagnostics.md") if (out_dir / name).exists()]
+    if held and not args.overwrite:  # checked before minutes of probes; a --fast look must not replace the full one
+        raise ValueError(f"{out_dir} already holds {' and '.join(held)} (the run's report reads them); give another "
+                         "--out, or --overwrite to replace them")
     world = load_world(data_dir)
     model = QAnchorModel.from_pretrained(model_dir)
     # same config and seed, no training: the trained model's starting point
@@ -137,7 +142,6 @@ def _cmd_diagnose(args) -> int:
         size["max_users"] = args.max_users
     diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True,
                     n_jobs=args.jobs, tune_selectivity_users=args.tune_selectivity_users, **size)
-    out_dir = args.out or (model_dir.parent if model_dir.name == "model" else model_dir)
     js, md = save_diagnostics(diag, out_dir)
     print(diagnostics_markdown(diag))
     print(f"wrote {js} and {md}")
@@ -427,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
+    g.add_argument("--overwrite", action="store_true", help="replace the diagnostics.json/.md --out already holds "
+                   "(without it, they are kept and the command stops)")
     g.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
     g.add_argument("--tune-selectivity-users", type=int, default=0, metavar="N",

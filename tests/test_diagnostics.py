@@ -646,5 +646,15 @@ def test_cli_diagnose_on_a_saved_tiny_model(tiny_model, small_world, tmp_path, c
     # the saved model and the rebuilt untrained one are the same weights: identical numbers
     assert diag["summary"]["trained"] == diag["summary"]["untrained"]
     assert (tmp_path / "run" / "diagnostics.md").read_text().startswith("# Representation diagnostics")
+    # a second look must not replace the first unasked: refused before any probe runs, the files untouched
+    before = (tmp_path / "run" / "diagnostics.json").read_bytes()
+    assert main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fast"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds diagnostics.json and diagnostics.md" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "diagnostics.json").read_bytes() == before
+    assert main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fast", "--max-users", "40",
+                 "--no-untrained", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "run" / "diagnostics.json").read_text())["n_users"] == 40
+    capsys.readouterr()
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
     assert "neither" in capsys.readouterr().err
