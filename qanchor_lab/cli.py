@@ -22,7 +22,7 @@ def _cmd_data(args) -> int:
 
     t0 = time.perf_counter()
     config = WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty, side_interests=args.side_interests,
-                         pretrain_share=args.pretrain_share, test_share=args.test_share)
+                         pretrain_share=args.pretrain_share, val_share=args.val_share, test_share=args.test_share)
     world = generate_world(config, show_progress=True)
     save_world(world, args.out)
     seconds = time.perf_counter() - t0
@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "about them; 0-160, default 0; docs/design.md §7.41)")
     d.add_argument("--pretrain-share", type=float, default=0.5, metavar="S",
                    help="share of users in the pre-training population, the rest downstream (default 0.5)")
+    d.add_argument("--val-share", type=float, default=0.1, metavar="S",
+                   help="share of the pre-training users held out as pretrain_val, which pre-training's retrieval check "
+                        "and the diagnostics read (default 0.1)")
     d.add_argument("--test-share", type=float, default=0.5, metavar="S",
                    help="share of the downstream users in the test split, the rest tune users that probes and prompts "
                         "learn from (default 0.5; a large world with a small share gives a large labelled pool, "

@@ -28,10 +28,10 @@ def test_data_command_writes_tables_and_manifest(tmp_path, capsys):
     assert main(["data", "--users", "600", "--side-interests", "500", "--out", str(tmp_path / "bad")]) == 2
     assert "side_interests" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     # the splits' shares: a larger labelled pool; a share outside (0, 1) is named, nothing written
-    assert main(["data", "--users", "600", "--seed", "4", "--pretrain-share", "0.2", "--test-share", "0.25",
-                 "--out", str(tmp_path / "s")]) == 0
+    assert main(["data", "--users", "600", "--seed", "4", "--pretrain-share", "0.2", "--val-share", "0.25",
+                 "--test-share", "0.25", "--out", str(tmp_path / "s")]) == 0
     split = pd.read_parquet(tmp_path / "s" / "users.parquet")["split"].value_counts()
-    assert split["pretrain"] + split["pretrain_val"] == 120 and split["test"] == 120 and split["tune"] == 360
+    assert split["pretrain"] == 90 and split["pretrain_val"] == 30 and split["test"] == 120 and split["tune"] == 360
     capsys.readouterr()
     assert main(["data", "--users", "600", "--test-share", "1", "--out", str(tmp_path / "bad2")]) == 2
     assert "test_share" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
