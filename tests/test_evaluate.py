@@ -502,6 +502,9 @@ def test_a_reference_or_comparison_naming_no_method_is_an_error(toy):
     typo = (("mine vs gbdt", "my_methd", "gbdt_features"),)
     with pytest.raises(ValueError, match=r"comparison 'mine vs gbdt' names 'my_methd': neither"):
         evaluate_methods(sub, labels, TASKS, test, comparisons=typo, n_boot=50)
+    shared = (("same question", "my_methd", "gbdt_features"), ("same question", "my_method", "gbdt_features"))
+    with pytest.raises(ValueError, match=r"comparison 'same question' names 'my_methd'"):  # two share a question's text
+        evaluate_methods(sub, labels, TASKS, test, comparisons=shared, n_boot=50)
     with pytest.raises(TypeError, match="string triples"):
         evaluate_methods(sub, labels, TASKS, test, comparisons=("mine", "my_method", "gbdt_features"), n_boot=50)
     with pytest.raises(TypeError, match="string triples"):
