@@ -21,8 +21,15 @@ def _cmd_data(args) -> int:
     from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
 
     t0 = time.perf_counter()
-    config = WorldConfig(n_users=args.users, seed=args.seed, difficulty=args.difficulty, side_interests=args.side_interests,
-                         pretrain_share=args.pretrain_share, val_share=args.val_share, test_share=args.test_share)
+    settings = _overrides(args.set)
+    for flag, key in DATA_FLAGS.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key in settings:
+            raise ValueError(f"--{flag} and --set {key}=... both set WorldConfig.{key}; give one")
+        settings[key] = value
+    config = WorldConfig.from_dict(settings)   # names an unknown key and every valid one; checks each value
     world = generate_world(config, show_progress=True)
     save_world(world, args.out)
     seconds = time.perf_counter() - t0
@@ -43,6 +50,11 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+# `data`'s own flags -> the WorldConfig field each sets; their defaults are WorldConfig's (one place for them)
+DATA_FLAGS = {"users": "n_users", "seed": "seed", "difficulty": "difficulty", "side-interests": "side_interests",
+              "pretrain-share": "pretrain_share", "val-share": "val_share", "test-share": "test_share"}
 
 
 SET_HELP = ("any setting of the model, pre-training or prompt-tuning config by dotted key, e.g. --set model.embed_dim=16 "
@@ -364,25 +376,34 @@ def _probe_run_arguments(parser, writes: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qanchor_lab.world import WorldConfig
+
     p = argparse.ArgumentParser(prog="qanchor", description="Query-as-Anchor user representations: data, pre-training, demo, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    world = WorldConfig()  # `data`'s flags default to its fields (the help shows them; one place for the numbers)
     d = sub.add_parser("data", help="generate the synthetic UserU world as Parquet tables + manifest.json")
-    d.add_argument("--users", type=int, default=6000, help="number of users (default 6000)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--difficulty", type=float, default=1.0, help="label noise scale (1.0 = default)")
-    d.add_argument("--side-interests", type=int, default=0, metavar="K",
+    d.add_argument("--users", dest="n_users", type=int, default=None, metavar="N", help=f"number of users (default {world.n_users})")
+    d.add_argument("--seed", type=int, default=None, help=f"world seed: every random draw (default {world.seed})")
+    d.add_argument("--difficulty", type=float, default=None,
+                   help=f"divides the tasks' logit scale; larger is noisier (default {world.difficulty})")
+    d.add_argument("--side-interests", type=int, default=None, metavar="K",
                    help="K independent interests per user that no task depends on (profile columns and questions "
-                        "about them; 0-160, default 0; docs/design.md §7.41)")
-    d.add_argument("--pretrain-share", type=float, default=0.5, metavar="S",
-                   help="share of users in the pre-training population, the rest downstream (default 0.5)")
-    d.add_argument("--val-share", type=float, default=0.1, metavar="S",
+                        f"about them; 0-160, default {world.side_interests}; docs/design.md §7.41)")
+    d.add_argument("--pretrain-share", type=float, default=None, metavar="S",
+                   help="share of users in the pre-training population, the rest downstream "
+                        f"(default {world.pretrain_share})")
+    d.add_argument("--val-share", type=float, default=None, metavar="S",
                    help="share of the pre-training users held out as pretrain_val, which pre-training's retrieval check "
-                        "and the diagnostics read (default 0.1)")
-    d.add_argument("--test-share", type=float, default=0.5, metavar="S",
+                        f"and the diagnostics read (default {world.val_share})")
+    d.add_argument("--test-share", type=float, default=None, metavar="S",
                    help="share of the downstream users in the test split, the rest tune users that probes and prompts "
-                        "learn from (default 0.5; a large world with a small share gives a large labelled pool, "
-                        "docs/design.md §7.50)")
+                        f"learn from (default {world.test_share}; a large world with a small share gives a "
+                        "large labelled pool, docs/design.md §7.50)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other WorldConfig setting, e.g. --set qa_style=graded --set events_per_user=60 "
+                        "(repeatable; VALUE is read as JSON, else as a string; the keys and their meaning: "
+                        "qanchor_lab/sources/synthetic/config.py)")
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(func=_cmd_data)
 

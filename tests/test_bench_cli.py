@@ -35,6 +35,21 @@ def test_data_command_writes_tables_and_manifest(tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "--users", "600", "--test-share", "1", "--out", str(tmp_path / "bad2")]) == 2
     assert "test_share" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
+    # any other WorldConfig field by --set: graded answers change the QA table only; a bad key or a key set twice
+    # is named, nothing written
+    assert main(["data", "--users", "600", "--seed", "4", "--set", "qa_style=graded", "--set", "events_per_user=40",
+                 "--out", str(tmp_path / "g")]) == 0
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["config"]["qa_style"] == "graded"
+    for table in ("events", "users", "labels"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "g" / f"{table}.parquet"),
+                                      pd.read_parquet(tmp_path / "w" / f"{table}.parquet"))
+    assert not pd.read_parquet(tmp_path / "g" / "qa.parquet").equals(pd.read_parquet(tmp_path / "w" / "qa.parquet"))
+    capsys.readouterr()
+    assert main(["data", "--users", "600", "--set", "qa_styl=graded", "--out", str(tmp_path / "bad3")]) == 2
+    err = capsys.readouterr().err
+    assert "qa_styl" in err and "qa_style" in err and "Traceback" not in err and not (tmp_path / "bad3").exists()
+    assert main(["data", "--users", "600", "--set", "n_users=700", "--out", str(tmp_path / "bad4")]) == 2
+    assert "--users and --set n_users" in capsys.readouterr().err and not (tmp_path / "bad4").exists()
 
 
 def test_bad_arguments_give_a_clean_error(tmp_path, capsys):
