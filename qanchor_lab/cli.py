@@ -21,7 +21,7 @@ def _cmd_data(args) -> int:
     from qanchor_lab.world import WorldConfig, generate_world, save_world, world_summary
 
     t0 = time.perf_counter()
-    settings = _overrides(args.set)
+    settings = _overrides(args.set, example="qa_style=graded")
     for flag, key in DATA_FLAGS.items():
         value = getattr(args, key)
         if value is None:
@@ -61,13 +61,13 @@ SET_HELP = ("any setting of the model, pre-training or prompt-tuning config by d
             "--set pretrain.reconstruction=1 (repeatable; VALUE is read as JSON, else as a string; docs/design.md §7.39)")
 
 
-def _overrides(pairs: list[str] | None) -> dict:
+def _overrides(pairs: list[str] | None, example: str = "model.embed_dim=16") -> dict:
     """{dotted key: value} of --set KEY=VALUE arguments; a value is JSON where it parses (16, 1.0, true, ["qq"])."""
     out = {}
     for pair in pairs or []:
         key, eq, text = pair.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. model.embed_dim=16")
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. {example}")
         try:
             out[key.strip()] = json.loads(text)
         except json.JSONDecodeError:

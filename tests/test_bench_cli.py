@@ -50,6 +50,8 @@ def test_data_command_writes_tables_and_manifest(tmp_path, capsys):
     assert "qa_styl" in err and "qa_style" in err and "Traceback" not in err and not (tmp_path / "bad3").exists()
     assert main(["data", "--users", "600", "--set", "n_users=700", "--out", str(tmp_path / "bad4")]) == 2
     assert "--users and --set n_users" in capsys.readouterr().err and not (tmp_path / "bad4").exists()
+    assert main(["data", "--users", "600", "--set", "qa_style", "--out", str(tmp_path / "bad5")]) == 2
+    assert "e.g. qa_style=graded" in capsys.readouterr().err and not (tmp_path / "bad5").exists()
 
 
 def test_bad_arguments_give_a_clean_error(tmp_path, capsys):
