@@ -18,7 +18,8 @@ poorly with torch's own threads on two cores (1.5x for two threads) but well acr
 releases the GIL inside its kernels: two jobs in two Python threads of one torch thread each take 62 s, the same
 work one after the other 109 s on one torch thread and about 73 s on two (docs/design.md §7.21). `torch_jobs`
 gives such jobs a pool of threads; each job computes exactly what it computes alone in a one-thread process, so the
-numbers do not depend on the number of jobs or on which thread ran what (tests/test_parallel.py).
+numbers do not depend on the number of jobs or on which thread ran what (tests/test_parallel.py). A job that sets
+its own torch thread count goes to `submit_process`: that count is process-wide, so it gets a process of its own.
 """
 from __future__ import annotations
 
@@ -79,9 +80,13 @@ def fit_map(fn: Callable[..., Any], jobs: Iterable[Sequence[Any]], n_jobs: int |
 
 class Jobs(Protocol):
     """What `torch_jobs` yields: `submit(fn, *args, **kwargs)` returns a handle whose `result()` is fn's value (or
-    raises fn's exception)."""
+    raises fn's exception). `submit_process` is for a job that sets its own torch thread count (the batch-invariant
+    MiniLM pins two): that count is process-wide (torch passes it to MKL for every thread), so beside other jobs
+    such a job runs in a process of its own; fn and its arguments must then pickle."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
+
+    def submit_process(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class _Deferred:
@@ -101,13 +106,31 @@ class _InCallerThread:
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _Deferred:
         return _Deferred(fn, args, kwargs)
 
+    submit_process = submit   # nothing runs beside it here, so it needs no process of its own
+
 
 class _Pool:
     def __init__(self, pool: ThreadPoolExecutor):
         self._pool = pool
+        self._processes = None   # a loky executor, started by the first submit_process
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any):
         return self._pool.submit(_one_torch_thread, fn, args, kwargs)
+
+    def submit_process(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any):
+        # In a thread, a job that set two torch threads changed MKL's count for the jobs beside it and moved their
+        # numbers in the last digits (the demo's prompt tunings beside the text baseline's MiniLM, docs/design.md
+        # §7.52). loky (as fit_map) pickles with cloudpickle and never re-imports the caller's __main__.
+        if self._processes is None:
+            from joblib.externals.loky import ProcessPoolExecutor
+
+            self._processes = ProcessPoolExecutor(max_workers=1)
+        return self._processes.submit(fn, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=True)
 
 
 def _one_torch_thread(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -143,11 +166,11 @@ def torch_jobs(n_jobs: int | None) -> Iterator[Jobs]:
             if workers == 1:
                 yield _InCallerThread()
                 return
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="qanchor-torch")
+            pool = _Pool(ThreadPoolExecutor(workers, thread_name_prefix="qanchor-torch"))
             try:
-                yield _Pool(pool)
+                yield pool
             finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+                pool.shutdown()
     finally:
         torch.set_num_threads(before)
 

@@ -559,6 +559,12 @@ def _check_skip(skip_methods: Sequence[str]) -> set[str]:
     return skip
 
 
+def _timed(fn, *args, **kwargs):
+    """(fn's value, its own seconds), wherever it runs (a module-level function: it goes to another process)."""
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
+
+
 def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_ids: Sequence[str] | None = None,
                  skip_methods: Sequence[str] = (), show_progress: bool = True, n_jobs: int | None = None) -> dict:
     """Every method of the evaluation protocol on the downstream test users; tune split for all fitting.
@@ -566,8 +572,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     leaves out reference methods (any of SKIPPABLE_METHODS; e.g. notebook 04's fast mode skips the text-embedding
     baseline, MiniLM over every tune and test user); the metrics list them under `skipped_methods`. `n_jobs`:
     worker processes for every method's per-task fits (parallel.fit_map) and threads for the torch jobs
-    (parallel.torch_jobs: the text baseline's MiniLM runs beside the other methods, the tasks' prompt tunings
-    beside each other). None: one process, one stage after the other, torch's threads as they are; an integer:
+    (parallel.torch_jobs: the text baseline's MiniLM runs beside the other methods, in a process of its own, the
+    tasks' prompt tunings beside each other). None: one process, one stage after the other, torch's threads as they are; an integer:
     one torch thread per job, the same metrics for any value. "evaluation_seconds" gives text_embedding as MiniLM's
     own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning is then the wait for every
     task) and may sum to more than the evaluation's wall time, which they never do with None."""
@@ -589,14 +595,11 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         else:  # real data: no known truth; the results table and report say so
             skipped["oracle"] = NO_ORACLE
 
-    def timed(fn, *args, **kwargs):  # a job's own seconds, wherever it runs
-        t0 = time.perf_counter()
-        return fn(*args, **kwargs), time.perf_counter() - t0
-
     with torch_jobs(n_jobs) as jobs:
-        # the longest torch job first, so that it runs beside everything below
-        text = None if "text_embedding" in skip else jobs.submit(
-            timed, text_embedding_vectors, world, tune + test, serialize_kw=text_serialization(cfg, world),
+        # the longest torch job first, so that it runs beside everything below; MiniLM pins its own two torch threads
+        # (batch-invariant), a process-wide setting, hence a process of its own beside the one-thread jobs
+        text = None if "text_embedding" in skip else jobs.submit_process(
+            _timed, text_embedding_vectors, world, tune + test, serialize_kw=text_serialization(cfg, world),
             show_progress=show_progress)
 
         def untrained_scores() -> pd.DataFrame:

@@ -131,6 +131,33 @@ def test_torch_jobs_run_in_threads_of_one_torch_thread_and_restore_the_count():
         torch.set_num_threads(before)
 
 
+def _set_torch_threads(n):
+    import torch
+
+    torch.set_num_threads(n)   # as the batch-invariant MiniLM does for its forward passes
+    return os.getpid(), torch.get_num_threads()
+
+
+def test_a_job_that_sets_its_own_torch_threads_runs_apart_and_leaves_the_others_one_thread():
+    """torch's thread count is process-wide: set in a pool thread it reaches every other job (the demo's prompt
+    tunings beside MiniLM moved in their last digits), so submit_process runs such a job in a process of its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with torch_jobs(2) as jobs:
+            pid, threads = jobs.submit_process(_set_torch_threads, 2).result()
+            assert pid != os.getpid() and threads == 2              # it ran, elsewhere, at its own count
+            assert torch.get_num_threads() == 1                     # the block's one thread, here and for every job
+            assert jobs.submit(_thread_and_torch_threads, "a").result()[2] == 1
+            with pytest.raises(KeyError, match="job failed"):       # its exception is raised by result(), as itself
+                jobs.submit_process(_fails).result()
+        with torch_jobs(1) as jobs:                                 # nothing beside it: in this process, when asked
+            assert jobs.submit_process(_set_torch_threads, 1).result() == (os.getpid(), 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_prompt_tuning_gives_the_same_scores_for_any_number_of_torch_jobs(small_world, tiny_model):
     """Tasks tuned side by side in threads: each task's adapter and scores are those of one-thread, one-task-at-a-time
