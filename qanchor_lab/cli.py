@@ -13,8 +13,9 @@ from typing import Mapping
 FIT_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent); -1 (default): "
                  "every core, 1: this process only; the numbers do not depend on it")
 DEMO_JOBS_HELP = ("worker processes for the scikit-learn fits (a probe per task, a yardstick per intent) and threads for "
-                  "the evaluation's torch jobs (the text baseline's MiniLM, each task's prompt tuning; one torch thread "
-                  "each); -1 (default): every core, 1: this process only; the numbers do not depend on it")
+                  "the evaluation's torch jobs (each task's prompt tuning, one torch thread each; the text baseline's "
+                  "MiniLM beside them in a process of its own); -1 (default): every core, 1: this process only; the numbers "
+                  "do not depend on it")
 
 
 def _cmd_data(args) -> int:
