@@ -118,9 +118,9 @@ class _Pool:
         return self._pool.submit(_one_torch_thread, fn, args, kwargs)
 
     def submit_process(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any):
-        # In a thread, a job that set two torch threads changed MKL's count for the jobs beside it and moved their
-        # numbers in the last digits (the demo's prompt tunings beside the text baseline's MiniLM, docs/design.md
-        # §7.52). loky (as fit_map) pickles with cloudpickle and never re-imports the caller's __main__.
+        # In a thread, a job that sets two torch threads sets them for every job beside it (the count is
+        # process-wide), which may change their rounding (docs/design.md §7.52: a hazard, not shown to be the demo's
+        # last-digit difference). loky (as fit_map) pickles with cloudpickle and never re-imports the caller's __main__.
         if self._processes is None:
             from joblib.externals.loky import ProcessPoolExecutor
 
