@@ -244,6 +244,16 @@ def _projected_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     as much of the neighbourhood structure as a linear map of that width can; wider models use a seeded
     random map with orthonormal columns, which keeps all pairwise cosines of the centred rows.
     """
+    # One thread, whatever the caller's count: the (384, V) x (V, 384) product rounds differently at two threads than
+    # at one (2e-7), and this table is cached on first use, so a count that depended on where the first call came from
+    # (pre-training's model in the main thread, the untrained comparison in a one-thread job) made the same seed's
+    # untrained scores depend on whether the run trained its model or loaded it (docs/design.md §7.53). 0.14 s, once;
+    # the 384 x 384 eigh is faster on one thread anyway (threads slowed it 4-40x on a busy 2-core CPU).
+    with torch_threads(1):
+        return _project_minilm_table(hidden_size, seed)
+
+
+def _project_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     from safetensors import safe_open
 
     with safe_open(str(minilm_model_dir() / "model.safetensors"), framework="pt") as f:
@@ -253,8 +263,7 @@ def _projected_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     if hidden_size <= width:
         # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, far cheaper.
         scatter = (centred.T @ centred).double()  # (384, 384)
-        with torch_threads(1):  # threads only slow a 384 x 384 eigh down (4-40x on a busy 2-core CPU)
-            _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
+        _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
         components = eigvecs.flip(1)[:, :hidden_size].T.float()  # (hidden, 384), largest variance first
         # Eigenvector signs are arbitrary; fix them so the result does not depend on the LAPACK build.
         signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))  # (hidden, 1)

@@ -119,8 +119,9 @@ class _Pool:
 
     def submit_process(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any):
         # In a thread, a job that sets two torch threads sets them for every job beside it (the count is
-        # process-wide), which may change their rounding (docs/design.md §7.52: a hazard, not shown to be the demo's
-        # last-digit difference). loky (as fit_map) pickles with cloudpickle and never re-imports the caller's __main__.
+        # process-wide), which may change their rounding (docs/design.md §7.52; a hazard of its own, not the demo's
+        # last-digit difference, §7.53). loky (as fit_map) pickles with cloudpickle and never re-imports the caller's
+        # __main__.
         if self._processes is None:
             from joblib.externals.loky import ProcessPoolExecutor
 
@@ -137,10 +138,13 @@ def _one_torch_thread(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     import torch
 
     # OpenMP's thread count is per thread: a new thread starts at the default (every core) until torch's lazy
-    # initialisation catches up (a job's first matmul here ran at two threads' speed); setting it now makes even that
-    # op, and scikit-learn's OpenMP in the job (k-means), run on one thread
+    # initialisation catches up (a job's first matmul here ran at two threads' speed), so set it now. torch's call
+    # reaches only the OpenMP runtime torch's symbols bind to; scikit-learn ships its own, which its k-means (prompt
+    # tuning's prototypes) uses whenever scikit-learn was imported before torch (the CLI's order), and which stayed at
+    # every core in this thread: threadpool_limits sets every runtime loaded (docs/design.md §7.53)
     torch.set_num_threads(1)
-    return fn(*args, **kwargs)
+    with threadpool_limits(limits=1):
+        return fn(*args, **kwargs)
 
 
 @contextmanager

@@ -107,6 +107,21 @@ def test_tiny_weights_are_deterministic_under_seed_and_leave_global_rng_alone():
     assert not torch.equal(a["model.embed_tokens.weight"][-1], c["model.embed_tokens.weight"][-1])
 
 
+def test_tiny_weights_do_not_depend_on_the_callers_torch_threads():
+    """The MiniLM-initialised word table is cached on first use; at two threads its projection rounded 2e-7 away from
+    one thread's, so a model built first in the main thread and one built first in a one-thread job differed."""
+    from qanchor_lab.parallel import torch_threads
+
+    tables = {}
+    for threads in (2, 1):
+        bb._projected_minilm_table.cache_clear()   # computed afresh under this count
+        with torch_threads(threads):
+            tables[threads] = load_backbone(BackboneConfig(tiny_size="xs", seed=7), MODALITIES).model.state_dict()[
+                "model.embed_tokens.weight"]
+            assert torch.get_num_threads() == threads                # the caller's count is left as it was
+    assert torch.equal(tables[1], tables[2])
+
+
 def test_tiny_dtype_bfloat16():
     backbone = load_backbone(BackboneConfig(tiny_size="xs", dtype="bfloat16"), MODALITIES)
     assert backbone.model.dtype == torch.bfloat16

@@ -158,6 +158,34 @@ def test_a_job_that_sets_its_own_torch_threads_runs_apart_and_leaves_the_others_
         torch.set_num_threads(before)
 
 
+_OPENMP_IN_A_JOB = """
+import json, sklearn.cluster, torch   # scikit-learn first, as the CLI imports them: its k-means binds its own OpenMP
+from threadpoolctl import threadpool_info
+from qanchor_lab.parallel import torch_jobs
+with torch_jobs(2) as jobs:
+    job = jobs.submit(lambda: [(i["internal_api"], i["filepath"], i["num_threads"]) for i in threadpool_info()])
+    info = job.result()
+print(json.dumps(info))
+"""
+
+
+def test_every_openmp_runtime_runs_one_thread_in_a_torch_job_whatever_was_imported_first():
+    """torch.set_num_threads reaches only torch's OpenMP; scikit-learn's own runtime, which its k-means binds when it is
+    imported before torch, stayed at its default in a job's thread, and the CLI's prompt tunings moved in their last
+    digits (docs/design.md §7.53). A fresh interpreter whose default is three threads, so that this fails on any
+    machine."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", _OPENMP_IN_A_JOB], env=env, capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    openmp = {path: n for api, path, n in info if api == "openmp"}
+    assert any("scikit_learn" in path or "sklearn" in path for path in openmp), openmp   # both runtimes are loaded
+    assert set(openmp.values()) == {1}, openmp
+
+
 @pytest.mark.slow
 def test_prompt_tuning_gives_the_same_scores_for_any_number_of_torch_jobs(small_world, tiny_model):
     """Tasks tuned side by side in threads: each task's adapter and scores are those of one-thread, one-task-at-a-time
