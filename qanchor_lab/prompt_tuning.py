@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.cluster import KMeans
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from qanchor_lab.embedder import PrefixCache, extend_cache, run_cached
@@ -275,6 +276,15 @@ def _balanced_weights(labels: np.ndarray) -> torch.Tensor:
     return torch.tensor(len(labels) / (2 * counts), dtype=torch.float32)
 
 
+def _kmeans_centres(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The (k, d) k-means centres of the rows of `x`, on one thread whatever the caller's settings: at two OpenMP
+    threads k-means sums in another order (2e-8 apart on unit rows), and which count it takes depends on the OpenMP
+    runtime it bound, scikit-learn's own or torch's, so on which was imported first (docs/design.md §7.53). A class's
+    rows (about a thousand in the demo) take milliseconds on one thread."""
+    with threadpool_limits(limits=1):
+        return KMeans(k, n_init=4, random_state=seed).fit(x).cluster_centers_
+
+
 def _start(model, cache: PrefixCache, labels: np.ndarray, rows: np.ndarray, query: str,
            config: PromptTuningConfig, rng: np.random.Generator) -> TaskAdapter:
     """A fresh adapter fitted on `rows` of a task cache: prompt init, normalisation, k-means, head phase."""
@@ -291,7 +301,7 @@ def _start(model, cache: PrefixCache, labels: np.ndarray, rows: np.ndarray, quer
         for c in (0, 1):
             x = unit[labels[rows] == c]
             k = min(config.prototypes_per_class, len(x))
-            centres = KMeans(k, n_init=4, random_state=config.seed).fit(x).cluster_centers_
+            centres = _kmeans_centres(x, k, config.seed)
             protos.append(np.resize(centres, (config.prototypes_per_class, x.shape[1])))
         adapter.prototypes.copy_(torch.from_numpy(np.concatenate(protos)).float())
     _fit_head(adapter, base, labels[rows], _balanced_weights(labels[rows]), rng)

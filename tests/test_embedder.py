@@ -309,6 +309,22 @@ def test_query_prompt_init_uses_the_query_token_embeddings(tiny_model):
     assert torch.equal(prompt, table[torch.as_tensor((ids * 2)[:n])])
 
 
+def test_prototype_kmeans_gives_the_same_centres_whatever_the_callers_thread_limits():
+    """k-means at two OpenMP threads sums in another order than at one; the prototypes' k-means keeps to one, so a
+    caller's limits (or which OpenMP runtime scikit-learn bound: docs/design.md §7.53) cannot move them."""
+    from threadpoolctl import threadpool_limits
+
+    from qanchor_lab.prompt_tuning import _kmeans_centres
+
+    x = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)                                # unit rows, as the prototypes see
+    got = {}
+    for threads in (2, 1):
+        with threadpool_limits(limits=threads):
+            got[threads] = _kmeans_centres(x, 4, seed=7)
+    assert got[1].shape == (4, 64) and np.array_equal(got[1], got[2])
+
+
 def test_head_phase_lowers_the_prototype_loss_on_fixed_embeddings(tiny_model):
     from qanchor_lab.prompt_tuning import _fit_head
 
