@@ -244,36 +244,32 @@ def _projected_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
     as much of the neighbourhood structure as a linear map of that width can; wider models use a seeded
     random map with orthonormal columns, which keeps all pairwise cosines of the centred rows.
     """
+    from safetensors import safe_open
+
     # One thread, whatever the caller's count: the (384, V) x (V, 384) product rounds differently at two threads than
     # at one (2e-7), and this table is cached on first use, so a count that depended on where the first call came from
     # (pre-training's model in the main thread, the untrained comparison in a one-thread job) made the same seed's
     # untrained scores depend on whether the run trained its model or loaded it (docs/design.md §7.53). 0.14 s, once;
     # the 384 x 384 eigh is faster on one thread anyway (threads slowed it 4-40x on a busy 2-core CPU).
     with torch_threads(1):
-        return _project_minilm_table(hidden_size, seed)
-
-
-def _project_minilm_table(hidden_size: int, seed: int) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(minilm_model_dir() / "model.safetensors"), framework="pt") as f:
-        table = f.get_tensor(MINILM_WORD_EMBEDDINGS_KEY).float()  # (V, 384)
-    centred = table - table.mean(dim=0, keepdim=True)  # (V, 384)
-    width = centred.shape[1]
-    if hidden_size <= width:
-        # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, far cheaper.
-        scatter = (centred.T @ centred).double()  # (384, 384)
-        _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
-        components = eigvecs.flip(1)[:, :hidden_size].T.float()  # (hidden, 384), largest variance first
-        # Eigenvector signs are arbitrary; fix them so the result does not depend on the LAPACK build.
-        signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))  # (hidden, 1)
-        components = components * signs
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        gauss = torch.randn(hidden_size, width, generator=gen)  # (hidden, 384)
-        components, _ = torch.linalg.qr(gauss)  # (hidden, 384), orthonormal columns
-    projected = centred @ components.T  # (V, hidden)
-    return projected * (TINY_INIT_STD / projected.std())
+        with safe_open(str(minilm_model_dir() / "model.safetensors"), framework="pt") as f:
+            table = f.get_tensor(MINILM_WORD_EMBEDDINGS_KEY).float()  # (V, 384)
+        centred = table - table.mean(dim=0, keepdim=True)  # (V, 384)
+        width = centred.shape[1]
+        if hidden_size <= width:
+            # PCA through the (384, 384) scatter matrix: the same components as an SVD of the table, far cheaper.
+            scatter = (centred.T @ centred).double()  # (384, 384)
+            _, eigvecs = torch.linalg.eigh(scatter)  # ascending eigenvalues; columns are components
+            components = eigvecs.flip(1)[:, :hidden_size].T.float()  # (hidden, 384), largest variance first
+            # Eigenvector signs are arbitrary; fix them so the result does not depend on the LAPACK build.
+            signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))  # (hidden, 1)
+            components = components * signs
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            gauss = torch.randn(hidden_size, width, generator=gen)  # (hidden, 384)
+            components, _ = torch.linalg.qr(gauss)  # (hidden, 384), orthonormal columns
+        projected = centred @ components.T  # (V, hidden)
+        return projected * (TINY_INIT_STD / projected.std())
 
 
 def _build_tiny(config: BackboneConfig, tokens: list[str]):
