@@ -135,12 +135,33 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _diagnose_settings(args) -> dict:
+    """`diagnose`'s sizes and seed: the flags', or with --as-report those of the demo's quick look for the run's
+    config (`pipeline.run_diagnostics`), so that the figures are the ones its report shows."""
+    if not args.as_report:
+        size = dict(max_users=300, max_pairs=200, geometry_users=200) if args.fast else {}
+        if args.max_users is not None:
+            size["max_users"] = args.max_users
+        return dict(seed=args.seed or 0, tune_selectivity_users=args.tune_selectivity_users or 0, **size)
+    from qanchor_lab.diagnostics import run_demo_config
+
+    given = [flag for flag, value in (("--fast", args.fast), ("--max-users", args.max_users), ("--seed", args.seed),
+                                      ("--query", args.query), ("--tune-selectivity-users", args.tune_selectivity_users))
+             if value is not None and value is not False]   # an explicit 0 counts as given
+    if given:
+        raise ValueError(f"--as-report takes the report's sizes, seed and query from the run; drop {', '.join(given)}")
+    cfg = run_demo_config(args.run, missing="--as-report reads the demo's sizes and seed from it; set them with "
+                          "--max-users and --seed instead")
+    return dict(seed=cfg.seed, **cfg.diagnostics_size())
+
+
 def _cmd_diagnose(args) -> int:
     from qanchor_lab.data import load_world
     from qanchor_lab.diagnostics import diagnose, diagnostics_markdown, resolve_run, save_diagnostics
     from qanchor_lab.model import QAnchorModel
 
     model_dir, data_dir = resolve_run(args.run, args.data)
+    settings = _diagnose_settings(args)     # before the files' check and the model's load: a bad flag fails fast
     out_dir = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
     held = [name for name in ("diagnostics.json", "diagnostics.md") if (out_dir / name).exists()]
     if held and not args.overwrite:  # checked before minutes of probes; a --fast look must not replace the full one
@@ -150,11 +171,8 @@ def _cmd_diagnose(args) -> int:
     model = QAnchorModel.from_pretrained(model_dir)
     # same config and seed, no training: the trained model's starting point
     untrained = None if args.no_untrained else model.untrained_start(world.events, world.profiles, world.users_in("pretrain"))
-    size = dict(max_users=300, max_pairs=200, geometry_users=200) if args.fast else {}
-    if args.max_users is not None:
-        size["max_users"] = args.max_users
-    diag = diagnose(model, world, untrained=untrained, query=args.query, seed=args.seed, show_progress=True,
-                    n_jobs=args.jobs, tune_selectivity_users=args.tune_selectivity_users, **size)
+    diag = diagnose(model, world, untrained=untrained, query=args.query, show_progress=True, n_jobs=args.jobs,
+                    **settings)
     js, md = save_diagnostics(diag, out_dir)
     print(diagnostics_markdown(diag))
     print(f"wrote {js} and {md}")
@@ -265,12 +283,11 @@ def _report_resampling(run) -> tuple[int, int]:
     """(n_boot, seed) of the run's test report (its demo_config.json), so that the features' probe and the
     test-only intervals printed beside the refits' are the report's; DemoConfig's defaults for a bare model
     directory."""
+    from qanchor_lab.diagnostics import run_demo_config
     from qanchor_lab.pipeline import DemoConfig
 
-    run = Path(run)
-    marker = next((c for c in (run / "demo_config.json", run.parent / "demo_config.json") if c.is_file()), None)
-    config = json.loads(marker.read_text()) if marker else {}
-    return int(config.get("n_boot", DemoConfig.n_boot)), int(config.get("seed", DemoConfig.seed))
+    cfg = run_demo_config(run) or DemoConfig()
+    return cfg.n_boot, cfg.seed
 
 
 def _cmd_refit_intervals(args) -> int:
@@ -453,14 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default=None, help="world directory (default: from the run's demo_config.json)")
     g.add_argument("--max-users", type=int, default=None, help="tune users probed (default 1500; 300 with --fast)")
     g.add_argument("--query", default=None, help="query of the stage probes (default: the first task's query)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="which tune users are drawn (default 0)")
     g.add_argument("--no-untrained", action="store_true", help="skip the untrained model of the same config")
     g.add_argument("--out", default=None, help="where diagnostics.json/.md go (default: the run directory)")
     g.add_argument("--overwrite", action="store_true", help="replace the diagnostics.json/.md --out already holds "
                    "(without it, they are kept and the command stops)")
     g.add_argument("--jobs", type=int, default=-1, help=FIT_JOBS_HELP)
     g.add_argument("--fast", action="store_true", help="fewer users and QA rows (a quick look)")
-    g.add_argument("--tune-selectivity-users", type=int, default=0, metavar="N",
+    g.add_argument("--as-report", action="store_true",
+                   help="the sizes and seed of the demo's quick look for the run's config (its demo_config.json), so "
+                        "the figures are the ones the run's report shows (e.g. to add --no-untrained or read them "
+                        "on another machine)")
+    g.add_argument("--tune-selectivity-users", type=int, default=None, metavar="N",
                    help="also query selectivity on N of the probed tune users, every D_uqa question each, "
                         "cross-validated (the steadier read; about a minute per model for 600); default 0: skip")
     g.set_defaults(func=_cmd_diagnose)

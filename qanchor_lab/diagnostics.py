@@ -1285,26 +1285,37 @@ def run_model_dir(run) -> Path:
                             f"directory (no {CONFIG_NAME})")
 
 
+def run_demo_config(run, *, missing: str | None = None):
+    """The `pipeline.DemoConfig` a run was made with, read from its demo_config.json (in the run directory, or next
+    to a saved model directory given itself). The marker keeps what the model depends on (`pipeline.run_key`), so
+    the evaluation fields come back at their defaults. None where there is no marker, or a ValueError that ends
+    with `missing` (what to give instead) when that is set."""
+    from dataclasses import fields
+
+    from qanchor_lab.pipeline import DemoConfig
+
+    run = Path(run)
+    candidates = [run / "demo_config.json"] + ([run.parent / "demo_config.json"] if run_model_dir(run) == run else [])
+    marker = next((c for c in candidates if c.is_file()), None)
+    if marker is None:
+        if missing is None:
+            return None
+        raise ValueError(f"no demo_config.json found for {run} (looked at {', '.join(map(str, candidates))}); "
+                         + missing)
+    known = {f.name for f in fields(DemoConfig)}
+    return DemoConfig(**{k: v for k, v in json.loads(marker.read_text()).items() if k in known})
+
+
 def resolve_run(run, data=None) -> tuple[Path, Path]:
     """(model dir, world dir) for a run directory holding `model/` (or a saved model directory itself).
 
     The world directory is `data` when given, else the one `demo_config.json` (in the run directory or
     next to the model directory) implies through `pipeline.world_dir`."""
-    from dataclasses import fields
+    from qanchor_lab.pipeline import world_dir
 
-    from qanchor_lab.pipeline import DemoConfig, world_dir
-
-    run = Path(run)
     model_dir = run_model_dir(run)
-    candidates = [run / "demo_config.json"] + ([run.parent / "demo_config.json"] if model_dir == run else [])
     if data is None:
-        marker = next((c for c in candidates if c.is_file()), None)
-        if marker is None:
-            raise ValueError(f"no demo_config.json found for {run} (looked at {', '.join(map(str, candidates))}); "
-                             "pass the world directory with --data")
-        known = {f.name for f in fields(DemoConfig)}
-        cfg = DemoConfig(**{k: v for k, v in json.loads(marker.read_text()).items() if k in known})
-        data = world_dir(cfg)
+        data = world_dir(run_demo_config(run, missing="pass the world directory with --data"))
     data = Path(data)
     if not data.is_dir():
         raise FileNotFoundError(f"world directory {data} does not exist")

@@ -627,6 +627,64 @@ def test_resolve_run_finds_model_and_world(tmp_path, monkeypatch):
     assert D.resolve_run(tmp_path / "run" / "model")[0] == tmp_path / "run" / "model"
 
 
+def test_diagnose_as_report_refuses_flags_it_would_override_and_a_run_without_its_config(tmp_path, capsys):
+    from qanchor_lab.cli import main
+    from qanchor_lab.model import CONFIG_NAME
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / CONFIG_NAME).write_text("{}")
+    (tmp_path / "data").mkdir()
+    run = ["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--as-report"]
+    for extra, named in ((["--fast"], "--fast"), (["--seed", "0"], "--seed"), (["--max-users", "50"], "--max-users"),
+                         (["--tune-selectivity-users", "0"], "--tune-selectivity-users"), (["--query", "q?"], "--query")):
+        assert main(run + extra) == 2
+        err = capsys.readouterr().err
+        assert f"drop {named}" in err and "Traceback" not in err
+    assert main(run) == 2       # a bare model directory: nothing says what the report read
+    err = capsys.readouterr().err
+    assert "no demo_config.json found" in err and "--max-users and --seed" in err
+    assert not (tmp_path / "run" / "diagnostics.json").exists()
+
+
+def test_run_demo_config_reads_the_runs_marker(tmp_path):
+    from qanchor_lab.model import CONFIG_NAME
+    from qanchor_lab.pipeline import DemoConfig
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / CONFIG_NAME).write_text("{}")
+    assert D.run_demo_config(tmp_path / "run") is None
+    with pytest.raises(ValueError, match="give it"):
+        D.run_demo_config(tmp_path / "run", missing="give it")
+    # a marker keeps the training fields and the resolved configs (pipeline.run_key); the rest are defaults
+    (tmp_path / "run" / "demo_config.json").write_text(json.dumps({"n_users": 800, "seed": 3, "model_config": {}}))
+    for where in (tmp_path / "run", tmp_path / "run" / "model"):
+        cfg = D.run_demo_config(where)
+        assert (cfg.n_users, cfg.seed, cfg.n_boot) == (800, 3, DemoConfig.n_boot)
+
+
+@pytest.mark.slow
+def test_cli_diagnose_as_report_reads_the_demos_sizes_and_seed(tiny_model, small_world, tmp_path, capsys):
+    from qanchor_lab.cli import main
+    from qanchor_lab.data import save_world
+    from qanchor_lab.pipeline import DemoConfig
+
+    tiny_model.save_pretrained(tmp_path / "run" / "model")
+    save_world(small_world, tmp_path / "data")
+    cfg = DemoConfig(n_users=len(small_world.users), seed=5)
+    (tmp_path / "run" / "demo_config.json").write_text(json.dumps({"n_users": cfg.n_users, "seed": cfg.seed}))
+    assert main(["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--as-report",
+                 "--no-untrained"]) == 0
+    capsys.readouterr()
+    diag = json.loads((tmp_path / "run" / "diagnostics.json").read_text())
+    size = cfg.diagnostics_size()
+    tune = small_world.users_in("tune")
+    assert diag["seed"] == 5 and diag["n_users"] == min(size["max_users"], len(tune))
+    assert diag["max_pairs"] == size["max_pairs"] and diag["geometry_users"] == size["geometry_users"]
+    assert diag["selectivity"] == {}    # the demo's quick look asks tune users, not pretrain_val rows
+    rows = diag["tune_selectivity"]["trained"]
+    assert rows[-1]["n"] == size["tune_selectivity_users"] * sum(r["intent"] != "overall" for r in rows)
+
+
 @pytest.mark.slow
 def test_cli_diagnose_on_a_saved_tiny_model(tiny_model, small_world, tmp_path, capsys):
     from qanchor_lab.cli import main
