@@ -145,9 +145,9 @@ def _diagnose_settings(args) -> dict:
         return dict(seed=args.seed or 0, tune_selectivity_users=args.tune_selectivity_users or 0, **size)
     from qanchor_lab.diagnostics import run_demo_config
 
-    given = [flag for flag, value in (("--fast", args.fast), ("--max-users", args.max_users), ("--seed", args.seed),
-                                      ("--query", args.query), ("--tune-selectivity-users", args.tune_selectivity_users))
-             if value is not None and value is not False]   # an explicit 0 counts as given
+    flags = {"--fast": args.fast, "--max-users": args.max_users, "--seed": args.seed, "--query": args.query,
+             "--tune-selectivity-users": args.tune_selectivity_users}
+    given = [flag for flag, value in flags.items() if value is not None and value is not False]  # an explicit 0 too
     if given:
         raise ValueError(f"--as-report takes the report's sizes, seed and query from the run; drop {', '.join(given)}")
     cfg = run_demo_config(args.run, missing="--as-report reads the demo's sizes and seed from it; set them with "

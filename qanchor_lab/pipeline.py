@@ -574,9 +574,10 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     worker processes for every method's per-task fits (parallel.fit_map) and threads for the torch jobs
     (parallel.torch_jobs: the text baseline's MiniLM runs beside the other methods, in a process of its own, the
     tasks' prompt tunings beside each other). None: one process, one stage after the other, torch's threads as they
-    are; an integer: one torch thread per job, the same metrics for any value. "evaluation_seconds" gives text_embedding as MiniLM's
-    own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning is then the wait for every
-    task) and may sum to more than the evaluation's wall time, which they never do with None."""
+    are; an integer: one torch thread per job, the same metrics for any value. "evaluation_seconds" gives
+    text_embedding as MiniLM's own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning
+    is then the wait for every task) and may sum to more than the evaluation's wall time, which they never do with
+    None."""
     from qanchor_lab.baselines import (_feature_matrix, feature_scores, oracle_scores, text_embedding_scores,
                                        text_embedding_vectors, tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available

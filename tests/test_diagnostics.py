@@ -635,8 +635,9 @@ def test_diagnose_as_report_refuses_flags_it_would_override_and_a_run_without_it
     (tmp_path / "run" / "model" / CONFIG_NAME).write_text("{}")
     (tmp_path / "data").mkdir()
     run = ["diagnose", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--as-report"]
-    for extra, named in ((["--fast"], "--fast"), (["--seed", "0"], "--seed"), (["--max-users", "50"], "--max-users"),
-                         (["--tune-selectivity-users", "0"], "--tune-selectivity-users"), (["--query", "q?"], "--query")):
+    for extra in (["--fast"], ["--seed", "0"], ["--max-users", "50"], ["--tune-selectivity-users", "0"],
+                  ["--query", "q?"]):
+        named = extra[0]
         assert main(run + extra) == 2
         err = capsys.readouterr().err
         assert f"drop {named}" in err and "Traceback" not in err
