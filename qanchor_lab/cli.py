@@ -240,18 +240,22 @@ BETWEEN_RUNS = {
 def _cmd_tune_splits(args) -> int:
     import pandas as pd
 
-    from qanchor_lab.label_budget import curve_summary, model_representations, tune_crossfit, tune_resamples, tune_splits
+    from qanchor_lab.label_budget import (curve_summary, model_representations, tune_crossfit, tune_resamples,
+                                          tune_splits)
 
     _check_counts({"--splits": (args.splits, 1), "--folds": (args.folds, 2)})
     if not 0 < args.fit_share < 1:
         raise ValueError(f"--fit-share must lie strictly between 0 and 1; got {args.fit_share}")
     model, world, others, out_dir = _load_for_probes(args)
-    against = _tune_scores_of(args.against) if args.against else None    # read first: a bad path fails fast
+    # read first: a bad path fails fast
+    against, against_splits = _tune_outputs_of(args.against) if args.against else (None, None)
     tune = world.users_in("tune")
     reps = model_representations(model, world, tune, others=others)
     frame = tune_splits(reps, world.labels, world.tasks, tune, splits=args.splits, fit_share=args.fit_share,
                         seed=args.seed, show_progress=True)
     scores = tune_crossfit(reps, world.labels, world.tasks, tune, folds=args.folds, seed=args.seed, show_progress=True)
+    if against is not None:     # the same users and folds mean the same world and --seed, so the same splits too
+        _check_same_folds(scores, against, args.against)
     out_dir.mkdir(parents=True, exist_ok=True)
     vs_static = curve_summary(frame, reference="static_embedding")
     vs_features = curve_summary(frame, reference="logreg_features")
@@ -262,15 +266,19 @@ def _cmd_tune_splits(args) -> int:
     print(vs_static.set_index("method")[["auc", "auc_low", "auc_high"]].round(4).to_string())
     _print_differences("task query - generic query", vs_static)
     _print_differences("embedding - features", vs_features)
+    if against is not None:
+        _print_runs_by_split(frame, against_splits, args.against, out_dir)
     contrasts = {"task query - generic query": {"qanchor_base": 1, "static_embedding": -1},
                  "embedding - features": {"qanchor_base": 1, "logreg_features": -1}}
     contrasts.update({f"{o} model (task query) - generic query": {o: 1, "static_embedding": -1} for o in others})
     if against is not None:
-        _check_same_folds(scores, against, args.against)
         scores = pd.concat([scores, against.assign(method=OTHER + against["method"])], ignore_index=True)
         contrasts.update(BETWEEN_RUNS)
     resamples = tune_resamples(scores, world.labels, world.tasks, seed=args.seed)
-    print(f"\nevery tune user scored once ({args.folds}-fold cross-fit), 95% CIs resampling users "
+    # the cross-fit is the full budget whatever --fit-share: said, so that a few-label run's reader does not take
+    # these intervals for the few-label figures above
+    print(f"\nevery tune user scored once ({args.folds}-fold cross-fit), each probe fitted on about "
+          f"{len(tune) * (args.folds - 1) // args.folds} of them whatever --fit-share; 95% CIs resampling users "
           f"(the splits' intervals above cover the probe's draws only; docs/design.md §7.35):")
     for title, terms in contrasts.items():
         r = resamples.contrast(terms)
@@ -329,8 +337,9 @@ def _cmd_refit_intervals(args) -> int:
     return 0
 
 
-def _tune_scores_of(run) -> "pd.DataFrame":
-    """The cross-fitted tune scores another `tune-splits` run wrote (RUN/tune_scores.parquet, or the file itself)."""
+def _tune_outputs_of(run) -> tuple["pd.DataFrame", "pd.DataFrame | None"]:
+    """The cross-fitted tune scores another `tune-splits` run wrote (RUN/tune_scores.parquet, or the file itself),
+    and its splits (tune_splits.csv beside them; None where that file is gone)."""
     import pandas as pd
 
     path = Path(run)
@@ -338,7 +347,36 @@ def _tune_scores_of(run) -> "pd.DataFrame":
     if not path.is_file():
         raise FileNotFoundError(f"--against {run}: no tune_scores.parquet there; run `python -m qanchor_lab "
                                 f"tune-splits {run}` first (same --seed and --folds)")
-    return pd.read_parquet(path)
+    splits = path.parent / "tune_splits.csv"
+    return pd.read_parquet(path), (pd.read_csv(splits) if splits.is_file() else None)
+
+
+def _print_runs_by_split(frame, other, where, out_dir: Path) -> None:
+    """Two runs' tune splits paired split by split, at this run's budget (a few-label --fit-share too), written to
+    tune_splits_against.csv; where the other run's splits are not the same draws, a line says why instead. The
+    caller has checked that both runs scored the same tune users in the same folds (same world and --seed)."""
+    import pandas as pd
+
+    from qanchor_lab.label_budget import split_contrasts
+
+    def shape(f):
+        return sorted(set(f["budget"])), f["draw"].nunique(), sorted(set(f["task_id"]))
+
+    if other is None or shape(other) != shape(frame):
+        got = "has no tune_splits.csv" if other is None else (
+            f"fitted its probes on {', '.join(map(str, shape(other)[0]))} users over {shape(other)[1]} splits "
+            f"({len(shape(other)[2])} tasks)")
+        print(f"\nnot paired by split with --against {where}: it {got}, this run on "
+              f"{', '.join(map(str, shape(frame)[0]))} over {shape(frame)[1]} ({len(shape(frame)[2])} tasks); "
+              f"run both with the same --fit-share and --splits")
+        return
+    both = pd.concat([frame, other.assign(method=OTHER + other["method"])], ignore_index=True)
+    table = split_contrasts(both, BETWEEN_RUNS)
+    table.to_csv(out_dir / "tune_splits_against.csv", index=False)
+    print(f"\nthis run against {where} on the same {table['draws'].iloc[0]} splits, paired by split "
+          f"({table['budget'].iloc[0]} tune users fitted; intervals over the splits):")
+    for r in table.itertuples():
+        print(f"  {r.contrast}: {r.diff:+.4f} [{r.low:+.4f}, {r.high:+.4f}]")
 
 
 def _check_same_folds(scores, other, where) -> None:
@@ -505,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", type=int, default=5, help="folds of the cross-fit that scores every tune user once "
                    "(for intervals that resample users)")
     t.add_argument("--against", default=None, help="another run's tune-splits output (its directory or "
-                   "tune_scores.parquet, same world, --seed and --folds): paired differences between the two models")
+                   "tune_scores.parquet, same world, --seed and --folds): paired differences between the two models, "
+                   "user by user over the cross-fit and, when it was run with the same --fit-share and --splits, "
+                   "split by split (tune_splits_against.csv)")
     t.set_defaults(func=_cmd_tune_splits)
 
     f = sub.add_parser("refit-intervals", help="the report's paired intervals widened by which tune users the probes "

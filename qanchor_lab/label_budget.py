@@ -17,7 +17,8 @@ budget of it as every evaluation reports it (`evaluate_run`, the demo's "With fe
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
 the label curve's table shape (budget = users fitted, draw = split), so `curve_summary` gives paired t-intervals
-over splits. `run_tune_splits` runs it for a model (docs/design.md §7.16). Those intervals cover which tune users
+over splits, and `split_contrasts` pairs two runs' splits draw by draw. `run_tune_splits` runs it for a model
+(docs/design.md §7.16). Those intervals cover which tune users
 the probe happened to be fitted on, not which users were drawn into the tune split (§7.35): `tune_crossfit` scores
 every tune user once, out of fold, and `tune_resamples` resamples users over those scores, as the test report does,
 for intervals a choice between models can rest on (`Resamples.contrast` compares one model's query gain with
@@ -277,6 +278,31 @@ def curve_summary(curve: pd.DataFrame, reference: str | None = None, ci: float =
             d = _t_interval((g[m] - g[reference]).to_numpy(), ci)
             rows.append({"budget": int(budget), "method": m, "draws": len(g), "auc": mean, "auc_low": lo,
                          "auc_high": hi, "diff": d[0], "diff_low": d[1], "diff_high": d[2], "reference": reference})
+    return pd.DataFrame(rows)
+
+
+def split_contrasts(curve: pd.DataFrame, contrasts: Mapping[str, Mapping[str, float]],
+                    ci: float = 0.95) -> pd.DataFrame:
+    """Per (budget, contrast): a weighted sum of methods' AUCs (averaged over tasks) taken draw by draw, its mean
+    over draws and a t-interval (diff, low, high). `contrasts` maps a title to {method: weight}, e.g. the query's
+    gain of one run against another's {"qanchor_base": 1, "static_embedding": -1, "other:qanchor_base": -1,
+    "other:static_embedding": 1}: paired by draw, so with `tune_splits`' frames of two runs on the same splits
+    it compares them on the same fitted and scored users, at any budget (the cross-fit's intervals are for the
+    full budget only). Like `curve_summary`'s, the interval covers the draws, not which users are tune users."""
+    if curve.empty:
+        raise ValueError("curve is empty")
+    per_draw = curve.groupby(["budget", "draw", "method"], sort=False)["auc"].mean().unstack("method")  # (B x draws, M)
+    unknown = sorted({m for terms in contrasts.values() for m in terms} - set(per_draw.columns))
+    if unknown:
+        raise ValueError(f"contrasts name methods the curve lacks: {', '.join(unknown)}; methods: "
+                         f"{', '.join(per_draw.columns)}")
+    rows = []
+    for budget, g in per_draw.groupby(level="budget", sort=True):
+        for title, terms in contrasts.items():
+            values = sum(w * g[m] for m, w in terms.items()).to_numpy()                    # (draws,)
+            diff, low, high = _t_interval(values, ci)
+            rows.append({"budget": int(budget), "contrast": title, "draws": len(g), "diff": diff, "low": low,
+                         "high": high})
     return pd.DataFrame(rows)
 
 

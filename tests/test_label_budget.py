@@ -247,6 +247,41 @@ def test_tune_splits_read_tune_users_only_pair_the_methods_and_tell_signal_from_
         tune_splits(reps, gap, tasks, tune, splits=2)
 
 
+def test_split_contrasts_pair_two_runs_draw_by_draw():
+    from qanchor_lab.label_budget import split_contrasts
+
+    rng = np.random.default_rng(0)
+    rows = [{"budget": b, "draw": d, "task_id": t, "method": m, "auc": 0.6 + rng.normal(0, 0.05)}
+            for b in (20, 200) for d in range(6) for t in ("t1", "t2") for m in ("a", "b", "other:a", "other:b")]
+    curve = pd.DataFrame(rows)
+    table = split_contrasts(curve, {"a - b": {"a": 1, "b": -1}, "gain - other's": {"a": 1, "b": -1, "other:a": -1,
+                                                                                   "other:b": 1}})
+    assert list(table["budget"]) == [20, 20, 200, 200] and (table["draws"] == 6).all()
+    # one contrast of two methods is curve_summary's paired difference, interval and all
+    ref = curve_summary(curve[curve["method"].isin(["a", "b"])], reference="b").set_index(["budget", "method"])
+    got = table[table["contrast"] == "a - b"].set_index("budget")
+    for b in (20, 200):
+        assert np.allclose(got.loc[b, ["diff", "low", "high"]].to_numpy(float),
+                           ref.loc[(b, "a"), ["diff", "diff_low", "diff_high"]].to_numpy(float))
+    # paired by draw: a shift shared by a run's two methods on one draw cancels, so the difference of differences
+    # is the same whatever each draw's level; shuffling the other run's draws changes it
+    per = curve.groupby(["budget", "draw", "method"])["auc"].mean().unstack()
+    want = (per["a"] - per["b"] - per["other:a"] + per["other:b"]).groupby(level="budget").mean()
+    assert np.allclose(table[table["contrast"] == "gain - other's"]["diff"], want.to_numpy())
+    shifted = curve.assign(auc=curve["auc"] + np.where(curve["method"].str.startswith("other:"), curve["draw"] * 0.1, 0))
+    gain = table[table["contrast"] == "gain - other's"]
+    again = split_contrasts(shifted, {"g": {"a": 1, "b": -1, "other:a": -1, "other:b": 1}})
+    assert np.allclose(again[["diff", "low"]], gain[["diff", "low"]])
+    other = curve["method"].str.startswith("other:")
+    rolled = curve.assign(draw=np.where(other, (curve["draw"] + 1) % 6, curve["draw"]))
+    unpaired = split_contrasts(rolled, {"g": {"a": 1, "b": -1, "other:a": -1, "other:b": 1}})
+    assert np.allclose(unpaired["diff"], gain["diff"]) and not np.allclose(unpaired["low"], gain["low"])
+    with pytest.raises(ValueError, match="contrasts name methods the curve lacks: c; methods"):
+        split_contrasts(curve, {"x": {"a": 1, "c": -1}})
+    with pytest.raises(ValueError, match="curve is empty"):
+        split_contrasts(curve.iloc[:0], {"x": {"a": 1}})
+
+
 def test_tune_crossfit_scores_every_tune_user_once_and_its_resamples_cover_users(small_world):
     from qanchor_lab.label_budget import tune_crossfit, tune_resamples, tune_splits
 
@@ -371,6 +406,17 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
                "--out", str(tmp_path / "again"), "--against", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert rc == 0 and "the query's gain: this run - other: +0.0000 [+0.0000, +0.0000]" in out
+    assert "each probe fitted on about" in out and "whatever --fit-share" in out
+    # 2 splits against the other's 3: compared user by user over the cross-fit, not split by split
+    assert "not paired by split with --against" in out and not (tmp_path / "again" / "tune_splits_against.csv").exists()
+    rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "3", "--no-untrained",
+               "--out", str(tmp_path / "paired"), "--against", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "on the same 3 splits, paired by split" in out and "not paired by split" not in out
+    paired = pd.read_csv(tmp_path / "paired" / "tune_splits_against.csv")
+    assert set(paired["contrast"]) == {"base: this run - other", "static: this run - other",
+                                       "the query's gain: this run - other"}
+    assert (paired["draws"] == 3).all() and (paired[["diff", "low", "high"]] == 0).all().all()
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "1.5"]) == 2
     assert "--fit-share must lie strictly between 0 and 1" in capsys.readouterr().err
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--against",
