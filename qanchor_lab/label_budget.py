@@ -17,12 +17,11 @@ budget of it as every evaluation reports it (`evaluate_run`, the demo's "With fe
 `tune_splits` is the same comparison for *choosing* between variants, where test users must not be read: the probe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
 the label curve's table shape (budget = users fitted, draw = split), so `curve_summary` gives paired t-intervals
-over splits, and `split_contrasts` pairs two runs' splits draw by draw. `run_tune_splits` runs it for a model
-(docs/design.md §7.16). Those intervals cover which tune users
-the probe happened to be fitted on, not which users were drawn into the tune split (§7.35): `tune_crossfit` scores
-every tune user once, out of fold, and `tune_resamples` resamples users over those scores, as the test report does,
-for intervals a choice between models can rest on (`Resamples.contrast` compares one model's query gain with
-another's).
+over splits, and `split_contrasts` pairs two runs' splits draw by draw at any budget (§7.60). `run_tune_splits` runs
+it for a model (docs/design.md §7.16). Those intervals cover which tune users the probe happened to be fitted on, not
+which users were drawn into the tune split (§7.35): `tune_crossfit` scores every tune user once, out of fold, and
+`tune_resamples` resamples users over those scores, as the test report does, for intervals a choice between models
+can rest on (`Resamples.contrast` compares one model's query gain with another's).
 
 `refit_scores` is the test users' side of the same question: the report resamples test users around one fit of
 each probe, so `refit_scores` refits the probes on bootstrap draws of the tune users and `refit_contrasts` widens
