@@ -240,8 +240,8 @@ BETWEEN_RUNS = {
 def _cmd_tune_splits(args) -> int:
     import pandas as pd
 
-    from qanchor_lab.label_budget import (curve_summary, model_representations, tune_crossfit, tune_resamples,
-                                          tune_splits)
+    from qanchor_lab.label_budget import (check_tune_splits, curve_summary, model_representations, tune_crossfit,
+                                          tune_resamples, tune_splits)
 
     _check_counts({"--splits": (args.splits, 1), "--folds": (args.folds, 2)})
     if not 0 < args.fit_share < 1:
@@ -250,6 +250,8 @@ def _cmd_tune_splits(args) -> int:
     # read first: a bad path fails fast
     against, against_splits = _tune_outputs_of(args.against) if args.against else (None, None)
     tune = world.users_in("tune")
+    # the labels alone can rule a split out (a small --fit-share, a rare task): said before every user is embedded
+    check_tune_splits(world.labels, world.tasks, tune, splits=args.splits, fit_share=args.fit_share, seed=args.seed)
     reps = model_representations(model, world, tune, others=others)
     frame = tune_splits(reps, world.labels, world.tasks, tune, splits=args.splits, fit_share=args.fit_share,
                         seed=args.seed, show_progress=True)

@@ -18,7 +18,8 @@ budget of it as every evaluation reports it (`evaluate_run`, the demo's "With fe
 fitted on a share of the tune users (every one of them labelled) and scored on the others, over random splits, in
 the label curve's table shape (budget = users fitted, draw = split), so `curve_summary` gives paired t-intervals
 over splits, and `split_contrasts` pairs two runs' splits draw by draw at any budget (§7.60). `run_tune_splits` runs
-it for a model (docs/design.md §7.16). Those intervals cover which tune users the probe happened to be fitted on, not
+it for a model (docs/design.md §7.16), after `check_tune_splits` has ruled out, from the labels alone, a split that
+cannot be fitted or scored. Those intervals cover which tune users the probe happened to be fitted on, not
 which users were drawn into the tune split (§7.35): `tune_crossfit` scores every tune user once, out of fold, and
 `tune_resamples` resamples users over those scores, as the test report does, for intervals a choice between models
 can rest on (`Resamples.contrast` compares one model's query gain with another's).
@@ -404,19 +405,12 @@ def tune_splits(
     `label_curve`, rows in `tune_users` order; every tune user needs a label for every task. Returns one row per
     (split, task, method) in the label curve's shape: budget (users fitted), draw (the split), task_id, method, auc,
     n_positive (positives fitted)."""
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits must be an int >= 1; got {splits!r}")
-    if not 0 < fit_share < 1:
-        raise ValueError(f"fit_share must lie strictly between 0 and 1; got {fit_share!r}")
+    cut = check_tune_splits(labels, tasks, tune_users, splits=splits, fit_share=fit_share, seed=seed, config=config)
     tune = list(tune_users)
-    cut = int(round(fit_share * len(tune)))
-    if not 0 < cut < len(tune):
-        raise ValueError(f"fit_share {fit_share} of {len(tune)} tune users leaves no users to fit or to score")
     _check_tune_rows(representations, tune)
-    _tune_label_matrix(labels, tasks, tune, "tune_splits")
     parts = []
     for r in tqdm(range(splits), desc="tune splits", unit="split", disable=not show_progress):
-        order = np.random.default_rng([seed, r]).permutation(len(tune))
+        order = _split_order(seed, r, len(tune))
         fit, scored = [tune[i] for i in order[:cut]], [tune[i] for i in order[cut:]]
         reps = {name: np.asarray(X)[order] for name, X in representations.items()}   # rows: fit users, then scored
         try:
@@ -425,6 +419,41 @@ def tune_splits(
             raise ValueError(f"tune split {r}: {exc}") from None
         parts.append(curve.assign(draw=r))
     return pd.concat(parts, ignore_index=True)
+
+
+def check_tune_splits(labels: pd.DataFrame, tasks: pd.DataFrame, tune_users: Sequence[str], *, splits: int = 10,
+                      fit_share: float = 0.7, seed: int = 0, config: ProbeConfig | None = None) -> int:
+    """What `tune_splits` can check from the labels alone, before a user is embedded (20-30 s on the default
+    world): its arguments, a label for every tune user and task, and each split's fitted users holding
+    `ProbeConfig.cv` of each class for every task (a small `fit_share` can miss a rare task's positives) and its
+    scored users both classes. Raises a ValueError naming the split and task; returns the number of users each probe
+    is fitted on."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1; got {splits!r}")
+    if not 0 < fit_share < 1:
+        raise ValueError(f"fit_share must lie strictly between 0 and 1; got {fit_share!r}")
+    tune = list(tune_users)
+    cut = int(round(fit_share * len(tune)))
+    if not 0 < cut < len(tune):
+        raise ValueError(f"fit_share {fit_share} of {len(tune)} tune users leaves no users to fit or to score")
+    y = _tune_label_matrix(labels, tasks, tune, "tune_splits")                         # (U, T)
+    min_per_class = (config or ProbeConfig()).cv
+    for r in range(splits):
+        order = _split_order(seed, r, len(tune))
+        fitted, scored = y.iloc[order[:cut]], y.iloc[order[cut:]]                      # (cut, T), (U - cut, T)
+        for task_id in y.columns:
+            problem = budget_problem(fitted[task_id].to_numpy(), cut, min_per_class)
+            if problem:
+                raise ValueError(f"tune split {r}: task {task_id!r}: {problem}")
+            if scored[task_id].nunique() < 2:
+                raise ValueError(f"tune split {r}: task {task_id!r}: its {len(scored)} scored tune users are all "
+                                 f"{int(scored[task_id].iloc[0])}, and an AUC needs both classes (a smaller fit_share)")
+    return cut
+
+
+def _split_order(seed: int, r: int, n: int) -> np.ndarray:
+    """Split r of `tune_splits` over n tune users: a permutation, its first `cut` users fitted, the rest scored."""
+    return np.random.default_rng([seed, r]).permutation(n)
 
 
 def _check_tune_rows(representations: Mapping[str, np.ndarray], tune: list[str]) -> None:
@@ -668,6 +697,7 @@ def run_tune_splits(model, world, *, splits: int = 10, fit_share: float = 0.7, s
     """`tune_splits` for a Q-Anchor model over `model_representations` of the world's tune users; the judge of
     docs/design.md §7.16. `curve_summary(result, reference="static_embedding")` gives the task query's gain."""
     tune = world.users_in("tune")
-    reps = model_representations(model, world, tune, others=others, show_progress=show_progress)
+    check_tune_splits(world.labels, world.tasks, tune, splits=splits, fit_share=fit_share, seed=seed, config=config)
+    reps = model_representations(model, world, tune, others=others, show_progress=show_progress)   # the slow part
     return tune_splits(reps, world.labels, world.tasks, tune, splits=splits, fit_share=fit_share, seed=seed,
                        config=config, show_progress=show_progress)

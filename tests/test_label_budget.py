@@ -245,6 +245,19 @@ def test_tune_splits_read_tune_users_only_pair_the_methods_and_tell_signal_from_
     gap = labels[~((labels["user_id"] == tune[5]) & (labels["task_id"] == lacking))]
     with pytest.raises(ValueError, match=r"1 tune user\(s\) miss one, e.g. \['%s'\] \(task '%s'" % (tune[5], lacking)):
         tune_splits(reps, gap, tasks, tune, splits=2)
+    # the labels alone rule out a split whose fitted users lack a class, or whose scored users hold one: said by
+    # check_tune_splits before anything is embedded, and by tune_splits before anything is fitted
+    from qanchor_lab.label_budget import check_tune_splits
+
+    assert check_tune_splits(labels, tasks, tune, splits=4, fit_share=0.7, seed=3) == round(0.7 * n)
+    few = r"tune split 0: task '[a-z_]+': a budget of 4 cannot hold 3 of each class \(\d positive, \d negative"
+    with pytest.raises(ValueError, match=few):
+        check_tune_splits(labels, tasks, tune, fit_share=4 / n)
+    with pytest.raises(ValueError, match=few):
+        tune_splits({"wrong rows": np.zeros((1, 2))}, labels, tasks, tune, fit_share=4 / n)   # before the rows check
+    with pytest.raises(ValueError, match=r"tune split \d+: task '[a-z_]+': its 1 scored tune users are all [01], and "
+                                         r"an AUC needs both classes"):
+        check_tune_splits(labels, tasks, tune, fit_share=(n - 1) / n)
 
 
 def test_split_contrasts_pair_two_runs_draw_by_draw():
@@ -382,7 +395,8 @@ def test_refit_scores_refit_the_probes_on_shared_draws_and_widen_the_report_inte
 
 
 @pytest.mark.slow
-def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys):
+def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys,
+                                                              monkeypatch):
     from qanchor_lab.cli import main
     from qanchor_lab.data import save_world
     from qanchor_lab.pipeline import restrict_tasks
@@ -425,6 +439,34 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
     rc = main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--splits", "2", "--no-untrained",
                "--folds", "3", "--out", str(tmp_path / "three"), "--against", str(tmp_path / "run")])
     assert rc == 2 and "not on the same tune users and folds" in capsys.readouterr().err
+    # a --fit-share too small for a task is named before any user is embedded
+    import qanchor_lab.label_budget as LB
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("embedded the users before checking the splits")
+
+    monkeypatch.setattr(LB, "model_representations", embedded)
+    assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "0.01",
+                 "--no-untrained"]) == 2
+    assert "tune split 0: task" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_tune_splits_reads_a_model_and_checks_the_splits_before_embedding(tiny_model, small_world, monkeypatch):
+    import qanchor_lab.label_budget as LB
+    from qanchor_lab.pipeline import restrict_tasks
+
+    world = restrict_tasks(small_world, small_world.tasks["task_id"].tolist()[:2])
+    frame = LB.run_tune_splits(tiny_model, world, splits=2, seed=1, show_progress=False)
+    assert set(frame["method"]) == {"qanchor_base", "static_embedding", "logreg_features"}
+    assert set(frame["draw"]) == {0, 1} and len(frame) == 2 * 2 * 3 and frame["auc"].between(0, 1).all()
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("embedded the users before checking the splits")
+
+    monkeypatch.setattr(LB, "model_representations", embedded)
+    with pytest.raises(ValueError, match="tune split 0: task .*cannot hold 3 of each class"):
+        LB.run_tune_splits(tiny_model, world, fit_share=0.01, show_progress=False)
 
 
 @pytest.mark.slow
