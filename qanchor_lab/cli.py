@@ -361,16 +361,16 @@ def _print_runs_by_split(frame, other, where, out_dir: Path) -> None:
 
     from qanchor_lab.label_budget import split_contrasts
 
-    def shape(f):
+    def shape(f):   # (users fitted, splits, tasks)
         return sorted(set(f["budget"])), f["draw"].nunique(), sorted(set(f["task_id"]))
 
-    if other is None or shape(other) != shape(frame):
-        got = "has no tune_splits.csv" if other is None else (
-            f"fitted its probes on {', '.join(map(str, shape(other)[0]))} users over {shape(other)[1]} splits "
-            f"({len(shape(other)[2])} tasks)")
-        print(f"\nnot paired by split with --against {where}: it {got}, this run on "
-              f"{', '.join(map(str, shape(frame)[0]))} over {shape(frame)[1]} ({len(shape(frame)[2])} tasks); "
-              f"run both with the same --fit-share and --splits")
+    mine, theirs = shape(frame), (shape(other) if other is not None else None)
+    if theirs != mine:
+        got = "has no tune_splits.csv" if theirs is None else (
+            f"fitted its probes on {', '.join(map(str, theirs[0]))} users over {theirs[1]} splits "
+            f"({len(theirs[2])} tasks)")
+        print(f"\nnot paired by split with --against {where}: it {got}, this run on {', '.join(map(str, mine[0]))} "
+              f"over {mine[1]} ({len(mine[2])} tasks); run both with the same --fit-share and --splits")
         return
     both = pd.concat([frame, other.assign(method=OTHER + other["method"])], ignore_index=True)
     table = split_contrasts(both, BETWEEN_RUNS)

@@ -264,13 +264,11 @@ def curve_summary(curve: pd.DataFrame, reference: str | None = None, ci: float =
     """Per (budget, method): AUC averaged over tasks, its mean over draws with a t-interval (auc_low, auc_high),
     and the paired difference from `reference` (default: the first method) with its t-interval (diff, diff_low,
     diff_high). With one draw (a budget of every tune user) the intervals are NaN."""
-    if curve.empty:
-        raise ValueError("curve is empty")
+    per_draw = _per_draw(curve)                                                          # (budget x draw, M)
     methods = list(dict.fromkeys(curve["method"]))
     reference = reference or methods[0]
     if reference not in methods:
         raise ValueError(f"reference {reference!r} is not a method of the curve; methods: {', '.join(methods)}")
-    per_draw = curve.groupby(["budget", "draw", "method"], sort=False)["auc"].mean().unstack("method")  # (budget x draw, M)
     rows = []
     for budget, g in per_draw.groupby(level="budget", sort=True):
         for m in methods:
@@ -289,9 +287,7 @@ def split_contrasts(curve: pd.DataFrame, contrasts: Mapping[str, Mapping[str, fl
     "other:static_embedding": 1}: paired by draw, so with `tune_splits`' frames of two runs on the same splits
     it compares them on the same fitted and scored users, at any budget (the cross-fit's intervals are for the
     full budget only). Like `curve_summary`'s, the interval covers the draws, not which users are tune users."""
-    if curve.empty:
-        raise ValueError("curve is empty")
-    per_draw = curve.groupby(["budget", "draw", "method"], sort=False)["auc"].mean().unstack("method")  # (B x draws, M)
+    per_draw = _per_draw(curve)                                                          # (budget x draw, M)
     unknown = sorted({m for terms in contrasts.values() for m in terms} - set(per_draw.columns))
     if unknown:
         raise ValueError(f"contrasts name methods the curve lacks: {', '.join(unknown)}; methods: "
@@ -304,6 +300,13 @@ def split_contrasts(curve: pd.DataFrame, contrasts: Mapping[str, Mapping[str, fl
             rows.append({"budget": int(budget), "contrast": title, "draws": len(g), "diff": diff, "low": low,
                          "high": high})
     return pd.DataFrame(rows)
+
+
+def _per_draw(curve: pd.DataFrame) -> pd.DataFrame:
+    """A curve's AUC averaged over tasks: one row per (budget, draw), one column per method, methods in order."""
+    if curve.empty:
+        raise ValueError("curve is empty")
+    return curve.groupby(["budget", "draw", "method"], sort=False)["auc"].mean().unstack("method")
 
 
 def _t_interval(x: np.ndarray, ci: float) -> tuple[float, float, float]:

@@ -394,6 +394,16 @@ def test_refit_scores_refit_the_probes_on_shared_draws_and_widen_the_report_inte
         refit_contrasts(scores[scores.refit > 0], labels, tasks, {"x": {"own": 1}})
 
 
+def _forbid_embedding(monkeypatch):
+    """Embedding a user now fails the test: what should fail first must fail before it."""
+    import qanchor_lab.label_budget as LB
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("embedded the users before checking the splits")
+
+    monkeypatch.setattr(LB, "model_representations", embedded)
+
+
 @pytest.mark.slow
 def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small_world, tmp_path, capsys,
                                                               monkeypatch):
@@ -440,12 +450,7 @@ def test_cli_tune_splits_writes_the_splits_and_names_bad_input(tiny_model, small
                "--folds", "3", "--out", str(tmp_path / "three"), "--against", str(tmp_path / "run")])
     assert rc == 2 and "not on the same tune users and folds" in capsys.readouterr().err
     # a --fit-share too small for a task is named before any user is embedded
-    import qanchor_lab.label_budget as LB
-
-    def embedded(*args, **kwargs):
-        raise AssertionError("embedded the users before checking the splits")
-
-    monkeypatch.setattr(LB, "model_representations", embedded)
+    _forbid_embedding(monkeypatch)
     assert main(["tune-splits", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--fit-share", "0.01",
                  "--no-untrained"]) == 2
     assert "tune split 0: task" in capsys.readouterr().err
@@ -461,10 +466,7 @@ def test_run_tune_splits_reads_a_model_and_checks_the_splits_before_embedding(ti
     assert set(frame["method"]) == {"qanchor_base", "static_embedding", "logreg_features"}
     assert set(frame["draw"]) == {0, 1} and len(frame) == 2 * 2 * 3 and frame["auc"].between(0, 1).all()
 
-    def embedded(*args, **kwargs):
-        raise AssertionError("embedded the users before checking the splits")
-
-    monkeypatch.setattr(LB, "model_representations", embedded)
+    _forbid_embedding(monkeypatch)
     with pytest.raises(ValueError, match="tune split 0: task .*cannot hold 3 of each class"):
         LB.run_tune_splits(tiny_model, world, fit_share=0.01, show_progress=False)
 
