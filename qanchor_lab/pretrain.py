@@ -263,6 +263,19 @@ def epoch_batches(pairs: PairSet, config: PretrainConfig, epoch: int, world_size
     return steps
 
 
+def grid_empty_steps(pairs: PairSet, config: PretrainConfig, total_steps: int, steps_per_epoch: int,
+                     world_size: int = 1) -> np.ndarray:
+    """Steps (1-based) among the run's first `total_steps`, over every epoch, in which some process gets no pair.
+    Only "grid" plans such steps (a block where none of the chosen users answers the chosen intents), and a step
+    with nothing to tokenize cannot run. (A single pair can: it has no in-batch negative, only its other losses.)"""
+    empty = []
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        plan = epoch_batches(pairs, config, epoch, world_size)[: total_steps - epoch * steps_per_epoch]
+        least = np.array([min(len(rows) for rows in ranks) for ranks in plan])  # (S,) smallest share of each step
+        empty += (epoch * steps_per_epoch + 1 + np.flatnonzero(least == 0)).tolist()
+    return np.asarray(empty, dtype=np.int64)
+
+
 def epoch_order(pairs: PairSet, config: PretrainConfig, epoch: int, global_batch: int) -> np.ndarray:
     """Row order of one epoch; consecutive `global_batch` rows form a step's batch.
 
@@ -404,7 +417,9 @@ def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler
         clip = accelerator.clip_grad_norm_ if accelerator is not None else torch.nn.utils.clip_grad_norm_
         clip(module.parameters(), grad_clip)
     optimizer.step()
-    if scheduler is not None:
+    # a plain schedule (pretrain keeps it out of acc.prepare) does not know of a mixed-precision step the
+    # accelerated optimizer skipped on overflow; AcceleratedScheduler held still then, and so does this
+    if scheduler is not None and not getattr(optimizer, "step_was_skipped", False):
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return out._replace(loss=out.loss.detach())
@@ -594,6 +609,14 @@ def pretrain(
     total_steps = math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    if config.batching == "grid":
+        empty = grid_empty_steps(pairs, config, total_steps, steps_per_epoch, world_size)
+        if len(empty):
+            # the whole plan is known now: fail before training, not deep in the tokenizer at the first such step
+            raise ValueError(f'batching="grid" plans {len(empty)} of {total_steps} steps in which a process gets no '
+                             f'QA pair (first at step {empty[0]}): none of the chosen users answers the chosen '
+                             f'intents. Use batching="intent", or a QA table where each user answers more intents '
+                             f'(WorldConfig.qa_per_user_min / qa_per_user_max)')
 
     lr = config.resolved_lr(model)
     if not config.use_contrastive and not config.reconstruction:
@@ -609,7 +632,10 @@ def pretrain(
     step = 0
     if resume_from is not None:
         step = _resume(resume_from, module, optimizer, scheduler, config)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    # the schedule stays out of acc.prepare: Accelerate's AcceleratedScheduler steps it once per process at each
+    # optimizer step (split_batches=False, whatever accelerator the caller passed), so under N processes the warm-up
+    # and cosine would run N times too fast; `total_steps` counts optimizer steps, and training_step steps it once
+    module, optimizer = acc.prepare(module, optimizer)
 
     log_path = out_dir / "log.jsonl"
     if acc.is_main_process:

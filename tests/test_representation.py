@@ -255,6 +255,37 @@ def test_grid_batches_ask_every_user_the_same_questions(small_world, tiny_store)
         assert not set(pairs.user_index[ranks[0]]) & set(pairs.user_index[ranks[1]])
 
 
+def test_grid_batching_that_leaves_a_process_without_pairs_fails_before_the_first_step(tmp_path, monkeypatch):
+    """A grid block where none of the chosen users answers the chosen intents gives a process no pair (the tokenizer
+    then failed, mid-run): pretrain counts such steps over the whole plan, every epoch and every process, and
+    refuses to start."""
+    import qanchor_lab.pretrain as pt
+    from qanchor_lab.model import QAnchorModel
+    from qanchor_lab.world import WorldConfig, generate_world
+
+    w = generate_world(WorldConfig(n_users=300, seed=5))                       # 4-8 QA pairs per user of 49 intents
+    users = w.users_in("pretrain")
+    model = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, users)
+    cfg = PretrainConfig(epochs=2.0, batch_size=8, batching="grid", intents_per_batch=4, seed=1)
+    pairs = make_pairs(w.qa, model.behaviour(w.events, w.profiles, users), pt.heldout_queries(w.qa, cfg.seed))
+    plans = [pt.epoch_batches(pairs, cfg, e) for e in (0, 1)]
+    empty = [sum(min(map(len, ranks)) == 0 for ranks in plan) for plan in plans]  # per epoch
+    assert empty[0] > 0 and empty[1] > 0
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran before the grid plan was checked")
+
+    monkeypatch.setattr(pt, "training_step", no_step)
+    with pytest.raises(ValueError, match=rf'plans {sum(empty)} of {2 * len(plans[0])} steps .* no QA pair .*'
+                                         r'batching="intent"'):
+        pt.pretrain(model, w, cfg, tmp_path / "run", show_progress=False)
+    # under two processes a step is flagged when either process's share is empty, whatever the other holds
+    plan = pt.epoch_batches(pairs, cfg, 0, world_size=2)
+    flagged = set(pt.grid_empty_steps(pairs, cfg, len(plan), len(plan), world_size=2).tolist())
+    assert flagged == {s + 1 for s, ranks in enumerate(plan) if min(map(len, ranks)) == 0}
+    assert any(sum(map(len, plan[s - 1])) >= 2 for s in flagged)
+
+
 def test_forward_with_shared_prefixes_equals_full_recompute(tiny_model, tiny_store):
     """A user asked several questions runs its prefix once (cached); same anchors, logits and gradients."""
     model = tiny_model.eval()
