@@ -295,13 +295,19 @@ def _fmt(value: float, low: float = math.nan, high: float = math.nan, *, signed:
     return text
 
 
+def ci_label(metrics: Mapping) -> str:
+    """"80% CI" for the level the metrics' intervals were drawn at (metrics["bootstrap"]["ci"]), or "CI"
+    where they name none: every table header reads it, so none can claim a level the numbers lack."""
+    level = metrics.get("bootstrap", {}).get("ci")
+    return f"{round(100 * level)}% CI" if level else "CI"
+
+
 def formatted_table(metrics: Mapping, *, readable: bool = False) -> tuple[list[str], list[list[str]]]:
     """Header and rows of strings ("0.812 [0.801, 0.823]") for markdown and HTML renderings; rows in
     method_order. `readable` names methods by method_label instead of their keys."""
     table = results_table(metrics)
     reference = metrics.get("reference")
-    level = metrics.get("bootstrap", {}).get("ci")
-    ci = f"{round(100 * level)}% CI" if level else "CI"
+    ci = ci_label(metrics)
     domains = [c[len("auc_"):] for c in table.columns if c.startswith("auc_") and not c.startswith("auc_diff")]
     header = ["method", f"avg AUC [{ci}]", f"avg KS [{ci}]"] + [f"AUC {d}" for d in domains]
     if reference is not None:
@@ -366,7 +372,8 @@ def few_labels_markdown(metrics: Mapping) -> str:
 
 def comparisons_markdown(metrics: Mapping) -> str:
     """Does each mechanism matter: paired AUC / KS differences with their CIs, one row per question."""
-    lines = ["| does it matter? | a − b | AUC diff [95% CI] | KS diff [95% CI] | CI above zero |",
+    ci = ci_label(metrics)
+    lines = [f"| does it matter? | a − b | AUC diff [{ci}] | KS diff [{ci}] | CI above zero |",
              "| --- | --- | ---: | ---: | --- |"]
     for c in metrics.get("comparisons", []):
         lines.append(f"| {c['question']} | {c['a']} − {c['b']} | {_fmt(c['auc_diff'], c['auc_low'], c['auc_high'], signed=True)} | "

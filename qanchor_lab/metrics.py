@@ -432,7 +432,7 @@ class Resamples:
             "diff": float(observed.mean()),
             "low": low,
             "high": high,
-            "p_value": _p_value(avg, alternative),
+            "p_value": _p_value(avg, float(observed.mean()), alternative),
             "alternative": alternative,
             "ci": ci,
             "n_boot": int(valid.sum()),
@@ -446,7 +446,7 @@ class Resamples:
                     "diff": float(observed[j]),
                     "low": t_low,
                     "high": t_high,
-                    "p_value": _p_value(diffs[:, j], alternative),
+                    "p_value": _p_value(diffs[:, j], float(observed[j]), alternative),
                 }
         return result
 
@@ -472,11 +472,16 @@ def bootstrap_ci(
         "scores", metric, ci=ci, per_task=per_task)
 
 
-def _p_value(diffs: np.ndarray, alternative: str) -> float:
-    at_most_zero = float(np.mean(diffs <= 0))
+def _p_value(diffs: np.ndarray, observed: float, alternative: str) -> float:
+    """Bootstrap p-value of "the difference is 0", read off the reflected values 2θ - d* that `_interval`'s basic
+    interval takes its quantiles of, so the two agree: the two-sided p is below 1 - ci when that interval excludes
+    0 (to the 1 / n_boot resolution, as np.quantile interpolates between resamples). The raw share of d* <= 0
+    would not: KS grows on resamples, so d* is skewed away from θ and that share disagrees with the interval."""
+    reflected = 2 * observed - diffs  # the same arithmetic as `_interval`'s bounds
+    at_most_zero = float(np.mean(reflected <= 0))
     if alternative == "greater":
         return at_most_zero
-    return min(1.0, 2.0 * min(at_most_zero, float(np.mean(diffs >= 0))))
+    return min(1.0, 2.0 * min(at_most_zero, float(np.mean(reflected >= 0))))
 
 
 def paired_bootstrap(
@@ -498,9 +503,11 @@ def paired_bootstrap(
     same draw. Returns {"metric", "diff" (on the data as given), "low", "high" (basic bootstrap CI),
     "p_value", "alternative", "ci", "n_boot" (resamples used), "n_users"}.
 
-    p_value: with alternative="greater" it is the share of resamples with diff <= 0 (small when a is
-    reliably better than b); with "two-sided" it is 2 * min(share <= 0, share >= 0), capped at 1.
-    Its resolution is 1 / n_boot, so 0.0 means "below 1 / n_boot". With per_task, also
+    p_value: from the reflected resamples 2 * diff - diff* that the basic interval is built on (`_p_value`), so
+    it is below 1 - ci just when the two-sided interval excludes 0 (but within a resample of the edge, where
+    np.quantile interpolates). With alternative="greater" it is the share of them <= 0 (small when a is reliably
+    better than b); with "two-sided" it is 2 * min(share <= 0, share >= 0), capped at 1. Its resolution is
+    1 / n_boot, so 0.0 means "below 1 / n_boot". With per_task, also
     "tasks": {task_id: {"diff", "low", "high", "p_value"}} from the same resamples."""
     _check_boot_args(metric, n_boot, ci, alternative)
     return Resamples(labels, tasks, {"a": scores_a, "b": scores_b}, n_boot=n_boot, seed=seed).paired(

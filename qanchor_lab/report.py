@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
 
-from qanchor_lab.evaluate import (_check_metrics, few_labels_lead, few_labels_rows, formatted_table, method_label,
-                                   method_order)
+from qanchor_lab.evaluate import (_check_metrics, ci_label, few_labels_lead, few_labels_rows, formatted_table,
+                                   method_label, method_order)
 
 ORACLE = "oracle"
 # Which Q-Anchor variant the summary speaks for when the metrics name no reference.
@@ -305,7 +305,7 @@ def write_report(
                    "and these intervals leave that out: <code>python -m qanchor_lab refit-intervals RUN</code> refits "
                    "the probes on bootstrap draws of the tune users and widens the intervals by it (docs/design.md "
                    "§7.36).</p>")
-        out.append(_comparisons_html(metrics["comparisons"]))
+        out.append(_comparisons_html(metrics["comparisons"], ci_label(metrics)))
     if metrics.get("few_labels"):
         out.append("<h2>With few labels</h2>")
         out.append(_few_labels_html(metrics["few_labels"]))
@@ -333,14 +333,14 @@ def write_report(
     return path
 
 
-def _comparisons_html(comparisons: Sequence[Mapping[str, Any]]) -> str:
+def _comparisons_html(comparisons: Sequence[Mapping[str, Any]], ci: str) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(c['question'])}</td><td>{html.escape(c['a'])} − {html.escape(c['b'])}</td>"
         f"<td>{c['auc_diff']:+.3f} [{c['auc_low']:+.3f}, {c['auc_high']:+.3f}]</td>"
         f"<td>{c['ks_diff']:+.3f} [{c['ks_low']:+.3f}, {c['ks_high']:+.3f}]</td>"
         f"<td>{'yes' if c['auc_low'] > 0 else 'no'}</td></tr>" for c in comparisons)
-    return ("<table><thead><tr><th>does it matter?</th><th>a − b</th><th>AUC diff [95% CI]</th>"
-            f"<th>KS diff [95% CI]</th><th>AUC CI above zero</th></tr></thead><tbody>{rows}</tbody></table>")
+    return (f"<table><thead><tr><th>does it matter?</th><th>a − b</th><th>AUC diff [{ci}]</th>"
+            f"<th>KS diff [{ci}]</th><th>AUC CI above zero</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _few_labels_html(few: Mapping[str, Any]) -> str:

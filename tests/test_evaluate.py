@@ -336,6 +336,20 @@ def test_mechanism_comparisons_are_paired_differences_of_scored_methods(toy, tmp
     assert "Does each mechanism matter?" in html
 
 
+def test_comparisons_headers_name_the_level_the_intervals_were_drawn_at(toy, tmp_path):
+    from qanchor_lab.evaluate import comparisons_markdown
+
+    labels, scores, test = toy
+    named = {"qanchor_base": scores["qanchor_prompt_tuned"], "untrained": scores["gbdt_features"]}
+    metrics = evaluate_methods(named, labels, TASKS, test, n_boot=50, seed=0, ci=0.80)
+    assert metrics["comparisons"] and metrics["bootstrap"]["ci"] == 0.80
+    md = comparisons_markdown(metrics)
+    html = write_report(tmp_path / "r.html", metrics).read_text()
+    for text in (md, html):
+        assert "AUC diff [80% CI]" in text and "KS diff [80% CI]" in text
+        assert "95% CI" not in text
+
+
 def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch, tmp_path):
     """A changed library default (here the reconstruction weight) must retrain, not reuse an older model."""
     from dataclasses import replace
