@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.api import guess_datetime_format
 
 from qanchor_lab.schema import (
     DOMAINS,
@@ -204,22 +205,10 @@ def _coerce_datetime(df: pd.DataFrame, raw: pd.Series, table: str, col: str) -> 
     if pd.api.types.is_datetime64_any_dtype(raw.dtype):
         parsed = raw
     else:
-        try:
-            with warnings.catch_warnings():
-                # the fallback below handles rows the inferred format misses; its warning is noise
-                warnings.simplefilter("ignore", UserWarning)
-                parsed = pd.to_datetime(raw, errors="coerce", utc=True)
-        except (ValueError, TypeError, OverflowError):
-            parsed = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
-        # An inferred format rejects rows written another way; re-parse just those one by one.
-        retry = (parsed.isna() & raw.notna()).to_numpy()
-        if retry.any():
-            try:
-                again = pd.to_datetime(raw[retry], errors="coerce", utc=True, format="mixed")
-            except (ValueError, TypeError, OverflowError):
-                again = pd.Series(pd.NaT, index=raw.index[retry], dtype="datetime64[ns, UTC]")
-            parsed = parsed.astype("datetime64[ns, UTC]")
-            parsed[retry] = again.astype("datetime64[ns, UTC]")
+        with warnings.catch_warnings():
+            # guessing a format from a day-first value warns that dayfirst=False; the checks below handle it
+            warnings.simplefilter("ignore", UserWarning)
+            parsed = _parse_timestamps(df, raw, table, col)
         bad = (parsed.isna() & raw.notna()).to_numpy()
         if bad.any():
             raise DataValidationError(
@@ -238,6 +227,63 @@ def _coerce_datetime(df: pd.DataFrame, raw: pd.Series, table: str, col: str) -> 
             f"{table}: column {col!r} has {int(missing.sum())} missing timestamp(s) at {_users_of(df, missing)}"
         )
     return parsed
+
+
+def _parse_timestamps(df: pd.DataFrame, raw: pd.Series, table: str, col: str) -> pd.Series:
+    """Timestamps (or values) as datetime64[ns, UTC], NaT where unparseable.
+
+    One format, inferred from the first value as pandas does, reads every row it fits. Rows it misses are
+    read one by one, and there pandas reads each non-ISO string whichever way it parses: "03/01/2025" as
+    1 March beside "21/02/2025" as 21 February in one column. So when such a row is missed, every non-ISO
+    string of the column is read month-first and day-first, and a value the two read differently is an
+    error rather than a guess."""
+    def unparsed() -> pd.Series:
+        return pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns, UTC]")
+
+    fmt = _inferred_format(raw)
+    try:  # with no format to infer pandas would read each row its own way: all go the checked way below
+        parsed = pd.to_datetime(raw, errors="coerce", utc=True, format=fmt) if fmt else unparsed()
+    except (ValueError, TypeError, OverflowError):
+        parsed = unparsed()
+    retry = (parsed.isna() & raw.notna()).to_numpy()
+    if not retry.any():
+        return parsed
+    # ISO 8601 has one reading (and format="mixed" with dayfirst=True would misread "2025-02-01" as 2 January),
+    # so ISO strings, and datetime objects, are set aside before the two readings are compared
+    try:
+        again = pd.to_datetime(raw, errors="coerce", utc=True, format="ISO8601").astype("datetime64[ns, UTC]")
+    except (ValueError, TypeError, OverflowError):
+        again = unparsed()
+    other = (again.isna() & raw.notna()).to_numpy()
+    if (other & retry).any():
+        readings = []
+        for dayfirst in (False, True):
+            try:
+                readings.append(pd.to_datetime(raw[other], errors="coerce", utc=True, format="mixed", dayfirst=dayfirst)
+                                .astype("datetime64[ns, UTC]"))
+            except (ValueError, TypeError, OverflowError):
+                readings.append(unparsed()[other])
+        month, day = readings
+        differ = np.zeros(len(raw), dtype=bool)
+        differ[other] = (month.notna() & day.notna() & (month != day)).to_numpy()
+        if differ.any():
+            raise DataValidationError(
+                f"{table}: column {col!r} has {int(differ.sum())} date(s) that read differently day-first "
+                f"and month-first, and the column does not follow one format: {_value_examples(df, raw, differ)}; "
+                f"write the timestamps as ISO 8601 (YYYY-MM-DD or YYYY-MM-DD HH:MM:SS)"
+            )
+        again[other] = month.fillna(day).to_numpy()
+    parsed = parsed.astype("datetime64[ns, UTC]")
+    parsed[retry] = again[retry].to_numpy()
+    return parsed
+
+
+def _inferred_format(raw: pd.Series) -> str | None:
+    """The format pandas infers from a column's first value (month-first where that is ambiguous), or None
+    where the first value is no string or fits no format pandas can guess."""
+    present = raw[raw.notna()]
+    first = present.iloc[0] if len(present) else None
+    return guess_datetime_format(first) if isinstance(first, str) else None
 
 
 def _coerce_numeric(df: pd.DataFrame, raw: pd.Series, table: str, col: str, kind: str) -> pd.Series:
@@ -497,6 +543,9 @@ def validate_users(df: pd.DataFrame) -> pd.DataFrame:
 
 def validate_profiles(df: pd.DataFrame) -> pd.DataFrame:
     """Validate and normalise the tabular profile: user_id plus numeric columns, one row per user."""
+    named = [c for c in df.columns if not isinstance(c, str)]
+    if named:   # columns name features and QA subjects ("profile.<name>", derive_qa's questions)
+        raise DataValidationError(f"profiles: column names must be strings; got {_shown(named)}")
     out = _normalise(df, "profiles", {"user_id": "str"}, PROFILE_REQUIRED, {})
     _check_nonblank(out, "profiles", ("user_id",))
     features = [c for c in out.columns if c != "user_id"]

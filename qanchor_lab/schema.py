@@ -6,11 +6,14 @@ synthetic UserU world and for a user's own logs (data/README.md documents it for
 
 from __future__ import annotations
 
+import datetime
 import re
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Sequence, get_args
 
+import numpy as np
 import pandas as pd
 
 SCHEMA_VERSION = 1
@@ -209,16 +212,14 @@ def declared_modalities(manifest: Mapping[str, Any], events: pd.DataFrame | None
 
 
 def declared_window(manifest: Mapping[str, Any]) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
-    """(start, end) from `manifest["history_window"]` ({"start": ISO, "end": ISO}, either optional), or
-    from a synthetic config's start_date/history_days; (None, None) when undeclared."""
+    """(start, end) from `manifest["history_window"]` ({"start": ISO, "end": ISO}, either optional; naive UTC
+    like the events, an aware value converted), or from a synthetic config's start_date/history_days; (None,
+    None) when undeclared."""
     win = manifest.get("history_window")
     if win:
         if not isinstance(win, Mapping) or set(win) - {"start", "end"}:
             raise ValueError(f"manifest 'history_window' must be {{'start': ISO, 'end': ISO}}, got {win!r}")
-        try:
-            start, end = (pd.Timestamp(win[k]) if win.get(k) else None for k in ("start", "end"))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"manifest 'history_window': {exc}") from None
+        start, end = (_window_bound(win, k) for k in ("start", "end"))
         if start is not None and end is not None and not start < end:
             raise ValueError(f"manifest 'history_window': start {start} must be before end {end}")
         return start, end
@@ -227,6 +228,31 @@ def declared_window(manifest: Mapping[str, Any]) -> tuple[pd.Timestamp | None, p
         start = pd.Timestamp(cfg["start_date"])
         return start, start + pd.Timedelta(days=int(cfg["history_days"]))
     return None, None
+
+
+def _window_bound(win: Mapping[str, Any], key: str) -> pd.Timestamp | None:
+    """One end of a declared history window as naive UTC, None where left out. Events store naive UTC,
+    so an aware bound is converted to UTC the same way (compared as given it would fail deep in pandas)."""
+    value = win.get(key)
+    if value is None or value == "":
+        return None
+    where = f"manifest 'history_window.{key}'"
+    # a number is no date: pd.Timestamp would read 20250101 as nanoseconds after 1970
+    if not isinstance(value, (str, datetime.date, np.datetime64)):
+        raise ValueError(f"{where} must be an ISO date string such as '2025-01-01', got {type(value).__name__} {value!r}")
+    try:
+        t = pd.Timestamp(value)
+        # a non-ISO string such as '03/01/2025' reads as 1 March or 3 January: refuse it rather than guess
+        iso = not isinstance(value, str) or pd.notna(pd.to_datetime(value, format="ISO8601", errors="coerce"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pandas' note that the string is not day-first
+            ambiguous = not iso and pd.to_datetime(value, dayfirst=True) != t
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{where}: cannot read {value!r} as a date ({exc})") from None
+    if pd.isna(t) or ambiguous:
+        raise ValueError(f"{where}: {value!r} is not an unambiguous date; write it as ISO 8601, e.g. '2025-01-01' "
+                         f"or '2025-01-01T00:00:00+08:00'")
+    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 
 def string_list(values: Any, name: str, *, allow_empty: bool = True, unique: bool = False) -> list[str]:

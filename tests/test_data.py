@@ -11,7 +11,10 @@ import pytest
 
 from qanchor_lab import data as D
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, TABLES, World
+from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, TABLES, World, declared_window
+from qanchor_lab.sources import byo
+
+T = pd.Timestamp
 
 
 def _events():
@@ -159,6 +162,26 @@ def test_missing_and_numeric_timestamps():
         D.validate_events(_events().assign(timestamp=[1.7e9] * 5))
 
 
+def test_day_first_and_month_first_dates_are_never_mixed_in_one_column(tmp_path):
+    # pandas would read rows 0 and 2 month-first (1 March, 2 May) and row 1 day-first (21 February)
+    day_first = ["03/01/2025 10:00", "21/02/2025 15:00", "05/02/2025 09:00", "2025-02-02", "2025-03-01"]
+    culprits = r"events: column 'timestamp' has 2 .*day-first and month-first.*'03/01/2025 10:00'.*'05/02/2025 09:00'.*ISO 8601"
+    with pytest.raises(DataValidationError, match=culprits):
+        D.validate_events(_events().assign(timestamp=day_first))
+    _events().assign(timestamp=day_first).to_csv(tmp_path / "events.csv", index=False)
+    with pytest.raises(DataValidationError, match=culprits):
+        D.read_table(tmp_path / "events.csv", "events")
+    # no format to infer from the first value: pandas reads every row its own way
+    with pytest.raises(DataValidationError, match=r"'1/3/25'.*'03/01/2025'"):
+        D.validate_events(_events().assign(timestamp=["1/3/25", "03/01/2025", "21/02/2025", "2025-02-02", "2025-03-01"]))
+    # dates that read one way only keep working, all with the one convention
+    one_way = ["2025-01-03", "13/01/2025", "25/12/2025 08:30", "Feb 5, 2025", "2025-03-01T10:00:00+08:00"]
+    assert D.validate_events(_events().assign(timestamp=one_way))["timestamp"].tolist() == [
+        T("2025-01-03"), T("2025-01-13"), T("2025-12-25 08:30"), T("2025-02-05"), T("2025-03-01 02:00")]
+    one_format = ["21.02.2025", "03.01.2025", "05.02.2025", "2025-02-02", "2025-03-01"]  # day-first from its first value
+    assert D.validate_events(_events().assign(timestamp=one_format))["timestamp"].dt.month.tolist() == [2, 1, 2, 2, 3]
+
+
 def test_unknown_modality_names_value_user_and_choices():
     raw = _events()
     raw.loc[1, "modality"] = "tiktok"
@@ -263,6 +286,9 @@ def test_users_and_profiles_errors_named():
     prof = _profiles().assign(city=["Hangzhou", "Beijing", "Shanghai"])
     with pytest.raises(DataValidationError, match=r"profiles: column 'city' has 3 non-numeric.*'u1': 'Hangzhou'"):
         D.validate_profiles(prof)
+    prof = _profiles().assign(**{"7": 1.0}).rename(columns={"7": 7})      # an in-memory frame's integer name
+    with pytest.raises(DataValidationError, match=r"profiles: column names must be strings; got 7"):
+        D.validate_profiles(prof)
 
 
 def test_users_without_events_named():
@@ -333,6 +359,22 @@ def test_load_world_errors(tmp_path):
     (tmp_path / "qa.parquet").unlink()
     with pytest.raises(DataValidationError, match=r"missing table file\(s\) 'qa.parquet'"):
         D.load_world(tmp_path)
+
+
+def test_history_window_is_naive_utc_and_a_bad_bound_is_named():
+    aware = {"start": "2025-01-03T08:00:00+08:00", "end": "2025-03-01T08:00:00+08:00"}
+    assert declared_window({"history_window": aware}) == (T("2025-01-03"), T("2025-03-01"))
+    assert declared_window({"history_window": {"start": "2025-01-03", "end": aware["end"]}}) == (T("2025-01-03"), T("2025-03-01"))
+    # compared with the naive-UTC events: 2025-03-01 00:00 UTC is outside (08:00 local would take it in)
+    world = byo.load({"events": _events(), "users": _users()}, manifest={"history_window": aware})
+    assert world.manifest["counts"]["events_outside_window"] == 1
+    for bound, value in [("start", 20250101), ("end", 1.7e9), ("start", True)]:
+        with pytest.raises(ValueError, match=rf"history_window.{bound}' must be an ISO date string.*{value!r}"):
+            declared_window({"history_window": {bound: value}})
+    with pytest.raises(DataValidationError, match=r"history_window.start' must be an ISO date string.*20250101"):
+        byo.load({"events": _events(), "users": _users()}, manifest={"history_window": {"start": 20250101}})
+    with pytest.raises(ValueError, match=r"history_window.end': '03/01/2025' is not an unambiguous date.*ISO 8601"):
+        declared_window({"history_window": {"end": "03/01/2025"}})
 
 
 def test_read_table_csv_keeps_string_ids(tmp_path):
