@@ -156,18 +156,17 @@ def _diagnose_settings(args) -> dict:
 
 
 def _cmd_diagnose(args) -> int:
-    from qanchor_lab.data import load_world
-    from qanchor_lab.diagnostics import diagnose, diagnostics_markdown, resolve_run, save_diagnostics
+    from qanchor_lab.diagnostics import diagnose, diagnostics_markdown, load_run, resolve_run, save_diagnostics
     from qanchor_lab.model import QAnchorModel
 
-    model_dir, data_dir = resolve_run(args.run, args.data)
+    model_dir, _ = resolve_run(args.run, args.data)
     settings = _diagnose_settings(args)     # before the files' check and the model's load: a bad flag fails fast
     out_dir = Path(args.out) if args.out else (model_dir.parent if model_dir.name == "model" else model_dir)
     held = [name for name in ("diagnostics.json", "diagnostics.md") if (out_dir / name).exists()]
     if held and not args.overwrite:  # checked before minutes of probes; a --fast look must not replace the full one
         raise ValueError(f"{out_dir} already holds {' and '.join(held)} (the run's report reads them); give another "
                          "--out, or --overwrite to replace them")
-    world = load_world(data_dir)
+    _, world = load_run(args.run, args.data)
     model = QAnchorModel.from_pretrained(model_dir)
     # same config and seed, no training: the trained model's starting point
     untrained = None if args.no_untrained else model.untrained_start(world.events, world.profiles, world.users_in("pretrain"))
@@ -181,12 +180,10 @@ def _cmd_diagnose(args) -> int:
 
 def _load_for_probes(args):
     """(model, world, others, out_dir) of a run for the label curve and the tune splits."""
-    from qanchor_lab.data import load_world
-    from qanchor_lab.diagnostics import resolve_run
+    from qanchor_lab.diagnostics import load_run
     from qanchor_lab.model import QAnchorModel
 
-    model_dir, data_dir = resolve_run(args.run, args.data)
-    world = load_world(data_dir)
+    model_dir, world = load_run(args.run, args.data)
     model = QAnchorModel.from_pretrained(model_dir).eval()
     others = {} if args.no_untrained else {
         "untrained": model.untrained_start(world.events, world.profiles, world.users_in("pretrain")).eval()}

@@ -333,14 +333,19 @@ def profile_subjects(profiles: pd.DataFrame | None) -> dict[str, list[str]]:
     for c in cols:
         key = c.split("_", 1)[0] if c in binary and "_" in c else c
         groups.setdefault(key, []).append(c)
+    onehot = {key for key, members in groups.items() if len(members) > 1 and profiles[members].sum(axis=1).le(1).all()}
+    singles = {c for key, members in groups.items() if key not in onehot for c in members}
     out: dict[str, list[str]] = {}
     for key, members in groups.items():
-        if len(members) > 1 and profiles[members].sum(axis=1).le(1).all():
-            tokens = [m.split("_") for m in members]          # name: the "_"-words all members share
-            shared = [t[0] for t in zip(*tokens) if len(set(t)) == 1]
-            out["_".join(shared[: min(len(t) for t in tokens) - 1]) or key] = members
-        else:
+        if key not in onehot:
             out.update({c: [c] for c in members})
+            continue
+        tokens = [m.split("_") for m in members]          # name: the "_"-words all members share
+        shared = [t[0] for t in zip(*tokens) if len(set(t)) == 1]
+        name = "_".join(shared[: min(len(t) for t in tokens) - 1]) or key
+        # a column of its own may hold that name (job_type beside job_type_a, job_type_b): the group then takes its
+        # first word, which no other subject can hold (a column named so would have joined the group)
+        out[key if name in singles else name] = members
     return out
 
 
@@ -655,9 +660,12 @@ def derive_world_qa(world, config: DeriveQAConfig):
     Cutoffs: "global": the midnight after the last event minus `future_days`, one date for everyone;
     "per_user": each user's first event + `input_days`. Pre-training users keep only events before their
     cutoff as input; the events of their window [cutoff, cutoff + future_days) answer the D_future
-    questions. Downstream users keep all their events (their labels come from the dataset). The users table
-    gains `cutoff`, `window_start`, `window_end` columns, the manifest a `derived_qa` entry (config, fit,
-    per-intent report) so the claims can be re-derived (`claims_for`)."""
+    questions. Downstream users keep all their events (their labels come from the dataset), but the features
+    and sequences read every user through one history window: undeclared, it is inferred from the pre-training
+    users and so ends at a global cutoff, and the downstream users' later days are left out, with an
+    OutsideWindowWarning from FeatureSpec.fit that counts them. The users table gains `cutoff`, `window_start`,
+    `window_end` columns, the manifest a `derived_qa` entry (config, fit, per-intent report) so the claims can be
+    re-derived (`claims_for`)."""
     ev = world.events
     pre = world.users_in("pretrain", "pretrain_val")
     if not pre:
@@ -668,6 +676,13 @@ def derive_world_qa(world, config: DeriveQAConfig):
     else:
         first = ev.groupby("user_id")["timestamp"].min()
         cut = (first.reindex(pre) + pd.Timedelta(days=float(config.input_days))).dropna()
+    if cut.empty or cut.isna().any():
+        raise DataValidationError("events: no pretrain/pretrain_val user has an event to set a cutoff from, so there "
+                                  "is no history to derive QA pairs about")
+    taken = sorted({"cutoff", "window_start", "window_end"} & set(world.users.columns))
+    if taken:   # derive_qa writes each user's cutoff and windows there; merged, the user's own would be renamed
+        raise DataValidationError(f"users: column(s) {taken} are where derive_qa writes each user's cutoff and "
+                                  "windows; rename them, or give a qa table of your own")
     windows = window_frame(cut.index, cut, config.future_days)
     inputs, future = split_log(ev, windows, config.history_days)
     derived = derive_qa(inputs, windows, config, future=future, modalities=sorted(ev["modality"].unique()),

@@ -1285,15 +1285,11 @@ def run_model_dir(run) -> Path:
                             f"directory (no {CONFIG_NAME})")
 
 
-def run_demo_config(run, *, missing: str | None = None):
-    """The `pipeline.DemoConfig` a run was made with, read from its demo_config.json (in the run directory, or next
-    to a saved model directory given itself). The marker keeps what the model depends on (`pipeline.run_key`), so
-    the evaluation fields come back at their defaults. None where there is no marker, or a ValueError that ends
-    with `missing` (what to give instead) when that is set."""
-    from dataclasses import fields
-
-    from qanchor_lab.pipeline import DemoConfig
-
+def run_marker(run, *, missing: str | None = None) -> dict | None:
+    """A run's demo_config.json (in the run directory, or next to a saved model directory given itself) as written:
+    what the model depends on (`pipeline.run_key`), with the dataset directory under "data" when the run read a
+    user's own tables. None where there is no marker, or a ValueError that ends with `missing` (what to give
+    instead) when that is set."""
     run = Path(run)
     candidates = [run / "demo_config.json"] + ([run.parent / "demo_config.json"] if run_model_dir(run) == run else [])
     marker = next((c for c in candidates if c.is_file()), None)
@@ -1302,21 +1298,52 @@ def run_demo_config(run, *, missing: str | None = None):
             return None
         raise ValueError(f"no demo_config.json found for {run} (looked at {', '.join(map(str, candidates))}); "
                          + missing)
+    return json.loads(marker.read_text())
+
+
+def run_demo_config(run, *, missing: str | None = None):
+    """The `pipeline.DemoConfig` a run was made with (`run_marker`); the evaluation fields, which the marker leaves
+    out, come back at their defaults. None, or `run_marker`'s error, where there is no marker."""
+    from dataclasses import fields
+
+    from qanchor_lab.pipeline import DemoConfig
+
+    marker = run_marker(run, missing=missing)
+    if marker is None:
+        return None
     known = {f.name for f in fields(DemoConfig)}
-    return DemoConfig(**{k: v for k, v in json.loads(marker.read_text()).items() if k in known})
+    return DemoConfig(**{k: v for k, v in marker.items() if k in known})
 
 
 def resolve_run(run, data=None) -> tuple[Path, Path]:
-    """(model dir, world dir) for a run directory holding `model/` (or a saved model directory itself).
+    """(model dir, dataset dir) for a run directory holding `model/` (or a saved model directory itself).
 
-    The world directory is `data` when given, else the one `demo_config.json` (in the run directory or
-    next to the model directory) implies through `pipeline.world_dir`."""
+    The dataset directory is `data` when given, else the one the run's demo_config.json names (a user's own
+    tables, `demo --data DIR`) or implies through `pipeline.world_dir` (the synthetic world, MovieLens)."""
     from qanchor_lab.pipeline import world_dir
 
     model_dir = run_model_dir(run)
     if data is None:
-        data = world_dir(run_demo_config(run, missing="pass the world directory with --data"))
+        marker = run_marker(run, missing="pass the world directory with --data")
+        data = marker.get("data") or world_dir(run_demo_config(run))
     data = Path(data)
     if not data.is_dir():
         raise FileNotFoundError(f"world directory {data} does not exist")
     return model_dir, data
+
+
+def load_run(run, data=None) -> tuple[Path, Any]:
+    """(model dir, World) of a run, its dataset read as the run read it: a saved world directory (every table a
+    Parquet file) as it is; a directory of your own tables (data/README.md) through `pipeline.load_dataset`, so
+    that a dataset without a qa table gets the QA pairs pre-training derived from it (the run's seed, else the
+    demo's default, as `pretrain --data` uses)."""
+    from qanchor_lab.data import load_world
+    from qanchor_lab.pipeline import DemoConfig, load_dataset
+    from qanchor_lab.schema import TABLES
+
+    model_dir, data_dir = resolve_run(run, data)
+    users_own = data is None and bool((run_marker(run) or {}).get("data"))   # the run read it with load_dataset
+    if not users_own and all((data_dir / f"{t}.parquet").is_file() for t in TABLES):
+        return model_dir, load_world(data_dir)
+    seed = (run_demo_config(run) or DemoConfig()).seed
+    return model_dir, load_dataset(data_dir, seed=seed)

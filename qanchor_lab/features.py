@@ -123,6 +123,10 @@ def _clean_events(events: Any, columns: Sequence[str]) -> pd.DataFrame:
             if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
                 raise FeatureInputError(f"events.{c} must be numeric, got dtype {s.dtype}")
             s = s.astype("float64").fillna(float(EVENT_DEFAULTS.get(c, 0.0)))
+            if np.isinf(s).any():   # one would make every user's standardised features non-finite
+                pos = int(np.flatnonzero(np.isinf(s.to_numpy()))[0])
+                who = f" (user {events['user_id'].iloc[pos]!r})" if "user_id" in events.columns else ""
+                raise FeatureInputError(f"events.{c} is {s.iloc[pos]} at row {s.index[pos]!r}{who}; it must be finite")
         elif kind == "datetime":
             if not pd.api.types.is_datetime64_any_dtype(s):
                 raise FeatureInputError(
@@ -150,13 +154,22 @@ def _clean_profiles(profiles: Any) -> pd.DataFrame:
     if dup.any():
         raise FeatureInputError(f"profiles has more than one row for user {profiles['user_id'][dup].iloc[0]!r}")
     cols = [c for c in profiles.columns if c != "user_id"]
+    if "missing" in cols:   # its feature would share a name with the indicator of users without a profile row
+        raise FeatureInputError("profiles has a column named 'missing', whose feature would share the name "
+                                "profile.missing with the flag of users without a profile row; rename it")
     for c in cols:
         s = profiles[c]
         if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
             raise FeatureInputError(
                 f"profiles.{c} must be numeric (or boolean), got dtype {s.dtype}; encode it as numbers first"
             )
-    return profiles.set_index("user_id")[cols].astype("float64")
+    out = profiles.set_index("user_id")[cols].astype("float64")
+    inf = np.isinf(out.to_numpy())                                                   # (users, columns)
+    if inf.any():   # a missing value is filled with the column's mean; an infinite one would make it infinite
+        row, col = np.argwhere(inf)[0]
+        raise FeatureInputError(f"profiles.{cols[col]} is {out.iat[row, col]} for user {out.index[row]!r}; profile "
+                                "values must be finite (leave a value missing to have it filled)")
+    return out
 
 
 def _top_values(values: pd.Series, k: int) -> list[str]:
@@ -256,7 +269,8 @@ class FeatureSpec:
             event). window_start / history_days: its start, given as a date or as a length in days (at
             most one of them); neither: all history, from the midnight before the reference users' first
             event. Reference events outside the window are counted (events_before_window /
-            events_after_window) and warned about (OutsideWindowWarning).
+            events_after_window) and warned about (OutsideWindowWarning), and so are the events of any other
+            user in `events` that the window leaves out.
         max_categories: categories (and channels) kept per modality, by frequency.
         max_words: words of the event text counted per modality: the most frequent ones among the
             reference users' events, leaving out words in more than half of the modality's events.
@@ -313,6 +327,18 @@ class FeatureSpec:
                 f"FeatureSpec.fit: {before + after} of the reference users' {len(ref_ev)} events fall outside the "
                 f"feature window [{start}, {end}) ({before} before, {after} at or after its end) and are not in the "
                 "features; widen the window (window_start / history_days / window_end) to use them")
+        # The other users' events given here (a dataset's tune and test users, say) are read through the same window
+        # (transform, the behaviour sequences): an inferred window ends with the reference users' history, which can
+        # leave out another user's later days. Said here, where all of them are seen, not silently at transform.
+        other_ev = ev.loc[~ev["user_id"].isin(set(ref)), "timestamp"]
+        outside = int(((other_ev < start) | (other_ev >= end)).sum())
+        if outside:
+            _warn_once(
+                f"FeatureSpec.fit: {outside} of the other (non-reference) users' {len(other_ev)} events fall outside "
+                f"the feature window [{start}, {end}) and will not be read for them "
+                f"({int((other_ev < start).sum())} before, {int((other_ev >= end).sum())} at or after its end); "
+                "declare a window that covers them (window_start / history_days / window_end, or the dataset's "
+                "history_window) to use them")
         ref_ev = ref_ev[(ref_ev["timestamp"] >= start) & (ref_ev["timestamp"] < end)]
 
         categories: dict[str, list[str]] = {}

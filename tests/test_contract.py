@@ -16,7 +16,7 @@ import pytest
 from qanchor_lab import data as D
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available, results_markdown
-from qanchor_lab.features import FeatureSpec, OutsideWindowWarning, serialize_users
+from qanchor_lab.features import FeatureInputError, FeatureSpec, OutsideWindowWarning, serialize_users
 from qanchor_lab.schema import SYNTHETIC_MODALITY_SPECS, ModalitySpec, World
 from qanchor_lab.sources import byo, load_source
 from qanchor_lab.sources.example import SHOP_MANIFEST, shop_log
@@ -197,6 +197,35 @@ def test_feature_window_defaults_to_all_history_without_dropping():
     assert spec.history_days == 200 and spec.window_end == "2025-07-20T00:00:00"
     assert spec.events_before_window == spec.events_after_window == 0
     assert spec.frame(ev, None, ["a"]).loc["a", "x.count_log1p"] == pytest.approx(math.log(5))
+
+
+def test_an_inferred_window_says_which_other_users_events_it_leaves_out(monkeypatch):
+    """The window fitted on the reference users reads every user: another user's later days are warned about."""
+    from qanchor_lab import features
+
+    monkeypatch.setattr(features, "_WARNED", set())
+    ev = pd.concat([_spread_events(), pd.DataFrame({"user_id": ["c", "c"], "modality": ["x", "x"], "text": ["e", "e"],
+                                                    "timestamp": [T("2025-03-01"), T("2025-09-01")]})])
+    with pytest.warns(OutsideWindowWarning, match=r"1 of the other \(non-reference\) users' 2 events fall outside "
+                      r"the feature window \[2025-01-01 00:00:00, 2025-07-20 00:00:00\).*\(0 before, 1 at or after"):
+        spec = FeatureSpec.fit(ev, None, user_ids=["a", "b"])
+    assert spec.events_before_window == spec.events_after_window == 0     # the counts stay the reference users'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutsideWindowWarning)
+        FeatureSpec.fit(ev, None, user_ids=["a", "b"], window_end="2025-09-02")   # a window that covers them
+
+
+def test_an_infinite_or_clashing_profile_value_is_named_not_spread():
+    ev = _spread_events().assign(amount=[1.0, 2.0, np.inf, 3.0, 4.0])
+    with pytest.raises(FeatureInputError, match=r"events.amount is inf at row 2 \(user 'a'\); it must be finite"):
+        FeatureSpec.fit(ev, None)
+    prof = pd.DataFrame({"user_id": ["a", "b"], "income": [1.0, -np.inf]})
+    with pytest.raises(FeatureInputError, match=r"profiles.income is -inf for user 'b'"):
+        FeatureSpec.fit(_spread_events(), prof)
+    spec = FeatureSpec.fit(_spread_events(), prof.assign(income=[1.0, np.nan]))  # missing: filled, as before
+    assert spec.frame(_spread_events(), prof.assign(income=[1.0, np.nan]), ["b"]).loc["b", "profile.income"] == 1.0
+    with pytest.raises(FeatureInputError, match="column named 'missing'.*profile.missing"):   # one name, two features
+        FeatureSpec.fit(_spread_events(), prof.rename(columns={"income": "missing"}).assign(missing=[1.0, 2.0]))
 
 
 def test_declared_window_counts_and_warns_about_what_it_leaves_out(monkeypatch):
@@ -435,6 +464,40 @@ def test_hand_built_log_runs_end_to_end(shop, tmp_path):
     assert set(metrics["methods"]) == expected
     for entry in metrics["methods"].values():
         assert 0.0 <= entry["avg_auc"] <= 1.0 and set(entry["tasks"]) == set(tables["tasks"]["task_id"])
+
+
+def test_a_run_on_your_own_tables_is_diagnosed_on_them(shop, tmp_path, monkeypatch):
+    """`diagnose` / `label-curve` / `tune-splits` read the dataset a `demo --data DIR` run names in its marker (CSV
+    tables, no qa table: the pairs derived again with the run's seed), not the synthetic world its sizes imply."""
+    from qanchor_lab import pipeline
+    from qanchor_lab.diagnostics import load_run, resolve_run
+    from qanchor_lab.model import CONFIG_NAME
+
+    tables, manifest, _ = shop
+    d = tmp_path / "my_shop"
+    d.mkdir()
+    for name, df in tables.items():
+        if name != "qa":
+            df.to_csv(d / f"{name}.csv", index=False)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "runs" / "demo-my_shop"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / CONFIG_NAME).write_text("{}")
+    cfg = replace(pipeline.DemoConfig(), seed=3)
+    (run / "demo_config.json").write_text(json.dumps(pipeline.run_key(cfg, d)))
+    monkeypatch.setattr(pipeline, "DATA_ROOT", tmp_path / "data")     # where the synthetic world would be
+    assert resolve_run(run) == (run / "model", d.resolve())
+    model_dir, world = load_run(run)
+    assert model_dir == run / "model"
+    assert sorted(world.users["user_id"]) == sorted(tables["users"]["user_id"])
+    assert world.qa.equals(pipeline.load_dataset(d, seed=3).qa) and len(world.qa) > 0
+    assert sorted(load_run(run / "model", data=d)[1].users["user_id"]) == sorted(tables["users"]["user_id"])
+    # every table a Parquet file: still read as the run read it (load_dataset), not as a saved world
+    for name, df in tables.items():
+        df.to_parquet(d / f"{name}.parquet", index=False)
+        (d / f"{name}.csv").unlink(missing_ok=True)
+    monkeypatch.setattr("qanchor_lab.data.load_world", lambda *a, **k: pytest.fail("read as a saved world"))
+    assert load_run(run)[1].qa.equals(pipeline.load_dataset(d, seed=3).qa)
 
 
 def test_string_list_names_what_is_wrong_with_a_list_of_ids_or_texts():

@@ -245,3 +245,25 @@ def test_diagnose_runs_on_a_log_without_oracle_or_latent_traits(derived_world):
     assert diag["summary"]["trained"] == diag["summary"]["untrained"]
     md = D.diagnostics_markdown(diag)
     assert "Task-label R² per stage" in md and "Latent-trait" not in md and "0/1 task label" in md
+
+
+def test_a_one_hot_group_and_a_column_of_the_same_name_stay_two_subjects():
+    """job_type beside job_type_a / job_type_b: the group is asked about as "job", never silently dropped."""
+    from qanchor_lab.derive_qa import profile_subjects
+
+    prof = pd.DataFrame({"user_id": list("abcd"), "job_type_a": [1, 0, 0, 1], "job_type_b": [0, 1, 1, 0],
+                         "job_type": [3.0, 1.0, 2.0, 5.0]})
+    assert profile_subjects(prof) == {"job": ["job_type_a", "job_type_b"], "job_type": ["job_type"]}
+    assert profile_subjects(prof[["user_id", "job_type", "job_type_b", "job_type_a"]]) == {
+        "job_type": ["job_type"], "job": ["job_type_b", "job_type_a"]}                  # whatever the column order
+
+
+def test_derive_world_qa_names_what_it_cannot_derive_from(small_world):
+    from qanchor_lab.data import DataValidationError
+
+    with pytest.raises(DataValidationError, match=r"users: column\(s\) \['cutoff'\] are where derive_qa writes"):
+        derive_world_qa(replace(small_world, users=small_world.users.assign(cutoff=1)), CFG)
+    pre = small_world.users_in("pretrain", "pretrain_val")
+    quiet = replace(small_world, events=small_world.events[~small_world.events["user_id"].isin(pre)])
+    with pytest.raises(DataValidationError, match="no pretrain/pretrain_val user has an event"):
+        derive_world_qa(quiet, replace(CFG, cutoff="per_user", input_days=40.0))
