@@ -680,7 +680,7 @@ def derive_world_qa(world, config: DeriveQAConfig):
         raise DataValidationError("events: no pretrain/pretrain_val user has an event to set a cutoff from, so there "
                                   "is no history to derive QA pairs about")
     taken = sorted({"cutoff", "window_start", "window_end"} & set(world.users.columns))
-    if taken:   # derive_qa writes each user's cutoff and windows there; merged, the user's own would be renamed
+    if taken and "derived_qa" not in world.manifest:   # a derivation's own columns are replaced by this one's
         raise DataValidationError(f"users: column(s) {taken} are where derive_qa writes each user's cutoff and "
                                   "windows; rename them, or give a qa table of your own")
     windows = window_frame(cut.index, cut, config.future_days)
@@ -693,7 +693,7 @@ def derive_world_qa(world, config: DeriveQAConfig):
     events = pd.concat([inputs, ev[~ev["user_id"].isin(pre)]], ignore_index=True)
     events = events.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
     check_no_leakage(events, all_windows)
-    users = world.users.merge(all_windows.reset_index(), on="user_id", how="left")
+    users = world.users.drop(columns=taken).merge(all_windows.reset_index(), on="user_id", how="left")
     manifest = {**world.manifest, "derived_qa": {"fit": derived.fit.to_dict(), "summary": qa_summary(derived),
                                                  "intents": derived.intents.to_dict("records")}}
     return replace(world, events=events, users=users, qa=derived.qa, manifest=manifest)

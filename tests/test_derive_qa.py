@@ -47,6 +47,7 @@ def test_answers_are_graded_not_mostly_none(derived_world):
     # an intent that is almost always one claim is dropped, and reported as dropped
     loose = derive_world_qa(replace(derived_world, qa=derived_world.qa), replace(CFG, max_majority=0.35))
     assert set(loose.manifest["derived_qa"]["summary"]["intents_dropped"]) > set(info["summary"]["intents_dropped"])
+    assert list(loose.users.columns) == list(derived_world.users.columns)    # a derivation's columns replaced
 
 
 def test_paraphrased_questions_per_intent(derived_world, small_world):
