@@ -404,9 +404,14 @@ def _check_counts(counts: Mapping[str, tuple[int, int]]) -> None:
 
 def _cmd_experiment(args) -> int:
     from qanchor_lab.experiments import base_config_for, run_named
+    from qanchor_lab.experiments.config import SEED_KEYS, flatten
     from qanchor_lab.experiments.runner import EXPERIMENTS_ROOT
 
     overrides = _overrides(args.set)
+    seeded = [k for k in flatten(overrides) if k in SEED_KEYS]
+    if seeded:   # run_experiment sets them for every variant from its seeds: the override would be dropped unseen
+        raise ValueError(f"--set {', '.join(seeded)}: an experiment runs each variant at pre-training seeds 0 to N-1 "
+                         "(--seeds N) and sets these from them; drop it")
     # The settings apply to the reference and so to every variant (a variant's own setting still wins); checked
     # here, before any run, and the tables go beside the plain experiment's, not over them.
     base = base_config_for(args.name, args.fast).override(overrides) if overrides else None

@@ -179,6 +179,8 @@ class CachedEmbedder:
         if len(user_ids) != len(queries):
             raise ValueError(f"encode_pairs: {len(user_ids)} user ids for {len(queries)} queries")
         out = np.zeros((len(user_ids), self.model.config.embed_dim), np.float32)
+        if not user_ids:   # no rows: (0, dim), as encode gives (0, Q, dim), not an empty batch in the tokenizer
+            return out
         distinct = list(dict.fromkeys(queries))
         groups = self._length_groups(distinct)
         where = {distinct[j]: (g, k) for g, (idx, _) in enumerate(groups) for k, j in enumerate(idx)}  # query -> (group, row)

@@ -217,7 +217,9 @@ class QAnchorModel(nn.Module):
 
         `users` is a BehaviourStore (from `model.behaviour(events, profiles, ids)`) or a World; `user_ids`
         picks users from it (default: all of the store, or the world's test split). `batch_size` users
-        share one prefix batch, and every query runs on top of it.
+        share one prefix batch, and every query runs on top of it. `prompt`: soft prompt vectors placed
+        before the query; an adapter tuned with its prompt after the query (`PromptTuningConfig.prompt_position`,
+        the default) embeds as tuned through `TaskAdapter.embed`.
         """
         from qanchor_lab.embedder import CachedEmbedder
         from qanchor_lab.schema import World, string_list
@@ -228,7 +230,7 @@ class QAnchorModel(nn.Module):
             unknown = [u for u in ids if u not in known]
             if unknown:   # a typo would otherwise get an embedding of no behaviour at all
                 raise KeyError(f"{len(unknown)} user id(s) not in the world's users table, e.g. {unknown[:5]}")
-            store = self.behaviour(users.events, users.profiles, ids)
+            store = self.behaviour(users.events, users.profiles, list(dict.fromkeys(ids)))  # a repeat reads the row once
         elif isinstance(users, BehaviourStore):
             store, ids = users, users.user_ids if user_ids is None else user_ids
         else:

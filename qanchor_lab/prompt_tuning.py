@@ -204,17 +204,18 @@ class TaskAdapter(nn.Module):
         return torch.cat(out).cpu().numpy()
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, path.with_suffix(".safetensors"))
-        path.with_suffix(".json").write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
-        return path.with_suffix(".safetensors")
+        """Tensors to `<path>.safetensors`, query and config to `<path>.json` (a task id may hold dots)."""
+        tensors, meta = _adapter_files(path)
+        tensors.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tensors)
+        meta.write_text(json.dumps({"query": self.query, "config": asdict(self.config)}, indent=2))
+        return tensors
 
     @classmethod
     def load(cls, path) -> "TaskAdapter":
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        t = load_file(path.with_suffix(".safetensors"))
+        path, meta_path = _adapter_files(path)
+        meta = json.loads(meta_path.read_text())
+        t = load_file(path)
         cfg = PromptTuningConfig(**{"readout": "prototypes", **meta["config"]})  # saved before readout existed: prototypes
         n_classes = int(t["prototype_class"].max()) + 1
         a = cls(t["prompt"].shape[0], t["prompt"].shape[1], t["prototypes"].shape[1], n_classes,
@@ -336,23 +337,41 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
 
     `on_epoch(record, adapter)` is called with each history record of that selection phase (epoch 0 is
     the starting adapter: initial prompt, fitted prototypes) and the live adapter, e.g. to snapshot it
-    (`copy.deepcopy(adapter)`) or embed users with it; it must not modify the adapter."""
+    (`copy.deepcopy(adapter)`) or embed users with it; it must not modify the adapter.
+
+    The model is only read: it is left in eval mode, its parameters trainable as they were."""
     config = config or PromptTuningConfig()
     labels = np.asarray(labels).astype(int)
     if len(labels) != len(cache):
         raise ValueError(f"{len(labels)} labels for {len(cache)} cached users")
     if set(np.unique(labels)) != {0, 1}:
         raise ValueError(f"task {query!r}: labels must contain both classes 0 and 1, got {sorted(set(labels))}")
-    for p in model.parameters():
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() < 2:   # one user of a class to fit its prototypes on, one to choose the epochs on
+        raise ValueError(f"task {query!r}: {counts.min()} user(s) with label {int(counts.argmin())}; prompt tuning "
+                         "needs at least 2 of each class (one to fit on, one held out to choose the epochs)")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
         p.requires_grad_(False)
     model.eval()
+    try:
+        return _tune(model, cache, labels, query, config, on_epoch)
+    finally:   # the model is only read here: whatever trains it next (pre-training) finds its parameters as they were
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _tune(model, cache: PrefixCache, labels: np.ndarray, query: str, config: PromptTuningConfig,
+          on_epoch: Callable[[dict, TaskAdapter], None] | None) -> TuningResult:
+    """`tune_task` on a frozen model."""
     rng = np.random.default_rng(config.seed)
 
     # stratified train / validation split of the tune users
     val = np.zeros(len(labels), bool)
     for c in (0, 1):
         idx = np.flatnonzero(labels == c)
-        val[rng.choice(idx, max(1, int(round(config.val_share * len(idx)))), replace=False)] = True
+        n_val = min(max(1, int(round(config.val_share * len(idx)))), len(idx) - 1)   # leave one to fit on
+        val[rng.choice(idx, n_val, replace=False)] = True
     tr_idx, va_idx = np.flatnonzero(~val), np.flatnonzero(val)
 
     cache = task_cache(model, cache, query, config)
@@ -393,6 +412,15 @@ def tune_task(model, cache: PrefixCache, labels: np.ndarray, query: str, config:
     if config.readout == "probe":
         adapter.fit_probe(_embed_rows(adapter, model, cache, every), labels)
     return TuningResult(adapter, best[1], best[0], history)
+
+
+def _adapter_files(path) -> tuple[Path, Path]:
+    """(tensors, meta) files of an adapter saved at `path`, given with or without either suffix. The suffix is
+    appended, not swapped in: `with_suffix` would read a task id's last dot ("ctr.v1") as a suffix, and two such
+    tasks would overwrite one file."""
+    path = Path(path)
+    stem = path.name[: -len(path.suffix)] if path.suffix in (".safetensors", ".json") else path.name
+    return path.parent / f"{stem}.safetensors", path.parent / f"{stem}.json"
 
 
 @torch.no_grad()

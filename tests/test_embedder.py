@@ -154,11 +154,14 @@ def test_model_encode_api(tiny_model, tiny_store):
     with pytest.raises(ValueError, match="queries is empty"):
         tiny_model.encode(tiny_store, [], user_ids=tiny_store.user_ids[:2])
     assert tiny_model.encode(tiny_store, QUERIES[:1], user_ids=[]).shape == (0, 1, tiny_model.config.embed_dim)
+    assert CachedEmbedder(tiny_model, tiny_store).encode_pairs([], []).shape == (0, tiny_model.config.embed_dim)
 
 
 def test_model_encode_on_a_world_names_users_it_does_not_hold(tiny_model, small_world):
     test = small_world.users_in("test")[:2]
     assert tiny_model.encode(small_world, QUERIES[:1], user_ids=test).shape == (2, 1, tiny_model.config.embed_dim)
+    again = tiny_model.encode(small_world, QUERIES[:1], user_ids=[test[0], test[1], test[0]])   # a user asked twice
+    np.testing.assert_allclose(again[2], again[0], atol=1e-6)
     # a typo would otherwise be embedded from no behaviour at all
     with pytest.raises(KeyError, match=r"1 user id\(s\) not in the world's users table, e.g. \['u_typo'\]"):
         tiny_model.encode(small_world, QUERIES[:1], user_ids=test + ["u_typo"])
@@ -193,7 +196,10 @@ def test_prompt_loss_over_cache_equals_full_sequence_loss(tiny_model, tiny_store
 def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_store, tmp_path):
     model = tiny_model.eval()
     cache, labels = searchers(model, tiny_store)
-    result = tune_task(model, cache, labels, "does this user search", PromptTuningConfig(n_prompt=2, epochs=8, patience=3, seed=1))
+    trainable = [p.requires_grad for p in model.parameters()]
+    frozen = []   # read while the prompt trains
+    result = tune_task(model, cache, labels, "does this user search", PromptTuningConfig(n_prompt=2, epochs=8, patience=3, seed=1),
+                       on_epoch=lambda record, adapter: frozen.append(not any(p.requires_grad for p in model.parameters())))
     assert result.val_auc > 0.7
     assert 0 <= result.best_epoch <= 8 and len(result.history) >= result.best_epoch + 1
     assert result.history[0]["epoch"] == 0  # the initialisation is a candidate too
@@ -206,7 +212,8 @@ def test_tune_task_learns_a_separable_signal_and_round_trips(tiny_model, tiny_st
     path = result.adapter.save(tmp_path / "task")
     again = TaskAdapter.load(path).score(model, cache)
     assert np.allclose(scores, again, atol=1e-6)
-    assert not any(p.requires_grad for p in model.parameters())  # backbone and encoder stay frozen
+    assert frozen and all(frozen)                                             # backbone and encoder frozen while it tunes,
+    assert [p.requires_grad for p in model.parameters()] == trainable and any(trainable)   # then as they were
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU machine, not CI)")
@@ -265,6 +272,22 @@ def test_tune_task_rejects_single_class_labels(tiny_model, tiny_store):
     cache = build_prefix_cache(tiny_model.eval(), tiny_store.batch([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="both classes"):
         tune_task(tiny_model, cache, np.zeros(4), "q")
+    # one positive: nothing left to fit its prototypes on once one is held out (k-means of 0 clusters, before)
+    with pytest.raises(ValueError, match=r"task 'q': 1 user\(s\) with label 1; prompt tuning needs at least 2 of each"):
+        tune_task(tiny_model, cache, np.array([0, 0, 0, 1]), "q")
+
+
+def test_adapters_of_task_ids_with_dots_are_saved_apart(tmp_path):
+    from qanchor_lab.explorer import load_adapters
+
+    for task_id in ("ctr.v1", "ctr.v2"):
+        TaskAdapter(2, 8, 4, 2, 1, f"query of {task_id}", PromptTuningConfig(readout="prototypes")).save(
+            tmp_path / task_id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ctr.v1.json", "ctr.v1.safetensors", "ctr.v2.json",
+                                                          "ctr.v2.safetensors"]
+    assert {t: a.query for t, a in load_adapters(tmp_path).items()} == {"ctr.v1": "query of ctr.v1",
+                                                                        "ctr.v2": "query of ctr.v2"}
+    assert TaskAdapter.load(tmp_path / "ctr.v1").query == "query of ctr.v1"      # with or without the suffix
 
 
 def _adapter(model, cfg):

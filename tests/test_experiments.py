@@ -34,6 +34,15 @@ def test_override_by_dotted_key_changes_only_that_leaf():
     assert set(new.diff(cfg)) == {"pretrain.lr", "model.use_user_token", "model.backbone.tiny_size"}
 
 
+def test_a_section_given_as_a_mapping_changes_only_the_keys_it_names():
+    cfg = get_config(fast=True)
+    new = cfg.override({"world": {"n_users": 2000}})
+    assert new.world.n_users == 2000 and set(new.diff(cfg)) == {"world.n_users"}      # the world's seed stays
+    assert new.key() == cfg.override({"world.n_users": 2000}).key()
+    # one task id alone is one task
+    assert cfg.override({"eval.task_ids": "dormancy_churn"}).eval.task_ids == ("dormancy_churn",)
+
+
 def test_unknown_key_error_names_the_valid_keys():
     cfg = get_config(fast=True)
     with pytest.raises(ValueError, match=r"unknown config key 'pretrain\.lrr'.*valid keys there:.*\blr\b"):
@@ -224,6 +233,11 @@ def test_experiment_cli_set_changes_the_reference_of_every_variant(monkeypatch, 
         seen.clear()
         assert main(["experiment", "prompt_tokens", "--fast", "--set", bad]) == 2
         assert not seen  # named before any run
+    # the seeds come from --seeds: a seed set here would be overwritten for every run, and its tables mislabelled
+    for seeded in ("pretrain.seed=5", "seed=5", 'tuning={"seed": 5}'):
+        seen.clear()
+        assert main(["experiment", "prompt_tokens", "--fast", "--set", seeded]) == 2
+        assert "sets these from them" in capsys.readouterr().err and not seen
 # ----- a tiny experiment end to end -----
 
 @pytest.mark.slow

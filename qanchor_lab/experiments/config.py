@@ -47,7 +47,8 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.task_ids is not None:
-            self.task_ids = tuple(self.task_ids)
+            # one task id given alone (--set eval.task_ids=dormancy_churn) is one task, not one per character
+            self.task_ids = (self.task_ids,) if isinstance(self.task_ids, str) else tuple(self.task_ids)
             if not self.task_ids:
                 raise ValueError("eval.task_ids must be None (all tasks) or name at least one task")
         self.methods = tuple(self.methods)
@@ -113,9 +114,10 @@ class RunConfig:
     # ----- overrides -----
     def override(self, changes: Mapping[str, Any]) -> "RunConfig":
         """A new config with dotted keys replaced, e.g. {"pretrain.lr": 1e-3, "model.backbone.tiny_size": "s"}.
+        A section given as a mapping ({"world": {"n_users": 2000}}) changes the keys it names and keeps the others.
         Unknown keys raise a ValueError naming the valid keys at that level."""
         d = copy.deepcopy(self.to_dict())
-        for key, value in changes.items():
+        for key, value in flatten(changes).items():
             parts = key.split(".")
             node = d
             for depth, part in enumerate(parts):
@@ -135,7 +137,7 @@ class RunConfig:
 
     def with_seed(self, seed: int) -> "RunConfig":
         """This config at another pre-training seed (the backbone and prompt-tuning seeds follow it)."""
-        return self.override({"seed": seed, "model.backbone.seed": seed, "pretrain.seed": seed, "tuning.seed": seed})
+        return self.override({key: seed for key in SEED_KEYS})
 
     def diff(self, other: "RunConfig") -> dict[str, tuple[Any, Any]]:
         """{dotted key: (this value, other value)} for every leaf that differs."""
@@ -185,6 +187,10 @@ def get_config(fast: bool = False) -> RunConfig:
     from qanchor_lab.pipeline import DemoConfig
 
     return from_demo(DemoConfig()).with_seed(0)
+
+
+# the keys `RunConfig.with_seed` sets: an experiment runs every variant at its own seeds, so these come from them
+SEED_KEYS = ("seed", "model.backbone.seed", "pretrain.seed", "tuning.seed")
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
