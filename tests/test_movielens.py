@@ -144,6 +144,33 @@ def test_deterministic_and_cached(world, wheel, tmp_path):
     assert loaded.manifest["config"] == ML.MovieLensConfig().to_dict()
 
 
+def test_saved_world_of_another_schema_version_is_rebuilt(world, tmp_path, monkeypatch):
+    """ensure_movielens reuses a saved world only under this package's schema version (one rule with the
+    synthetic source: sources.common.ensure_saved); an older one is rebuilt, not read (which would fail)."""
+    from qanchor_lab.data import save_world
+    from qanchor_lab.schema import SCHEMA_VERSION
+
+    builds = []
+    monkeypatch.setattr(ML, "build_movielens", lambda cfg: builds.append(cfg) or world)   # the fixture, not a rebuild
+    out = save_world(world, tmp_path / "ml")
+    ML.ensure_movielens(out, ML.MovieLensConfig())
+    assert builds == []                                                    # same config, versions: reused
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "schema_version": SCHEMA_VERSION - 1}))
+    again = ML.ensure_movielens(out, ML.MovieLensConfig())
+    assert builds == [ML.MovieLensConfig()] and again.manifest["schema_version"] == SCHEMA_VERSION
+    assert json.loads((out / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("shares, empty", [
+    ({"downstream_share": 0.002}, r"downstream_share=0\.002, test_share=0\.5, val_share=0\.1 leave split\(s\) test"),
+    ({"val_share": 0.999}, r"leave split\(s\) pretrain without users \(pretrain 0,"),
+])
+def test_shares_that_leave_a_split_empty_are_refused(wheel, shares, empty):
+    with pytest.raises(ValueError, match=r"MovieLensConfig: observed_users=\d+, censored_users=\d+, .*" + empty):
+        ML.build_movielens(ML.MovieLensConfig(**shares), wheel=wheel)
+
+
 def test_registered_as_a_source(world, wheel, tmp_path):
     from qanchor_lab.sources import load_source
 

@@ -77,6 +77,18 @@ def test_config_rejects_bad_values_naming_the_field(bad, field):
         WorldConfig(**bad)
 
 
+@pytest.mark.parametrize("shares, empty", [
+    ({"n_users": 40, "pretrain_share": 0.25, "val_share": 0.96}, r"split\(s\) pretrain without users \(pretrain 0, pretrain_val 10"),
+    ({"n_users": 40, "pretrain_share": 0.75, "test_share": 0.96}, r"split\(s\) tune without users .*tune 0, test 10"),
+    ({"n_users": 1000, "pretrain_share": 0.99, "test_share": 0.95}, r"test_share=0\.95 leave split\(s\) tune without"),
+])
+def test_config_rejects_shares_that_leave_a_split_empty(shares, empty):
+    with pytest.raises(ValueError, match=r"WorldConfig: n_users=\d+, pretrain_share=.*" + empty):
+        WorldConfig(**shares)
+    # the sizes generate_world assigns: the defaults' rounding, unchanged
+    assert WorldConfig(n_users=2000).split_sizes() == {"pretrain": 900, "pretrain_val": 100, "tune": 500, "test": 500}
+
+
 def test_config_dict_roundtrip_and_unknown_keys():
     cfg = WorldConfig(n_users=1234, seed=9, difficulty=1.5)
     assert WorldConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -236,6 +248,20 @@ def test_task_words_are_seen_in_pretraining(world):
         seen |= _words(text)
     for spec in TASK_SPECS:
         assert _words(spec.query) <= seen, (spec.task_id, _words(spec.query) - seen)
+
+
+def test_few_is_a_null_claim_only_where_it_means_too_little_to_tell():
+    """"few" is salient in the count intents ("Yes: a few late payment fees") and null only in the change/trend
+    intents, where it says there is too little activity to tell; "none" and "0|0" never report anything."""
+    too_little = re.compile(r"too little|hardly any|no spending to compare", re.I)
+    with_few = {iid: it for iid, it in INTENTS.items() if "few" in it.answers}
+    assert len(with_few) >= 30
+    for iid, it in with_few.items():
+        says_nothing = all(too_little.search(a) for a in it.answers["few"])
+        assert ("few" in it.null_claims) == says_nothing, (iid, it.answers["few"], it.null_claims)
+    assert {i for i, it in with_few.items() if "few" in it.null_claims} == {
+        "activity_trend", "borrowing_trend", "future_app_change", "future_money_troubles", "future_spend_change"}
+    assert all({"none", "0|0"} & set(it.answers) <= it.null_claims for it in INTENTS.values())
 
 
 def test_verifier_keeps_true_answers_and_drops_wrong_ones(world, evidence):
@@ -412,6 +438,55 @@ def test_saved_files_are_byte_identical(tmp_path):
         assert len(digests) == 1, name
 
 
+def test_shared_device_users_keep_their_other_person_next_month(monkeypatch):
+    """A shared device's search/click views come from one other person, in the history and next month alike."""
+    from qanchor_lab.sources.synthetic import generate as G
+
+    calls = []
+    real = G._simulate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    monkeypatch.setattr(G, "_simulate", spy)
+    world = generate_world(WorldConfig(n_users=200, seed=5))
+    assert world.users["shared_device"].any()
+    (hist_kw, (_, hist_other)), (fut_kw, (_, fut_other)) = calls
+    assert not hist_kw["future"] and fut_kw["future"]
+    np.testing.assert_array_equal(fut_kw.get("other"), hist_other)   # handed over by generate_world...
+    np.testing.assert_array_equal(fut_other, hist_other)             # ...and used by the future window
+
+
+# sha256 (first 16 hex) of each table as CSV for WorldConfig(n_users=200, seed=5), from generator version 1:
+# version 2 changed only the QA table, so a generator change that moves any other table is caught here.
+V1_DIGESTS = {"events": "626eef44a5eeb2eb", "profiles": "815862e45230f022", "users": "66e272d74f2d827a",
+              "labels": "27aec820e5a069d6", "tasks": "df2527db396926a3"}
+
+
+def test_generator_version_2_leaves_every_table_but_qa_as_it_was():
+    world = generate_world(WorldConfig(n_users=200, seed=5))
+    got = {t: hashlib.sha256(world.table(t).to_csv(index=False).encode()).hexdigest()[:16] for t in V1_DIGESTS}
+    assert got == V1_DIGESTS
+    assert world.manifest["generator_version"] == 2
+
+
+def test_small_world_manifest_is_strict_json(tmp_path):
+    """A small world's test split can hold one label class only: its oracle AUC/KS are undefined and written
+    as null, never as NaN (not JSON)."""
+    world = generate_world(WorldConfig(n_users=100, seed=3))
+
+    def strict(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    json.dumps(world.manifest, allow_nan=False)
+    json.loads((save_world(world, tmp_path / "w") / "manifest.json").read_text(), parse_constant=strict)
+    undefined = [t for t, v in world.manifest["tasks"].items() if v["oracle_auc"] is None]
+    assert undefined, "the fixture world should have a task with one label class among its test users"
+    assert all(world.manifest["tasks"][t]["oracle_ks"] is None for t in undefined)
+
+
 def test_manifest_contents(world):
     m = json.loads(json.dumps(world.manifest))
     assert m["schema_version"] == schema.SCHEMA_VERSION and m["seed"] == SMALL.seed
@@ -445,6 +520,11 @@ def test_ensure_world_reuses_matching_directory(tmp_path):
     other = WorldConfig(n_users=TINY.n_users, seed=TINY.seed + 1)
     ensure_world(out, other)
     assert read_world(out).manifest["config"] == other.to_dict()
+    # written under another schema version: regenerated, not read (reading it would fail)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "schema_version": schema.SCHEMA_VERSION - 1}))
+    assert ensure_world(out, other).manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert read_world(out).manifest["schema_version"] == schema.SCHEMA_VERSION
 
 
 # ----------------------------------------------------------------------------------------------

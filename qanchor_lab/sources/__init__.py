@@ -4,6 +4,9 @@
 - `byo`: your own tables from Parquet, CSV or pandas DataFrames (the contract: data/README.md).
 - `movielens`: MovieLens-100K read offline from the recbole wheel (qanchor_lab.sources.movielens).
 
+What the built-in sources share lives in `common`: when a saved world is reused (`ensure_saved`) and the
+refusal of share settings that leave a split empty (`check_split_sizes`).
+
 `load_source(name, **kw)` picks one by name; sources are imported only when used, so a source with
 heavy or optional dependencies costs nothing until asked for.
 """

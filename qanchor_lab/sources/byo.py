@@ -14,7 +14,8 @@ manifest (a `manifest.json` next to the tables, or the `manifest` argument):
 Undeclared modalities are read from the events (by name, no unit, any sign); an undeclared window means
 all history. Exact repeated event rows are kept as events; users without events are kept as users. The
 returned manifest's `counts` says how many of each there are, and how many events fall outside the
-declared window, so nothing is dropped or merged silently.
+declared window, so nothing is dropped or merged silently. A qa table that asks a task's query verbatim is
+refused (`check_task_queries_unseen`): pre-training must not see the downstream questions.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def _assemble(frames: dict[str, pd.DataFrame], manifest: dict[str, Any], where: 
         labels = _empty(LABEL_COLUMNS)
     _check_split_use(users, qa, "qa", "pretrain")
     _check_split_use(users, labels, "labels", "downstream")
+    check_task_queries_unseen(qa, tasks)
 
     ts = events["timestamp"]
     outside = np.zeros(len(events), dtype=bool)
@@ -186,6 +188,46 @@ def _check_populations(users: pd.DataFrame) -> None:
             f"users: {len(pairs)} user(s) have a split outside their population ({'; '.join(pairs[:5])}"
             f"{' and more' if len(pairs) > 5 else ''}); the pretrain population uses splits pretrain/pretrain_val, "
             "the downstream population tune/test"
+        )
+
+
+def _normalised_queries(queries: pd.Series) -> pd.Series:
+    """Queries compared as a reader would: case-folded, whitespace trimmed and runs of it read as one space."""
+    return queries.astype(str).str.split().str.join(" ").str.casefold()
+
+
+def _asks_task_query(qa: pd.DataFrame, tasks: pd.DataFrame) -> np.ndarray:
+    """(len(qa),) bool: the qa rows whose query is a task's query verbatim (`_normalised_queries`)."""
+    if qa.empty or tasks.empty:
+        return np.zeros(len(qa), dtype=bool)
+    return _normalised_queries(qa["query"]).isin(set(_normalised_queries(tasks["query"]))).to_numpy()
+
+
+def without_task_queries(qa: pd.DataFrame, tasks: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(qa without the rows that ask a task's query verbatim, how many were left out): for QA the library derived
+    from a log, whose template wording may happen to equal a user's task query."""
+    hit = _asks_task_query(qa, tasks)
+    return qa.loc[~hit].reset_index(drop=True), int(hit.sum())
+
+
+def check_task_queries_unseen(qa: pd.DataFrame, tasks: pd.DataFrame) -> None:
+    """No pre-training query is a downstream task's query verbatim (docs/design.md §2, "No leakage"): a task
+    asked at evaluation must be new to the model, or the benchmark measures recall of a seen question.
+    Compared after case-folding and trimming whitespace. Raises DataValidationError naming each such query,
+    its task and how many qa rows use it. Applies to the qa table as given; QA derived later from the log leaves
+    such rows out instead (`without_task_queries`), since its wording is the library's, not the user's."""
+    if qa.empty or tasks.empty:
+        return
+    task_of = dict(zip(_normalised_queries(tasks["query"]), zip(tasks["task_id"], tasks["query"])))
+    asked = _normalised_queries(qa["query"])
+    hit = _asks_task_query(qa, tasks)
+    if hit.any():
+        uses = asked[hit].value_counts(sort=False)
+        found = [f"{task_of[q][1]!r} (task {task_of[q][0]!r}: {n} qa row(s))" for q, n in uses.items()]
+        raise DataValidationError(
+            f"qa: {int(hit.sum())} row(s) ask a downstream task's query verbatim: {'; '.join(found[:5])}"
+            f"{' and more' if len(found) > 5 else ''}. Pre-training must not see the task queries (no leakage): "
+            "reword or drop these qa rows"
         )
 
 

@@ -55,9 +55,16 @@ def shop_log(n_users: int = 120, seed: int = 0) -> tuple[dict[str, pd.DataFrame]
     activity = rng.gamma(2.0, 2.0, n_users)  # orders per month, roughly
     start = pd.Timestamp(SHOP_MANIFEST["history_window"]["start"])
     n_pre = n_users * 2 // 5
-    split = (["pretrain"] * (n_pre - n_pre // 5) + ["pretrain_val"] * (n_pre // 5)
-             + ["tune", "test"] * ((n_users - n_pre) // 2) + ["tune"] * ((n_users - n_pre) % 2))
-    population = ["pretrain" if s.startswith("pretrain") else "downstream" for s in split]
+    # The first n_pre users pre-train. Within each population the splits are shuffled, from a stream of their
+    # own so that nothing else drawn here changes: the habits below cycle with the user's index (favourite
+    # item i % 8, ...), and splits that cycled with it too (tune, test, tune, ...) would give tune and test
+    # users disjoint favourite items.
+    order = np.random.default_rng([seed, 1])
+    pre_splits = order.permutation(["pretrain"] * (n_pre - n_pre // 5) + ["pretrain_val"] * (n_pre // 5))
+    n_down = n_users - n_pre
+    down_splits = order.permutation(["tune"] * (n_down - n_down // 2) + ["test"] * (n_down // 2))
+    split = [str(s) for s in np.concatenate([pre_splits, down_splits])]
+    population = ["pretrain"] * n_pre + ["downstream"] * n_down
     users = pd.DataFrame({"user_id": ids, "population": population, "split": split})
 
     rows: list[tuple] = []

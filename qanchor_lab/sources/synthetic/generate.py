@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from qanchor_lab.data import load_world, save_world, saved_manifest
+from qanchor_lab.sources.common import ensure_saved, saved_matches
 from qanchor_lab.metrics import ks
 from qanchor_lab.schema import SCHEMA_VERSION, SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS, World
 from qanchor_lab.sources.synthetic.config import _F, PERSONAS, TRAITS, WorldConfig
@@ -18,7 +18,8 @@ from qanchor_lab.sources.synthetic.simulation import _events_frame, _profiles, _
 from qanchor_lab.sources.synthetic.tasks import TASK_IDS, TASK_SPECS, _tasks_frame, calibrate_tasks, oracle_probabilities
 
 # Bump when the generator's output changes for a given config, so ensure_world regenerates old data.
-GENERATOR_VERSION = 1
+# 2: shared-device users' future window reuses their history's other person; "few" counts are salient QA claims.
+GENERATOR_VERSION = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,8 +47,11 @@ def world_summary(world: World) -> pd.DataFrame:
     return m[["task_id", "domain", "positive_rate", "oracle_auc", "oracle_ks", "n_test"]]
 
 
-def _round(x: float) -> float:
-    return float(round(float(x), 6))
+def _round(x: float) -> float | None:
+    """x to 6 decimals for the manifest; None (JSON null) where it is not finite: a small world's test split can
+    hold one label class only, leaving oracle_auc undefined, and NaN is not JSON."""
+    x = float(x)
+    return float(round(x, 6)) if np.isfinite(x) else None
 
 
 def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World:
@@ -76,9 +80,9 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
 
     lat = _sample_latents(rng_lat, n, config)
     perm = rng_split.permutation(n)
-    n_pre = round(n * config.pretrain_share)
-    n_val = max(1, round(n_pre * config.val_share))
-    n_test = max(1, round((n - n_pre) * config.test_share))
+    sizes = config.split_sizes()  # every split non-empty: WorldConfig checked it
+    n_val, n_test = sizes["pretrain_val"], sizes["test"]
+    n_pre = sizes["pretrain"] + n_val
     split = np.empty(n, dtype=object)
     split[perm[:n_val]] = "pretrain_val"
     split[perm[n_val:n_pre]] = "pretrain"
@@ -87,12 +91,14 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
     pretrain = np.isin(split, ("pretrain", "pretrain_val"))
     tick(steps[0])
 
-    events = _events_frame(_simulate(rng_hist, lat, config.history_days, config, future=False), user_ids, start)
+    history, other = _simulate(rng_hist, lat, config.history_days, config, future=False)
+    events = _events_frame(history, user_ids, start)
     tick(steps[1])
     profiles = _profiles(rng_prof, lat, user_ids)
     tick(steps[2])
-    future = _events_frame(_simulate(rng_fut, lat, config.future_days, config, future=True, user_mask=pretrain),
-                           user_ids, start + pd.Timedelta(days=config.history_days))
+    # The same person behind a shared device's search/click views next month as in the history (`other`).
+    future, _ = _simulate(rng_fut, lat, config.future_days, config, future=True, user_mask=pretrain, other=other)
+    future = _events_frame(future, user_ids, start + pd.Timedelta(days=config.history_days))
     tick(steps[3])
 
     pre_ids = pd.Index(user_ids[pretrain])
@@ -175,16 +181,14 @@ def generate_world(config: WorldConfig, *, show_progress: bool = False) -> World
 def ensure_world(out_dir: str | Path, config: WorldConfig, *, show_progress: bool = False) -> World:
     """Reuse the world in `out_dir` when its manifest records this config (and this generator and
     schema version); otherwise generate it, save it there and return it."""
-    root = Path(out_dir)
-    if world_is_saved(root, config):
-        return load_world(root)
-    world = generate_world(config, show_progress=show_progress)
-    save_world(world, root)
-    return world
+    return ensure_saved(out_dir, _saved_key(config), lambda: generate_world(config, show_progress=show_progress))
 
 
 def world_is_saved(out_dir: str | Path, config: WorldConfig) -> bool:
     """Whether `out_dir` holds the world of `config` from this generator and schema version."""
-    manifest = saved_manifest(Path(out_dir))
-    return (manifest.get("config") == config.to_dict() and manifest.get("schema_version") == SCHEMA_VERSION
-            and manifest.get("generator_version") == GENERATOR_VERSION)
+    return saved_matches(out_dir, _saved_key(config))
+
+
+def _saved_key(config: WorldConfig) -> dict:
+    """What a saved world's manifest must record to be reused for `config` (with the schema version)."""
+    return {"config": config.to_dict(), "generator_version": GENERATOR_VERSION}

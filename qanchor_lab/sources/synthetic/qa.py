@@ -134,7 +134,10 @@ class Intent:
     queries: tuple[str, ...]
     answers: dict[str, tuple[str, ...]]
     claim: Callable[[pd.DataFrame], np.ndarray] = field(repr=False)
-    null_claims: frozenset[str] = frozenset({"none", "few", "0|0"})  # "nothing to report" claims
+    # "Nothing to report" claims: the synthesiser asks these less (salient_qa_boost). "few" is not among them by
+    # default: in the count intents it is a real answer ("Yes: a few late payment fees"); the change/trend
+    # intents, whose "few" means "too little to tell", say so with null_claims=_TOO_LITTLE.
+    null_claims: frozenset[str] = frozenset({"none", "0|0"})
     styles: tuple[str, ...] = QA_STYLES           # the WorldConfig.qa_style values that ask this intent
 
     @cached_property
@@ -149,6 +152,8 @@ class Intent:
         return {c: ws + ((self.terse[c],) if c in self.terse else ()) for c, ws in self.answers.items()}
 
 
+# null_claims of the change/trend intents: "few" there is "too little activity to tell a change", not a count.
+_TOO_LITTLE = frozenset({"none", "few"})
 _COUNT_WORDS = {"one": "one", "two": "two", "few": "a few", "many": "many"}
 _HIST_YES = ("Yes: {n} {noun} in the observed period.", "Yes, the records show {n} {noun}.", "{N} {noun} on record, so yes.")
 _FUT_YES = ("Yes: {n} {noun} {be} expected next month.", "Likely yes, about {n} {noun} in the coming month.",
@@ -341,7 +346,7 @@ def _change_intent(intent_id: str, queries, keys, what: str, *, min_total: int) 
         out = np.where((fut_n == 0) & (past > 0) & (total >= min_total), "quiet", out)
         return np.where(total == 0, "none", out).astype(object)
 
-    return Intent(intent_id, "future", tuple(queries), answers, claim, styles=("graded",))
+    return Intent(intent_id, "future", tuple(queries), answers, claim, null_claims=_TOO_LITTLE, styles=("graded",))
 
 
 def _build_intents() -> dict[str, Intent]:
@@ -519,7 +524,7 @@ def _build_intents() -> dict[str, Intent]:
          "stable": ("Stable: about the same throughout.", "No clear change in app use."),
          "few": ("Too little app use to tell.",)},
         lambda ev: _change(ev["app_h1"].to_numpy(), ev["app_h2"].to_numpy(), ev["app_h1"].to_numpy() + ev["app_h2"].to_numpy() >= 6,
-                           "rising", "falling", "stable", "few")))
+                           "rising", "falling", "stable", "few"), null_claims=_TOO_LITTLE))
     I.append(Intent("borrowing_trend", "uqa", (
         "Are this user's borrowing-related actions increasing?", "Is this user turning to credit more often lately?",
         "Has borrowing activity picked up recently for this user?"),
@@ -529,7 +534,8 @@ def _build_intents() -> dict[str, Intent]:
          "stable": ("Steady: borrowing activity is spread evenly.", "About the same over the period."),
          "few": ("Too little borrowing activity to tell.", "Hardly any borrowing activity at all.")},
         lambda ev: _change(ev["stress_h1"].to_numpy(), ev["stress_h2"].to_numpy(),
-                           ev["stress_h1"].to_numpy() + ev["stress_h2"].to_numpy() >= 3, "rising", "falling", "stable", "few")))
+                           ev["stress_h1"].to_numpy() + ev["stress_h2"].to_numpy() >= 3, "rising", "falling", "stable", "few"),
+        null_claims=_TOO_LITTLE))
     topics = {k: ([f"search:{k}"], _templated(("Mostly {x}.", "Searches focus on {x}.", "Often looks up {x}."), p))
               for k, p in _TOPIC_PHRASES.items()}
     I.append(_top_intent("top_search", "uqa", (
@@ -645,7 +651,8 @@ def _build_intents() -> dict[str, Intent]:
          "few": ("No spending to compare.",)},
         lambda ev: _change(_per_month(ev, _col(ev, _SPEND_KEYS, "amt:")),
                            _per_month(ev, _col(ev, _SPEND_KEYS, "fut_amt:"), "future_days"),
-                           _col(ev, _SPEND_KEYS, "amt:") + _col(ev, _SPEND_KEYS, "fut_amt:") > 0, "up", "down", "flat", "few")))
+                           _col(ev, _SPEND_KEYS, "amt:") + _col(ev, _SPEND_KEYS, "fut_amt:") > 0, "up", "down", "flat", "few"),
+        null_claims=_TOO_LITTLE))
     intents = {i.intent_id: i for i in I}
     if len(intents) != len(I):
         raise AssertionError("duplicate intent ids")

@@ -112,16 +112,23 @@ for _m, _kinds in EVENT_KINDS.items():
 del _m, _kinds, _offset
 
 
-def _simulate(rng: np.random.Generator, lat: _Latents, days: int, config: WorldConfig, *,
-              future: bool, user_mask: np.ndarray | None = None) -> _Events:
-    """Poisson counts per (user, kind), then one row per event with wording, time, amount and dwell."""
+def _simulate(rng: np.random.Generator, lat: _Latents, days: int, config: WorldConfig, *, future: bool,
+              user_mask: np.ndarray | None = None, other: np.ndarray | None = None) -> tuple[_Events, np.ndarray]:
+    """Poisson counts per (user, kind), then one row per event with wording, time, amount and dwell.
+
+    Returns the events and `other`: whose traits drive each user's search/click view (used for shared-device
+    users). Pass the history's `other` to the future window so a shared device keeps the same second person."""
     n = lat.feats.shape[0]
     active = np.ones(n, bool) if user_mask is None else user_mask
     activity = np.exp(lat.feats[:, _F["log_activity"]])
     b_liq = _slope(lat.feats[:, _F["trend_liquidity"]])
     b_eng = _slope(lat.feats[:, _F["trend_engagement"]])
-    # The search/click view of a shared-device user is someone else's: modalities disagree.
-    other = rng.permutation(n)
+    # The search/click view of a shared-device user is someone else's: modalities disagree. The permutation is
+    # drawn even when `other` is given, so the rest of this stream (and every event drawn from it) is unchanged.
+    drawn = rng.permutation(n)
+    other = drawn if other is None else np.asarray(other)
+    if other.shape != (n,):
+        raise ValueError(f"_simulate: other must hold one user index per user ({n}), got shape {other.shape}")
     # Preferred wording per (user, kind): users return to the same merchant/phrasing most of the time.
     chan_logits = np.stack([_linear(lat.feats, w, c) for w, c in _CHANNEL_WEIGHTS.values()], axis=1)
     chan_p = np.exp(chan_logits - chan_logits.max(1, keepdims=True))
@@ -197,7 +204,7 @@ def _simulate(rng: np.random.Generator, lat: _Latents, days: int, config: WorldC
     # Exact repeats (same user, second and wording) would be duplicate rows: keep the first.
     dup = np.zeros(ev.user.size, bool)
     dup[1:] = (ev.user[1:] == ev.user[:-1]) & (ev.seconds[1:] == ev.seconds[:-1]) & (ev.text[1:] == ev.text[:-1])
-    return _Events(*(getattr(ev, f.name)[~dup] for f in fields(_Events)))
+    return _Events(*(getattr(ev, f.name)[~dup] for f in fields(_Events))), other
 
 
 _CATEGORY_OF_TEXT = np.array(
