@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from qanchor_lab.event_encoder import TextEncoder
-from qanchor_lab.features import FeatureSpec
+from qanchor_lab.features import FeatureSpec, events_in_window
+from qanchor_lab.schema import string_list
 
 NUMERIC_EVENT_FEATURES = ("log_amount", "log_gap_days", "recency")
 
@@ -48,10 +49,9 @@ def sorted_events(events: pd.DataFrame, user_ids, modalities: Sequence[str],
     fields are computed in. `window` (start, end) keeps only events in [start, end): the feature spec's
     history window, so the sequences and the tabular features see the same days and a later (label)
     window never reaches the model."""
-    keep = events["user_id"].isin(set(user_ids)) & events["modality"].isin(modalities)
-    if window is not None:
-        keep &= (events["timestamp"] >= window[0]) & (events["timestamp"] < window[1])
-    ev = events.loc[keep, ["user_id", "modality", "timestamp", "text", "amount"]]
+    ev = events_in_window(events, window)
+    ev = ev.loc[ev["user_id"].isin(set(user_ids)) & ev["modality"].isin(modalities),
+                ["user_id", "modality", "timestamp", "text", "amount"]]
     return ev.sort_values(["user_id", "modality", "timestamp"], kind="stable")
 
 
@@ -138,8 +138,9 @@ class BehaviourStore:
         modalities: Sequence[str],
         max_events: int,
     ) -> "BehaviourStore":
-        """Pack `user_ids` (in this order) from validated events/profiles tables."""
-        user_ids = list(user_ids)
+        """Pack `user_ids` (in this order, each once) from validated events/profiles tables."""
+        # one row per user (`index` maps an id to its row): a repeated id named here, not as a shape mismatch below
+        user_ids = string_list(user_ids, "user_ids", unique=True)
         pos = pd.Series(np.arange(len(user_ids)), index=pd.Index(user_ids, name="user_id"))
         ev = sorted_events(events, user_ids, modalities, feature_spec.window)
 

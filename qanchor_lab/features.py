@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, ModalitySpec, string_list
+from qanchor_lab.schema import EVENT_COLUMNS, EVENT_DEFAULTS, EVENT_REQUIRED, ModalitySpec, naive_utc, string_list
 
 FEATURE_SPEC_VERSION = 1
 OTHER = "other"  # the pooled bucket for categories / channels not kept at fit time
@@ -98,6 +98,15 @@ def _check_user_ids(user_ids: Sequence[str]) -> list[str]:
         return string_list(user_ids, "user_ids")
     except TypeError as exc:  # a FeatureInputError, as every input error of this module
         raise FeatureInputError(str(exc)) from None
+
+
+def events_in_window(events: pd.DataFrame, window: tuple[pd.Timestamp, pd.Timestamp] | None) -> pd.DataFrame:
+    """The rows of `events` (naive UTC timestamps, as cleaned events hold them) in [start, end) of a history window
+    (`FeatureSpec.window`; None: all): what the features, the behaviour sequences and the text baselines read, so
+    that all describe the same days and a later (label) window reaches none of them."""
+    if window is None:
+        return events
+    return events[(events["timestamp"] >= window[0]) & (events["timestamp"] < window[1])]
 
 
 def _clean_events(events: Any, columns: Sequence[str]) -> pd.DataFrame:
@@ -301,15 +310,16 @@ class FeatureSpec:
         unknown = sorted(set(ev["modality"].unique()) - set(modalities))
         if unknown:
             raise FeatureInputError(f"events.modality has value(s) {unknown}; valid modalities: {modalities}")
-        ref_ev = ev[ev["user_id"].isin(set(ref))]
+        in_ref = ev["user_id"].isin(set(ref)).to_numpy()
+        ref_ev = ev[in_ref]
         if window_end is None:
             if ref_ev.empty:
                 raise FeatureInputError("window_end cannot be inferred: the reference users have no events")
             end = ref_ev["timestamp"].max().normalize() + pd.Timedelta(days=1)
         else:
-            end = _naive(window_end)
+            end = naive_utc(window_end)
         if window_start is not None:
-            start = _naive(window_start)
+            start = naive_utc(window_start)
             if not start < end:
                 raise FeatureInputError(f"window_start {start} must be before window_end {end}")
             # the window is a whole number of days long (recency and active days count days)
@@ -330,7 +340,7 @@ class FeatureSpec:
         # The other users' events given here (a dataset's tune and test users, say) are read through the same window
         # (transform, the behaviour sequences): an inferred window ends with the reference users' history, which can
         # leave out another user's later days. Said here, where all of them are seen, not silently at transform.
-        other_ev = ev.loc[~ev["user_id"].isin(set(ref)), "timestamp"]
+        other_ev = ev.loc[~in_ref, "timestamp"]
         outside = int(((other_ev < start) | (other_ev >= end)).sum())
         if outside:
             _warn_once(
@@ -440,7 +450,7 @@ class FeatureSpec:
         if unknown:
             raise FeatureInputError(f"events.modality has value(s) {unknown}; this spec knows {self.modalities}")
         start, end = self.window
-        ev = ev[(ev["timestamp"] >= start) & (ev["timestamp"] < end)]
+        ev = events_in_window(ev, (start, end))
         uidx = uniq.get_indexer(ev["user_id"])
         ev = ev[uidx >= 0]
         uidx = uidx[uidx >= 0]
@@ -572,12 +582,6 @@ class FeatureSpec:
 
 # Fields added after FEATURE_SPEC_VERSION 1 was first saved; their defaults reproduce the old features.
 _LATER_FIELDS = ("words", "events_before_window", "events_after_window", "refund_modalities")
-
-
-def _naive(t: str | pd.Timestamp) -> pd.Timestamp:
-    """A timestamp as naive UTC (how validated events store theirs)."""
-    t = pd.Timestamp(t)
-    return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 
 def _top_words(texts: pd.Series, k: int) -> list[str]:
@@ -791,10 +795,12 @@ def serialize_users(
     max_events_per_modality: int = MAX_EVENTS_PER_MODALITY,
     max_chars: int = 2000,
     modalities: Sequence[str | ModalitySpec] | None = None,
+    window: tuple[pd.Timestamp, pd.Timestamp] | None = None,
 ) -> list[str]:
-    """`serialize_user` for many users at once (one sort + groupby), in `user_ids` order."""
+    """`serialize_user` for many users at once (one sort + groupby), in `user_ids` order; `window`: only the events
+    of a history window (`FeatureSpec.window`), as the features read them."""
     ids = _check_user_ids(user_ids)
-    ev = _clean_events(events, _SER_COLUMNS)
+    ev = events_in_window(_clean_events(events, _SER_COLUMNS), window)
     rows: dict[str, dict[str, Any]] = {}
     if profiles is not None:
         prof = _clean_profiles(profiles)

@@ -157,6 +157,11 @@ def _check_negatives(negatives: Sequence[str]) -> tuple[NegativeKind, ...]:
     return kinds  # type: ignore[return-value]
 
 
+def _upcast_half(t: Tensor) -> Tensor:
+    """float16 / bfloat16 as float32 (losses are computed in at least float32); other dtypes unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def contrastive_loss(
     anchors: Tensor,
     answers: Tensor,
@@ -172,8 +177,9 @@ def contrastive_loss(
     """InfoNCE of each anchor against its answer, with masked in-batch negatives.
 
     ``anchors`` and ``answers`` are (N, d); both are L2-normalised here, so similarities are
-    cosines whatever the caller passes. Row i's positive is s(a_i, p_i). Its denominator holds the
-    positive and, for every j != i, the enabled negative kinds:
+    cosines whatever the caller passes (half-precision inputs are upcast to float32 first). Row i's
+    positive is s(a_i, p_i). Its denominator holds the positive and, for every j != i, the enabled
+    negative kinds:
 
     - ``"anchor_anchor"``: s(a_i, a_j)
     - ``"anchor_answer"``: s(a_i, p_j)
@@ -218,8 +224,10 @@ def contrastive_loss(
             raise ValueError(f"local_index must lie in [0, {n}), got values {local_index.tolist()}")
         rows = local_index.to(anchors.device)
 
-    a = F.normalize(anchors, dim=-1)  # (N, d)
-    p = F.normalize(answers, dim=-1)  # (N, d)
+    # bfloat16 cosines over τ=0.07 would keep a few bits of each logit, and the margin rule would drop
+    # negatives by rounding noise: compute in float32 (float64 stays float64, as the reference tests use)
+    a = F.normalize(_upcast_half(anchors), dim=-1)  # (N, d)
+    p = F.normalize(_upcast_half(answers), dim=-1)  # (N, d)
     a_rows, p_rows = a[rows], p[rows]  # (n, d)
     pos = (a_rows * p_rows).sum(-1)  # (n,)
 
@@ -341,8 +349,7 @@ def next_token_loss(
         )
     if normalizer is not None and float(normalizer) <= 0:
         raise ValueError(f"normalizer must be > 0, got {float(normalizer)}")
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = _upcast_half(logits)
     keep = mask.bool().reshape(-1)  # (N,)
     flat_targets = targets.reshape(-1).masked_fill(~keep, 0)  # (N,)
     per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_targets, reduction="none")  # (N,)

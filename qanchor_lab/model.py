@@ -161,6 +161,16 @@ class QAnchorModel(nn.Module):
     def device(self) -> torch.device:
         return self.head[0].weight.device
 
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        """The dtype the decoder reads (its token embeddings'): float32, or bfloat16 with BackboneConfig.dtype."""
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pooled hidden states (B, H) through the head, L2-normalised (B, d). The encoder and head stay float32
+        whatever the backbone's dtype, so a bfloat16 backbone's states are upcast here (a no-op in float32)."""
+        return F.normalize(self.head(hidden.to(self.head[0].weight.dtype)), dim=-1)   # (B, d)
+
     def special_embeddings(self) -> dict[str, torch.Tensor]:
         names = [f"<{m}_{e}>" for m in (*self.config.modalities, TABULAR_MODALITY) for e in ("start", "end")]
         ids = torch.tensor([self.special_token_ids[n] for n in names], device=self.device)
@@ -169,7 +179,9 @@ class QAnchorModel(nn.Module):
 
     # ----- the anchor tower -----
     def encode_prefix(self, users: UserBatch) -> Prefix:
-        return assemble_prefix(self.encoder(users), self.special_embeddings(), self.config.modalities)
+        prefix = assemble_prefix(self.encoder(users), self.special_embeddings(), self.config.modalities)
+        # the float32 encoder's tokens enter the decoder in its dtype (a no-op in float32; bfloat16 backbones)
+        return replace(prefix, embeds=prefix.embeds.to(self.llm_dtype))          # (B, P, H)
 
     def make_suffix(self, queries: Sequence[str], answers: Sequence[str] | None = None, n_prompt: int = 0,
                     prompt_after_query: bool = False) -> Suffix:
@@ -200,7 +212,7 @@ class QAnchorModel(nn.Module):
     def pool(self, suffix_hidden: torch.Tensor, suffix: Suffix) -> torch.Tensor:
         rows = torch.arange(suffix_hidden.shape[0], device=suffix_hidden.device)
         h = suffix_hidden[rows, suffix.pool_index.to(suffix_hidden.device)]      # (B, H)
-        return F.normalize(self.head(h), dim=-1)                                 # (B, d)
+        return self.project(h)                                                   # (B, d)
 
     def embed(self, users: UserBatch, queries: Sequence[str], prompt: torch.Tensor | None = None,
               prompt_after_query: bool = False) -> torch.Tensor:
@@ -251,7 +263,7 @@ class QAnchorModel(nn.Module):
                            position_ids=position_ids(mask))
         last = mask.long().sum(1).clamp(min=1) - 1
         h = out.last_hidden_state[torch.arange(ids.shape[0], device=self.device), last]   # (B, H)
-        return F.normalize(self.head(h), dim=-1)
+        return self.project(h)                                                   # (B, d)
 
     # ----- pre-training forward: both towers and the next-token logits in one call -----
     def forward(self, users: UserBatch, queries: Sequence[str], answers: Sequence[str],
@@ -316,8 +328,10 @@ class QAnchorModel(nn.Module):
     # ----- construction and persistence -----
     @classmethod
     def from_config(cls, config: QAnchorConfig) -> "QAnchorModel":
+        """The model built untrained, in eval mode (as from_pretrained): LoRA's dropout layers start in train
+        mode, so embeddings would vary call to call; training loops call `.train()` themselves."""
         backbone = load_backbone(config.backbone, list(config.modalities) + [TABULAR_MODALITY])
-        return cls(config, backbone)
+        return cls(config, backbone).eval()
 
     @classmethod
     def from_data(cls, config: QAnchorConfig, events, profiles, reference_users: Sequence[str], *,
@@ -376,7 +390,9 @@ class QAnchorModel(nn.Module):
                    and not (k in _OPTIONAL_BUFFERS and config.event_norm == "none")]
         if missing or unexpected:
             raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model
+        # eval mode, the Hugging Face convention: a LoRA backbone's dropout would otherwise make two embeddings of
+        # one input differ; pre-training calls `.train()` itself
+        return model.eval()
 
 
 def vocab_positions(vocab: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -252,6 +252,12 @@ def _window_bound(win: Mapping[str, Any], key: str) -> pd.Timestamp | None:
     if pd.isna(t) or ambiguous:
         raise ValueError(f"{where}: {value!r} is not an unambiguous date; write it as ISO 8601, e.g. '2025-01-01' "
                          f"or '2025-01-01T00:00:00+08:00'")
+    return naive_utc(t)
+
+
+def naive_utc(t: str | datetime.date | np.datetime64 | pd.Timestamp) -> pd.Timestamp:
+    """A timestamp as naive UTC, how validated events store theirs (an aware one converted, a naive one kept)."""
+    t = pd.Timestamp(t)
     return t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
 
 

@@ -119,6 +119,16 @@ def test_contrastive_ids_change_the_loss():
     assert same_user < plain and same_answer < plain
 
 
+def test_contrastive_computes_bfloat16_inputs_in_float32():
+    """A bfloat16 backbone's towers: the loss is the float32 loss of the same (rounded) vectors, not a bfloat16 one."""
+    g = torch.Generator().manual_seed(5)
+    anchors, answers = torch.randn(8, 16, generator=g).bfloat16(), torch.randn(8, 16, generator=g).bfloat16()
+    ids = dict(user_ids=torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]), answer_ids=torch.tensor([0, 1, 2, 2, 3, 4, 5, 6]))
+    got = contrastive_loss(anchors, answers, **ids)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, contrastive_loss(anchors.float(), answers.float(), **ids))
+
+
 def _unit(deg: float) -> list[float]:
     return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
 

@@ -86,6 +86,56 @@ def test_save_and_from_pretrained_round_trip(tiny_model, tiny_store, tmp_path):
     assert torch.allclose(before, after, atol=1e-6)
 
 
+def test_built_and_loaded_models_are_in_eval_mode_and_embed_deterministically(tiny_model, tiny_store, tmp_path):
+    """LoRA's dropout layers start in train mode: a model fresh from from_config or from_pretrained would give two
+    different embeddings of one input. Both come back in eval mode (Hugging Face's convention)."""
+    from dataclasses import replace
+
+    model = QAnchorModel.from_config(replace(tiny_model.config, finetune="lora", lora_r=4))
+    assert not any(m.training for m in model.modules())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero, which hides its dropout: make the adapters look trained
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.train()  # saved mid-training: the mode is no part of the checkpoint
+    loaded = QAnchorModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    assert not any(m.training for m in loaded.modules())
+    ub, q, a = _users(tiny_store, 3), ["does the user invest"] * 3, ["yes every month", "no", "rarely"]
+    with torch.no_grad():
+        assert torch.equal(loaded.embed(ub, q), loaded.embed(ub, q))
+        assert torch.equal(loaded.embed_answers(a), loaded.embed_answers(a))
+
+
+def test_a_bfloat16_backbone_embeds_and_runs_both_forward_paths(tiny_model, tiny_store):
+    """The encoder and head stay float32 under a bfloat16 LLM (BackboneConfig.dtype): the prefix is cast into the
+    LLM's dtype and the pooled states back, instead of a dtype mismatch in the first matmul."""
+    from dataclasses import replace
+
+    cfg = tiny_model.config
+    model = QAnchorModel.from_config(replace(cfg, backbone=replace(cfg.backbone, dtype="bfloat16")))
+    assert model.llm_dtype == torch.bfloat16 and model.head[0].weight.dtype == torch.float32
+    ub, q, a = _users(tiny_store, 2), ["does the user invest", "is this user a big spender"], ["yes", "no, not at all"]
+    with torch.no_grad():
+        full = model(ub, q, a)
+        cached = model(ub, q, a, user_rows=torch.tensor([0, 1]))
+        embeddings = {"embed": model.embed(ub, q), "answers": model.embed_answers(a), "anchor full": full["anchor"],
+                      "anchor cached": cached["anchor"], "answer": full["answer"]}
+        encoded = model.encode(tiny_store, q, user_ids=tiny_store.user_ids[:2])          # (2, 2, d) cached path
+    for name, e in embeddings.items():
+        assert e.shape == (2, cfg.embed_dim) and e.dtype == torch.float32, name
+        assert torch.isfinite(e).all() and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5), name
+    assert encoded.shape == (2, 2, cfg.embed_dim) and np.isfinite(encoded).all()
+    for out in (full, cached):
+        assert out["lm_logits"].shape[0] == out["lm_targets"].shape[0] > 0 and torch.isfinite(out["lm_logits"]).all()
+
+
+def test_behaviour_names_a_repeated_user_id(tiny_model, small_world):
+    u = small_world.users_in("pretrain_val")[:2]
+    with pytest.raises(ValueError, match=rf"user_ids repeats 1 value\(s\): \['{u[0]}'\]"):
+        tiny_model.behaviour(small_world.events, small_world.profiles, [u[0], u[1], u[0]])
+
+
 def test_from_pretrained_names_a_wrong_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved QAnchorModel"):
         QAnchorModel.from_pretrained(tmp_path)

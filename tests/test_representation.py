@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qanchor_lab.pretrain import PretrainConfig, epoch_order, make_pairs
 from qanchor_lab.world import INTENTS, answer_claims
@@ -224,10 +225,89 @@ def test_a_400_user_world_pretrains_and_runs_retrieval(tmp_path):
     summary = pretrain(model, w, cfg, tmp_path / "run", show_progress=False)
     assert summary["steps"] == 3
     r = answer_retrieval(model, w, max_pairs=50)
-    n_answers = w.qa.loc[w.qa["user_id"].isin(w.users_in("pretrain_val")), "answer"].nunique()
-    assert n_answers < 100 and r["n_candidates"] == n_answers
-    assert r["chance_top1"] == pytest.approx(1 / n_answers)
+    val = w.qa[w.qa["user_id"].isin(w.users_in("pretrain_val"))]
+    n_answers = val["answer"].nunique()
+    claims = pd.DataFrame({"text": val["answer"].to_numpy(), "claim": answer_claims(val)}).drop_duplicates()
+    most_wordings = claims.groupby("claim").size().max()
+    # every text but the wordings of the pair's own claim, as many for every pair
+    assert n_answers < 100 and n_answers + 1 - most_wordings <= r["n_candidates"] <= n_answers
+    assert r["chance_top1"] == pytest.approx(1 / r["n_candidates"])
     assert 0.0 <= r["top1"] <= 1.0
+
+
+class _Rows:
+    """A behaviour store stand-in for answer_retrieval: a user batch is the user ids themselves."""
+
+    def indices(self, user_ids):
+        return list(user_ids)
+
+    def batch(self, user_ids):
+        return user_ids
+
+
+class _Scorer:
+    """A model stand-in for answer_retrieval: fixed vectors per (user, query) anchor and per answer text."""
+
+    def __init__(self, anchor, answer):
+        self.anchor, self.answer = anchor, answer
+
+    def eval(self):
+        return self
+
+    def embed(self, users, queries):
+        return torch.stack([self.anchor(u, q) for u, q in zip(users, queries)])       # (B, d)
+
+    def embed_answers(self, answers):
+        return torch.stack([self.answer(a) for a in answers])                          # (B, d)
+
+
+def _claim_oracle(world, split="pretrain_val"):
+    """(scorer, texts per claim) where every anchor is its claim's one-hot vector and every answer text the
+    normalised sum of the claims it states, plus small noise: an embedding that knows each user's claim and
+    nothing of the wording, what claim masking trains for."""
+    qa = world.qa[world.qa["user_id"].isin(set(world.users_in(split)))]
+    rows = pd.DataFrame({"text": qa["answer"].to_numpy(), "claim": answer_claims(qa)})
+    ids = {c: i for i, c in enumerate(sorted(set(rows["claim"])))}
+    g = torch.Generator().manual_seed(0)
+
+    def vector(claims):                                                                # (C,)
+        v = F.one_hot(torch.tensor([ids[c] for c in claims]), len(ids)).float().sum(0)
+        return v / v.norm() + 0.01 * torch.randn(len(ids), generator=g)
+
+    anchors = {pair: vector([c]) for pair, c in zip(zip(qa["user_id"], qa["query"]), rows["claim"])}
+    answers = {text: vector(sorted(set(group))) for text, group in rows.groupby("text")["claim"]}
+    return _Scorer(lambda u, q: anchors[u, q], answers.__getitem__), rows.drop_duplicates().groupby("claim").size()
+
+
+def test_retrieval_leaves_other_wordings_of_the_true_claim_out_of_the_candidates(small_world):
+    """Pre-training treats every wording of a claim as the positive: as a candidate, another wording of the true
+    answer's claim is no wrong answer, and a claim-perfect embedding must score top-1 = 1 (the earlier sampling
+    gave it about 0.8). A QA table without claims leaves out the true text only, as before."""
+    from types import SimpleNamespace
+
+    from qanchor_lab.retrieval import answer_retrieval
+
+    oracle, wordings = _claim_oracle(small_world)                                      # texts per claim
+    n_texts = small_world.qa.loc[small_world.qa["user_id"].isin(small_world.users_in("pretrain_val")), "answer"].nunique()
+    assert wordings.max() > 1                                                          # the case this guards
+    r = answer_retrieval(oracle, small_world, store=_Rows())
+    assert r["n_candidates"] == 100 and r["top1"] == 1.0
+    assert r == answer_retrieval(oracle, small_world, store=_Rows())                  # deterministic for a seed
+    # as many candidates as the pair with the fewest wrong answers has (every split row is a pair here)
+    everything = answer_retrieval(oracle, small_world, store=_Rows(), n_candidates=10_000, max_pairs=10**6)
+    assert everything["n_candidates"] == n_texts + 1 - wordings.max()
+    assert everything["chance_top1"] == pytest.approx(1 / everything["n_candidates"])
+    no_claims = SimpleNamespace(users_in=small_world.users_in, qa=small_world.qa.drop(columns="intent"))
+    assert answer_retrieval(oracle, no_claims, store=_Rows(), n_candidates=10_000)["n_candidates"] == n_texts
+
+
+def test_retrieval_counts_a_tie_against_the_model(small_world):
+    """A collapsed tower gives every candidate the same score: that is no hit, not a perfect one."""
+    from qanchor_lab.retrieval import answer_retrieval
+
+    flat = _Scorer(lambda u, q: torch.ones(4), lambda a: torch.ones(4))
+    r = answer_retrieval(flat, small_world, store=_Rows(), max_pairs=100)
+    assert r["top1"] == 0.0 and r["top5"] == 0.0
 
 
 def test_grid_batches_ask_every_user_the_same_questions(small_world, tiny_store):
