@@ -373,6 +373,25 @@ def blend_min_per_class(config: ProbeConfig, folds: int = 5) -> int:
     return max(folds, -(-config.cv * folds // (folds - 1)))
 
 
+def can_blend(y: np.ndarray, config: ProbeConfig) -> bool:
+    """Whether labels `y` hold enough of each class to blend two probes out-of-fold (`blend_min_per_class`); where
+    they do not, features and an embedding share one probe (`features_with_embedding`)."""
+    n_pos = int(np.sum(y))
+    return min(n_pos, len(y) - n_pos) >= blend_min_per_class(config)
+
+
+def features_with_embedding(features, y, features_test, embedding, embedding_test, config: ProbeConfig, *,
+                            sample_weight=None, embedding_shares: Sequence[float] = EMBEDDING_SHARES) -> np.ndarray:
+    """One task's scores from the features and an embedding together, as the demo's qanchor_plus_features fits
+    them: two probes blended (`blended_probe_scores`) where `can_blend`, else one probe over both (the embedding
+    as `probe_scores`' extra block, its share of the variance picked by CV from `embedding_shares`)."""
+    if can_blend(y, config):
+        return blended_probe_scores([features, embedding], y, [features_test, embedding_test], config,
+                                    sample_weight=sample_weight)
+    return probe_scores(features, y, features_test, config, sample_weight=sample_weight, extra_train=embedding,
+                        extra_test=embedding_test, extra_shares=embedding_shares)
+
+
 def blended_probe_scores(
     train_blocks: Sequence[Any],
     train_y,
@@ -479,13 +498,11 @@ def embedding_probe_scores(
     for task_id, query in zip(task_ids, tasks_v["query"]):
         pos, y = _tune_targets(labels_v, task_id, tune)
         _check_classes(y, f"task {task_id!r} (tune split)", config.cv)
-        blending = features is not None and combine == "blend"
-        if blending and min(int(y.sum()), int(len(y) - y.sum())) < blend_min_per_class(config):
-            # too few of a class to blend out-of-fold: this task falls back to one probe over both blocks
+        if features is not None and combine == "blend" and not can_blend(y, config):
+            # too few of a class to blend out-of-fold: features_with_embedding falls back to one probe over both
             warnings.warn(f"task {task_id!r}: {int(y.sum())} positive / {int(len(y) - y.sum())} negative tune "
                           f"labels, fewer than the {blend_min_per_class(config)} of each a blend needs; "
                           "features and embedding share one probe for this task", stacklevel=2)
-            blending = False
         if static is None:
             emb = _check_matrix(embed_fn(users, query), len(users), f"task {task_id!r}: embed_fn(users, query)")
         else:
@@ -493,10 +510,10 @@ def embedding_probe_scores(
         fit_rows, test_rows = _Rows(emb, pos), _Rows(emb, slice(len(tune), None))
         if features is None:
             fits.append((task_id, "", probe_scores, (fit_rows, y, test_rows, config), {}))
-        elif blending:
-            fits.append((task_id, "", blended_probe_scores, ([_Rows(features, pos), fit_rows], y,
-                                                             [_Rows(features, slice(len(tune), None)), test_rows],
-                                                             config), {}))
+        elif combine == "blend":
+            fits.append((task_id, "", features_with_embedding, (_Rows(features, pos), y, features[len(tune):],
+                                                                fit_rows, test_rows, config),
+                         dict(embedding_shares=embedding_shares)))
         else:
             fits.append((task_id, "", probe_scores, (_Rows(features, pos), y, features[len(tune):], config),
                          dict(extra_train=fit_rows, extra_test=test_rows, extra_shares=embedding_shares)))
@@ -581,15 +598,22 @@ def _feature_matrix(world: Any, users: list[str], feature_spec: Any = None) -> t
     """(spec, features): the hand-crafted features of `users` (rows in that order), standardised by a
     FeatureSpec fitted on the world's pre-training users unless `feature_spec` is given. Every
     feature-based scorer goes through here, so all see the same numbers."""
-    from qanchor_lab.features import FeatureSpec
-
-    if feature_spec is None:
-        ref = world.users_in("pretrain")
-        if not ref:
-            raise DataValidationError("world has no 'pretrain' users to fit the feature spec on; pass feature_spec")
-        feature_spec = FeatureSpec.fit_world(world, ref)  # the dataset's declared modalities and window
+    feature_spec = _world_feature_spec(world, feature_spec)
     X = feature_spec.transform(world.events, world.profiles, users, standardize=True).astype(np.float64)
     return feature_spec, X
+
+
+def _world_feature_spec(world: Any, feature_spec: Any = None) -> Any:
+    """`feature_spec`, or a FeatureSpec fitted on the world's pre-training users: the dataset's declared modalities
+    and history window, which every baseline reads its users' events through."""
+    from qanchor_lab.features import FeatureSpec
+
+    if feature_spec is not None:
+        return feature_spec
+    ref = world.users_in("pretrain")
+    if not ref:
+        raise DataValidationError("world has no 'pretrain' users to fit the feature spec on; pass feature_spec")
+    return FeatureSpec.fit_world(world, ref)
 
 
 def _fit_gbdt(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, gbdt: GBDTConfig, seed: int) -> np.ndarray:
@@ -639,8 +663,9 @@ def feature_scores(
     for task_id in task_ids:
         pos, y = _tune_targets(labels_v, task_id, tune)
         if model == "gbdt":
-            # early stopping holds out a stratified share: both classes must survive the split
-            _check_classes(y, f"task {task_id!r} (tune split)", max(2, int(np.ceil(1 / gbdt.validation_fraction))))
+            # early stopping holds out a stratified share (scikit-learn's split needs two of each class; the
+            # validation loss is read whatever classes the held-out share holds)
+            _check_classes(y, f"task {task_id!r} (tune split)", 2)
             fits.append((task_id, " (gbdt)", _fit_gbdt, (_Rows(X_tune, pos), y, X_test, gbdt, seed), {}))
         else:
             _check_classes(y, f"task {task_id!r} (tune split)", probe.cv)
@@ -656,11 +681,9 @@ def _user_term_counts(events: pd.DataFrame, users: list[str], spec: Any, ngram_m
     N-grams are taken per event text, so a bigram never spans two events. Event texts repeat heavily
     (a few hundred distinct ones), so each distinct text is tokenised once: counts = (user x text
     occurrences) @ (text x n-gram counts)."""
-    from qanchor_lab.features import _clean_events
+    from qanchor_lab.features import _clean_events, events_in_window
 
-    ev = _clean_events(events, ["user_id", "timestamp", "text"])  # non-null strings, naive timestamps
-    end = pd.Timestamp(spec.window_end)
-    ev = ev[(ev["timestamp"] >= end - pd.Timedelta(days=spec.history_days)) & (ev["timestamp"] < end)]
+    ev = events_in_window(_clean_events(events, ["user_id", "timestamp", "text"]), spec.window)  # naive timestamps
     uidx = pd.Index(users).get_indexer(ev["user_id"])
     keep = uidx >= 0
     codes, texts = pd.factorize(ev["text"].to_numpy()[keep])
@@ -804,13 +827,17 @@ def encode_texts(
 
 
 def text_embedding_vectors(world: Any, users: Sequence[str], *, encoder: Any = None, batch_size: int = 256,
-                           serialize_kw: Mapping[str, Any] | None = None, show_progress: bool = True) -> np.ndarray:
-    """(len(users), dim) text embeddings of users' behaviour: serialised as text (features.serialize_users, with
-    `serialize_kw`: max_events_per_modality, max_chars) and embedded by MiniLM (or `encoder`, without its disk
-    cache). The torch half of text_embedding_scores, which the demo runs beside its other stages."""
+                           serialize_kw: Mapping[str, Any] | None = None, show_progress: bool = True,
+                           feature_spec: Any = None) -> np.ndarray:
+    """(len(users), dim) text embeddings of users' behaviour: their events in the history window of `feature_spec`
+    (by default fitted on the world's pre-training users, as every feature baseline's), serialised as text
+    (features.serialize_users, with `serialize_kw`: max_events_per_modality, max_chars) and embedded by MiniLM (or
+    `encoder`, without its disk cache). The torch half of text_embedding_scores, which the demo runs beside its
+    other stages."""
     from qanchor_lab.features import serialize_users
 
-    texts = serialize_users(world.events, world.profiles, list(users),
+    window = _world_feature_spec(world, feature_spec).window  # a later (label) window's events stay out, as elsewhere
+    texts = serialize_users(world.events, world.profiles, list(users), window=window,
                             **{"modalities": world.modality_specs, **(serialize_kw or {})})  # declared units and titles
     return encode_texts(_uncached(encoder), texts, batch_size=batch_size, desc="text-embedding users",
                         show_progress=show_progress)
@@ -829,16 +856,19 @@ def text_embedding_scores(
     show_progress: bool = True,
     n_jobs: int | None = None,
     vectors: np.ndarray | None = None,
+    feature_spec: Any = None,
 ) -> pd.DataFrame:
-    """The paper's general-purpose text-embedding baseline: each user's behaviour serialised as text and embedded
-    by MiniLM (text_embedding_vectors), then the logistic probe per task. `vectors`: those embeddings, already
-    computed for tune + test users in that order (encoder, batch_size and serialize_kw are then unused).
+    """The paper's general-purpose text-embedding baseline: each user's behaviour in the history window serialised
+    as text and embedded by MiniLM (text_embedding_vectors; `feature_spec` as there), then the logistic probe per
+    task. `vectors`: those embeddings, already computed for tune + test users in that order (encoder, batch_size,
+    serialize_kw and feature_spec are then unused).
     `n_jobs`: worker processes for the tasks' probes, as in embedding_probe_scores."""
     tune, test, _, tasks_v, labels_v = _world_split(world, tune_users, test_users)
     users = tune + test
     if vectors is None:
         vectors = text_embedding_vectors(world, users, encoder=encoder, batch_size=batch_size,
-                                         serialize_kw=serialize_kw, show_progress=show_progress)
+                                         serialize_kw=serialize_kw, show_progress=show_progress,
+                                         feature_spec=feature_spec)
     elif len(vectors) != len(users):
         raise ValueError(f"text embedding: {len(vectors)} vectors given for {len(users)} tune + test users")
 

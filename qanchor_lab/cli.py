@@ -314,10 +314,10 @@ def _cmd_refit_intervals(args) -> int:
     if against is not None:     # the other run's model, embedded on this run's world and refitted on the same draws
         reps.update(query_representations(QAnchorModel.from_pretrained(against).eval(), world, tune + test,
                                           prefix=OTHER))
-    # the demo's feature baseline shuffles its probe's CV folds with the run's seed (pipeline.evaluate_run)
+    # the demo's probes shuffle their CV folds with the run's seed (pipeline.evaluate_run): refit 0 is its fit
     scores = refit_scores(reps, world.labels, world.tasks, tune, test, refits=args.refits, seed=args.seed,
-                          blends=PLUS_FEATURES, configs={"logreg_features": ProbeConfig(seed=run_seed)},
-                          n_jobs=args.jobs, show_progress=True)
+                          blends=PLUS_FEATURES, config=ProbeConfig(seed=run_seed), n_jobs=args.jobs,
+                          show_progress=True)
     known = set(reps) | set(PLUS_FEATURES)
     contrasts = {title: {a: 1.0, b: -1.0} for title, a, b in MECHANISMS if a in known and b in known}
     if against is not None:

@@ -298,7 +298,11 @@ def _fmt(value: float, low: float = math.nan, high: float = math.nan, *, signed:
 def ci_label(metrics: Mapping) -> str:
     """"80% CI" for the level the metrics' intervals were drawn at (metrics["bootstrap"]["ci"]), or "CI"
     where they name none: every table header reads it, so none can claim a level the numbers lack."""
-    level = metrics.get("bootstrap", {}).get("ci")
+    return level_label((metrics.get("bootstrap") or {}).get("ci"))
+
+
+def level_label(level: float | None) -> str:
+    """"80% CI" for an interval level of 0.80, "CI" for an unknown one (None)."""
     return f"{round(100 * level)}% CI" if level else "CI"
 
 

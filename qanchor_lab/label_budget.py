@@ -40,7 +40,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from qanchor_lab.baselines import ProbeConfig, _check_matrix, _split_ids, _tune_targets, probe_scores
+from qanchor_lab.baselines import (ProbeConfig, _check_matrix, _split_ids, _tune_targets, blend_min_per_class, can_blend,
+                                   probe_scores)
 from qanchor_lab.data import DataValidationError, require_columns, validate_labels, validate_tasks
 from qanchor_lab.parallel import fit_map
 
@@ -581,10 +582,12 @@ def refit_scores(
     fit) and on `refits` bootstrap draws of the tune users (refits 1..R: each user weighted by how often the draw
     holds it, users it misses left out; the same draw for every representation and task, so differences stay
     paired). `representations` as in `label_curve` (rows: tune users, then test users); `blends` maps a method
-    name to two of them (features, embedding) fitted as `blended_probe_scores` fits the demo's
-    qanchor_plus_features (`PLUS_FEATURES`). `configs`: a representation's own probe settings where they differ
-    from `config` (the demo fits the features' probe with its world seed's CV folds). Returns the long table
-    user_id, task_id, method, score, refit (categorical columns); `refit_contrasts` turns it into intervals.
+    name to two of them (features, embedding) fitted as the demo fits its qanchor_plus_features (`PLUS_FEATURES`,
+    `baselines.features_with_embedding`: blended, or one probe where a class is too rare to blend). `configs`: a
+    representation's own probe settings where they differ from `config`. Returns the long table user_id, task_id,
+    method, score, refit (categorical columns); `refit_contrasts` turns it into intervals. A draw that leaves some
+    task fewer distinct users of a class than its refit 0's probes need (a rare class on a small world) is drawn
+    again (the next of `MAX_REDRAWS` seeded draws), so that every refit fits what refit 0 fits.
 
     Why: the test report resamples the test users around one fit of each probe, so its intervals leave out which
     users the probes happened to be fitted on, which moves a difference between two methods too (docs/design.md
@@ -608,8 +611,10 @@ def refit_scores(
             raise ValueError(f"blend {name!r}: the name is already a representation's")
     configs = {name: (configs or {}).get(name, config) for name in mats}
     targets = [_tune_targets(labels_v, t, tune) for t in task_ids]  # per task: labelled tune positions, labels
-    counts = [None] + [np.random.default_rng([seed, r]).multinomial(len(tune), np.full(len(tune), 1 / len(tune)))
-                       for r in range(1, refits + 1)]               # refit r: how often each tune user is drawn
+    # the fewest distinct users of each class a task's refits need: what its refit 0 fits (a blend, else one probe)
+    need = [max([c.cv for c in configs.values()] + [config.cv] * bool(blends)
+                + [blend_min_per_class(config)] * bool(blends and can_blend(y, config))) for _, y in targets]
+    counts = [None] + [_bootstrap_draw(len(tune), targets, need, task_ids, [seed, r]) for r in range(1, refits + 1)]
     # per task, each representation as one array that every refit's job takes its rows from when it runs (_Rows), so
     # the jobs hold no copies
     blocks = [{name: np.ascontiguousarray(X[:, k]) if X.ndim == 3 else X for name, X in mats.items()}
@@ -641,17 +646,36 @@ def refit_scores(
     })
 
 
+MAX_REDRAWS = 100  # refit_scores: draws tried per refit before a task's rare class is named as the cause
+
+
+def _bootstrap_draw(n: int, targets, need: Sequence[int], task_ids: Sequence[str], key: list[int]) -> np.ndarray:
+    """(n,) how often each of n tune users one bootstrap draw holds: the first of the draws seeded `key`, then
+    `key + [1]`, `key + [2]`, ... in which every task's labelled users hold `need` distinct users of each class."""
+    for attempt in range(MAX_REDRAWS):
+        count = np.random.default_rng(key + [attempt] * bool(attempt)).multinomial(n, np.full(n, 1 / n))  # (n,)
+        short = [k for k, ((pos, y), m) in enumerate(zip(targets, need))
+                 if min(int(y[count[pos] > 0].sum()), int((1 - y[count[pos] > 0]).sum())) < m]
+        if not short:
+            return count
+    k = short[0]
+    pos_k, y_k = targets[k]
+    raise ValueError(f"task {task_ids[k]!r}: {MAX_REDRAWS} bootstrap draws of the {n} tune users each left fewer than "
+                     f"{need[k]} distinct users of a class ({int(y_k.sum())} positive and {int(len(y_k) - y_k.sum())} "
+                     "negative tune labels in all); refit intervals need more labelled users of the rarer class")
+
+
 def _refit_one(fit: Sequence[tuple[str, np.ndarray, np.ndarray]], y: np.ndarray, w: np.ndarray | None,
                blends: Mapping[str, tuple[str, str]], configs: Mapping[str, ProbeConfig],
                config: ProbeConfig) -> dict[str, np.ndarray]:
     """One task's probes of one refit: name -> test scores (a `refit_scores` job, maybe in a worker); `fit` holds
     (name, fitted rows, test rows) per representation."""
-    from qanchor_lab.baselines import blended_probe_scores
+    from qanchor_lab.baselines import features_with_embedding
 
     rows = {name: (X, Xt) for name, X, Xt in fit}
     out = {name: probe_scores(X, y, Xt, configs[name], sample_weight=w) for name, (X, Xt) in rows.items()}
-    for name, (a, b) in blends.items():
-        out[name] = blended_probe_scores([rows[a][0], rows[b][0]], y, [rows[a][1], rows[b][1]], config, sample_weight=w)
+    for name, (a, b) in blends.items():   # as the demo fits them: blended, or one probe where a class is too rare
+        out[name] = features_with_embedding(rows[a][0], y, rows[a][1], rows[b][0], rows[b][1], config, sample_weight=w)
     return out
 
 

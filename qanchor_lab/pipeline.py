@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -191,6 +192,19 @@ def world_dir(cfg: DemoConfig) -> Path:
     return DATA_ROOT / f"world-{cfg.n_users}-seed{cfg.seed}"
 
 
+def _world_version(cfg: DemoConfig) -> dict:
+    """The versions that decide whether `ensure_demo_world` reuses a saved world: the schema's and the source's."""
+    from qanchor_lab.schema import SCHEMA_VERSION
+
+    if cfg.dataset == "movielens":
+        from qanchor_lab.sources.movielens import SOURCE_VERSION
+
+        return {"schema": SCHEMA_VERSION, "movielens": SOURCE_VERSION}
+    from qanchor_lab.world import GENERATOR_VERSION
+
+    return {"schema": SCHEMA_VERSION, "generator": GENERATOR_VERSION}
+
+
 def ensure_demo_world(cfg: DemoConfig):
     """The World of this config, generated (or fetched) once under `world_dir(cfg)` and read back after: the
     synthetic UserU world of `n_users`, or a named source (its seed is `seed`). Every notebook of one mode
@@ -261,7 +275,7 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
     tasks and labels for evaluation. `for_evaluation=False` (`pretrain --data`) needs only the pre-training
     users: no tune or test users, tasks or labels."""
     from qanchor_lab.derive_qa import DeriveQAConfig, derive_world_qa
-    from qanchor_lab.sources.byo import load
+    from qanchor_lab.sources.byo import load, without_task_queries
 
     world = load(data_dir)
     counts = world.users["split"].value_counts()
@@ -289,8 +303,12 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
         units = {m.unit for m in world.modality_specs if m.amount != "zero"}
         qa_cfg = DeriveQAConfig(seed=seed, amount_unit=units.pop() if len(units) == 1 else "")
         world = derive_world_qa(world, qa_cfg)
+        # pre-training must never ask a task's own question (docs/design.md §2): a template that words one is left out
+        qa, dropped = without_task_queries(world.qa, world.tasks)
+        world = replace(world, qa=qa)
         print(f"dataset {data_dir}: no qa table; derived {len(world.qa)} QA pairs from the event log "
-              f"(global cutoff, {qa_cfg.future_days:g}-day future window; derive_qa)")
+              f"(global cutoff, {qa_cfg.future_days:g}-day future window; derive_qa)"
+              + (f"; left out {dropped} that asked a task's query verbatim" if dropped else ""))
     return world
 
 
@@ -314,6 +332,8 @@ def run_key(cfg: DemoConfig, data_dir=None) -> dict:
     key = {**training, "model_config": asdict(cfg.model_config()), "pretrain_config": asdict(cfg.pretrain_config())}
     if data_dir is not None:
         key["data"] = str(Path(data_dir).resolve())
+    else:   # a new generator or source version rebuilds the world, so a model trained on the old one must not serve
+        key["world_version"] = _world_version(cfg)
     return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
 
 
@@ -343,9 +363,14 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
 
         old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        adapters = run_dir / "adapters"
+        stale = adapters.is_dir() and any(adapters.iterdir())
         warnings.warn(f"{run_dir} holds a model pre-trained with other settings ({', '.join(changed[:5])}"
-                      f"{', ...' if len(changed) > 5 else ''}); pre-training a new one in its place (give another "
-                      "run directory to keep it)", stacklevel=2)
+                      f"{', ...' if len(changed) > 5 else ''}); pre-training a new one in its place"
+                      + (" and removing the prompts tuned for the old one (adapters/)" if stale else "")
+                      + " (give another run directory to keep them)", stacklevel=2)
+        if stale:   # tuned on the old model's embeddings: loaded beside the new one they would score wrongly, unsaid
+            shutil.rmtree(adapters)
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
     marker.write_text(json.dumps(key, indent=2))
     return model, world, summary
@@ -436,7 +461,7 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
                    adapters_dir: Path | None = None, with_features: bool = True,
                    with_probes: bool = True, watch: Stopwatch | None = None,
                    n_jobs: int | None = None, jobs: Jobs | None = None,
-                   embeddings: np.ndarray | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
+                   embeddings: np.ndarray | None = None, seed: int = 0) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
     `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
@@ -444,8 +469,9 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     the probes' fits (parallel.fit_map) and threads for the tasks' prompt tuning (parallel.torch_jobs: None tunes
     one task after the other with torch's threads as they are; an integer, one torch thread per task, the same
     numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one).
-    `embeddings`: the probes' `query_embeddings` of the tune then test users, when the caller has them already."""
-    from qanchor_lab.baselines import combined_probe_scores, embedding_probe_scores
+    `embeddings`: the probes' `query_embeddings` of the tune then test users, when the caller has them already.
+    `seed`: the probes' CV folds (ProbeConfig.seed), the run's seed as for the feature baselines."""
+    from qanchor_lab.baselines import ProbeConfig, combined_probe_scores, embedding_probe_scores
 
     watch = watch if watch is not None else Stopwatch()
     tune, test = world.users_in("tune"), world.users_in("test")
@@ -469,13 +495,14 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
             idx = [row[u] for u in ids]
             return (by_query[query] if query is not None else emb[:, -1])[idx]
 
+        probe = ProbeConfig(seed=seed)
         with watch("probes"):
-            out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, n_jobs=n_jobs)
-            out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, query_dependent=False,
-                                                   n_jobs=n_jobs)
+            out["base"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, probe, n_jobs=n_jobs)
+            out["static"] = embedding_probe_scores(embed_fn, tune, test, world.labels, tasks, probe,
+                                                   query_dependent=False, n_jobs=n_jobs)
         if with_features:
             with watch("plus_features"):
-                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test, n_jobs=n_jobs)
+                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test, probe=probe, n_jobs=n_jobs)
     if tuning is None:
         return out, {}
 
@@ -578,8 +605,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     text_embedding as MiniLM's own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning
     is then the wait for every task) and may sum to more than the evaluation's wall time, which they never do with
     None."""
-    from qanchor_lab.baselines import (_feature_matrix, feature_scores, oracle_scores, text_embedding_scores,
-                                       text_embedding_vectors, tfidf_feature_scores)
+    from qanchor_lab.baselines import (ProbeConfig, _feature_matrix, feature_scores, oracle_scores,
+                                       text_embedding_scores, text_embedding_vectors, tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
     from qanchor_lab.label_budget import few_label_read
 
@@ -605,7 +632,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
 
         def untrained_scores() -> pd.DataFrame:
             return qanchor_scores(untrained_beside(model, world, cfg), world, tuning=None, show_progress=show_progress,
-                                  with_features=False, n_jobs=n_jobs, jobs=jobs)[0]["base"]
+                                  with_features=False, n_jobs=n_jobs, jobs=jobs, seed=cfg.seed)[0]["base"]
 
         references = {  # every skippable method but the oracle and the text baseline's MiniLM, in the order they run
             "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
@@ -622,7 +649,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             emb = query_embeddings(model.eval(), world, tune + test, show_progress=show_progress)  # (U, T+1, d)
         trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(),
                                               show_progress=show_progress, adapters_dir=out_dir / "adapters",
-                                              watch=watch, n_jobs=n_jobs, jobs=jobs, embeddings=emb)
+                                              watch=watch, n_jobs=n_jobs, jobs=jobs, embeddings=emb, seed=cfg.seed)
         if text is not None:
             vectors, seconds = text.result()    # MiniLM's own seconds, not the wait for them
             with watch("text_embedding"):       # and its probes'
@@ -647,7 +674,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
                 {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1],
                  **({} if "logreg_features" in skip else {"logreg_features": _feature_matrix(world, tune + test)[1]})},
                 world.labels, world.tasks, tune, test, budget=cfg.few_labels, draws=cfg.few_label_draws, seed=cfg.seed,
-                n_boot=cfg.n_boot, n_jobs=n_jobs)
+                n_boot=cfg.n_boot, config=ProbeConfig(seed=cfg.seed), n_jobs=n_jobs)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}
     metrics["skipped_methods"] = skipped
     metrics["evaluation_seconds"] = dict(watch)   # where the time went: each reference method, Q-Anchor's stages

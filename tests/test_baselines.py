@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from qanchor_lab import baselines as B
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.event_encoder import HashingEncoder, get_text_encoder
-from qanchor_lab.features import FeatureSpec
+from qanchor_lab.features import FeatureSpec, OutsideWindowWarning
 from qanchor_lab.metrics import task_metrics
 from qanchor_lab.schema import World
 from qanchor_lab.world import WorldConfig, generate_world
@@ -276,6 +276,12 @@ def test_errors_name_the_culprit(small, splits, spec):
     labels.loc[(labels["task_id"] == first) & labels["user_id"].isin(set(tune)), "label"] = 0
     with pytest.raises(DataValidationError, match=f"task '{first}'.*0 positive"):
         B.feature_scores(dataclasses.replace(small, labels=labels), tune, test, model="gbdt", feature_spec=spec)
+    # two positives are enough for the GBDT's stratified early-stopping split, as for scikit-learn
+    two = labels["user_id"].isin(set(tune[:2])) & (labels["task_id"] == first)
+    labels.loc[two, "label"] = 1
+    few = dataclasses.replace(small, labels=labels[labels["task_id"] == first],
+                              tasks=small.tasks[small.tasks["task_id"] == first])
+    assert len(B.feature_scores(few, tune, test, model="gbdt", feature_spec=spec)) == len(test)
     with pytest.raises(ValueError, match="valid choices: gbdt, logreg"):
         B.feature_scores(small, tune, test, model="xgboost")
 
@@ -505,3 +511,29 @@ def test_a_task_too_rare_to_blend_falls_back_to_one_probe_with_a_warning():
     with pytest.warns(UserWarning, match="task 't': 4 positive.*one probe"):
         out = B.embedding_probe_scores(emb, users[:n_tune], users[n_tune:], labels, tasks, features=feats)
     assert len(out) == n_test and np.isfinite(out["score"]).all()
+
+
+def test_text_embedding_reads_only_the_history_window(small, splits):
+    """The text baseline serialises what the features read: a test user's event after the window's end (a label
+    window's behaviour) stays out of their text, one inside it is in."""
+    tune, test = splits
+    start, end = FeatureSpec.fit_world(small, small.users_in("pretrain")).window
+    user = test[0]
+    row = small.events[small.events["user_id"] == user].iloc[[0]]
+    extra = pd.concat([row.assign(timestamp=end + pd.Timedelta(hours=2), text="zzafter the window"),
+                       row.assign(timestamp=end - pd.Timedelta(hours=2), text="zzinside the window")])
+    world = dataclasses.replace(small, events=pd.concat([small.events, extra], ignore_index=True))
+
+    class Recorder:
+        name = "recorder"
+        texts: list[str] = []
+
+        def encode(self, texts):
+            self.texts.extend(texts)
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    rec = Recorder()
+    with pytest.warns(OutsideWindowWarning, match="1 at or after its end"):  # said, as for the features
+        B.text_embedding_vectors(world, [user, test[1]], encoder=rec, show_progress=False)
+    assert "zzinside the window" in rec.texts[0]
+    assert "zzafter the window" not in rec.texts[0]

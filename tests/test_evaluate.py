@@ -364,6 +364,16 @@ def test_a_cached_demo_model_is_keyed_by_the_configs_it_resolves_to(monkeypatch,
     monkeypatch.setattr(DemoConfig, "pretrain_config", lambda self: replace(original(self), reconstruction=0.5))
     assert run_key(cfg) != key
     assert run_key(cfg, tmp_path)["data"] == str(tmp_path.resolve())
+    # a new generator (or MovieLens source) version rebuilds the world: a model trained on the old one is not reused
+    import qanchor_lab.sources.movielens as ML
+    import qanchor_lab.world as W
+
+    ml = run_key(replace(cfg, dataset="movielens"))
+    monkeypatch.setattr(W, "GENERATOR_VERSION", W.GENERATOR_VERSION + 1)
+    assert run_key(cfg)["world_version"] != key["world_version"]
+    assert run_key(replace(cfg, dataset="movielens")) == ml
+    monkeypatch.setattr(ML, "SOURCE_VERSION", ML.SOURCE_VERSION + 1)
+    assert run_key(replace(cfg, dataset="movielens")) != ml
 
 
 def test_a_demo_model_is_reused_when_only_evaluation_settings_change():
@@ -440,10 +450,14 @@ def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuse
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert P.ensure_pretrained(run, cfg, show_progress=False)[0] == ("loaded", str(run / "model")) and not trained
+    (run / "adapters").mkdir()
+    (run / "adapters" / "churn.safetensors").write_text("tuned on the old model")
     with pytest.warns(UserWarning, match=r"holds a model pre-trained with other settings \(epochs, "
-                                         r"pretrain_config.epochs\); pre-training a new one in its place"):
+                                         r"pretrain_config.epochs\); pre-training a new one in its place and removing "
+                                         r"the prompts tuned for the old one \(adapters/\)"):
         assert P.ensure_pretrained(run, replace(cfg, epochs=1.0), show_progress=False)[0][0] == "trained"
     assert json.loads((run / "demo_config.json").read_text()) == P.run_key(replace(cfg, epochs=1.0))
+    assert not (run / "adapters").exists()  # never loaded beside a model they were not tuned on
 
 
 def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, tmp_path, monkeypatch):

@@ -268,6 +268,18 @@ def test_tiny_ablation_experiment_writes_tidy_table_with_cis(small_world, tmp_pa
                           show_progress=False, world=small_world)
     assert all(r.cached for r in again.runs.values())
     pd.testing.assert_frame_equal(again.summary, exp.summary)
+    # the figures' default titles name the level the summary's intervals were drawn at, read back from Parquet too
+    from qanchor_lab.experiments.figures import bar_with_ci, line_with_band
+
+    assert "(95% CI)" in bar_with_ci(exp.summary).layout.title.text
+    at80 = run_ablations(base=_tiny_run_config(**{"eval.methods": ["qanchor_base"], "eval.ci": 0.8}),
+                         names=["full", "no_user_token"], seeds=2, root=tmp_path, out=tmp_path / "t80",
+                         show_progress=False, world=small_world)
+    assert all(r.cached for r in at80.runs.values())  # the level is not part of a run's key
+    assert "(80% CI)" in bar_with_ci(at80.summary).layout.title.text
+    back = pd.read_parquet(tmp_path / "t80" / "summary.parquet")
+    assert "(80% CI band)" in line_with_band(back.assign(step=range(len(back))), "step").layout.title.text
+    assert "(90% CI)" in bar_with_ci(back, ci=0.9).layout.title.text
 
 
 @pytest.mark.slow
@@ -302,3 +314,21 @@ def test_verdict_words():
     assert verdict(-0.01, -0.02, -0.001, seed_sd=0.02) == "within seed noise (|diff| <= seed sd)"
     assert verdict(-0.01, -0.02, -0.001, seed_sd=0.001) == "worse than reference"
     assert verdict(0.01, 0.001, 0.02) == "better than reference"
+
+
+def test_paper_check_ranks_contrastive_among_the_ablations_it_could_lose_to():
+    """"Removing contrastive learning costs the most": judged against the other ablations, not against
+    no_pretraining, which removes contrastive learning along with everything else."""
+    from qanchor_lab.experiments.ablations import paper_check
+
+    def row(v, d):
+        return {"variant": v, "method": "qanchor_base", "auc_diff": d, "auc_diff_low": d - 0.01,
+                "auc_diff_high": d + 0.01, "verdict": "worse than reference"}
+
+    summary = pd.DataFrame([row("full", 0.0), row("no_user_token", -0.02), row("no_contrastive", -0.05),
+                            row("no_pretraining", -0.09)])
+    check = paper_check(summary).set_index("variant")["reproduces"]
+    assert check["no_contrastive"] == "yes" and check["no_pretraining"] == "yes"
+    worse = pd.concat([summary, pd.DataFrame([row("no_modality_tokens", -0.07)])], ignore_index=True)
+    assert paper_check(worse).set_index("variant").loc["no_contrastive", "reproduces"] == \
+        "partly (a drop, but no_modality_tokens costs more)"

@@ -394,6 +394,40 @@ def test_refit_scores_refit_the_probes_on_shared_draws_and_widen_the_report_inte
         refit_contrasts(scores[scores.refit > 0], labels, tasks, {"x": {"own": 1}})
 
 
+def test_refit_scores_fit_a_rare_class_as_the_report_does(small_world):
+    """A task with 4 tune positives: the report's qanchor_plus_features falls back to one probe (too few to blend),
+    so refit 0 does too; every bootstrap draw keeps enough distinct positives for its probes (drawn again where
+    one would not), and a class too rare for any draw is named."""
+    from qanchor_lab.baselines import EMBEDDING_SHARES, probe_scores
+    from qanchor_lab.label_budget import refit_scores
+
+    tune, test = _split(small_world)
+    tasks = small_world.tasks.iloc[:1]
+    task = tasks["task_id"].iloc[0]
+    reps = _oracle_reps(small_world, tune, test, np.random.default_rng(0))
+    reps = {"own": reps["own"][:, :1], "noise": reps["noise"]}
+
+    def rare(n_pos):
+        labels = _labels(small_world, tasks).copy()
+        tune_pos = labels.index[labels["user_id"].isin(set(tune)) & (labels["label"] == 1)]
+        labels.loc[tune_pos[n_pos:], "label"] = 0
+        return labels
+
+    labels = rare(4)
+    # seed 4: most of these draws hold fewer than 3 of the 4 positives, which no probe can be fitted on
+    scores = refit_scores(reps, labels, tasks, tune, test, refits=4, seed=4, blends={"both": ("noise", "own")})
+    assert set(scores["refit"]) == set(range(5))
+    yk = labels.set_index("user_id").loc[tune, "label"].to_numpy()
+    first = scores[scores.refit == 0].set_index("method")
+    own = reps["own"][:, 0]
+    np.testing.assert_array_equal(first.loc["both", "score"], probe_scores(
+        reps["noise"][:len(tune)], yk, reps["noise"][len(tune):], extra_train=own[:len(tune)],
+        extra_test=own[len(tune):], extra_shares=EMBEDDING_SHARES))
+    with pytest.raises(ValueError, match=r"task '[^']+': 100 bootstrap draws of the \d+ tune users each left fewer "
+                                         r"than 3 distinct users of a class \(2 positive"):
+        refit_scores(reps, rare(2), tasks, tune, test, refits=2)
+
+
 def _forbid_embedding(monkeypatch):
     """Embedding a user now fails the test: what should fail first must fail before it."""
     import qanchor_lab.label_budget as LB

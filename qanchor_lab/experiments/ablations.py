@@ -79,7 +79,8 @@ def run_ablations(*, fast: bool = False, seeds: int | None = None, base: RunConf
 def paper_check(summary: pd.DataFrame, method: str | None = None) -> pd.DataFrame:
     """Each ablation beside the paper's claim: the measured difference, its CI, and whether the claim
     reproduces here ("yes": CI on the claimed side of 0; "no": CI on the other side; "not resolved":
-    within noise). For no_contrastive the drop must also be the largest of all ablations."""
+    within noise). For no_contrastive the drop must also be the largest of the other ablations, no_pretraining
+    left out: it removes contrastive learning with everything else, so it could only cost as much or more."""
     method = method or ("qanchor_prompt_tuned" if "qanchor_prompt_tuned" in set(summary["method"]) else "qanchor_base")
     s = summary[summary["method"] == method].set_index("variant")
     rows = []
@@ -94,7 +95,7 @@ def paper_check(summary: pd.DataFrame, method: str | None = None) -> pd.DataFram
             status = "no (opposite, CI excludes 0)"
         else:
             status = "not resolved (within noise)"
-        others = s.drop(index=[v, REFERENCE], errors="ignore")
+        others = s.drop(index=[v, REFERENCE, "no_pretraining"], errors="ignore")
         if v == "no_contrastive" and status == "yes" and len(others) and r["auc_diff"] > others["auc_diff"].min():
             status = f"partly (a drop, but {others['auc_diff'].idxmin()} costs more)"
         rows.append({"variant": v, "paper_claim": claim, "auc_diff": r["auc_diff"], "auc_diff_low": r["auc_diff_low"],

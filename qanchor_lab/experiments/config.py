@@ -24,7 +24,7 @@ from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.model import QAnchorConfig
 from qanchor_lab.pretrain import PretrainConfig
 from qanchor_lab.prompt_tuning import PromptTuningConfig
-from qanchor_lab.world import WorldConfig
+from qanchor_lab.world import GENERATOR_VERSION, WorldConfig
 
 Method = Literal["qanchor_base", "qanchor_prompt_tuned"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -150,12 +150,15 @@ class RunConfig:
         d = self.to_dict()
         for stage, names in NOT_HASHED.items():
             d[stage] = {k: v for k, v in d[stage].items() if k not in names}
-        return _hash(d)
+        return _hash({**d, "generator_version": GENERATOR_VERSION})
 
     def model_key(self) -> str:
-        """Hash of what the pre-trained model depends on: world, model, pre-training, seed, data share."""
+        """Hash of what the pre-trained model depends on: world (its config and the generator's version: a new
+        version rebuilds the world, whose runs must not be served from the cache), model, pre-training, seed, data
+        share."""
         d = self.to_dict()
-        return _hash({k: d[k] for k in ("world", "model", "pretrain", "seed", "pretrained", "pretrain_users")})
+        return _hash({**{k: d[k] for k in ("world", "model", "pretrain", "seed", "pretrained", "pretrain_users")},
+                      "generator_version": GENERATOR_VERSION})
 
     # ----- defaults -----
     @classmethod

@@ -233,7 +233,9 @@ def summarize(runs: Mapping[tuple[str, int], RunResult], variants: Mapping[str, 
                 row.update({k: 0.0 for k in ("auc_diff", "auc_diff_low", "auc_diff_high", "ks_diff", "ks_diff_low", "ks_diff_high")})
                 row.update(auc_p=1.0, verdict="reference", sentence=f"{v}: the reference ({row['auc']:.4f} AUC)")
             rows.append(row)
-    return pd.DataFrame(rows).reindex(columns=list(SUMMARY_COLUMNS))
+    out = pd.DataFrame(rows).reindex(columns=list(SUMMARY_COLUMNS))
+    out.attrs["ci"] = ref_cfg.eval.ci   # the figures' titles name it (filtering keeps attrs, so does Parquet)
+    return out
 
 
 def _avg_auc(r: RunResult, method: str) -> float:

@@ -1,6 +1,7 @@
 """plotly figures for experiment summaries: bars with CI error bars, lines with CI bands, a heatmap.
 
-Each takes a summary table (core.summarize's columns) and returns a go.Figure; the notebooks show them.
+Each takes a summary table (core.summarize's columns) and returns a go.Figure; the notebooks show them. Default
+titles name the intervals' level the summary was computed at (its `attrs["ci"]`, or `ci=` given), "CI" where unknown.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from typing import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
+from qanchor_lab.evaluate import level_label
+
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
-def bar_with_ci(summary: pd.DataFrame, *, metric: str = "auc", title: str = "", order: Sequence[str] | None = None
-                ) -> go.Figure:
+def bar_with_ci(summary: pd.DataFrame, *, metric: str = "auc", title: str = "", order: Sequence[str] | None = None,
+                ci: float | None = None) -> go.Figure:
     """One bar per variant (a group per method): mean over seeds with its bootstrap CI as error bars."""
     fig = go.Figure()
     for i, (method, g) in enumerate(summary.groupby("method", sort=False)):
@@ -25,13 +28,14 @@ def bar_with_ci(summary: pd.DataFrame, *, metric: str = "auc", title: str = "", 
                                  arrayminus=g[metric] - g[f"{metric}_low"]),
                     hovertext=g.get("sentence"))
     lo = float(summary[f"{metric}_low"].min())
-    fig.update_layout(title=title or f"average {metric.upper()} over tasks and seeds (95% CI)", barmode="group",
+    fig.update_layout(title=title or f"average {metric.upper()} over tasks and seeds ({_level(summary, ci)})",
+                      barmode="group",
                       yaxis=dict(title=metric.upper(), range=[max(0.0, lo - 0.05), None]), template="plotly_white")
     return fig
 
 
-def line_with_band(table: pd.DataFrame, x: str, *, metric: str = "auc", title: str = "", log_x: bool = False
-                   ) -> go.Figure:
+def line_with_band(table: pd.DataFrame, x: str, *, metric: str = "auc", title: str = "", log_x: bool = False,
+                   ci: float | None = None) -> go.Figure:
     """Mean metric against a swept value `x`, one line per method, with the CI as a shaded band."""
     fig = go.Figure()
     for i, (method, g) in enumerate(table.groupby("method", sort=False)):
@@ -41,7 +45,7 @@ def line_with_band(table: pd.DataFrame, x: str, *, metric: str = "auc", title: s
                         fill="toself", fillcolor=colour, opacity=0.2, line=dict(width=0), hoverinfo="skip",
                         showlegend=False, name=f"{method} CI")
         fig.add_scatter(x=g[x], y=g[metric], mode="lines+markers", name=method, line=dict(color=colour))
-    fig.update_layout(title=title or f"{metric.upper()} against {x} (95% CI band)", xaxis=dict(title=x),
+    fig.update_layout(title=title or f"{metric.upper()} against {x} ({_level(table, ci)} band)", xaxis=dict(title=x),
                       yaxis=dict(title=metric.upper()), template="plotly_white")
     if log_x:
         fig.update_xaxes(type="log")
@@ -57,3 +61,8 @@ def heatmap(grid: pd.DataFrame, *, title: str = "", zlabel: str = "AUC") -> go.F
     fig.update_layout(title=title, xaxis=dict(title=str(grid.columns.name or "")),
                       yaxis=dict(title=str(grid.index.name or "")), template="plotly_white")
     return fig
+
+
+def _level(table: pd.DataFrame, ci: float | None) -> str:
+    """"95% CI" for the level given, else the one the table was computed at, else "CI"."""
+    return level_label(ci if ci is not None else table.attrs.get("ci"))

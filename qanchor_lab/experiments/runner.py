@@ -134,7 +134,8 @@ def run(cfg: RunConfig, *, root: Path | None = None, device: str = "cpu", show_p
     # scoring runs on the CPU: the probes and prompt tuning work on cached prefixes, cheap next to pre-training
     tuning = cfg.tuning if "qanchor_prompt_tuned" in cfg.eval.methods else None
     scores, tuning_info = qanchor_scores(model.eval(), world, tuning=tuning, show_progress=show_progress,
-                                         with_features=False, with_probes="qanchor_base" in cfg.eval.methods)
+                                         with_features=False, with_probes="qanchor_base" in cfg.eval.methods,
+                                         seed=cfg.seed)
     names = {"qanchor_base": "base", "qanchor_prompt_tuned": "prompt_tuned"}
     test = set(world.users_in("test"))
     long = pd.concat([scores[names[m]].assign(method=m) for m in cfg.eval.methods], ignore_index=True)
