@@ -56,9 +56,12 @@ def user_events(model, store: BehaviourStore, user_id: str, events: pd.DataFrame
     table = pd.DataFrame(rows)
     if events is None or table.empty:
         return table
-    # the store keeps the last N events of each modality in time order (behaviour.BehaviourStore.build)
+    # the store keeps the last N events of each modality inside the model's history window, in time order
+    # (behaviour.BehaviourStore.build): the same window here, or a model whose window ends before the table's
+    # last day would pair its slots with events the store never read
     n_slots = batch.masks[model.config.modalities[0]].shape[1]
-    kept = sorted_events(events, [user_id], model.config.modalities).groupby("modality", sort=False).tail(n_slots)
+    kept = sorted_events(events, [user_id], model.config.modalities, model.feature_spec.window)
+    kept = kept.groupby("modality", sort=False).tail(n_slots)
     kept = pd.concat([kept[kept["modality"] == m] for m in model.config.modalities], ignore_index=True)
     if len(kept) != len(table) or list(kept["modality"]) != list(table["modality"]):
         raise ValueError(f"user {user_id!r}: the events table gives {len(kept)} kept events, the behaviour store "
@@ -81,21 +84,52 @@ def store_text_encoder(model):
     return get_text_encoder(model.config.text_encoder)
 
 
+def _soft_prompt(prompt, prompt_position: str | None, query: str) -> tuple[torch.Tensor | None, bool, str]:
+    """(prompt vectors, whether they follow the query, the suffix's query text) for `describe_sequence`.
+
+    A TaskAdapter carries its own order (`PromptTuningConfig.prompt_position`, "after_query" by default) and
+    query; a bare tensor has none, so it is placed as `model.embed` places it unless told otherwise."""
+    from qanchor_lab.prompt_tuning import PROMPT_POSITION, TaskAdapter
+
+    if prompt_position is not None and prompt_position not in PROMPT_POSITION:
+        raise ValueError(f"prompt_position must be one of {PROMPT_POSITION}, got {prompt_position!r}")
+    if isinstance(prompt, TaskAdapter):
+        config = prompt.config
+        if prompt_position is not None and prompt_position != config.prompt_position:
+            raise ValueError(f"prompt_position={prompt_position!r}, but the adapter was tuned with its prompt "
+                             f"{config.prompt_position!r}; leave prompt_position out to show the adapter's order")
+        if query != prompt.query:
+            raise ValueError(f"the adapter was tuned on the query {prompt.query!r}, got {query!r}: its prompt "
+                             "never runs with another query")
+        # an adapter tuned without the query text (use_query=False) reads only its prompt
+        text = query if config.use_query else ""
+        vectors = prompt.prompt.detach() if prompt.prompt.shape[0] else None
+        return vectors, config.prompt_position == "after_query", text
+    if prompt is not None and not isinstance(prompt, torch.Tensor):
+        raise ValueError(f"prompt must be an (n, H) tensor or a TaskAdapter, got {type(prompt).__name__}")
+    return prompt, prompt_position == "after_query", query
+
+
 def describe_sequence(model, store: BehaviourStore, user_id: str, query: str, *, events: pd.DataFrame | None = None,
-                      answer: str | None = None, prompt: torch.Tensor | None = None) -> pd.DataFrame:
+                      answer: str | None = None, prompt=None, prompt_position: str | None = None) -> pd.DataFrame:
     """The `[behaviour] query <user_emb> [answer]` sequence of one user as the backbone receives it, one row
     per input position: position (= its position id), segment (prefix / suffix), part (user, modality, start,
     event, end, tabular | prompt, query, user_emb, answer), modality, text (event text with `events`, else the
     token string) and the norm of the input vector.
 
-    `prompt` (n, H) puts n soft-prompt slots in the suffix (before the query, as `model.embed`). Raises when the
-    labelled blocks of `sequence.prefix_parts` do not reproduce the packed prefix exactly."""
+    `prompt` puts soft-prompt slots in the suffix: a TaskAdapter shows its prompt where it was tuned to run
+    (its config's `prompt_position`; "after_query", the default of PromptTuningConfig and so of every tuned
+    adapter of the demo) and needs `query` to be its own; a bare (n, H) tensor goes where `prompt_position`
+    says, "before_query" (as `model.embed(prompt=...)`) when it is left out. Raises when the labelled blocks of
+    `sequence.prefix_parts` do not reproduce the packed prefix exactly."""
+    prompt, after_query, query = _soft_prompt(prompt, prompt_position, query)
     batch = _one_user(store, user_id).to(model.device)
     with torch.no_grad():
         prefix = model.encode_prefix(batch)                                       # embeds (1, P, H)
         parts = prefix_parts(model.encoder(batch), model.special_embeddings(), model.config.modalities)
         n_prompt = 0 if prompt is None else prompt.shape[-2]
-        suffix = model.make_suffix([query], answers=None if answer is None else [answer], n_prompt=n_prompt)
+        suffix = model.make_suffix([query], answers=None if answer is None else [answer], n_prompt=n_prompt,
+                                   prompt_after_query=after_query)
         suffix_embeds = model.suffix_embeddings(suffix, prompt)                   # (1, S, H)
 
     texts = {}
@@ -212,13 +246,38 @@ def adapter_view(adapter, model, cache) -> dict[str, np.ndarray]:
             "prototype_class": adapter.prototype_class.cpu().numpy()}
 
 
+def _check_labels(labels, n: int, where: str) -> np.ndarray:
+    """`labels` as an (n,) int array of 0/1, or a ValueError naming what is wrong: the views hold one row per
+    user, so a label list of other users (another length) or with users left unlabelled (NaN) would pair points
+    with the wrong labels, or drop them, without a word."""
+    values = np.asarray(labels)
+    if values.ndim != 1 or len(values) != n:
+        raise ValueError(f"{where}: expected {n} labels (one per user of the view), got shape {values.shape}")
+    try:   # via pandas, so nullable columns (pd.NA) count as missing like NaN
+        values = pd.to_numeric(pd.Series(values)).to_numpy(dtype=float, na_value=np.nan)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: labels must be 0/1 numbers, got e.g. {values[:3].tolist()}") from None
+    n_nan = int(np.isnan(values).sum())
+    if n_nan:
+        raise ValueError(f"{where}: {n_nan} of {n} labels are NaN (users without a label); keep only the "
+                         "labelled users in both the view and the labels")
+    bad = sorted(set(np.unique(values).tolist()) - {0.0, 1.0})
+    if bad:
+        raise ValueError(f"{where}: labels must be 0 or 1, got also {bad[:5]}")
+    return values.astype(int)
+
+
 def figure_tuning_pca(views: dict[str, dict[str, np.ndarray]], labels: np.ndarray, title: str = "") -> go.Figure:
     """Side-by-side 2-D PCA scatters of `adapter_view`s (e.g. before / after tuning) in one shared basis, fitted
     on all panels' features, so that movement between panels is real; prototypes drawn as large stars."""
     from plotly.subplots import make_subplots
     from sklearn.decomposition import PCA
 
-    labels = np.asarray(labels).astype(int)
+    if not views:
+        raise ValueError("figure_tuning_pca: no views to draw")
+    for name, v in views.items():   # the same users in every panel, so one label array serves all
+        checked = _check_labels(labels, len(v["features"]), f"figure_tuning_pca (view {name!r})")
+    labels = checked
     pca = PCA(2, random_state=0).fit(np.concatenate([v["features"] for v in views.values()]))
     fig = make_subplots(1, len(views), subplot_titles=list(views), shared_xaxes=True, shared_yaxes=True)
     colours = {0: "#9ecae1", 1: "#e6550d"}
@@ -246,7 +305,7 @@ def prototype_separation(view: dict[str, np.ndarray], labels: np.ndarray) -> dic
     prototype - best cosine to a class-0 one) and the mean margin of each user's own class over the other."""
     from sklearn.metrics import roc_auc_score
 
-    labels = np.asarray(labels).astype(int)
+    labels = _check_labels(labels, len(view["features"]), "prototype_separation")
     cos = view["features"] @ view["prototypes"].T                                  # (N, P)
     best = np.stack([cos[:, view["prototype_class"] == c].max(1) for c in (0, 1)], 1)  # (N, 2)
     diff = best[:, 1] - best[:, 0]

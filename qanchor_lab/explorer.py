@@ -38,6 +38,7 @@ from qanchor_lab.configs import DictConfig
 from qanchor_lab.behaviour import BehaviourStore
 from qanchor_lab.embedder import PrefixCache, run_cached
 from qanchor_lab.parallel import torch_threads
+from qanchor_lab.schema import string_list
 
 Method = Literal["umap", "pca"]
 METHODS: tuple[str, ...] = ("umap", "pca")
@@ -218,12 +219,25 @@ def interpolate(a: np.ndarray, b: np.ndarray, n_frames: int) -> list[np.ndarray]
 
 def animation_figure(a: np.ndarray, b: np.ndarray, *, names: tuple[str, str] = ("A", "B"), color=None,
                      n_frames: int = 12, hovertext=None):
-    """A plotly Figure with frames morphing layout `a` into `b` (a static, shareable animation)."""
+    """A plotly Figure with frames morphing layout `a` into `b` (a static, shareable animation). `color`: one
+    value per point, numbers (a colour scale) or categories such as personas (one colour each, named in the
+    legend, as the explorer colours them; NaN = unknown)."""
     steps = interpolate(a, b, n_frames)
-    marker = dict(size=5, color=color, colorscale="Viridis" if color is not None else None)
-    frames = [go.Frame(data=[go.Scatter(x=s[:, 0], y=s[:, 1])], name=str(i)) for i, s in enumerate(steps)]
+    marker, legend = dict(size=5), []
+    if color is not None:
+        values = pd.Series(color).reset_index(drop=True)   # a list's numbers with None stay numbers (NaN)
+        if len(values) != len(a):
+            raise ValueError(f"animation_figure: color has {len(values)} values for {len(a)} points")
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            marker.update(color=values.to_numpy(dtype=float, na_value=np.nan), colorscale="Viridis")
+        else:   # plotly takes only numbers or colour names as colours: map categories to the explorer's palette
+            colours, legend = _colour_values("category", values)
+            marker.update(color=colours)
+    # frames move only the points (trace 0), never the legend entries after it
+    frames = [go.Frame(data=[go.Scatter(x=s[:, 0], y=s[:, 1])], traces=[0], name=str(i)) for i, s in enumerate(steps)]
     fig = go.Figure(data=[go.Scatter(x=a[:, 0], y=a[:, 1], mode="markers", marker=marker, hovertext=hovertext,
-                                     hoverinfo="text" if hovertext is not None else None)], frames=frames)
+                                     hoverinfo="text" if hovertext is not None else None, showlegend=False)]
+                    + _legend_traces(legend), frames=frames)
     play = dict(label="play", method="animate",
                 args=[None, dict(frame=dict(duration=60, redraw=False), transition=dict(duration=0), fromcurrent=False)])
     fig.update_layout(title=f"{names[0]} → {names[1]}", updatemenus=[dict(type="buttons", buttons=[play])],
@@ -237,12 +251,13 @@ def animation_figure(a: np.ndarray, b: np.ndarray, *, names: tuple[str, str] = (
 
 def user_summaries(world, user_ids: Sequence[str], *, top: int = 2) -> list[str]:
     """One short HTML summary per user: persona, a few profile fields, event counts and the most frequent
-    event texts of each modality (world.events_per_user for the counts)."""
-    from qanchor_lab.world import events_per_user
-
+    event texts of each of the world's own modalities (world.modalities: the synthetic four, MovieLens's
+    liked/mixed/disliked, whatever a user's own log declares)."""
     ids = list(user_ids)
-    counts = events_per_user(world).reindex(ids, fill_value=0)
+    modalities = list(world.modalities)
     ev = world.events.loc[world.events["user_id"].isin(set(ids)), ["user_id", "modality", "text"]]
+    counts = pd.crosstab(ev["user_id"], ev["modality"]).reindex(index=list(dict.fromkeys(ids)), columns=modalities,
+                                                                 fill_value=0)   # one row per user, so .at is a number
     freq = ev.groupby(["user_id", "modality", "text"], sort=False).size().rename("n").reset_index()
     freq = freq.sort_values(["user_id", "modality", "n", "text"], ascending=[True, True, False, True])
     tops = freq.groupby(["user_id", "modality"], sort=False).head(top)
@@ -252,12 +267,12 @@ def user_summaries(world, user_ids: Sequence[str], *, top: int = 2) -> list[str]
     users = world.users.set_index("user_id")
     profiles = world.profiles.set_index("user_id")
     fields = [f for f in PROFILE_FIELDS if f in profiles.columns]
-    modalities = [c for c in counts.columns if c != "total"]
     out = []
     for u in ids:
         head = f"<b>{html.escape(u)}</b>"
-        if "persona" in users.columns and u in users.index:
-            head += f" · {html.escape(str(users.at[u, 'persona']))}"
+        persona = users.at[u, "persona"] if "persona" in users.columns and u in users.index else None
+        if not pd.isna(persona) and str(persona).strip():   # worlds without personas leave the column empty
+            head += f" · {html.escape(str(persona))}"
         parts = [head]
         if fields and u in profiles.index:
             parts.append(" · ".join(f"{f.replace('_', ' ')} {profiles.at[u, f]:,.0f}" for f in fields))
@@ -325,6 +340,8 @@ class Population:
         from qanchor_lab.pipeline import _cache_in_chunks
 
         world = None if isinstance(world_or_store, BehaviourStore) else world_or_store
+        if users is not None:   # one point per user (its cache row, label and hover): a repeat named on every path
+            users = string_list(users, "explore: users", unique=True)
         if world is None:
             store = world_or_store
             ids = list(users) if users is not None else list(store.user_ids)[:n_users]
@@ -379,6 +396,13 @@ def _colour_values(kind: str, values: pd.Series | np.ndarray, names: dict | None
     if values.isna().any():
         legend.append(("no label" if kind == "label" else "unknown", MISSING))
     return marker, legend
+
+
+def _legend_traces(legend: list) -> list[go.Scatter]:
+    """One empty trace per legend entry [(name, colour)] of `_colour_values`: a legend that leaves the points'
+    trace (and so its point indices) alone."""
+    return [go.Scatter(x=[None], y=[None], mode="markers", name=str(name), marker=dict(size=8, color=c),
+                       hoverinfo="skip") for name, c in legend]
 
 
 class QueryExplorer(widgets.HBox):
@@ -449,6 +473,8 @@ class QueryExplorer(widgets.HBox):
                         legend=dict(orientation="h", y=-0.02)))
         self.fig.data[0].on_selection(self._on_selection)
         self.fig.data[0].on_click(self._on_selection)
+        # a double click clears the selection in the browser; without this the panel and `selected` stay stale
+        self.fig.data[0].on_deselect(lambda trace, points: self.select([]))
 
         self._quiet = False  # set while the explorer itself moves a control
         self.task_dropdown.observe(self._on_task, names="value")
@@ -559,13 +585,34 @@ class QueryExplorer(widgets.HBox):
         self.timings["layout"] = time.perf_counter() - start
         self._refresh(animate=False)
 
-    def select(self, indices: Sequence[int]) -> None:
-        """Show the timelines of these users (row positions in the population)."""
-        self.selected = [int(i) for i in indices]
+    def select(self, users: Sequence[int | str]) -> None:
+        """Show the timelines of these users: row positions in the population (what the figure's selection
+        gives) or user ids; `selected` keeps them as row positions."""
+        self.selected = self._rows(users)
         if self.population.world is not None:
             ids = [self.population.user_ids[i] for i in self.selected]
             self.panel.value = timelines_html(self.population.world, ids, max_users=self.config.max_timeline_users,
                                               max_events=self.config.max_timeline_events)
+
+    def _rows(self, users: Sequence[int | str]) -> list[int]:
+        """Row positions of `users` (rows in [0, N) or user ids), or a ValueError naming the ones that are
+        neither: a negative row would silently wrap to the other end of the population."""
+        if isinstance(users, str):   # one id, not its characters
+            users = [users]
+        ids, n = self.population.user_ids, len(self.population)
+        row_of = {u: i for i, u in enumerate(ids)}
+        rows, bad = [], []
+        for item in users:
+            if isinstance(item, str) and item in row_of:
+                rows.append(row_of[item])
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < n:
+                rows.append(int(item))
+            else:
+                bad.append(item)
+        if bad:
+            raise ValueError(f"select: {len(bad)} item(s) are neither a row in [0, {n}) nor a user id of this "
+                             f"population, e.g. {bad[:5]}")
+        return rows
 
     # ----- wiring -----
     def _show(self, key: tuple) -> None:
@@ -599,12 +646,11 @@ class QueryExplorer(widgets.HBox):
             trace.marker.update(marker)
             self.fig.layout.title = dict(text=self._title(title), font=dict(size=13))
         # one legend entry per category: empty traces, so point indices of the main trace never change
-        wanted = [(name, c) for name, c in legend]
+        wanted = [(str(name), c) for name, c in legend]
         have = [(t.name, t.marker.color) for t in self.fig.data[1:]]
         if wanted != have:
             self.fig.data = self.fig.data[:1]
-            self.fig.add_traces([go.Scatter(x=[None], y=[None], mode="markers", name=str(name),
-                                            marker=dict(size=8, color=c), hoverinfo="skip") for name, c in wanted])
+            self.fig.add_traces(_legend_traces(legend))
         self.timings["figure"] = time.perf_counter() - start
         self.prompt_toggle.disabled = not (self.key[0] == "task" and self.key[1] in self.adapters)
         self.status.value = (f"<small>{len(self.population)} users · {self.method} · embed "

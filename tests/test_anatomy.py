@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from qanchor_lab import anatomy as A
+from qanchor_lab.features import OutsideWindowWarning
 from qanchor_lab.losses import contrastive_loss
 from qanchor_lab.model import QAnchorModel
 from qanchor_lab.pretrain import (PretrainConfig, PretrainStep, count_answer_tokens, epoch_batches, make_optimizer,
                                   make_pairs, make_step_batch, pretrain, training_step)
-from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
+from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter, tune_task
 from qanchor_lab.schema import TABULAR_MODALITY
 from tests.conftest import searchers, tiny_config
 
 
-def _decoder_inputs(model, batch, query, prompt=None):
+def _decoder_inputs(model, batch, query, prompt=None, prompt_after_query=False):
     """What the backbone's decoder really receives when the model embeds one user: (inputs_embeds, mask)."""
     seen = {}
 
@@ -30,7 +31,7 @@ def _decoder_inputs(model, batch, query, prompt=None):
     handle = model.decoder.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.embed(batch, [query], prompt=prompt)
+            model.embed(batch, [query], prompt=prompt, prompt_after_query=prompt_after_query)
     finally:
         handle.remove()
     return seen["embeds"][0], seen["mask"][0].bool()
@@ -96,6 +97,73 @@ def test_described_sequence_places_the_soft_prompt_and_answer(tiny_model, small_
     n_answer = count_answer_tokens(model, ["Yes, late twice."])                     # answer tokens + eos
     assert (answered["part"] == "answer").sum() == n_answer
     assert answered["part"].iloc[-1 - n_answer] == "user_emb"
+
+
+def test_described_sequence_shows_a_tuned_adapters_prompt_where_it_runs(tiny_model, tiny_store):
+    """A tuned adapter runs its prompt after the query (PromptTuningConfig's default): passed as `prompt`, the
+    table shows that order, as `prompt_position="after_query"` does for a bare tensor."""
+    model = tiny_model.eval()
+    uid = tiny_store.user_ids[5]
+    H = model.llm.get_input_embeddings().weight.shape[1]
+    adapter = TaskAdapter(3, H, model.config.embed_dim, 2, 1, QUERY, PromptTuningConfig(n_prompt=3))
+    assert adapter.config.prompt_position == "after_query"
+    with torch.no_grad():
+        adapter.prompt.copy_(torch.randn(adapter.prompt.shape, generator=torch.Generator().manual_seed(0)))
+    embeds, mask = _decoder_inputs(model, tiny_store.batch(tiny_store.indices([uid])), QUERY,
+                                   prompt=adapter.prompt.detach(), prompt_after_query=True)
+    n_query = len(model.tokenizer(QUERY, add_special_tokens=False)["input_ids"])
+    for table in (A.describe_sequence(model, tiny_store, uid, QUERY, prompt=adapter),
+                  A.describe_sequence(model, tiny_store, uid, QUERY, prompt=adapter.prompt.detach(),
+                                      prompt_position="after_query")):
+        assert np.allclose(table["norm"], embeds[mask].norm(dim=-1).numpy(), atol=1e-5)
+        parts = table.loc[table["segment"] == "suffix", "part"].tolist()
+        assert parts == ["query"] * n_query + ["prompt"] * 3 + ["user_emb"]
+
+    with pytest.raises(ValueError, match="prompt_position must be one of"):
+        A.describe_sequence(model, tiny_store, uid, QUERY, prompt=adapter.prompt.detach(), prompt_position="after")
+    with pytest.raises(ValueError, match="tuned with its prompt 'after_query'"):
+        A.describe_sequence(model, tiny_store, uid, QUERY, prompt=adapter, prompt_position="before_query")
+    with pytest.raises(ValueError, match="tuned on the query"):
+        A.describe_sequence(model, tiny_store, uid, "another question", prompt=adapter)
+
+
+def test_user_events_reads_the_models_history_window(small_world):
+    """A model whose history window ends before the events table does (a log whose last days are the label
+    window) reads the events in its window, so the full table is still the one its store was built from."""
+    w = small_world
+    cut = w.events["timestamp"].max().normalize() - pd.Timedelta(days=10)
+    with pytest.warns(OutsideWindowWarning):                                     # the point: later events are left out
+        model = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain")[:200],
+                                       window_end=cut).eval()
+    start, end = model.feature_spec.window
+    users = w.users_in("pretrain")[:60]
+    store = model.behaviour(w.events, w.profiles, users)
+    late = w.events[w.events["user_id"].isin(users) & (w.events["timestamp"] >= end)
+                    & w.events["modality"].isin(model.config.modalities)]
+    uid = late["user_id"].iloc[0]                                                 # has events the window leaves out
+    table = A.user_events(model, store, uid, w.events)
+    assert len(table) and table["timestamp"].max() < end and table["timestamp"].min() >= start
+    inside = w.events[(w.events["timestamp"] >= start) & (w.events["timestamp"] < end)]
+    pd.testing.assert_frame_equal(table, A.user_events(model, store, uid, inside))
+    seq = A.describe_sequence(model, store, uid, QUERY, events=w.events)
+    assert seq.loc[seq["part"] == "event", "text"].tolist() == table["text"].tolist()
+
+
+def test_label_checks_name_the_expected_count_and_the_missing_labels():
+    rng = np.random.default_rng(0)
+    view = {"features": rng.normal(size=(40, 8)).astype(np.float32), "prototype_class": np.array([0, 0, 1, 1]),
+            "prototypes": rng.normal(size=(4, 8)).astype(np.float32)}
+    labels = rng.integers(0, 2, 40).astype(float)
+    with_nan = labels.copy()
+    with_nan[:5] = np.nan                                                          # 5 users without a label
+    for call in (lambda y: A.prototype_separation(view, y), lambda y: A.figure_tuning_pca({"before": view}, y)):
+        with pytest.raises(ValueError, match="5 of 40 labels are NaN"):
+            call(with_nan)
+        with pytest.raises(ValueError, match=r"expected 40 labels.*\(30,\)"):
+            call(labels[:30])
+        with pytest.raises(ValueError, match="0 or 1"):
+            call(np.full(40, 2))
+    A.figure_tuning_pca({"before": view}, pd.Series(labels, dtype="Int64"))        # nullable ints without NA: fine
 
 
 def test_describe_sequence_refuses_labels_that_do_not_match_the_packed_prefix(tiny_model, tiny_store, monkeypatch):

@@ -2,13 +2,14 @@
 recomputed per query, and alignment keeps points closer than unaligned projections."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from qanchor_lab.embedder import CachedEmbedder
-from qanchor_lab.explorer import (PROMPT, QUERY, ExplorerConfig, Population, QueryExplorer, align_layouts,
+from qanchor_lab.explorer import (MISSING, PROMPT, QUERY, ExplorerConfig, Population, QueryExplorer, align_layouts,
                                   animation_figure, displacement, embed_query, embed_tuned, explore, load_adapters,
-                                  procrustes_onto, project)
+                                  procrustes_onto, project, user_summaries)
 from qanchor_lab.prompt_tuning import PromptTuningConfig, TaskAdapter
 
 N_USERS = 150
@@ -135,6 +136,55 @@ def test_selection_fills_the_timeline_panel(explorer, population):
     assert "<table" in explorer.panel.value
 
 
+def _js_points(explorer, event_type, inds):
+    """Send a selection event down plotly's front-end message path, as the browser does."""
+    explorer.fig._js2py_pointsCallback = {"event_type": event_type, "selector": None, "device_state": None,
+                                          "points": {"xs": [0.0] * len(inds), "ys": [0.0] * len(inds),
+                                                     "point_indexes": list(inds), "trace_indexes": [0] * len(inds)}}
+
+
+def test_double_click_deselect_clears_the_selection(explorer, population):
+    _js_points(explorer, "plotly_selected", [1, 2])
+    assert explorer.selected == [1, 2] and population.user_ids[1] in explorer.panel.value
+    _js_points(explorer, "plotly_deselect", [])
+    assert explorer.selected == [] and "Select users" in explorer.panel.value
+    assert population.user_ids[1] not in explorer.panel.value
+
+
+def test_select_takes_rows_or_user_ids_and_names_anything_else(explorer, population):
+    n, uid = len(population), population.user_ids[3]
+    explorer.select([uid, 7])
+    assert explorer.selected == [3, 7] and uid in explorer.panel.value
+    explorer.select(uid)                                                        # one id, not its characters
+    assert explorer.selected == [3]
+    for bad in ([n], [-1], ["u_nobody"], [True], [2.0]):                       # -1 would wrap to the last user
+        with pytest.raises(ValueError, match=rf"neither a row in \[0, {n}\) nor a user id.*{bad[0]!r}"):
+            explorer.select(bad)
+    assert explorer.selected == [3]                                             # a refused call changes nothing
+
+
+def test_repeated_users_are_refused_on_both_paths(_tiny_model_session, small_world, tiny_store, population):
+    ids = population.user_ids[:6]
+    for source in (small_world, tiny_store):   # a bare store would otherwise draw the user twice
+        with pytest.raises(ValueError, match=rf"explore: users repeats 1 value\(s\): \['{ids[0]}'\]"):
+            Population.build(_tiny_model_session, source, users=ids + [ids[0]], batch_size=64)
+
+
+def test_hover_counts_the_worlds_own_modalities(small_world):
+    """A world that is not the synthetic one (MovieLens, a user's own log): the hover still counts each of its
+    modalities and leaves out a persona it does not have."""
+    from dataclasses import replace
+
+    events = small_world.events.assign(modality="my_" + small_world.events["modality"])
+    world = replace(small_world, events=events, users=small_world.users.assign(persona=""), manifest={})
+    assert all(m.startswith("my_") for m in world.modalities)
+    ids = small_world.users_in("test")[:3]
+    for u, hover in zip(ids, user_summaries(world, ids)):
+        assert f"<b>{u}</b> ·" not in hover                                       # no empty persona
+        counts = events[events["user_id"] == u].groupby("modality").size()
+        assert len(counts) and all(f"{m} ({k}):" in hover for m, k in counts.items())
+
+
 def test_procrustes_recovers_a_rotated_scaled_shifted_layout():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(50, 2)).astype(np.float32)
@@ -178,6 +228,21 @@ def test_animation_figure_has_frames_between_two_layouts(population):
     assert len(fig.frames) == 5
     np.testing.assert_allclose(fig.frames[0].data[0].x, a[:, 0])
     np.testing.assert_allclose(fig.frames[-1].data[0].x, b[:, 0])
+
+
+def test_animation_figure_colours_categories_like_the_explorer(population):
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    persona = pd.Series(["saver", "spender", "saver", None, "spender", "saver"])
+    fig = animation_figure(a, b, color=persona, n_frames=3)
+    colours = list(fig.data[0].marker.color)
+    assert colours[0] == colours[2] != colours[1] and colours[3] == MISSING
+    assert [t.name for t in fig.data[1:]] == ["saver", "spender", "unknown"]     # a legend for the colours
+    assert all(f.traces == (0,) for f in fig.frames)                             # frames move only the points
+    numeric = animation_figure(a, b, color=population.traits.iloc[:6, 0], n_frames=3)
+    assert numeric.data[0].marker.colorscale is not None and len(numeric.data) == 1
+    with pytest.raises(ValueError, match="color has 5 values for 6 points"):
+        animation_figure(a, b, color=persona[:5])
 
 
 def test_animated_change_still_lands_on_the_new_layout(explorer, small_world):
