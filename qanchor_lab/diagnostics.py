@@ -454,26 +454,66 @@ def _mean_offdiag_cos(V: np.ndarray) -> float:
     return float((s @ s - n) / (n * (n - 1)))                                  # ||sum||² counts the n self-pairs
 
 
-def task_query_targets(world, users: Sequence[str]) -> dict[str, np.ndarray]:
-    """{task query: (U,) target over `users`} for `query_geometry(targets=...)`: each task's oracle logit (the 0/1
-    labels where the data has no known truth, `task_targets`), keyed by the query that asks for the task."""
+def task_query_targets(world, users: Sequence[str]) -> dict[int, np.ndarray]:
+    """{task position: (U,) target over `users`} for `query_geometry(targets=...)` over the queries
+    `world.tasks["query"]` followed by the generic one (as `diagnose` asks them): each task's oracle logit (the 0/1
+    labels where the data has no known truth, `task_targets`), keyed by the task's row in world.tasks, which is its
+    query's position in that list. By position, not by wording: two tasks may ask the same question (the schema
+    allows it), and each is still read against its own target."""
     targets, _ = task_targets(world, users)
-    return {q: targets[t].to_numpy(np.float64) for t, q in zip(world.tasks["task_id"], world.tasks["query"])
-            if t in targets.columns}
+    return {k: targets[t].to_numpy(np.float64) for k, t in enumerate(world.tasks["task_id"]) if t in targets.columns}
+
+
+def _targets_by_position(targets: Mapping[int | str, np.ndarray], queries: Sequence[str],
+                         n_users: int) -> dict[int, np.ndarray]:
+    """query_geometry's `targets` as {position in `queries`: (n_users,) target}. An int key is that position (as
+    task_query_targets keys them); a str key names a query asked once (a repeated wording would not say which
+    task's target it is)."""
+    out: dict[int, np.ndarray] = {}
+    for key, y in targets.items():
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            if not 0 <= key < len(queries):
+                raise ValueError(f"query_geometry: a target for position {key}, but the queries hold positions "
+                                 f"0..{len(queries) - 1}")
+            j = int(key)
+        elif isinstance(key, str):
+            at = [j for j, q in enumerate(queries) if q == key]
+            if not at:
+                raise ValueError(f"query_geometry: target for {key!r}, which is not among the queries")
+            if len(at) > 1:
+                raise ValueError(f"query_geometry: target for {key!r}, which is asked at positions {at}: key the "
+                                 "targets by position (task_query_targets) where a query repeats")
+            j = at[0]
+        else:
+            raise ValueError(f"query_geometry: target key {key!r} is neither a query nor a position in the queries")
+        if j in out:
+            raise ValueError(f"query_geometry: two targets for position {j} ({queries[j]!r})")
+        if np.shape(y) != (n_users,):
+            raise ValueError(f"query_geometry: the target for {queries[j]!r} (position {j}) has shape {np.shape(y)}; "
+                             f"expected ({n_users},), one value per user")
+        out[j] = np.asarray(y, dtype=np.float64)
+    return out
+
+
+def _gain(row: Mapping[str, Any], key: str) -> float | None:
+    """row[key] - row[key + "_reference"] of one query_geometry row; None for a query without a task, and for a
+    task whose target is constant among the users (its NaN R² is None once `diagnose` made the dict JSON-able)."""
+    own, reference = row.get(key), row.get(f"{key}_reference")
+    return None if own is None or reference is None else own - reference
 
 
 def _read_gain(row: Mapping[str, Any]) -> float | None:
-    """One query_geometry row's task read gain (task_r2 - task_r2_reference); None for a query without a task."""
-    return row["task_r2"] - row["task_r2_reference"] if "task_r2" in row else None
+    """One query_geometry row's task read gain (task_r2 - task_r2_reference); None without a task (`_gain`)."""
+    return _gain(row, "task_r2")
 
 
 def _lead_gain(row: Mapping[str, Any]) -> float | None:
     """One query_geometry row's task lead gain (task_lead_share - task_lead_share_reference); None without a task."""
-    return row["task_lead_share"] - row["task_lead_share_reference"] if "task_lead_share" in row else None
+    return _gain(row, "task_lead_share")
 
 
 def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str], *, reference_query: str | None = None,
-                   targets: Mapping[str, np.ndarray] | None = None, batch_size: int = 64,
+                   targets: Mapping[int | str, np.ndarray] | None = None, batch_size: int = 64,
                    show_progress: bool = False) -> dict[str, Any]:
     """How the embeddings spread over users and queries.
 
@@ -489,11 +529,12 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     embeddings except through that share, so a question can only add to such a probe where its novelty is well
     above the untrained model's (docs/design.md §7.14); `novelty_mean` averages it over the other queries.
 
-    With `targets` too ({query: (U,) target over `user_ids`}, e.g. `task_query_targets`), a task query's row also
-    holds `task_r2` (out-of-fold ridge R² of its task's target from the embedding under that query) and
-    `task_r2_reference` (from the reference query's embedding, on the same folds); `task_read_gain_mean` averages
-    task_r2 - task_r2_reference: does asking for the task keep more of the task in the embedding than the generic
-    question? `task_read_gain_low` / `task_read_gain_high` bound it (95%, users resampled, paired;
+    With `targets` too ({position in `queries`, or a query asked once: (U,) target over `user_ids`}, e.g.
+    `task_query_targets`), a task query's row also holds `task_r2` (out-of-fold ridge R² of its task's target from
+    the embedding under that query) and `task_r2_reference` (from the reference query's embedding, on the same
+    folds); `task_read_gain_mean` averages task_r2 - task_r2_reference: does asking for the task keep more of the
+    task in the embedding than the generic question? `task_read_gain_low` / `task_read_gain_high` bound it (95%,
+    users resampled, paired;
     `paired_r2_gain_interval`). Novelty says the question changes what the embedding holds; this says whether the change is toward its
     task (docs/design.md §7.39). Each such row also holds `task_lead_share` / `task_lead_share_reference`: how much
     of the task's target lies on the embedding's two leading principal components under the task's query and
@@ -501,22 +542,18 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
     (95%, users resampled, principal directions refitted per resample, the hull of the basic and percentile
     intervals; `lead_gain_interval`). The read gain says
     whether the question keeps more of its task; the lead gain whether it puts the task first, which is what a
-    probe fitted on few labels can use (docs/design.md §7.43)."""
+    probe fitted on few labels can use (docs/design.md §7.43). A target at a query worded as the reference gets
+    none of these (as that query gets no novelty): its embedding is the reference's, a gain of 0 by construction
+    that says nothing of the model, so it is left out of the means."""
     user_ids, queries = list(user_ids), list(queries)
     if len(user_ids) < 2 or len(queries) < 2:
         raise ValueError(f"query_geometry needs >= 2 users and >= 2 queries, got {len(user_ids)} and {len(queries)}")
     if reference_query is not None and reference_query not in queries:
         raise ValueError(f"query_geometry: reference_query {reference_query!r} is not among the queries")
-    targets = dict(targets or {})
+    targets = _targets_by_position(targets or {}, queries, len(user_ids))
     if targets and reference_query is None:
         raise ValueError("query_geometry: targets are read against the reference query's embedding; "
                          "pass reference_query")
-    for q, y in targets.items():
-        if q not in queries:
-            raise ValueError(f"query_geometry: target for {q!r}, which is not among the queries")
-        if np.shape(y) != (len(user_ids),):
-            raise ValueError(f"query_geometry: the target for {q!r} has shape {np.shape(y)}; expected "
-                             f"({len(user_ids)},), one value per user")
     emb = model.encode(store, queries, user_ids=user_ids, batch_size=batch_size,
                        show_progress_bar=show_progress).astype(np.float64)     # (U, Q, d)
     U, Q, _ = emb.shape
@@ -542,9 +579,9 @@ def query_geometry(model, store, user_ids: Sequence[str], queries: Sequence[str]
                 row["novelty"] = linear_novelty(ref, emb[:, j])
         out["reference_query"] = reference_query
         out["novelty_mean"] = float(np.nanmean([r["novelty"] for r in per_query if "novelty" in r]))
-    asked = [j for j, q in enumerate(queries) if q in targets and q != reference_query]
+    asked = [j for j in sorted(targets) if queries[j] != reference_query]
     if asked:
-        Y = np.stack([targets[queries[j]] for j in asked], axis=1).astype(np.float64)  # (U, T)
+        Y = np.stack([targets[j] for j in asked], axis=1)                         # (U, T)
         from_reference = _oof_ridge(ref, Y)                                       # (U, T) the same folds as below
         own = np.stack([_oof_ridge(emb[:, j], Y[:, k])[:, 0] for k, j in enumerate(asked)], axis=1)  # (U, T)
         by_task = emb[:, asked]                                                   # (U, T, d) each task's own query
@@ -639,6 +676,12 @@ def claim_rows(world, *, split: str = "pretrain_val", max_pairs: int | None = 60
     return scored, train
 
 
+def _majority_claim(claims: Sequence[str]) -> str:
+    """The most common of `claims`; a tie goes to the first by name, so the baseline does not hang on row order."""
+    counts = pd.Series(claims).value_counts()
+    return sorted(counts.index[counts == counts.max()])[0]
+
+
 def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int | None = 600,
                     seed: int = 0, show_progress: bool = False, n_jobs: int | None = None) -> pd.DataFrame:
     """The scored rows of `claim_rows` with baseline predictions: `majority` (the intent's most common
@@ -659,8 +702,7 @@ def claim_baselines(world, store, *, split: str = "pretrain_val", max_pairs: int
         t = np.flatnonzero(train["intent"].to_numpy() == intent)
         y_train = train["claim"].to_numpy()[t]
         if len(t):
-            counts = pd.Series(y_train).value_counts()
-            out.loc[s, "majority"] = sorted(counts.index[counts == counts.max()])[0]   # ties: first by name
+            out.loc[s, "majority"] = _majority_claim(y_train)
         for kind in ("logreg", "gbdt"):  # out-of-fold over both row sets when the intent has few training rows
             fits.append((kind, tab_train[t], y_train, tab_scored[s], scored["claim"].to_numpy()[s], seed, MIN_FIT_ROWS))
             where.append((s, kind))
@@ -722,6 +764,11 @@ def _overall_rows(rows: pd.DataFrame, summarise) -> list[dict[str, Any]]:
     return out + [{"intent": "overall", "source": "all", **summarise(rows)}]
 
 
+def _overall_all(table: pd.DataFrame) -> pd.Series:
+    """The `overall` row over every source of a claim or selectivity table (`_overall_rows`): its headline."""
+    return table[(table["intent"] == "overall") & (table["source"] == "all")].iloc[0]
+
+
 def _accuracy_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Per intent and overall (per source and all) accuracies of the model and the baselines."""
     def summarise(g: pd.DataFrame) -> dict[str, Any]:
@@ -760,6 +807,11 @@ def claim_accuracy(model, world, *, split: str = "pretrain_val", max_pairs: int 
     return _accuracy_table(rows)
 
 
+class SelectivityUnavailable(ValueError):
+    """query_selectivity has no probe to fit or no row to score: too few QA rows per intent (a small world).
+    A property of the world, not of the model: `diagnose` records it as `selectivity_skipped` and goes on."""
+
+
 def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: int | None = 600,
                       max_train_per_intent: int | None = SELECTIVITY_TRAIN_ROWS, seed: int = 0, store=None,
                       generic_query: str | None = None, batch_size: int = 64,
@@ -777,7 +829,8 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
     rows per source and for all, weighted by rows; overall rows carry a paired 95% CI of the selectivity
     (normal approximation over rows). Columns: intent, source, n, own_acc, generic_acc, majority_acc,
     selectivity, selectivity_low, selectivity_high. `store` must hold the users of both row sets. `n_jobs`:
-    worker processes for the probes, as in claim_baselines."""
+    worker processes for the probes, as in claim_baselines. Raises SelectivityUnavailable when no intent has
+    MIN_FIT_ROWS training rows, or no scored row asks one that has."""
     from qanchor_lab.embedder import CachedEmbedder
     from qanchor_lab.pipeline import GENERIC_QUERY
 
@@ -794,11 +847,13 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
         if len(t) >= MIN_FIT_ROWS:
             fit_rows.append(t)
     if not fit_rows:
-        raise ValueError(f"query_selectivity: no intent has {MIN_FIT_ROWS} or more pretrain QA rows to fit a probe on")
+        raise SelectivityUnavailable(f"query_selectivity: no intent has {MIN_FIT_ROWS} or more pretrain QA rows to fit "
+                                     "a probe on")
     train = pd.concat(fit_rows, ignore_index=True)
     scored = scored[scored["intent"].isin(set(train["intent"]))].reset_index(drop=True)
     if scored.empty:
-        raise ValueError(f"query_selectivity: no {split} QA row asks an intent with {MIN_FIT_ROWS} or more pretrain rows")
+        raise SelectivityUnavailable(f"query_selectivity: no {split} QA row asks an intent with {MIN_FIT_ROWS} or more "
+                                     "pretrain rows")
     rows = pd.concat([train, scored], ignore_index=True)
     catalogue = intent_catalogue(world.qa)
     own_query = [catalogue[i].query for i in rows["intent"]]
@@ -815,8 +870,7 @@ def query_selectivity(model, world, *, split: str = "pretrain_val", max_pairs: i
         this = (rows["intent"] == intent).to_numpy()
         it, is_ = np.flatnonzero(this & is_train), np.flatnonzero(this & ~is_train)
         y = rows["claim"].to_numpy()[it]
-        counts = pd.Series(y).value_counts()
-        majority = sorted(counts.index[counts == counts.max()])[0]
+        majority = _majority_claim(y)
         row = rows.iloc[is_][["intent", "claim"]].copy()
         row["source"] = catalogue[intent].source
         row["majority_hit"] = (row["claim"] == majority).to_numpy()
@@ -855,9 +909,9 @@ def tune_selectivity(model, world, users: Sequence[str] | str = "tune", *, max_u
     """query_selectivity on users the model never trained on, with every user answering every question.
 
     The D_uqa claims of `users` (default: up to `max_users` tune users drawn with `seed`) come from their
-    history window, as perfect_qa_learner_r2 derives them; per intent, a logistic probe of the claim is
-    cross-validated over those users (`folds`, shuffled by `seed`), reading each user's embedding under the
-    intent's own query or under the generic query. The sample is users x intents rows, where
+    history window as the model reads it (its FeatureSpec's), as perfect_qa_learner_r2 derives them; per intent, a
+    logistic probe of the claim is cross-validated over those users (`folds`, shuffled by `seed`), reading each
+    user's embedding under the intent's own query or under the generic query. The sample is users x intents rows, where
     query_selectivity scores a few hundred pretrain_val QA rows, whose mean moves by a few hundredths with
     the draw (docs/design.md §7.27). The same columns and `overall` rows as query_selectivity; majority_acc
     is the fit folds' most common claim. Intents with one claim among these users are left out. Costs one
@@ -872,7 +926,7 @@ def tune_selectivity(model, world, users: Sequence[str] | str = "tune", *, max_u
     users = sample_users(world, users, max_users, seed) if isinstance(users, str) else _check_users(world, users)
     if len(users) < folds:
         raise ValueError(f"tune_selectivity: {len(users)} user(s) cannot be split into folds={folds}")
-    claims, _ = _uqa_claims(world, users)                                               # (U, D_uqa intents)
+    claims, _ = _uqa_claims(world, users, window=model.feature_spec.window)            # (U, D_uqa intents)
     catalogue = intent_catalogue(world.qa)
     intents = [i for i in claims.columns if i in catalogue and claims[i].nunique() > 1]
     if not intents:
@@ -895,8 +949,7 @@ def tune_selectivity(model, world, users: Sequence[str] | str = "tune", *, max_u
         own, generic, majority = (np.empty(len(y), dtype=object) for _ in range(3))
         for fit, held in splits:
             own[held], generic[held] = next(preds), next(preds)
-            counts = pd.Series(y[fit]).value_counts()
-            majority[held] = sorted(counts.index[counts == counts.max()])[0]
+            majority[held] = _majority_claim(y[fit])
         rows.append(pd.DataFrame({"intent": i, "source": catalogue[i].source, "own_hit": own == y,
                                   "generic_hit": generic == y, "majority_hit": majority == y}))
     return _selectivity_table(pd.concat(rows, ignore_index=True))
@@ -913,22 +966,36 @@ NO_ORACLE_TARGET = ("the labels carry no oracle_prob (real data), so the target 
                     "R² of a linear probability model, bounded well below 1 by the label noise")
 
 
-def _uqa_claims(world, users: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+def _uqa_claims(world, users: Sequence[str], *,
+                window: tuple[pd.Timestamp, pd.Timestamp] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """(users, D_uqa intents) claims from the history window, and the D_future intents left out: the
     world's derived-QA fit when its QA was derived from the log (manifest `derived_qa`), else the
-    synthetic world's INTENTS over the manifest's history window."""
+    synthetic world's INTENTS over the manifest's history window.
+
+    `window`: the (start, end) history window the model and the feature probe read (`FeatureSpec.window`). A
+    derived world gives its downstream users a cutoff at the end of the log, while a window inferred from the
+    pre-training users ends at their (earlier) cutoff: the claims are derived from the events inside the window
+    only, each cutoff clipped at its end, so that they hold nothing the model never sees. None: each user's own
+    cutoff (the synthetic world's claims read its declared window, which the features share)."""
     ids = pd.Index(users)
     derived = (world.manifest or {}).get("derived_qa")
     if derived:
-        from qanchor_lab.derive_qa import claims_for
+        from qanchor_lab.derive_qa import DeriveQAConfig, claims_for, split_log
+        from qanchor_lab.features import events_in_window
 
         fit = derived["fit"]
         if "cutoff" not in world.users.columns:
             raise ValueError("perfect_qa_learner_r2: the world's QA was derived but its users table lacks the "
                              "'cutoff' column (see derive_qa.derive_world_qa)")
-        windows = world.users.set_index("user_id").loc[ids, ["cutoff", "window_start", "window_end"]]
-        windows = windows.assign(window_start=pd.NaT, window_end=pd.NaT)   # D_uqa: the input window only
-        claims = claims_for(world.events[world.events["user_id"].isin(ids)], windows, fit, profiles=world.profiles)
+        cutoff = pd.to_datetime(world.users.set_index("user_id").loc[ids, "cutoff"])
+        if window is not None:
+            cutoff = cutoff.clip(upper=pd.Timestamp(window[1]))
+        # D_uqa: the input window only, [cutoff - history_days, cutoff) as the pre-training users' answers read it
+        windows = pd.DataFrame({"cutoff": cutoff, "window_start": pd.NaT, "window_end": pd.NaT}, index=ids)
+        history_days = DeriveQAConfig.from_dict(fit["config"]).history_days
+        inputs, _ = split_log(events_in_window(world.events[world.events["user_id"].isin(ids)], window), windows,
+                              history_days)
+        claims = claims_for(inputs, windows, fit, profiles=world.profiles)
         future = [i for i in fit["kept"] if i not in claims.columns]
         return claims, future
     cfg = world.manifest.get("config", {}) if world.manifest else {}
@@ -951,9 +1018,9 @@ def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature
 
     The target is the oracle score (logit of oracle_prob) in the synthetic world and the 0/1 task label
     where the dataset has no oracle. Claims are the synthetic INTENTS' over the history window, or, for a
-    world whose QA was derived from its log (`derive_qa`), the derived D_uqa intents under the stored fit.
-    `feature_spec` defaults to one fitted on the world's `pretrain` users over its declared history window,
-    as the demo's model is. Needs users with labels."""
+    world whose QA was derived from its log (`derive_qa`), the derived D_uqa intents under the stored fit, read
+    through the FeatureSpec's window as the features are (`_uqa_claims`). `feature_spec` defaults to one fitted on
+    the world's `pretrain` users over its declared history window, as the demo's model is. Needs users with labels."""
     from qanchor_lab.features import FeatureSpec
 
     users = _check_users(world, users)
@@ -961,13 +1028,14 @@ def perfect_qa_learner_r2(world, users: Sequence[str] | str = "tune", *, feature
     if target.shape[1] == 0:
         raise ValueError("perfect_qa_learner_r2 needs users with task labels (the tune split), "
                          f"the {len(users)} given have none")
-    claims, future = _uqa_claims(world, users)
-    onehot = pd.get_dummies(claims.astype(str), prefix_sep="=").to_numpy(np.float64)   # (U, sum of claims)
     spec = FeatureSpec.from_dict(feature_spec) if isinstance(feature_spec, dict) else feature_spec
     if spec is None:
         start, end = world.history_window
         spec = FeatureSpec.fit(world.events, world.profiles, user_ids=world.users_in("pretrain"),
                                window_start=start, window_end=end, modalities=world.modality_specs)
+    # the claims read the features' window: the two are compared on the same days
+    claims, future = _uqa_claims(world, users, window=spec.window)
+    onehot = pd.get_dummies(claims.astype(str), prefix_sep="=").to_numpy(np.float64)   # (U, sum of claims)
     feats = spec.transform(world.events, world.profiles, users, standardize=True)     # (U, F)
     Y = target.to_numpy()
     r2_claims = probe_r2_many(onehot, Y, folds=folds, seed=seed)
@@ -1035,7 +1103,9 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
     Keys: query, seed, n_users, max_pairs, geometry_users, retention_target, models, stages / geometry /
     claims / selectivity / tune_selectivity ({model name: stage table records / query_geometry dict / claim table
     records / query_selectivity records / tune_selectivity records, when asked for}), summary
-    ({model name: headline numbers}), perfect_qa (model-free), seconds."""
+    ({model name: headline numbers}), perfect_qa (model-free), seconds; selectivity_skipped (why) where the world has
+    too few QA rows for query_selectivity (`SelectivityUnavailable`): the rest is still measured; geometry_note where
+    a task asks the generic query itself (left out of the task gains, see query_geometry)."""
     from qanchor_lab.pipeline import GENERIC_QUERY
 
     if tune_selectivity_users < 0:
@@ -1054,6 +1124,11 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
                            "retention_target": RETENTION_TARGET, "models": list(models),
                            "stages": {}, "geometry": {}, "claims": {}, "selectivity": {}, "tune_selectivity": {},
                            "summary": {}}
+    generic_tasks = world.tasks.loc[world.tasks["query"] == GENERIC_QUERY, "task_id"].astype(str).tolist()
+    if generic_tasks:  # query_geometry leaves them out of the task gains; say so beside the numbers
+        out["geometry_note"] = (f"task(s) {', '.join(generic_tasks)} ask the generic query itself: the embedding "
+                                "under their query is the reference's, a read and lead gain of 0 by construction, "
+                                "so they are left out of the task gains' means")
     for name, m in models.items():
         m.eval()
         key = _store_key(m)
@@ -1067,7 +1142,7 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
                                   reference_query=GENERIC_QUERY, show_progress=show_progress,
                                   targets=task_query_targets(world, users[:geometry_users]))
         claims = claim_accuracy(m, world, store=store, baselines=baselines[key], show_progress=show_progress)
-        overall = claims[(claims["intent"] == "overall") & (claims["source"] == "all")].iloc[0]
+        overall = _overall_all(claims)
         emb = stages[stages["stage"] == "embedding"].iloc[0]
         tab = stages[stages["stage"] == "input_tabular"].iloc[0]
         out["stages"][name] = _records(stages)
@@ -1089,18 +1164,24 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
             "logreg_acc": overall["logreg_acc"], "gbdt_acc": overall["gbdt_acc"],
             "own_answer_margin": overall["own_answer_margin"],
         }
-        if selectivity:
-            sel = query_selectivity(m, world, max_pairs=max_pairs, seed=seed, store=store, show_progress=show_progress,
-                                    n_jobs=n_jobs)
-            top = sel[(sel["intent"] == "overall") & (sel["source"] == "all")].iloc[0]
-            out["selectivity"][name] = _records(sel)
-            out["summary"][name].update(own_query_probe_acc=top["own_acc"], generic_query_probe_acc=top["generic_acc"],
-                                        query_selectivity=top["selectivity"], query_selectivity_low=top["selectivity_low"],
-                                        query_selectivity_high=top["selectivity_high"])
+        if selectivity and "selectivity_skipped" not in out:
+            try:
+                sel = query_selectivity(m, world, max_pairs=max_pairs, seed=seed, store=store,
+                                        show_progress=show_progress, n_jobs=n_jobs)
+            except SelectivityUnavailable as exc:   # too few QA rows (a small world): every model would fail alike
+                out["selectivity_skipped"] = str(exc)
+            else:
+                top = _overall_all(sel)
+                out["selectivity"][name] = _records(sel)
+                out["summary"][name].update(own_query_probe_acc=top["own_acc"],
+                                            generic_query_probe_acc=top["generic_acc"],
+                                            query_selectivity=top["selectivity"],
+                                            query_selectivity_low=top["selectivity_low"],
+                                            query_selectivity_high=top["selectivity_high"])
         if tune_selectivity_users:
             sel = tune_selectivity(m, world, users[:tune_selectivity_users], seed=seed, store=store,
                                    show_progress=show_progress, n_jobs=n_jobs)
-            top = sel[(sel["intent"] == "overall") & (sel["source"] == "all")].iloc[0]
+            top = _overall_all(sel)
             out["tune_selectivity"][name] = _records(sel)
             out["summary"][name].update(tune_query_selectivity=top["selectivity"],
                                         tune_query_selectivity_low=top["selectivity_low"],
@@ -1112,6 +1193,27 @@ def diagnose(model, world, *, untrained=None, query: str | None = None, max_user
 
 # ----------------------------------------------------------------------------------------------
 # rendering
+
+
+class TargetWords(NamedTuple):
+    """How the renderings name the probes' task target (`target_words`)."""
+
+    noun: str    # what the target is: "oracle score" / "0/1 task label"
+    r2: str      # what a probe's R² against it is called: "oracle-score R²" / "task-label R²"
+    caveat: str  # "" for the oracle; for labels, what the *_oracle_r2 columns then hold and why the R² stays low
+
+
+def target_words(target: str | None) -> TargetWords:
+    """The wording for a probe target as `task_targets` names it ("oracle_logit" or "label"; a diagnose dict's
+    `stage_target`, perfect_qa's `target`). The Markdown, the HTML section and the stage figure all read it here, so
+    none calls a task label's R² an oracle score's. None (a diagnostics dict older than `stage_target`): the oracle
+    score, the only target there was."""
+    if target in (None, "oracle_logit"):
+        return TargetWords("oracle score", "oracle-score R²", "")
+    if target == "label":
+        return TargetWords("0/1 task label", "task-label R²", "The *_oracle_r2 columns hold the R² against the 0/1 "
+                           f"task labels here: {NO_ORACLE_TARGET}.")
+    raise ValueError(f"unknown probe target {target!r}: expected 'oracle_logit' or 'label' (task_targets)")
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -1165,15 +1267,13 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     parts.append("## Headline\n\n" + _md_table(head, [
         "model", "input_tabular_oracle_r2", "embedding_oracle_r2", "embedding_retention", "meets_retention_target",
         "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean", "same_user_cos", "cross_user_cos"]))
-    oracle = diag.get("stage_target", "oracle_logit") == "oracle_logit"
-    what = "oracle" if oracle else "task-label"
+    words = target_words(diag.get("stage_target"))
     parts[-1] += (f"\n\nretention target: the embedding keeps >= {diag['retention_target']:.0%} of the tabular input's "
-                  f"{what} R² (ridge probe, 5-fold)." + ("" if oracle else
-                  " The *_oracle_r2 columns hold the R² against the 0/1 task labels here: " + NO_ORACLE_TARGET + "."))
+                  f"{words.r2} (ridge probe, 5-fold)." + (f" {words.caveat}" if words.caveat else ""))
     first = names[0]
     trait_cols = [k for k in diag["stages"][first][0] if k.startswith("trait:")]
-    for metric, title in (("oracle_r2", f"{'Oracle-score' if oracle else 'Task-label'} R² per stage (mean over tasks)"),
-                          ("retention", f"Retention per stage ({what} R² / input_tabular's)"),
+    for metric, title in (("oracle_r2", f"{words.r2[0].upper()}{words.r2[1:]} per stage (mean over tasks)"),
+                          ("retention", f"Retention per stage ({words.r2} / input_tabular's)"),
                           ("trait_mean_r2", "Latent-trait R² per stage (mean over traits and trends)")):
         if metric == "trait_mean_r2" and not trait_cols:
             continue  # real data: no latent traits
@@ -1190,14 +1290,14 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
         "task_lead_gain_mean", "task_lead_gain_low", "task_lead_gain_high"])
         + "\n\nnovelty: share of a task query's embedding that no linear map of the generic query's embedding predicts "
           "(out-of-fold ridge); a probe refitted per task can gain from the question only through it. "
-          f"task_read_gain: {what} R² of each task from the embedding under its own query minus under the generic "
+          f"task_read_gain: {words.r2} of each task from the embedding under its own query minus under the generic "
           "query (same folds), averaged over tasks: above zero, the question keeps more of its task; _low / _high: "
           "its 95% interval, users resampled (the probes fixed, so it understates the noise). "
           "task_lead_gain: the share of each task's target on the embedding's two leading principal components under "
           "its own query minus under the generic query, averaged over tasks: above zero, the question puts its task "
           "first, which a probe fitted on few labels can use (`label-curve`); _low / _high: its 95% interval, users "
           "resampled (the hull of the basic and percentile intervals: resamples can reorder nearly tied leading "
-          "directions).")
+          "directions)." + (f" Note: {diag['geometry_note']}." if diag.get("geometry_note") else ""))
     perq = [{"query": r["query"], **{f"dim_{n}": diag["geometry"][n]["per_query"][i]["effective_dim"] for n in names},
              **{f"novelty_{n}": diag["geometry"][n]["per_query"][i].get("novelty") for n in names},
              **{f"read_gain_{n}": _read_gain(diag["geometry"][n]["per_query"][i]) for n in names},
@@ -1222,6 +1322,8 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
               "paired 95% CI. Above zero: the question makes the embedding more informative about its own answer. "
               "With a few hundred rows its mean moves by a few hundredths with the draw; the tune-user version "
               "(the demo's quick look, or `diagnose RUN --tune-selectivity-users 600`) is the steadier read.")
+    elif diag.get("selectivity_skipped"):
+        parts.append(f"## Query selectivity (pretrain_val QA rows)\n\nSkipped: {diag['selectivity_skipped']}.")
     if diag.get("tune_selectivity"):
         sel = [{"model": n, **r} for n in names for r in diag["tune_selectivity"].get(n, []) if r["intent"] == "overall"
                and r["source"] == "all"]
@@ -1233,18 +1335,25 @@ def diagnostics_markdown(diag: Mapping[str, Any]) -> str:
     pq = diag["perfect_qa"]
     parts.append(f"## Perfect QA learner\n\nOne-hot D_uqa claims ({pq['n_intents']} intents, {pq['n_columns']} "
                  f"columns) vs the FeatureSpec vector, ridge R² against the "
-                 f"{'oracle score' if pq.get('target', 'oracle_logit') == 'oracle_logit' else '0/1 task label'} on {pq['n_users']} tune "
-                 f"users: claims {_fmt(pq['claims_r2'])}, features {_fmt(pq['features_r2'])}.\n\n"
+                 f"{target_words(pq.get('target')).noun} on {pq['n_users']} tune users: "
+                 f"claims {_fmt(pq['claims_r2'])}, features {_fmt(pq['features_r2'])}.\n\n"
                  + _md_table(pq["per_task"], ["task_id", "claims_r2", "features_r2"]) + f"\n\nNote: {pq['note']}")
     return "\n\n".join(parts) + "\n"
 
 
-def figure_stage_r2(diag: Mapping[str, Any], metric: str = "oracle_r2"):
+def figure_stage_r2(diag: Mapping[str, Any], metric: str = "oracle_r2", *, target: str | None = None):
     """Plotly grouped bars of one stage-table column per stage, one bar per model (untrained vs trained).
-    `diag` is a `diagnose` dict or a {model name: stage_probe_table} mapping."""
+    `diag` is a `diagnose` dict or a {model name: stage_probe_table} mapping. `target`: what the task probes read
+    ("oracle_logit" or "label", as `task_targets` names it), for the axis title; by default a diagnose dict's
+    `stage_target`, while a bare mapping, which does not say, keeps the column's name."""
     import plotly.graph_objects as go
 
     comp = stage_comparison(diag, metric)
+    if target is None and "stages" in diag:
+        target = diag.get("stage_target", "oracle_logit")
+    r2 = target_words(target).r2 if target is not None else None
+    what, axis = ({"oracle_r2": (r2, r2), "retention": ("retention", f"retention ({r2} / input_tabular's)")}
+                  if r2 else {}).get(metric, (metric, metric))
     colours = {"untrained": "#9c9ede", "trained": "#006d2c"}
     fig = go.Figure()
     for name in sorted(comp.columns, key=lambda n: n != "untrained"):   # untrained first, as in time
@@ -1252,9 +1361,9 @@ def figure_stage_r2(diag: Mapping[str, Any], metric: str = "oracle_r2"):
                     hovertemplate="%{x}: %{y:.3f}<extra>" + name + "</extra>")
     if metric == "retention":
         fig.add_hline(y=RETENTION_TARGET, line=dict(color="#999", dash="dot"), annotation_text="target")
-    title = f"Probe {metric} per stage" + (f" (query: {diag['query']})" if "query" in diag else "")
+    title = f"Probe {what} per stage" + (f" (query: {diag['query']})" if "query" in diag else "")
     fig.update_layout(title=title, barmode="group",
-                      template="plotly_white", height=420, yaxis=dict(title=metric),
+                      template="plotly_white", height=420, yaxis=dict(title=axis),
                       legend=dict(orientation="h", y=-0.3), margin=dict(l=60, r=20, t=60, b=40))
     return fig
 

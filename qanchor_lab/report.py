@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 
 from qanchor_lab.evaluate import (_check_metrics, ci_label, few_labels_lead, few_labels_rows, formatted_table,
-                                   method_label, method_order)
+                                   level_label, method_label, method_order)
 
 ORACLE = "oracle"
 # Which Q-Anchor variant the summary speaks for when the metrics name no reference.
@@ -175,8 +175,9 @@ def where_qanchor_stands(metrics: Mapping) -> str:
     average AUC (by the paired bootstrap CI), and its gap to the oracle."""
     methods = _check_metrics(metrics)
     ref = _pick_reference(metrics)
-    level = metrics.get("bootstrap", {}).get("ci", 0.95)
-    pct = f"{round(100 * level)}%"
+    # the level the intervals were drawn at ("95% CI"), or a bare "CI" where the metrics name none: as the table's
+    # header reads it, so the paragraph never claims a level the numbers lack
+    ci = level_label((metrics.get("bootstrap") or {}).get("ci"))
     if ref is None:
         ranked = sorted((m for m in methods if m != ORACLE), key=lambda m: -methods[m]["avg_auc"])
         if not ranked:
@@ -187,7 +188,7 @@ def where_qanchor_stands(metrics: Mapping) -> str:
     parts = [f"{method_label(ref)} reaches an average test AUC of {r['avg_auc']:.3f}"]
     if r.get("avg_auc_ci"):
         lo, hi = r["avg_auc_ci"]
-        parts[0] += f" ({pct} CI {lo:.3f}–{hi:.3f})"
+        parts[0] += f" ({ci} {lo:.3f}–{hi:.3f})"
     parts[0] += f" and KS {r['avg_ks']:.3f}"
     n_tasks, n_users = metrics.get("n_tasks"), metrics.get("n_test_users")
     if n_tasks and n_users:
@@ -208,7 +209,7 @@ def where_qanchor_stands(metrics: Mapping) -> str:
         parts.append("It is reliably better than " + "; ".join(beats) + ".")
     if level_with:
         parts.append("It cannot be told apart from " + "; ".join(level_with)
-                     + f": the {pct} CI of the AUC difference spans zero.")
+                     + f": the {ci} of the AUC difference spans zero.")
     if trails:
         parts.append("It is reliably worse than " + "; ".join(trails) + ".")
     if not (beats or level_with or trails) and len(methods) > 1:
@@ -316,8 +317,7 @@ def write_report(
         # plotly.js is inlined with the first figure only; later figures reuse it
         out.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id,
                                config={"displaylogo": False}))
-    if diagnostics:
-        out.append("<h2>Representation diagnostics (tune and pre-training validation users)</h2>")
+    if diagnostics:  # the section brings its own <h2>
         out.append(diagnostics_section(diagnostics, include_plotlyjs=not figures))
     if "config" in metrics or "wall_seconds" in metrics:
         out.append("<h2>Run</h2>")
@@ -356,11 +356,13 @@ def _few_labels_html(few: Mapping[str, Any]) -> str:
 def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = False) -> str:
     """An HTML fragment for `qanchor_lab.diagnostics.diagnose` output: headline table, probe R² and
     retention per stage (untrained vs trained, with a bar chart), query geometry, overall claim accuracy
-    against the majority claim and the tabular yardstick, query selectivity, and the perfect-QA-learner bound.
+    against the majority claim and the tabular yardstick, query selectivity (or why it was skipped), and the
+    perfect-QA-learner bound; the target is named as `diagnostics.target_words` names it (the oracle score, or the
+    task label on real data).
 
     Pass include_plotlyjs=True when the page has no plotly.js yet (write_report inlines it with its first
     figure). Deterministic: fixed div id, no timestamps."""
-    from qanchor_lab.diagnostics import claim_comparison, figure_stage_r2, stage_comparison
+    from qanchor_lab.diagnostics import claim_comparison, figure_stage_r2, stage_comparison, target_words
 
     def cell(v: Any) -> str:
         if isinstance(v, bool):
@@ -375,10 +377,12 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
         return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
     names = list(diag["models"])
+    words = target_words(diag.get("stage_target"))
     out = ["<h2>Representation diagnostics</h2>",
            f"<p>Ridge probes (5-fold) on {diag['n_users']} tune users under the query "
-           f"<em>{html.escape(str(diag['query']))}</em>. Retention is a stage's oracle-score R² over the tabular "
-           f"input's; the target for the final embedding is {diag['retention_target']:.0%}.</p>",
+           f"<em>{html.escape(str(diag['query']))}</em>. Retention is a stage's {words.r2} over the tabular "
+           f"input's; the target for the final embedding is {diag['retention_target']:.0%}."
+           + (f" {html.escape(words.caveat)}" if words.caveat else "") + "</p>",
            table([{"model": n, **diag["summary"][n]} for n in names],
                  ["model", "input_tabular_oracle_r2", "embedding_oracle_r2", "embedding_retention",
                   "meets_retention_target", "claim_acc", "majority_acc", "gbdt_acc", "effective_dim_mean"])]
@@ -397,7 +401,8 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
                "embedding's two leading principal components under its own query minus under the generic query (mean over "
                "tasks): whether the question puts its task first, which a probe fitted on few labels can use, with its "
                "95% interval (users resampled and the directions found anew; wide where leading directions nearly "
-               "tie).</p>")
+               "tie)." + (f" Note: {html.escape(diag['geometry_note'])}." if diag.get("geometry_note") else "")
+               + "</p>")
     out.append(table([{"model": n, **diag["geometry"][n]} for n in names],
                      ["model", "effective_dim_mean", "embed_dim", "same_user_cos", "cross_user_cos", "user_share",
                       "query_share", "interaction_share", "novelty_mean", "task_read_gain_mean", "task_read_gain_low",
@@ -416,6 +421,9 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
         out.append(table([{"model": n, **r} for n in names for r in diag["selectivity"][n] if r["intent"] == "overall"],
                          ["model", "source", "n", "own_acc", "generic_acc", "majority_acc", "selectivity",
                           "selectivity_low", "selectivity_high"]))
+    elif diag.get("selectivity_skipped"):
+        out.append("<h3>Query selectivity on held-out pre-training users</h3>"
+                   f"<p>Skipped: {html.escape(diag['selectivity_skipped'])}.</p>")
     if diag.get("tune_selectivity"):
         out.append(f"<h3>Query selectivity on tune users</h3><p>{question}, cross-validated over tune users (never "
                    "trained on), each answering every D_uqa question from their history window; n = users × questions."
@@ -425,6 +433,7 @@ def diagnostics_section(diag: Mapping[str, Any], *, include_plotlyjs: bool = Fal
                          ["model", "n", "own_acc", "generic_acc", "majority_acc", "selectivity", "selectivity_low",
                           "selectivity_high"]))
     pq = diag["perfect_qa"]
-    out.append(f"<p>Perfect QA learner: one-hot D_uqa claims explain oracle-score R² {cell(pq['claims_r2'])} "
+    out.append(f"<p>Perfect QA learner: one-hot D_uqa claims explain {target_words(pq.get('target')).r2} "
+               f"{cell(pq['claims_r2'])} "
                f"against {cell(pq['features_r2'])} for the tabular features. {html.escape(pq['note'])}</p>")
     return "\n".join(out)

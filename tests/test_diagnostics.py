@@ -322,10 +322,37 @@ def test_lead_gain_interval_holds_its_estimate_where_leading_directions_nearly_t
 def test_task_query_targets_follow_the_tasks_queries(small_world):
     users = _tune(small_world, 30)
     targets = D.task_query_targets(small_world, users)
-    assert list(targets) == small_world.tasks["query"].tolist()
+    assert list(targets) == list(range(len(small_world.tasks)))      # each task's query position
     oracle = D.oracle_targets(small_world, users)
-    for task_id, query in zip(small_world.tasks["task_id"], small_world.tasks["query"]):
-        np.testing.assert_array_equal(targets[query], oracle[task_id].to_numpy())
+    for k, task_id in enumerate(small_world.tasks["task_id"]):
+        np.testing.assert_array_equal(targets[k], oracle[task_id].to_numpy())
+    # two tasks asking alike (the schema allows it) each keep their own target
+    tasks = small_world.tasks.copy()
+    tasks.loc[tasks.index[1], "query"] = tasks["query"].iloc[0]
+    alike = D.task_query_targets(replace(small_world, tasks=tasks), users)
+    np.testing.assert_array_equal(alike[0], oracle[tasks["task_id"].iloc[0]].to_numpy())
+    np.testing.assert_array_equal(alike[1], oracle[tasks["task_id"].iloc[1]].to_numpy())
+
+
+def test_query_geometry_reads_each_task_at_its_own_position():
+    """Two tasks asked with one wording share an embedding but not a target: each row is read against its own."""
+    rng = np.random.default_rng(1)
+    n = 200
+    y, noise = rng.normal(size=n), rng.normal(size=n)
+    asks = np.column_stack([rng.normal(size=(n, 4)), y])
+    enc = _FixedEncoder({"asks": asks, "generic": rng.normal(size=(n, 5))})
+    users = [f"u{i}" for i in range(n)]
+    g = D.query_geometry(enc, None, users, ["asks", "asks", "generic"], reference_query="generic",
+                         targets={0: y, 1: noise})
+    first, second, generic = g["per_query"]
+    assert first["task_r2"] > 0.9 and second["task_r2"] < 0.1 and "task_r2" not in generic
+    with pytest.raises(ValueError, match="asked at positions"):    # a repeated wording does not say whose target
+        D.query_geometry(enc, None, users, ["asks", "asks", "generic"], reference_query="generic",
+                         targets={"asks": y})
+    with pytest.raises(ValueError, match="position 3"):
+        D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={3: y})
+    with pytest.raises(ValueError, match="two targets for position 0"):
+        D.query_geometry(enc, None, users, ["asks", "generic"], reference_query="generic", targets={0: y, "asks": y})
 
 
 def testlinear_novelty_separates_a_linear_map_from_new_information():
@@ -541,6 +568,61 @@ def test_perfect_qa_learner_r2_runs_on_tune_users(small_world):
         D.perfect_qa_learner_r2(small_world, "pretrain_val")
 
 
+@pytest.fixture(scope="module")
+def derived_world(small_world):
+    """The small world with its QA derived from the log and no declared window, as a dataset of one's own: the
+    feature window, inferred from the pre-training users, ends at their cutoff, 30 days before the tune users'."""
+    from qanchor_lab.derive_qa import DeriveQAConfig, derive_world_qa
+
+    manifest = {k: v for k, v in small_world.manifest.items() if k not in ("config", "history_window")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the inferred window leaves the tune users' last days out, and says so
+        return derive_world_qa(replace(small_world, manifest=manifest), DeriveQAConfig(future_days=30, seed=3))
+
+
+def _without_days_after(world, end) -> object:
+    """`world` without the downstream users' events at or after `end`: days no feature window ending there reads."""
+    ev = world.events
+    late = (ev["timestamp"] >= end) & ~ev["user_id"].isin(world.users_in("pretrain", "pretrain_val"))
+    assert late.any()
+    return replace(world, events=ev[~late].reset_index(drop=True))
+
+
+def test_derived_claims_read_only_the_days_the_model_reads(derived_world):
+    """A derived world's tune users have a cutoff at the end of the log, the features a window that ends 30 days
+    earlier: the perfect-QA claims must not read days the features (and the model) never see."""
+    from qanchor_lab.features import FeatureSpec
+
+    w = derived_world
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = FeatureSpec.fit(w.events, w.profiles, user_ids=w.users_in("pretrain"), modalities=w.modality_specs)
+    end = spec.window[1]
+    assert (w.users.set_index("user_id").loc[w.users_in("tune"), "cutoff"] > end).all()
+    cut = _without_days_after(w, end)
+    full, clipped = (D.perfect_qa_learner_r2(x, "tune", feature_spec=spec) for x in (w, cut))
+    assert full["features_r2"] == clipped["features_r2"]      # the features never read those days
+    assert full["claims_r2"] == clipped["claims_r2"] and full["per_task"] == clipped["per_task"]
+    users = w.users_in("tune")[:50]
+    claims = D._uqa_claims(w, users, window=spec.window)[0]
+    pd.testing.assert_frame_equal(claims, D._uqa_claims(cut, users, window=spec.window)[0])
+    assert not claims.equals(D._uqa_claims(w, users)[0])     # each user's own cutoff reads the later days
+
+
+def test_tune_selectivity_reads_the_days_the_model_reads(derived_world):
+    from qanchor_lab.model import QAnchorModel
+
+    w = derived_world
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = QAnchorModel.from_data(tiny_config(), w.events, w.profiles, w.users_in("pretrain"))
+    users = w.users_in("tune")[:40]
+    store = model.behaviour(w.events, w.profiles, users)
+    cut = _without_days_after(w, model.feature_spec.window[1])
+    table = D.tune_selectivity(model, w, users, store=store, folds=3)
+    assert table.equals(D.tune_selectivity(model, cut, users, store=store, folds=3))
+
+
 # ----- diagnose, rendering, CLI -----------------------------------------------------------------------
 
 
@@ -606,6 +688,104 @@ def test_markdown_report_section_and_figure(small_diag, tmp_path):
         assert heading not in diagnostics_section({**small_diag, "selectivity": {}, "tune_selectivity": {}})
     js, mdp = D.save_diagnostics(small_diag, tmp_path / "out")
     assert json.loads(js.read_text())["models"] == ["trained", "untrained"] and mdp.read_text() == md
+
+
+@pytest.fixture(scope="module")
+def sparse_world(small_world):
+    """The small world as a small dataset of one's own might be: no oracle (the 0/1 labels are the target), fewer
+    pretrain QA rows per intent than query_selectivity fits a probe on, two tasks asking alike and one asking the
+    generic question."""
+    from qanchor_lab.pipeline import GENERIC_QUERY
+
+    qa = small_world.qa
+    pre = qa["user_id"].isin(small_world.users_in("pretrain"))
+    thin = pd.concat([qa[~pre], qa[pre].groupby("intent").head(D.MIN_FIT_ROWS - 1)], ignore_index=True)
+    tasks = small_world.tasks.copy()
+    tasks.loc[tasks.index[1], "query"] = tasks["query"].iloc[0]
+    tasks.loc[tasks.index[2], "query"] = GENERIC_QUERY
+    return replace(small_world, qa=thin, tasks=tasks, labels=small_world.labels.assign(oracle_prob=np.nan))
+
+
+@pytest.fixture(scope="module")
+def sparse_diag(_tiny_model_session, sparse_world):
+    import copy
+
+    return D.diagnose(copy.deepcopy(_tiny_model_session), sparse_world, max_users=60, max_pairs=40, geometry_users=30)
+
+
+def test_diagnose_skips_query_selectivity_where_the_world_has_too_few_qa_rows(sparse_diag):
+    from qanchor_lab.report import diagnostics_section
+
+    why = sparse_diag["selectivity_skipped"]
+    assert why.startswith(f"query_selectivity: no intent has {D.MIN_FIT_ROWS} or more pretrain QA rows")
+    assert sparse_diag["selectivity"] == {} and "query_selectivity" not in sparse_diag["summary"]["trained"]
+    assert sparse_diag["summary"]["trained"]["claim_acc"] is not None          # the rest was measured
+    md = D.diagnostics_markdown(sparse_diag)
+    assert f"## Query selectivity (pretrain_val QA rows)\n\nSkipped: {why}." in md
+    assert f"Skipped: {why}." in diagnostics_section(sparse_diag)
+
+
+def test_renderings_name_the_task_label_target(sparse_diag):
+    """Without an oracle the probes read the 0/1 task label: no rendering may call their R² an oracle score's."""
+    from qanchor_lab.report import diagnostics_section
+
+    assert sparse_diag["stage_target"] == sparse_diag["perfect_qa"]["target"] == "label"
+    md, section = D.diagnostics_markdown(sparse_diag), diagnostics_section(sparse_diag)
+    assert "## Task-label R² per stage" in md and "ridge R² against the 0/1 task label on" in md
+    assert "Retention is a stage's task-label R²" in section and "claims explain task-label R²" in section
+    for text in (md, section):
+        assert "oracle score" not in text.lower() and "oracle-score" not in text.lower()
+    fig = D.figure_stage_r2(sparse_diag)
+    assert fig.layout.yaxis.title.text == "task-label R²" and "oracle" not in fig.layout.title.text
+    assert D.figure_stage_r2(sparse_diag, "retention").layout.yaxis.title.text == \
+        "retention (task-label R² / input_tabular's)"
+    assert D.figure_stage_r2(sparse_diag, target="oracle_logit").layout.yaxis.title.text == "oracle-score R²"
+    assert D.figure_stage_r2(sparse_diag["stages"]).layout.yaxis.title.text == "oracle_r2"   # a bare mapping: unknown
+    assert D.target_words("oracle_logit").r2 == "oracle-score R²" and D.target_words(None).noun == "oracle score"
+    with pytest.raises(ValueError, match="'logit'"):
+        D.target_words("logit")
+
+
+def test_diagnose_reads_tasks_that_share_a_query_and_notes_a_generic_one(sparse_diag, sparse_world):
+    rows = sparse_diag["geometry"]["trained"]["per_query"]
+    tasks = sparse_world.tasks["task_id"].tolist()
+    assert rows[0]["query"] == rows[1]["query"] and rows[0]["task_r2"] != rows[1]["task_r2"]   # their own targets
+    assert "task_r2" not in rows[2] and tasks[2] in sparse_diag["geometry_note"]              # the generic question
+    asked = [r for i, r in enumerate(rows[:-1]) if i != 2]
+    assert sparse_diag["summary"]["trained"]["task_read_gain"] == pytest.approx(
+        np.nanmean([np.nan if r["task_r2"] is None else r["task_r2"] - r["task_r2_reference"] for r in asked]))
+    assert any(r.get("task_r2", 0.0) is None for r in rows)   # a task whose 0/1 label is constant here: no R²
+    md = D.diagnostics_markdown(sparse_diag)                  # ... which the per-query table shows as "–"
+    assert f"Note: {sparse_diag['geometry_note']}." in md
+
+
+def _stands_metrics(**extra) -> dict:
+    """A hand-made metrics dict: Q-Anchor with an AUC interval and one method it cannot be told apart from."""
+    def entry(auc, **more):
+        return {"avg_auc": auc, "avg_ks": 0.3, "domains": {}, "tasks": {}, **more}
+
+    return {"methods": {"qanchor_base": entry(0.72, avg_auc_ci=[0.70, 0.74]),
+                        "gbdt_features": entry(0.721, vs_reference={"auc_diff": 0.001, "auc_low": -0.01,
+                                                                    "auc_high": 0.012})},
+            "reference": "qanchor_base", **extra}
+
+
+def test_where_qanchor_stands_claims_no_level_the_metrics_lack():
+    from qanchor_lab.report import where_qanchor_stands
+
+    for metrics in (_stands_metrics(), _stands_metrics(bootstrap=None)):
+        text = where_qanchor_stands(metrics)
+        assert "(CI 0.700–0.740)" in text and "the CI of the AUC difference spans zero" in text and "%" not in text
+    text = where_qanchor_stands(_stands_metrics(bootstrap={"ci": 0.9, "n_boot": 10, "seed": 0}))
+    assert "(90% CI 0.700–0.740)" in text and "the 90% CI of the AUC difference spans zero" in text
+
+
+def test_report_has_one_diagnostics_heading(sparse_diag, tmp_path):
+    from qanchor_lab.report import write_report
+
+    metrics = _stands_metrics(bootstrap={"ci": 0.95, "n_boot": 10, "seed": 0})
+    page = write_report(tmp_path / "report.html", metrics, diagnostics=sparse_diag).read_text()
+    assert page.count("Representation diagnostics") == 1 and "<h2>Representation diagnostics</h2>" in page
 
 
 def test_resolve_run_finds_model_and_world(tmp_path, monkeypatch):
