@@ -44,7 +44,7 @@ test: test-unit test-notebooks
 	$(VENV)/bin/nbstripout --verify notebooks/*.ipynb
 
 test-unit: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
 
 # The notebooks run one after another, so each kernel has the machine: NB_THREADS torch (and BLAS) threads each,
 # 2 for a 2-core machine (docs/design.md §7.23: 470 s for the twelve against 542 s on one thread). Lower it when
