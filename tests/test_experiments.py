@@ -63,7 +63,7 @@ def test_override_values_are_validated_by_the_stage_config():
         cfg.override({"pretrain_users": 0.0})
 
 
-def test_dict_round_trip_and_hash_stability():
+def test_dict_round_trip_and_hash_stability(monkeypatch):
     cfg = get_config(fast=True)
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.to_dict() == cfg.to_dict() and again.key() == cfg.key() and again.model_key() == cfg.model_key()
@@ -75,6 +75,12 @@ def test_dict_round_trip_and_hash_stability():
     assert cfg.override({"pretrain.alpha": 0.5}).model_key() != cfg.model_key()
     seeded = cfg.with_seed(3)
     assert (seeded.seed, seeded.pretrain.seed, seeded.model.backbone.seed, seeded.tuning.seed) == (3, 3, 3, 3)
+    # a new generator version rebuilds the world: no run or model of the old one is served from the cache
+    import qanchor_lab.experiments.config as C
+
+    key, model_key = cfg.key(), cfg.model_key()
+    monkeypatch.setattr(C, "GENERATOR_VERSION", C.GENERATOR_VERSION + 1)
+    assert cfg.key() != key and cfg.model_key() != model_key
 
 
 def test_full_config_is_the_demo_run():
