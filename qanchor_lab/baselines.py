@@ -373,11 +373,16 @@ def blend_min_per_class(config: ProbeConfig, folds: int = 5) -> int:
     return max(folds, -(-config.cv * folds // (folds - 1)))
 
 
+def fewest_of_a_class(y: np.ndarray) -> int:
+    """How many rows the rarer class of 0/1 labels `y` holds."""
+    n_pos = int(np.sum(y))
+    return min(n_pos, len(y) - n_pos)
+
+
 def can_blend(y: np.ndarray, config: ProbeConfig) -> bool:
     """Whether labels `y` hold enough of each class to blend two probes out-of-fold (`blend_min_per_class`); where
     they do not, features and an embedding share one probe (`features_with_embedding`)."""
-    n_pos = int(np.sum(y))
-    return min(n_pos, len(y) - n_pos) >= blend_min_per_class(config)
+    return fewest_of_a_class(y) >= blend_min_per_class(config)
 
 
 def features_with_embedding(features, y, features_test, embedding, embedding_test, config: ProbeConfig, *,

@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from qanchor_lab.baselines import (ProbeConfig, _check_matrix, _split_ids, _tune_targets, blend_min_per_class, can_blend,
-                                   probe_scores)
+                                   fewest_of_a_class, probe_scores)
 from qanchor_lab.data import DataValidationError, require_columns, validate_labels, validate_tasks
 from qanchor_lab.parallel import fit_map
 
@@ -611,9 +611,11 @@ def refit_scores(
             raise ValueError(f"blend {name!r}: the name is already a representation's")
     configs = {name: (configs or {}).get(name, config) for name in mats}
     targets = [_tune_targets(labels_v, t, tune) for t in task_ids]  # per task: labelled tune positions, labels
-    # the fewest distinct users of each class a task's refits need: what its refit 0 fits (a blend, else one probe)
-    need = [max([c.cv for c in configs.values()] + [config.cv] * bool(blends)
-                + [blend_min_per_class(config)] * bool(blends and can_blend(y, config))) for _, y in targets]
+    # the fewest distinct users of each class a task's refits need: every probe's CV folds, and where refit 0
+    # blends a task (enough of each class), the blend's
+    probe_need = max(c.cv for c in [*configs.values(), *([config] if blends else [])])
+    need = [max(probe_need, blend_min_per_class(config)) if blends and can_blend(y, config) else probe_need
+            for _, y in targets]
     counts = [None] + [_bootstrap_draw(len(tune), targets, need, task_ids, [seed, r]) for r in range(1, refits + 1)]
     # per task, each representation as one array that every refit's job takes its rows from when it runs (_Rows), so
     # the jobs hold no copies
@@ -654,12 +656,11 @@ def _bootstrap_draw(n: int, targets, need: Sequence[int], task_ids: Sequence[str
     `key + [1]`, `key + [2]`, ... in which every task's labelled users hold `need` distinct users of each class."""
     for attempt in range(MAX_REDRAWS):
         count = np.random.default_rng(key + [attempt] * bool(attempt)).multinomial(n, np.full(n, 1 / n))  # (n,)
-        short = [k for k, ((pos, y), m) in enumerate(zip(targets, need))
-                 if min(int(y[count[pos] > 0].sum()), int((1 - y[count[pos] > 0]).sum())) < m]
+        short = [k for k, ((pos, y), m) in enumerate(zip(targets, need)) if fewest_of_a_class(y[count[pos] > 0]) < m]
         if not short:
             return count
     k = short[0]
-    pos_k, y_k = targets[k]
+    y_k = targets[k][1]
     raise ValueError(f"task {task_ids[k]!r}: {MAX_REDRAWS} bootstrap draws of the {n} tune users each left fewer than "
                      f"{need[k]} distinct users of a class ({int(y_k.sum())} positive and {int(len(y_k) - y_k.sum())} "
                      "negative tune labels in all); refit intervals need more labelled users of the rarer class")

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import plotly.graph_objects as go
 
 from qanchor_lab.evaluate import (_check_metrics, ci_label, few_labels_lead, few_labels_rows, formatted_table,
-                                   level_label, method_label, method_order)
+                                   method_label, method_order)
 
 ORACLE = "oracle"
 # Which Q-Anchor variant the summary speaks for when the metrics name no reference.
@@ -177,7 +177,7 @@ def where_qanchor_stands(metrics: Mapping) -> str:
     ref = _pick_reference(metrics)
     # the level the intervals were drawn at ("95% CI"), or a bare "CI" where the metrics name none: as the table's
     # header reads it, so the paragraph never claims a level the numbers lack
-    ci = level_label((metrics.get("bootstrap") or {}).get("ci"))
+    ci = ci_label(metrics)
     if ref is None:
         ranked = sorted((m for m in methods if m != ORACLE), key=lambda m: -methods[m]["avg_auc"])
         if not ranked:

@@ -196,17 +196,18 @@ def _normalised_queries(queries: pd.Series) -> pd.Series:
     return queries.astype(str).str.split().str.join(" ").str.casefold()
 
 
-def _asks_task_query(qa: pd.DataFrame, tasks: pd.DataFrame) -> np.ndarray:
-    """(len(qa),) bool: the qa rows whose query is a task's query verbatim (`_normalised_queries`)."""
-    if qa.empty or tasks.empty:
-        return np.zeros(len(qa), dtype=bool)
-    return _normalised_queries(qa["query"]).isin(set(_normalised_queries(tasks["query"]))).to_numpy()
+def _asks_task_query(qa: pd.DataFrame, tasks: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
+    """(the qa rows' normalised queries, (len(qa),) bool: which ask a task's query verbatim)."""
+    asked = _normalised_queries(qa["query"])
+    return asked, asked.isin(set(_normalised_queries(tasks["query"]))).to_numpy()
 
 
 def without_task_queries(qa: pd.DataFrame, tasks: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """(qa without the rows that ask a task's query verbatim, how many were left out): for QA the library derived
     from a log, whose template wording may happen to equal a user's task query."""
-    hit = _asks_task_query(qa, tasks)
+    if qa.empty or tasks.empty:
+        return qa, 0
+    _, hit = _asks_task_query(qa, tasks)
     return qa.loc[~hit].reset_index(drop=True), int(hit.sum())
 
 
@@ -218,10 +219,9 @@ def check_task_queries_unseen(qa: pd.DataFrame, tasks: pd.DataFrame) -> None:
     such rows out instead (`without_task_queries`), since its wording is the library's, not the user's."""
     if qa.empty or tasks.empty:
         return
-    task_of = dict(zip(_normalised_queries(tasks["query"]), zip(tasks["task_id"], tasks["query"])))
-    asked = _normalised_queries(qa["query"])
-    hit = _asks_task_query(qa, tasks)
+    asked, hit = _asks_task_query(qa, tasks)
     if hit.any():
+        task_of = dict(zip(_normalised_queries(tasks["query"]), zip(tasks["task_id"], tasks["query"])))
         uses = asked[hit].value_counts(sort=False)
         found = [f"{task_of[q][1]!r} (task {task_of[q][0]!r}: {n} qa row(s))" for q, n in uses.items()]
         raise DataValidationError(
