@@ -22,7 +22,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -657,31 +657,71 @@ def _fmt_number(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
-def _flag_columns(profile_rows: dict[str, dict[str, Any]]) -> frozenset[str]:
-    """Profile columns that are 0/1 flags over these users (e.g. one-hot occupation columns)."""
-    values: dict[str, set] = {}
-    for row in profile_rows.values():
-        for k, v in row.items():
-            if k != "user_id" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-                values.setdefault(k, set()).add(float(v))
-    return frozenset(k for k, vs in values.items() if vs <= {0.0, 1.0})
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, (bool, np.bool_))
 
 
-def _profile_text(row: dict[str, Any] | pd.Series | None, flags: frozenset[str] = frozenset()) -> str:
-    """ "Profile: age 34, city tier 2, occupation engineer": a flag column is named when set and left out when
-    not, so a wide one-hot profile does not fill the text encoder's few hundred word pieces with zeros."""
+def profile_flag_columns(profiles: pd.DataFrame | None) -> frozenset[str]:
+    """The profile columns the text names when set and leaves out when not ("has mortgage", one-hot occupation
+    columns): those of boolean dtype, and, when the table has two rows or more, the numeric ones whose every
+    non-missing value in the whole table is 0 or 1.
+
+    A property of the column over the table given, never of the users serialised together: a batch of a few users
+    can hold only 0s and 1s in a count column ("income band 1" read as a set flag) where the population does not.
+    One row cannot tell a 0/1 column from a count, so a one-row table names its boolean columns only. At serving
+    time, compute this once on the reference population's table and pass it as `profile_flags`, so that a new user
+    reads as the population's users do. A missing value is left out of the text and says nothing about the column,
+    so it does not stop a 0/1 column being a flag."""
+    if profiles is None:
+        return frozenset()
+    return _table_flags(profiles, _clean_profiles(profiles))
+
+
+def _bool_columns(profiles: pd.DataFrame, prof: pd.DataFrame) -> frozenset[str]:
+    """The boolean columns of `profiles`, whose `_clean_profiles` (float64, indexed by user) is `prof`: a flag
+    whatever else is declared; the float64 copy no longer says so."""
+    return frozenset(c for c in prof.columns if pd.api.types.is_bool_dtype(profiles[c]))
+
+
+def _table_flags(profiles: pd.DataFrame, prof: pd.DataFrame) -> frozenset[str]:
+    """profile_flag_columns of `profiles`, whose `_clean_profiles` is `prof`."""
+    if len(prof) < 2:
+        return _bool_columns(profiles, prof)
+    return _bool_columns(profiles, prof) | {c for c in prof.columns if prof[c].dropna().isin([0.0, 1.0]).all()}
+
+
+def _check_flags(profile_flags: Collection[str], columns: Sequence[str], where: str) -> frozenset[str]:
+    """`profile_flags` as a set; each must name one of the profile `columns` (a misspelt one would print a number
+    where a flag was meant, silently)."""
+    if isinstance(profile_flags, str):
+        raise FeatureInputError(f"profile_flags must be a collection of column names, got the string {profile_flags!r}")
+    flags = frozenset(profile_flags)
+    unknown = sorted(map(str, flags - set(columns)))
+    if unknown:
+        raise FeatureInputError(f"profile_flags names {unknown}, not profile column(s) of {where}: {list(columns)}")
+    return flags
+
+
+def _profile_text(row: dict[str, Any] | pd.Series | None, flags: frozenset[str] = frozenset(),
+                  user: str = "") -> str:
+    """ "Profile: age 34, city tier 2, occupation engineer": a flag column (one of `flags`, or any bool value) is
+    named when set and left out when not, so a wide one-hot profile does not fill the text encoder's few hundred
+    word pieces with zeros."""
     if row is None:
         return "Profile: unknown"
     parts = []
     for k, v in (row.items() if hasattr(row, "items") else []):
-        if k == "user_id" or v is None or (isinstance(v, float) and math.isnan(v)):
+        if k == "user_id" or v is None or (pd.api.types.is_scalar(v) and pd.isna(v)):
             continue
         label = str(k).replace("_", " ")
-        if k in flags:
+        numeric = isinstance(v, (int, float, np.number, np.bool_))
+        if k in flags or _is_bool(v):
+            if not numeric or float(v) not in (0.0, 1.0):   # a declared flag column holding a count, say
+                raise FeatureInputError(f"profile column {k!r} is a flag (0/1), but user {user!r} has {v!r}")
             if float(v) == 1.0:
                 parts.append(label)
             continue
-        parts.append(f"{label} {_fmt_number(float(v))}" if isinstance(v, (int, float, np.number)) else f"{label} {v}")
+        parts.append(f"{label} {_fmt_number(float(v))}" if numeric else f"{label} {v}")
     return "Profile: " + (", ".join(parts) if parts else "unknown")
 
 
@@ -718,6 +758,7 @@ def _truncate(s: str, max_chars: int) -> str:
 def _serialize_many(
     ev: pd.DataFrame, profile_rows: dict[str, dict[str, Any]], user_ids: list[str],
     max_events_per_modality: int, max_chars: int, modalities: Sequence[str | ModalitySpec] | None,
+    flags: frozenset[str],
 ) -> list[str]:
     if max_events_per_modality < 1:
         raise ValueError(f"max_events_per_modality must be >= 1, got {max_events_per_modality}")
@@ -747,9 +788,8 @@ def _serialize_many(
         per_user.setdefault(uniq[u], []).append((mod_names[m], total, "; ".join(strings[pos : pos + shown])))
         pos += shown
     out = []
-    flags = _flag_columns(profile_rows) if len(profile_rows) > 1 else frozenset()  # one row cannot tell a flag
     for u in user_ids:
-        parts = [_profile_text(profile_rows.get(u), flags)]
+        parts = [_profile_text(profile_rows.get(u), flags, u)]
         mods = per_user.get(u, [])
         for m, total, text in mods:
             title = (specs[m] if m in specs else ModalitySpec(m)).display_title
@@ -770,6 +810,7 @@ def serialize_user(
     max_events_per_modality: int = MAX_EVENTS_PER_MODALITY,
     max_chars: int = 2000,
     modalities: Sequence[str | ModalitySpec] | None = None,
+    profile_flags: Collection[str] | None = None,
 ) -> str:
     """One user's behaviour as text: profile, then per modality its event count and latest events.
 
@@ -777,6 +818,10 @@ def serialize_user(
     supermarket 58.0 CNY card; ... | Searches (3 events, most recent first): how to ...".
     `modalities`: the dataset's declaration (World.modality_specs): their order, titles and amount
     units; undeclared modalities are titled from their name and print amounts without a unit.
+    `profile_flags`: the profile columns named when set and left out when not (`profile_flag_columns` of the
+    population's table, for the text `serialize_users` writes for this user there); default: those whose value
+    is a bool. One row cannot tell a 0/1 column from a count, so a float 0/1 column prints as a number unless
+    named here.
     """
     ev = _clean_events(events_of_user, _SER_COLUMNS)
     users = ev["user_id"].unique()
@@ -784,7 +829,10 @@ def serialize_user(
         raise FeatureInputError(f"events_of_user holds several users ({sorted(users)[:5]}); pass one user's events")
     uid = str(users[0]) if len(users) else "__user__"
     rows = {uid: dict(profile_row.items())} if profile_row is not None else {}
-    return _serialize_many(ev, rows, [uid], max_events_per_modality, max_chars, modalities)[0]
+    flags: frozenset[str] = frozenset()
+    if profile_flags is not None and rows:   # no row: "Profile: unknown", no flag to print
+        flags = _check_flags(profile_flags, [k for k in rows[uid] if k != "user_id"], f"user {uid!r}'s row")
+    return _serialize_many(ev, rows, [uid], max_events_per_modality, max_chars, modalities, flags)[0]
 
 
 def serialize_users(
@@ -796,14 +844,20 @@ def serialize_users(
     max_chars: int = 2000,
     modalities: Sequence[str | ModalitySpec] | None = None,
     window: tuple[pd.Timestamp, pd.Timestamp] | None = None,
+    profile_flags: Collection[str] | None = None,
 ) -> list[str]:
     """`serialize_user` for many users at once (one sort + groupby), in `user_ids` order; `window`: only the events
-    of a history window (`FeatureSpec.window`), as the features read them."""
+    of a history window (`FeatureSpec.window`), as the features read them. `profile_flags`: the profile columns
+    named when set and left out when not; default: `profile_flag_columns(profiles)`, over the whole table
+    whichever users are asked for, so a user's text is the same alone, in a batch or with everyone."""
     ids = _check_user_ids(user_ids)
     ev = events_in_window(_clean_events(events, _SER_COLUMNS), window)
     rows: dict[str, dict[str, Any]] = {}
+    flags: frozenset[str] = frozenset()
     if profiles is not None:
         prof = _clean_profiles(profiles)
         sub = prof.reindex([u for u in dict.fromkeys(ids) if u in prof.index])
         rows = {u: r for u, r in zip(sub.index, sub.to_dict("records"))}
-    return _serialize_many(ev, rows, ids, max_events_per_modality, max_chars, modalities)
+        flags = (_table_flags(profiles, prof) if profile_flags is None
+                 else _check_flags(profile_flags, list(prof.columns), "profiles") | _bool_columns(profiles, prof))
+    return _serialize_many(ev, rows, ids, max_events_per_modality, max_chars, modalities, flags)

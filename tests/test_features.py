@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from qanchor_lab.data import DataValidationError
-from qanchor_lab.features import FeatureInputError, FeatureSpec, serialize_user, serialize_users
+from qanchor_lab.features import (FeatureInputError, FeatureSpec, profile_flag_columns, serialize_user,
+                                  serialize_users)
 from qanchor_lab.schema import SEQUENCE_MODALITIES, SYNTHETIC_MODALITY_SPECS
 
 T = pd.Timestamp
@@ -309,3 +310,33 @@ def test_serialisation_names_set_flags_and_drops_unset_ones():
     a, b = serialize_users(ev, prof, ["a", "b"])
     assert a.startswith("Profile: occupation artist, age 30 |") and "doctor" not in a
     assert b.startswith("Profile: occupation doctor, age 0 |") and "artist" not in b
+
+
+def test_a_users_text_does_not_depend_on_the_users_serialised_with_it():
+    # embedding users in batches of any size, or one new user at serving time, must give each user one text: a
+    # batch whose users hold only 0s and 1s in a count column must not read it as a flag ("n cards" for 1 card)
+    ev = pd.DataFrame({"user_id": ["a", "b", "c"], "modality": ["bill"] * 3,
+                       "timestamp": pd.to_datetime(["2026-01-01", "2026-01-02", "2026-01-03"]),
+                       "text": ["Paid at Cafe", "Paid rent", "Paid at Deli"]})
+    prof = pd.DataFrame({"user_id": ["a", "b", "c"], "has_loan": [1.0, 0.0, 1.0], "n_cards": [1.0, 0.0, 3.0],
+                         "age": [30.0, 41.0, 52.0]})
+    full = serialize_users(ev, prof, ["a", "b", "c"])
+    assert full[0].startswith("Profile: has loan, n cards 1, age 30 |")
+    assert full[1].startswith("Profile: n cards 0, age 41 |")
+    assert serialize_users(ev, prof, ["a"])[0] == full[0]
+    assert serialize_users(ev, prof, ["b", "a"]) == [full[1], full[0]]
+    # one float row cannot tell a 0/1 column from a count: serialize_user is told the population's flag columns
+    flags = profile_flag_columns(prof)
+    assert flags == {"has_loan"}
+    row = prof.set_index("user_id").loc["a"]
+    assert serialize_user(ev[ev["user_id"] == "a"], row, profile_flags=flags) == full[0]
+    assert serialize_user(ev[ev["user_id"] == "a"], row).startswith("Profile: has loan 1, n cards 1, age 30 |")
+    # a boolean column is a flag in every call, a one-row table or one mixed-dtype row (numpy bools) included
+    bools = prof.assign(has_loan=prof["has_loan"].astype(bool))
+    assert serialize_users(ev, bools.iloc[:1], ["a"])[0] == full[0]
+    assert serialize_user(ev[ev["user_id"] == "a"], bools.set_index("user_id").loc["a"]) == full[0]
+    # a declared flag must be a profile column, holding 0/1
+    with pytest.raises(FeatureInputError, match=r"'n_cards' is a flag \(0/1\), but user 'c' has 3\.0"):
+        serialize_users(ev, prof, ["c"], profile_flags=["n_cards"])
+    with pytest.raises(FeatureInputError, match=r"\['has_lone'\], not profile column"):
+        serialize_user(ev[ev["user_id"] == "a"], row, profile_flags=["has_lone"])
