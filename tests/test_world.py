@@ -547,3 +547,28 @@ def test_ten_thousand_users_generate_quickly(tmp_path):
     start = time.perf_counter()
     save_world(generate_world(WorldConfig(n_users=10_000, seed=1)), tmp_path / "w")
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("style", ["counts", "graded"])
+def test_qa_per_user_max_above_the_styles_intents_is_refused_not_cut(style, monkeypatch):
+    """Each user is asked distinct intents of the config's qa_style, so a qa_per_user_max above that style's intent
+    count was cut to it without a word: it is refused naming the value and the largest valid one, and the largest
+    valid one is honoured exactly."""
+    from qanchor_lab.sources.synthetic import generate as gen_mod
+
+    n_style = sum(style in it.styles for it in INTENTS.values())
+    assert n_style < len(INTENTS)   # the gap the old bound (every intent) let through
+    with pytest.raises(ValueError, match=rf"qa_per_user_max.* <= {n_style} \(the intents of qa_style='{style}'.*"
+                                         rf"got 4/{n_style + 1}"):
+        WorldConfig(n_users=60, qa_per_user_max=n_style + 1, qa_style=style)
+    per_user = {}
+
+    def spy(rng, evidence, config):   # the QA rows before self-reflection drops the failed ones
+        out = synthesise(rng, evidence, config)
+        per_user.update(out.groupby("user_id").size())
+        return out
+
+    synthesise = gen_mod._synthesise_qa
+    monkeypatch.setattr(gen_mod, "_synthesise_qa", spy)
+    generate_world(WorldConfig(n_users=60, seed=3, qa_per_user_min=n_style, qa_per_user_max=n_style, qa_style=style))
+    assert per_user and set(per_user.values()) == {n_style}

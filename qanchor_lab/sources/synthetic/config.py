@@ -166,10 +166,14 @@ class WorldConfig(DictConfig):
                 raise ValueError(f"WorldConfig.{name} must lie in [0, 1), got {value!r}")
         from qanchor_lab.sources.synthetic.qa import INTENTS  # the intents depend on this config's module
 
-        if not 1 <= self.qa_per_user_min <= self.qa_per_user_max <= len(INTENTS):
+        # The synthesiser asks each user distinct intents of qa_style only (qa._synthesise_qa), so a larger count
+        # would be cut to that style's intents without a word: the bound is the style's count, not all intents'.
+        n_style = sum(self.qa_style in it.styles for it in INTENTS.values())
+        if not 1 <= self.qa_per_user_min <= self.qa_per_user_max <= n_style:
             raise ValueError(
-                f"WorldConfig.qa_per_user_min/qa_per_user_max must satisfy 1 <= min <= max <= {len(INTENTS)} "
-                f"(the number of intents), got {self.qa_per_user_min!r}/{self.qa_per_user_max!r}"
+                f"WorldConfig.qa_per_user_min/qa_per_user_max must satisfy 1 <= min <= max <= {n_style} "
+                f"(the intents of qa_style={self.qa_style!r}; each user is asked distinct ones), "
+                f"got {self.qa_per_user_min!r}/{self.qa_per_user_max!r}"
             )
         from qanchor_lab.sources.synthetic.interests import MAX_SIDE_INTERESTS
 
