@@ -238,8 +238,7 @@ class AdapterSnapshots:
 def adapter_view(adapter, model, cache) -> dict[str, np.ndarray]:
     """What the prototypes compare for cached users: unit features (N, d), unit prototypes (P, d), their class."""
     with torch.no_grad():
-        feats = torch.cat([adapter.features(adapter.embed(model, cache.select(torch.arange(i, min(i + 256, len(cache))))))
-                           for i in range(0, len(cache), 256)])                   # (N, d)
+        feats = torch.cat([adapter.features(adapter.embed(model, rows)) for rows in cache.chunks(256)])   # (N, d)
         feats = torch.nn.functional.normalize(feats, dim=-1)
         protos = torch.nn.functional.normalize(adapter.prototypes.detach(), dim=-1)  # (P, d)
     return {"features": feats.cpu().numpy(), "prototypes": protos.cpu().numpy(),

@@ -5,12 +5,16 @@ soft prompt plus query) then costs only its own tokens: for each (user, query) p
 is built from that user's rows of the stored tensors, the suffix is run with an attention mask covering
 the padded prefix and the suffix, and positions continue from the user's real prefix length. The result
 equals full recomputation (prefix equivalence, docs/design.md §2).
+
+Building and walking caches has one path each, so every caller batches the same way: `CachedEmbedder.caches`
+builds the caches of many users `chunk` users at a time (`build_prefix_cache_in_chunks` stacks them into one),
+and `PrefixCache.chunks` walks a built cache in runs of at most `size` rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +23,7 @@ from transformers import DynamicCache
 
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
 from qanchor_lab.schema import string_list
-from qanchor_lab.sequence import Suffix, pack_left, position_ids
+from qanchor_lab.sequence import Suffix, pack_left, pad_right, position_ids, token_ids
 
 
 @dataclass
@@ -39,6 +43,13 @@ class PrefixCache:
         width = int(self.lengths[rows].max().item())
         return PrefixCache([k[rows, :, :width] for k in self.keys], [v[rows, :, :width] for v in self.values],
                            self.mask[rows, :width], self.lengths[rows])
+
+    def chunks(self, size: int, rows: Sequence[int] | None = None) -> Iterator["PrefixCache"]:
+        """`rows` (default: every row, in order) as consecutive caches of at most `size` rows each, so no
+        suffix run holds more than `size` users however many the cache has."""
+        index = torch.arange(len(self)) if rows is None else torch.as_tensor(rows)   # (N,)
+        for start in range(0, len(index), size):
+            yield self.select(index[start:start + size])
 
     def dynamic_cache(self) -> DynamicCache:
         # A forward call grows a DynamicCache in place, so every call gets a fresh one.
@@ -92,14 +103,10 @@ def extend_cache(model, cache: PrefixCache, texts: Sequence[str]) -> PrefixCache
     positions, so moving them within a row changes nothing."""
     if len(texts) != len(cache):
         raise ValueError(f"extend_cache: {len(texts)} texts for {len(cache)} cached rows")
-    ids = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                          max_length=model.config.max_query_tokens)["input_ids"]
-    width = max(len(i) for i in ids)
-    if width == 0:
+    tokens, smask = pad_right(token_ids(model.tokenizer, texts, model.config.max_query_tokens),
+                              model.tokenizer.pad_token_id, model.device)         # (B, Q), (B, Q)
+    if smask.shape[1] == 0:
         return cache
-    pad = model.tokenizer.pad_token_id
-    tokens = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=model.device)   # (B, Q)
-    smask = torch.tensor([[True] * len(i) + [False] * (width - len(i)) for i in ids], device=model.device)
     _, grown = _run_on(model, cache, model.embed_tokens(tokens), smask)
     mask = torch.cat([cache.mask, smask], 1)                                     # (B, P+Q)
 
@@ -125,16 +132,27 @@ class CachedEmbedder:
         self.keep_cache = keep_cache
         self._cache: dict[str, PrefixCache] = {}
 
+    def _build(self, user_ids: Sequence[str]) -> PrefixCache:
+        return build_prefix_cache(self.model, self.store.batch(self.store.indices(user_ids)))
+
     def prefix_cache(self, user_ids: Sequence[str]) -> PrefixCache:
+        """The cache of `user_ids` (one row each, in order), built in one batch."""
         if not self.keep_cache:
-            return build_prefix_cache(self.model, self.store.batch(self.store.indices(user_ids)))
+            return self._build(user_ids)
         todo = [u for u in user_ids if u not in self._cache]
         if todo:
-            built = build_prefix_cache(self.model, self.store.batch(self.store.indices(todo)))
+            built = self._build(todo)
             for i, u in enumerate(todo):
                 self._cache[u] = built.select(torch.tensor([i]))
         parts = [self._cache[u] for u in user_ids]
         return concat_caches(parts)
+
+    def caches(self, user_ids: Sequence[str], chunk: int, *, show_progress_bar: bool = False,
+               desc: str = "encode") -> Iterator[tuple[int, PrefixCache]]:
+        """(start, cache of user_ids[start:start + chunk]) for consecutive chunks: the one loop that builds the
+        caches of many users, so a forward pass holds at most `chunk` prefixes."""
+        for start in tqdm(range(0, len(user_ids), chunk), desc=desc, disable=not show_progress_bar):
+            yield start, self.prefix_cache(user_ids[start:start + chunk])
 
     def _length_groups(self, queries: Sequence[str], n_prompt: int = 0) -> list[tuple[list[int], Suffix]]:
         """The queries grouped by token length, each group tokenised once into an unpadded suffix batch:
@@ -156,13 +174,12 @@ class CachedEmbedder:
         self.store.indices(user_ids)  # fail before any work, naming unknown users
         out = np.zeros((len(user_ids), len(queries), self.model.config.embed_dim), np.float32)
         groups = self._length_groups(queries, n_prompt=0 if prompt is None else prompt.shape[-2])
-        for start in tqdm(range(0, len(user_ids), batch_size), desc="encode", disable=not show_progress_bar):
-            chunk = user_ids[start:start + batch_size]
-            cache = self.prefix_cache(chunk)
+        for start, cache in self.caches(user_ids, batch_size, show_progress_bar=show_progress_bar):
+            b = len(cache)
             for idx, suffix in groups:
-                rows = cache if len(idx) == 1 else cache.select(torch.arange(len(chunk)).repeat_interleave(len(idx)))
-                emb = run_cached(self.model, rows, suffix.tile(len(chunk)), prompt)   # (b*k, d) user-major
-                out[start:start + len(chunk), idx] = emb.view(len(chunk), len(idx), -1).cpu().numpy()
+                rows = cache if len(idx) == 1 else cache.select(torch.arange(b).repeat_interleave(len(idx)))
+                emb = run_cached(self.model, rows, suffix.tile(b), prompt)     # (b*k, d) user-major
+                out[start:start + b, idx] = emb.view(b, len(idx), -1).cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -188,9 +205,8 @@ class CachedEmbedder:
         for i, u in enumerate(user_ids):
             rows_of.setdefault(u, []).append(i)
         users = list(rows_of)
-        for start in tqdm(range(0, len(users), batch_size), desc="encode", disable=not show_progress_bar):
-            chunk = users[start:start + batch_size]
-            cache = self.prefix_cache(chunk)
+        for start, cache in self.caches(users, batch_size, show_progress_bar=show_progress_bar):
+            chunk = users[start:start + len(cache)]
             runs: dict[int, tuple[list[int], list[int], list[int]]] = {}  # group -> (cache rows, suffix rows, out rows)
             for j, u in enumerate(chunk):
                 for i in rows_of[u]:
@@ -204,6 +220,15 @@ class CachedEmbedder:
                 emb = run_cached(self.model, cache.select(torch.tensor(cache_rows)), suffix)   # (m, d)
                 out[rows] = emb.cpu().numpy()
         return out
+
+
+def build_prefix_cache_in_chunks(model, store: BehaviourStore, user_ids: Sequence[str], chunk: int = 256, *,
+                                 show_progress: bool = False) -> PrefixCache:
+    """One cache of many users (row i: user_ids[i]), built `chunk` users at a time and stacked (each chunk padded
+    to the longest prefix of all): peak activation memory is one chunk's forward pass, not the population's."""
+    parts = [cache for _, cache in CachedEmbedder(model, store).caches(
+        user_ids, chunk, show_progress_bar=show_progress, desc="prefix cache")]
+    return concat_caches(parts)                                                  # keys (N, kv, P, hd)
 
 
 def concat_caches(parts: list[PrefixCache]) -> PrefixCache:

@@ -5,8 +5,8 @@ any question, switch between the task query and its tuned soft prompt, colour us
 a trait or the predicted score, and select users to read their timelines.
 
 The computation lives in plain functions, testable without a browser:
-- `Population`: the users, their behaviour prefixes run ONCE into a KV cache (embedder.build_prefix_cache via
-  pipeline's chunked builder), labels, traits and hover summaries. A query then costs only its own tokens
+- `Population`: the users, their behaviour prefixes run ONCE into a KV cache
+  (embedder.build_prefix_cache_in_chunks), labels, traits and hover summaries. A query then costs only its own tokens
   (`embed_query`, `embed_tuned`: embedder.run_cached / TaskAdapter.embed over the cache, docs/design.md §2).
 - `project` (UMAP or PCA to 2-D) and `align_layouts` / `place_new`, which keep coordinates comparable across
   queries so points do not jump at every change:
@@ -36,7 +36,7 @@ import torch
 
 from qanchor_lab.configs import DictConfig
 from qanchor_lab.behaviour import BehaviourStore
-from qanchor_lab.embedder import PrefixCache, run_cached
+from qanchor_lab.embedder import PrefixCache, build_prefix_cache_in_chunks, run_cached
 from qanchor_lab.parallel import torch_threads
 from qanchor_lab.schema import string_list
 
@@ -96,10 +96,7 @@ def embed_query(model, cache: PrefixCache, query: str, *, batch_size: int = 256)
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"embed_query: the query must be non-empty text, got {query!r}")
     suffix = model.make_suffix([query])
-    out = []
-    for start in range(0, len(cache), batch_size):
-        rows = cache.select(torch.arange(start, min(start + batch_size, len(cache))))
-        out.append(run_cached(model, rows, suffix.tile(len(rows))))           # (b, d)
+    out = [run_cached(model, rows, suffix.tile(len(rows))) for rows in cache.chunks(batch_size)]   # (b, d) each
     return torch.cat(out).cpu().numpy()                                        # (N, d)
 
 
@@ -107,8 +104,7 @@ def embed_query(model, cache: PrefixCache, query: str, *, batch_size: int = 256)
 def embed_tuned(model, cache: PrefixCache, adapter, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(N, d) embeddings under a TaskAdapter's soft prompt and (N,) its P(positive) for every cached user."""
     embs, probs = [], []
-    for start in range(0, len(cache), batch_size):
-        rows = cache.select(torch.arange(start, min(start + batch_size, len(cache))))
+    for rows in cache.chunks(batch_size):
         emb = adapter.embed(model, rows)                                      # (b, d)
         embs.append(emb)
         probs.append(adapter.class_probs(emb)[:, 1])
@@ -337,8 +333,6 @@ class Population:
     @classmethod
     def build(cls, model, world_or_store, *, users: Sequence[str] | None = None, n_users: int = 2000,
               seed: int = 0, batch_size: int = 256, threads: int | None = None) -> "Population":
-        from qanchor_lab.pipeline import _cache_in_chunks
-
         world = None if isinstance(world_or_store, BehaviourStore) else world_or_store
         if users is not None:   # one point per user (its cache row, label and hover): a repeat named on every path
             users = string_list(users, "explore: users", unique=True)
@@ -364,7 +358,7 @@ class Population:
         model.eval()
         start = time.perf_counter()
         with torch_threads(threads):
-            cache = _cache_in_chunks(model, store, ids, chunk=batch_size)
+            cache = build_prefix_cache_in_chunks(model, store, ids, chunk=batch_size)
         seconds = time.perf_counter() - start
         if world is None:
             return cls(ids, cache, hover=[f"<b>{html.escape(u)}</b>" for u in ids], seconds_cache=seconds)

@@ -24,7 +24,7 @@ from qanchor_lab.event_encoder import get_text_encoder
 from qanchor_lab.features import FeatureSpec
 from qanchor_lab.encoder import EventNorm, HierarchicalEncoder, TabularMode
 from qanchor_lab.schema import SEQUENCE_MODALITIES, TABULAR_MODALITY, modality_specs
-from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, position_ids
+from qanchor_lab.sequence import Prefix, Suffix, assemble_prefix, build_suffix, pad_right, position_ids, token_ids
 
 CONFIG_NAME = "qanchor_config.json"
 WEIGHTS_NAME = "qanchor.safetensors"
@@ -253,12 +253,9 @@ class QAnchorModel(nn.Module):
 
     # ----- the semantic tower -----
     def embed_answers(self, answers: Sequence[str]) -> torch.Tensor:
-        enc = self.tokenizer(list(answers), add_special_tokens=False, truncation=True,
-                             max_length=self.config.max_answer_tokens, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device).bool()
-        if self.tokenizer.padding_side == "left":
-            raise ValueError("the semantic tower expects a right-padding tokenizer")
+        # right-padded whatever the tokenizer's padding side: the pooled state is each row's last real token
+        ids, mask = pad_right(token_ids(self.tokenizer, answers, self.config.max_answer_tokens),
+                              self.tokenizer.pad_token_id, self.device)          # (B, A), (B, A)
         out = self.decoder(inputs_embeds=self.embed_tokens(ids), attention_mask=mask.long(),
                            position_ids=position_ids(mask))
         last = mask.long().sum(1).clamp(min=1) - 1

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.data import DataValidationError
+from qanchor_lab.embedder import build_prefix_cache_in_chunks
 from qanchor_lab.model import QAnchorConfig, QAnchorModel
 from qanchor_lab.parallel import Jobs, torch_jobs
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
@@ -526,8 +527,8 @@ def _prompt_tuned(model, world, store, tuning: PromptTuningConfig, out: dict, *,
     tasks = world.tasks
     queries = tasks["query"].tolist()
     labels = world.labels.pivot(index="user_id", columns="task_id", values="label")
-    tune_cache = _cache_in_chunks(model, store, tune)
-    test_cache = _cache_in_chunks(model, store, test)
+    tune_cache = build_prefix_cache_in_chunks(model, store, tune)
+    test_cache = build_prefix_cache_in_chunks(model, store, test)
     matrix = np.zeros((len(test), len(tasks)))
     info = {}
     model.eval()
@@ -544,14 +545,6 @@ def _prompt_tuned(model, world, store, tuning: PromptTuningConfig, out: dict, *,
             result.adapter.save(Path(adapters_dir) / task_id)
     out["prompt_tuned"] = _long_scores(tasks["task_id"].tolist(), test, matrix)
     return out, info
-
-
-def _cache_in_chunks(model, store, users, chunk: int = 256):
-    from qanchor_lab.embedder import build_prefix_cache, concat_caches
-
-    parts = [build_prefix_cache(model, store.batch(store.indices(users[i:i + chunk])))
-             for i in range(0, len(users), chunk)]
-    return concat_caches(parts)
 
 
 def restrict_tasks(world, task_ids: Sequence[str] | None):

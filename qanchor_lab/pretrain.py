@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from qanchor_lab.behaviour import BehaviourStore, UserBatch
 from qanchor_lab.losses import AnswerSetLoss, ContrastiveLoss, ReconstructionLoss, group_weights, next_token_loss
 from qanchor_lab.model import QAnchorModel
+from qanchor_lab.sequence import token_ids
 
 NegativeKind = Literal["anchor_anchor", "anchor_answer", "answer_anchor"]
 Batching = Literal["random", "intent", "grid"]
@@ -428,8 +429,7 @@ def training_step(module: "PretrainStep", batch: StepBatch, optimizer, scheduler
 def answer_vocabulary(model: QAnchorModel, answers: Sequence[str]) -> torch.Tensor:
     """Sorted ids of every token the next-token loss can predict for these answers (as `build_suffix`
     tokenises them, truncation included) and eos: the vocabulary of PretrainConfig.lm_vocabulary="answers"."""
-    ids = model.tokenizer(sorted(set(answers)), add_special_tokens=False, truncation=True,
-                          max_length=model.config.max_answer_tokens)["input_ids"]
+    ids = token_ids(model.tokenizer, sorted(set(answers)), model.config.max_answer_tokens)
     tokens = {t for row in ids for t in row} | {model.tokenizer.eos_token_id}
     return torch.tensor(sorted(tokens), dtype=torch.long)                          # (K,)
 
@@ -574,8 +574,7 @@ def _global_sum(x: float, device) -> float:
 
 def count_answer_tokens(model: QAnchorModel, answers: Sequence[str]) -> int:
     """Tokens the next-token loss predicts for these answers (answer tokens + eos)."""
-    ids = model.tokenizer(list(answers), add_special_tokens=False, truncation=True,
-                          max_length=model.config.max_answer_tokens)["input_ids"]
+    ids = token_ids(model.tokenizer, answers, model.config.max_answer_tokens)
     return sum(len(i) + 1 for i in ids)
 
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from qanchor_lab.embedder import PrefixCache, extend_cache, run_cached
 from qanchor_lab.losses import prototype_loss, prototype_scores
+from qanchor_lab.sequence import token_ids
 
 
 Normalize = Literal["none", "center", "standardize", "whiten"]
@@ -197,10 +198,7 @@ class TaskAdapter(nn.Module):
     @torch.no_grad()
     def score(self, model, cache: PrefixCache, batch_size: int = 256) -> np.ndarray:
         """P(positive) for every cached user."""
-        out = []
-        for i in range(0, len(cache), batch_size):
-            rows = torch.arange(i, min(i + batch_size, len(cache)))
-            out.append(self.class_probs(self.embed(model, cache.select(rows)))[:, 1])
+        out = [self.class_probs(self.embed(model, rows))[:, 1] for rows in cache.chunks(batch_size)]   # (b,) each
         return torch.cat(out).cpu().numpy()
 
     def save(self, path) -> Path:
@@ -212,14 +210,18 @@ class TaskAdapter(nn.Module):
         return tensors
 
     @classmethod
-    def load(cls, path) -> "TaskAdapter":
+    def load(cls, path, device: str | torch.device = "cpu") -> "TaskAdapter":
+        """An adapter saved by `save`, on `device`: pass the model's (`model.device`), since the prompt runs through
+        its layers and the prototypes meet its embeddings. The tensors are read straight onto that device."""
         path, meta_path = _adapter_files(path)
         meta = json.loads(meta_path.read_text())
-        t = load_file(path)
+        t = load_file(path, device=str(device))   # safetensors takes a device string ("cpu", "cuda:0"), not a torch.device
         cfg = PromptTuningConfig(**{"readout": "prototypes", **meta["config"]})  # saved before readout existed: prototypes
         n_classes = int(t["prototype_class"].max()) + 1
+        # built where the tensors are, as _start builds a fresh one where the model is: load_state_dict copies
+        # into the module's own tensors, so loading alone would leave a CPU-built adapter on the CPU
         a = cls(t["prompt"].shape[0], t["prompt"].shape[1], t["prototypes"].shape[1], n_classes,
-                t["prototypes"].shape[0] // n_classes, meta["query"], cfg)
+                t["prototypes"].shape[0] // n_classes, meta["query"], cfg).to(device)
         # adapters saved before the probe read-out existed hold no probe tensors (and read out by prototypes)
         missing, unexpected = a.load_state_dict(t, strict=False)
         if unexpected or any(not (k.startswith("probe_") and cfg.readout == "prototypes") for k in missing):
@@ -245,10 +247,11 @@ class TuningResult:
 
 
 def _init_prompt(model, n: int, query: str, how: str, generator: torch.Generator) -> torch.Tensor:
-    """(n, H) initial prompt at the scale the LLM expects: word embeddings (random rows, or the query's)."""
+    """(n, H) initial prompt at the scale the LLM expects: word embeddings (random rows, or
+    those of the query's tokens as its suffix reads them)."""
     table = model.llm.get_input_embeddings().weight.detach()
     if how == "query" and query:
-        ids = torch.as_tensor(model.tokenizer(query, add_special_tokens=False)["input_ids"])
+        ids = torch.as_tensor(token_ids(model.tokenizer, [query], model.config.max_query_tokens)[0])   # (q,)
         return table[ids[torch.arange(n) % len(ids)]].clone()
     idx = torch.randint(0, table.shape[0], (n,), generator=generator)
     return table[idx].clone()
@@ -425,6 +428,4 @@ def _adapter_files(path) -> tuple[Path, Path]:
 
 @torch.no_grad()
 def _embed_rows(adapter: TaskAdapter, model, cache: PrefixCache, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    out = [adapter.embed(model, cache.select(torch.as_tensor(rows[i:i + batch_size])), task_cache=True)
-           for i in range(0, len(rows), batch_size)]
-    return torch.cat(out)
+    return torch.cat([adapter.embed(model, part, task_cache=True) for part in cache.chunks(batch_size, rows)])   # (n, d)

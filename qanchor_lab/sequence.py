@@ -103,6 +103,24 @@ def assemble_prefix(enc: EncodedUser, special: dict[str, torch.Tensor], modaliti
     return Prefix(embeds, mask, mask.sum(1))
 
 
+def token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
+    """Token ids of queries or answers as the model reads them in a suffix: no special tokens (the suffix lays
+    out its own <user_emb> and eos) and at most `max_tokens` each (QAnchorConfig.max_query_tokens or
+    max_answer_tokens). Every path that tokenises suffix text goes through here, so the ids a cache extension,
+    a prompt initialisation, the answer tower or a loss count see are the ids `build_suffix` lays out."""
+    return tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+
+
+def pad_right(ids: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids right-padded with `pad` to the longest: (tokens (B, L) long, mask (B, L) bool)."""
+    width = max((len(i) for i in ids), default=0)
+    tokens = torch.tensor([list(i) + [pad] * (width - len(i)) for i in ids], dtype=torch.long,
+                          device=device).view(len(ids), width)                   # (B, L)
+    mask = torch.tensor([[True] * len(i) + [False] * (width - len(i)) for i in ids], dtype=torch.bool,
+                        device=device).view(len(ids), width)                     # (B, L)
+    return tokens, mask
+
+
 def build_suffix(
     tokenizer,
     queries: Sequence[str],
@@ -115,9 +133,8 @@ def build_suffix(
     max_answer_tokens: int = 48,
 ) -> Suffix:
     """Tokenise queries (and answers for the generative loss) into a right-padded suffix batch."""
-    q_ids = tokenizer(list(queries), add_special_tokens=False, truncation=True, max_length=max_query_tokens)["input_ids"]
-    a_ids = (tokenizer(list(answers), add_special_tokens=False, truncation=True, max_length=max_answer_tokens)["input_ids"]
-             if answers is not None else [[] for _ in q_ids])
+    q_ids = token_ids(tokenizer, queries, max_query_tokens)
+    a_ids = token_ids(tokenizer, answers, max_answer_tokens) if answers is not None else [[] for _ in q_ids]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     rows, targets, pool, slots = [], [], [], []

@@ -394,3 +394,44 @@ def test_refit_trains_on_every_tune_user_for_the_chosen_epochs(tiny_model, tiny_
     if refit.best_epoch == 0:                                                         # prompt still at its start
         with torch.no_grad():
             assert torch.allclose(refit.adapter.center, refit.adapter.embed(model, cache).mean(0), atol=1e-5)
+
+
+def test_a_cache_built_in_chunks_holds_each_users_prefix_and_walks_in_chunks(tiny_model, tiny_store):
+    from qanchor_lab.embedder import build_prefix_cache_in_chunks
+
+    model = tiny_model.eval()
+    users = _mixed_users(tiny_store, model)
+    whole = build_prefix_cache(model, tiny_store.batch(tiny_store.indices(users)))
+    chunked = build_prefix_cache_in_chunks(model, tiny_store, users, chunk=3)       # chunks of 3, 3, 2 users
+    assert len(chunked) == len(users) and torch.equal(chunked.lengths, whole.lengths)
+    assert torch.equal(chunked.mask, whole.mask)
+    for k, ref in zip(chunked.keys + chunked.values, whole.keys + whole.values):   # (B, kv, P, hd), real positions
+        assert torch.allclose(k.transpose(1, 2)[whole.mask], ref.transpose(1, 2)[whole.mask], atol=1e-5)
+    parts = list(chunked.chunks(3))
+    assert [len(p) for p in parts] == [3, 3, 2]
+    assert torch.equal(torch.cat([p.lengths for p in parts]), chunked.lengths)
+    picked = list(chunked.chunks(2, np.array([5, 0, 0])))                          # rows in order, repeats allowed
+    assert [p.lengths.tolist() for p in picked] == [chunked.lengths[[5, 0]].tolist(), chunked.lengths[[0]].tolist()]
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter:UserWarning")   # the test's CPU reader
+def test_an_adapter_loads_onto_the_device_asked_for(tmp_path, monkeypatch):
+    """Both halves: the tensors are read onto the device and the adapter is built there (load_state_dict copies
+    into the module's own tensors, so reading alone would leave a CPU-built adapter on the CPU). safetensors
+    cannot read onto "meta", so the test's reader reads on the CPU and records where it was asked to read."""
+    import qanchor_lab.prompt_tuning as prompt_tuning
+
+    path = TaskAdapter(2, 8, 4, 2, 1, "q", PromptTuningConfig()).save(tmp_path / "task")
+    asked, read = [], prompt_tuning.load_file
+    monkeypatch.setattr(prompt_tuning, "load_file", lambda p, device="cpu": asked.append(device) or read(p))
+    adapter = TaskAdapter.load(path, device="meta")
+    assert asked == ["meta"]
+    assert {t.device.type for t in [*adapter.parameters(), *adapter.buffers()]} == {"meta"}
+    assert {t.device.type for t in TaskAdapter.load(path).parameters()} == {"cpu"}    # the default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU machine, not CI)")
+def test_an_adapter_loads_onto_the_gpu(tmp_path):
+    path = TaskAdapter(2, 8, 4, 2, 1, "q", PromptTuningConfig()).save(tmp_path / "task")
+    adapter = TaskAdapter.load(path, device=torch.device("cuda"))
+    assert {t.device.type for t in [*adapter.parameters(), *adapter.buffers()]} == {"cuda"}

@@ -294,3 +294,20 @@ def test_a_model_saved_before_the_input_switches_still_loads(tiny_model, tiny_st
     with torch.no_grad():
         assert torch.allclose(old.embed(batch, ["Is this user a big spender?"] * 3),
                               back.embed(batch, ["Is this user a big spender?"] * 3), atol=1e-6)
+
+
+def test_token_ids_are_the_ids_the_suffix_lays_out_and_pad_right_pads_them(tiny_model):
+    from qanchor_lab.sequence import pad_right, token_ids
+
+    tok, cfg = tiny_model.tokenizer, tiny_model.config
+    queries = [" ".join(["travel"] * (cfg.max_query_tokens + 5)), "will they travel"]
+    ids = token_ids(tok, queries, cfg.max_query_tokens)
+    assert len(ids[0]) == cfg.max_query_tokens                                     # truncated, no special tokens
+    assert ids[1] == tok("will they travel", add_special_tokens=False)["input_ids"]
+    suffix = tiny_model.make_suffix(queries)
+    assert [row[:len(i)].tolist() for row, i in zip(suffix.input_ids, ids)] == ids
+    tokens, mask = pad_right(ids, tok.pad_token_id)                                # (2, L), (2, L)
+    enc = tok(queries, add_special_tokens=False, truncation=True, max_length=cfg.max_query_tokens, padding=True,
+              return_tensors="pt")                                                 # the tokenizer's own padding
+    assert torch.equal(tokens, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"].bool())
+    assert [t.shape for t in pad_right([], tok.pad_token_id)] == [(0, 0), (0, 0)]
