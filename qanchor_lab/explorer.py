@@ -468,12 +468,13 @@ class QueryExplorer(widgets.HBox):
         self.fig.data[0].on_selection(self._on_selection)
         self.fig.data[0].on_click(self._on_selection)
         # a double click clears the selection in the browser; without this the panel and `selected` stay stale
-        self.fig.data[0].on_deselect(lambda trace, points: self.select([]))
+        self.fig.data[0].on_deselect(lambda trace, points: self._guard(self.select, []))
 
         self._quiet = False  # set while the explorer itself moves a control
         self.task_dropdown.observe(self._on_task, names="value")
-        self.text.observe(lambda change: self.show_text(change["new"]) if change["new"].strip() else None, names="value")
-        self.submit.on_click(lambda _: self.show_text(self.text.value))
+        self.text.observe(lambda change: self._guard(self.show_text, change["new"]) if change["new"].strip() else None,
+                          names="value")
+        self.submit.on_click(lambda _: self._guard(self.show_text, self.text.value))
         self.prompt_toggle.observe(lambda change: self._guard(self.set_prompt, change["new"] == PROMPT), names="value")
         self.colour.observe(lambda change: self._guard(self.set_colour, change["new"]), names="value")
         self.method_toggle.observe(lambda change: self._guard(self.set_method, change["new"]), names="value")
@@ -547,9 +548,15 @@ class QueryExplorer(widgets.HBox):
         self._show(("task", task_id, PROMPT if use_prompt else QUERY))
 
     def show_text(self, query: str) -> None:
+        """Any question, embedded over the cached prefixes; a task's own query shows that task (its labels, and
+        its tuned prompt when there is one) rather than the same embeddings again under another name."""
         query = (query or "").strip()
         if not query:
             raise ValueError("show_text: type a question first")
+        task = next((t for t, q in self.tasks.items() if q.strip() == query), None)
+        if task is not None:
+            self.show_task(task, prompt=False)
+            return
         self._set_quietly(self.task_dropdown, None)
         self._set_quietly(self.prompt_toggle, QUERY)
         self._show(("text", query))
@@ -659,15 +666,31 @@ class QueryExplorer(widgets.HBox):
         return f"{what}<br><sup>colour: {html.escape(colour_title)}</sup>"
 
     def _on_task(self, change) -> None:
-        if not self._quiet and change["new"] is not None:
-            self.show_task(change["new"])
+        if change["new"] is not None:
+            self._guard(self.show_task, change["new"])
 
     def _on_selection(self, trace, points, selector=None) -> None:
-        self.select(points.point_inds)
+        self._guard(self.select, points.point_inds)
 
     def _guard(self, action, value) -> None:
-        if not self._quiet:
+        """What every control calls: `action(value)`, unless the explorer itself is moving the control. An input
+        the action refuses (a ValueError, e.g. "embed" with no question typed) is shown in the status line under
+        the controls, where the user is looking; raised inside a widget callback it would reach only the Jupyter
+        log. The controls then go back to the view on screen."""
+        if self._quiet:
+            return
+        try:
             action(value)
+        except ValueError as e:
+            self._sync_controls()
+            self.status.value = f'<small style="color:#b00020">{html.escape(str(e))}</small>'
+
+    def _sync_controls(self) -> None:
+        """The query, suffix and layout controls set to what the figure shows."""
+        task = self.key[0] == "task"
+        self._set_quietly(self.task_dropdown, self.key[1] if task else None)
+        self._set_quietly(self.prompt_toggle, self.key[2] if task else QUERY)
+        self._set_quietly(self.method_toggle, self.method)
 
     def _set_quietly(self, control, value) -> None:
         if control.value != value:
@@ -690,9 +713,9 @@ def explore(model, world_or_store, *, users: Sequence[str] | None = None, n_user
     return QueryExplorer(model, population, adapters=adapters, method=method, seed=seed, config=config, queries=queries)
 
 
-def load_adapters(directory, task_ids: Sequence[str] | None = None) -> dict:
-    """task_id -> TaskAdapter saved by the evaluation (`<run>/adapters/<task_id>.safetensors`); an absent
-    directory gives {} (the explorer then disables the tuned-prompt toggle)."""
+def load_adapters(directory, task_ids: Sequence[str] | None = None, *, device: str | torch.device = "cpu") -> dict:
+    """task_id -> TaskAdapter saved by the evaluation (`<run>/adapters/<task_id>.safetensors`), on `device` (the
+    model's: `model.device`); an absent directory gives {} (the explorer then disables the tuned-prompt toggle)."""
     from pathlib import Path
 
     from qanchor_lab.prompt_tuning import TaskAdapter
@@ -703,4 +726,4 @@ def load_adapters(directory, task_ids: Sequence[str] | None = None) -> dict:
     found = {p.stem: p for p in sorted(directory.glob("*.safetensors"))}
     if task_ids is not None:
         found = {t: p for t, p in found.items() if t in set(task_ids)}
-    return {t: TaskAdapter.load(p) for t, p in found.items()}
+    return {t: TaskAdapter.load(p, device=device) for t, p in found.items()}

@@ -96,6 +96,29 @@ def test_free_text_box_and_button_embed_a_new_query(explorer, _tiny_model_sessio
     assert explorer.prompt_toggle.disabled
 
 
+def test_a_refused_input_from_a_control_is_shown_in_the_status_line(explorer, small_world):
+    task0 = small_world.tasks["task_id"].iloc[0]
+    shown = explorer.key
+    explorer.text.value = "   "
+    explorer.submit.click()                  # "embed" with no question: raised in a callback, only the log saw it
+    assert "type a question" in explorer.status.value and explorer.key == shown
+    explorer.text.value = "Is this user saving for a house?"
+    assert "type a question" not in explorer.status.value          # the next view clears the message
+    explorer.prompt_toggle.value = PROMPT    # no tuned prompt for free text: refused, the toggle set back
+    assert "tuned prompt exists only for task queries" in explorer.status.value
+    assert explorer.prompt_toggle.value == QUERY and explorer.key[0] == "text"
+    explorer.task_dropdown.value = task0
+    assert explorer.key == ("task", task0, QUERY)
+
+
+def test_a_tasks_own_query_typed_as_free_text_shows_that_task(explorer, small_world):
+    task1, query1 = small_world.tasks[["task_id", "query"]].iloc[1]
+    explorer.text.value = f"  {query1} "
+    assert explorer.key == ("task", task1, QUERY) and explorer.task_dropdown.value == task1
+    assert explorer.fig.layout.title.text.startswith(task1)       # its labels colour the points, not "no label"
+    assert "no label" not in [t.name for t in explorer.fig.data[1:]]
+
+
 def test_prompt_toggle_switches_to_the_tuned_prompt(explorer, small_world, adapter, _tiny_model_session, population):
     task0, task1 = small_world.tasks["task_id"].iloc[:2]
     assert not explorer.prompt_toggle.disabled                                  # task0 has an adapter
@@ -278,12 +301,16 @@ def test_bad_input_gets_clear_errors(_tiny_model_session, small_world, populatio
     assert load_adapters(tmp_path / "missing") == {}
 
 
-def test_load_adapters_reads_saved_adapters(adapter, small_world, tmp_path):
+def test_load_adapters_reads_saved_adapters(adapter, small_world, tmp_path, monkeypatch):
     task0 = small_world.tasks["task_id"].iloc[0]
     adapter.save(tmp_path / task0)
     loaded = load_adapters(tmp_path)
     assert list(loaded) == [task0]
     torch.testing.assert_close(loaded[task0].prompt, adapter.prompt)
+    asked = []   # the device reaches TaskAdapter.load (which reads the tensors onto it: tests/test_embedder.py)
+    monkeypatch.setattr(TaskAdapter, "load", classmethod(lambda cls, p, device="cpu": asked.append(device)))
+    load_adapters(tmp_path, device="meta")
+    assert asked == ["meta"]
 
 
 @pytest.mark.slow
