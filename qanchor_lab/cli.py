@@ -93,9 +93,31 @@ def _cmd_pretrain(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
+    marker = Path(args.out) / "demo_config.json"
+    held = json.loads(marker.read_text()) if marker.is_file() else None
+    if held is not None and not (isinstance(held, dict) and held.get("written_by") == "pretrain"):
+        # a demo's run (its model in model/): replacing its marker would leave model/ undescribed, and the next
+        # `demo --out` there would pre-train it again
+        raise ValueError(f"{args.out} is a demo's run directory ({marker} describes its model/); pre-train into "
+                         "another --out")
     summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume, overwrite=args.overwrite)
+    marker.write_text(json.dumps(_pretrain_marker(cfg, args.data, args.resume), indent=2))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _pretrain_marker(cfg, data_dir, resume_from=None) -> dict:
+    """The run marker `pretrain` leaves beside its model, so that diagnose, tune-splits, label-curve and
+    refit-intervals find the data (and the seed that derives QA pairs from it) without --data: the demo's key
+    (`pipeline.run_key`, which names the dataset under "data"), tagged written_by="pretrain" so that it never equals
+    the key `pipeline.ensure_pretrained` compares with. A match there reuses RUN/model as the demo's model, but
+    `pretrain --out RUN` writes its model in RUN itself, and a resumed model's history is more than its config says."""
+    from qanchor_lab.pipeline import run_key
+
+    key = {**run_key(cfg, data_dir), "written_by": "pretrain"}
+    if resume_from is not None:
+        key["resumed_from"] = str(Path(resume_from).resolve())
+    return key
 
 
 def _cmd_demo(args) -> int:
@@ -470,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="joint contrastive-generative pre-training")
     t.add_argument("--data", required=True, help="a world directory (made by `data`) or a directory of your own tables "
                    "(data/README.md; QA pairs are derived from the log when it has none)")
-    t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl)")
+    t.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, and demo_config.json, which "
+                   "names --data and --seed for diagnose, label-curve, tune-splits and refit-intervals)")
     t.add_argument("--backbone", default="tiny", help="tiny | smollm2 | a Hugging Face id or local directory")
     t.add_argument("--epochs", type=float, default=None)
     t.add_argument("--seed", type=int, default=None, help="pre-training seed: initialisation, batches, held-out "

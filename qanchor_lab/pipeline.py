@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from qanchor_lab.backbone import BackboneConfig
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.embedder import build_prefix_cache_in_chunks
-from qanchor_lab.model import QAnchorConfig, QAnchorModel
+from qanchor_lab.model import CONFIG_NAME, QAnchorConfig, QAnchorModel
 from qanchor_lab.parallel import Jobs, torch_jobs
 from qanchor_lab.pretrain import PretrainConfig, heldout_queries, pretrain
 from qanchor_lab.prompt_tuning import PromptTuningConfig, tune_task
@@ -245,8 +245,6 @@ def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, overwr
     model, pre-train, and report retrieval before/after. A directory that already holds a pre-trained model is
     replaced only with `overwrite` (or continued with `resume_from`), as Hugging Face's Trainer keeps an output
     directory unless told to overwrite it."""
-    from qanchor_lab.model import CONFIG_NAME
-
     if resume_from is None and not overwrite and (Path(out_dir) / CONFIG_NAME).exists():
         raise ValueError(f"{out_dir} already holds a pre-trained model; give another --out, --overwrite to replace it, "
                          f"or --resume {out_dir} to go on training it")
@@ -345,6 +343,11 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     models through this.
     `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world."""
     run_dir = Path(run_dir)
+    if (run_dir / CONFIG_NAME).is_file():
+        # `pretrain --out` saves its model in the run directory itself; a demo's beside it in model/ would leave the
+        # run's readers (diagnose, tune-splits, ...: diagnostics.run_model_dir) reading one model with the other's marker
+        raise ValueError(f"{run_dir} holds a model of its own ({CONFIG_NAME}, from `pretrain --out`); give the demo "
+                         "another run directory")
     if data_dir is None:
         world = ensure_demo_world(cfg)
         key = run_key(cfg)

@@ -146,3 +146,59 @@ def test_bench_hugepages_times_both_settings_on_the_same_bits():
         assert row["page_faults_off"] > 0 and row["page_faults_on"] > 0
     # the fast pre-training allocates tensors of several MB: huge pages must cut its page faults
     assert result["pretrain"]["page_faults_on"] < result["pretrain"]["page_faults_off"]
+
+
+def test_data_command_names_a_qa_per_user_max_above_the_styles_intents(tmp_path, capsys):
+    """qa_per_user_max above the QA style's intent count (49 for "counts") is a clean error naming the value and
+    the largest valid one, nothing written, instead of a world with fewer QA pairs per user than asked."""
+    assert main(["data", "--users", "60", "--set", "qa_per_user_max=55", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and not (tmp_path / "w").exists()
+    assert "<= 49" in err and "qa_style='counts'" in err and "got 4/55" in err
+
+
+def test_pretrain_command_leaves_a_marker_the_run_readers_find_and_the_demo_never_takes(tmp_path, monkeypatch, capsys):
+    """`pretrain --data W --out R` writes R/demo_config.json, so that diagnose, tune-splits, label-curve and
+    refit-intervals find W without --data: the demo's key for that config and data (pipeline.run_key) tagged
+    written_by="pretrain", which ensure_pretrained never takes for its own (a match reuses R/model, while pretrain
+    writes its model in R); a demo there is refused. A demo's run directory is refused before any training, its
+    marker untouched."""
+    from pathlib import Path
+
+    from qanchor_lab import pipeline
+    from qanchor_lab.diagnostics import resolve_run, run_demo_config
+    from qanchor_lab.model import CONFIG_NAME
+
+    world, run = tmp_path / "w", tmp_path / "r"
+    world.mkdir()
+    trained = []
+
+    def fake_pretrain_run(data_dir, out_dir, cfg, **kw):   # the files a pre-trained model leaves; no training
+        trained.append(cfg)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / CONFIG_NAME).write_text("{}")
+        return {"steps": 0}
+
+    monkeypatch.setattr(pipeline, "pretrain_run", fake_pretrain_run)
+    assert main(["pretrain", "--data", str(world), "--out", str(run), "--fast", "--seed", "3"]) == 0
+    assert resolve_run(run) == (run, world.resolve()) and run_demo_config(run).seed == 3
+    marker = json.loads((run / "demo_config.json").read_text())
+    assert {**pipeline.run_key(trained[0], world), "written_by": "pretrain"} == marker
+    # a demo in that run directory is refused before it loads or trains anything (pipeline.ensure_pretrained)
+    (run / "model").mkdir()
+    (run / "model" / "pretrain_summary.json").write_text("{}")
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *a, **k: pytest.fail("loaded the data"))
+    monkeypatch.setattr(pipeline.QAnchorModel, "from_pretrained", lambda *a, **k: pytest.fail("reused the model"))
+    monkeypatch.setattr(pipeline, "pretrain_world", lambda *a, **k: pytest.fail("pre-trained beside it"))
+    with pytest.raises(ValueError, match="holds a model of its own"):
+        pipeline.ensure_pretrained(run, trained[0], data_dir=world)
+    # a demo's run directory: its marker would be replaced and its model/ left undescribed
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo_config.json").write_text(json.dumps(pipeline.run_key(trained[0], world)))
+    before = (demo / "demo_config.json").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(world), "--out", str(demo), "--fast", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "is a demo's run directory" in err and "Traceback" not in err and len(trained) == 1
+    assert (demo / "demo_config.json").read_text() == before

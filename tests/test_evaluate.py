@@ -460,6 +460,20 @@ def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuse
     assert not (run / "adapters").exists()  # never loaded beside a model they were not tuned on
 
 
+def test_the_demo_refuses_a_run_directory_that_holds_a_pretrain_commands_model(monkeypatch, tmp_path):
+    """`pretrain --out RUN` saves its model in RUN itself; a demo training model/ beside it would leave the run's
+    readers pairing one model with the other's marker, so the demo names the directory before anything runs."""
+    import qanchor_lab.pipeline as P
+
+    monkeypatch.setattr(P, "ensure_demo_world", lambda c: pytest.fail("nothing may run"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / P.CONFIG_NAME).write_text("{}")
+    with pytest.raises(ValueError, match=r"run holds a model of its own \(qanchor_config.json, from `pretrain --out`\)"):
+        P.ensure_pretrained(run, P.DemoConfig(), show_progress=False)
+    assert sorted(p.name for p in run.iterdir()) == [P.CONFIG_NAME]
+
+
 def test_the_demo_text_baseline_reads_its_configured_serialisation(small_world, tmp_path, monkeypatch):
     """DemoConfig's text_max_chars and text_max_events reach the serialisation of the text-embedding baseline."""
     from dataclasses import replace
