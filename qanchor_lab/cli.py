@@ -84,7 +84,7 @@ def _overrides_suffix(overrides: dict) -> str:
 def _cmd_pretrain(args) -> int:
     from dataclasses import replace
 
-    from qanchor_lab.pipeline import DemoConfig, pretrain_run
+    from qanchor_lab.pipeline import RUN_MARKER, DemoConfig, pretrain_run
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
     cfg.backbone = args.backbone
@@ -93,7 +93,7 @@ def _cmd_pretrain(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
-    marker = Path(args.out) / "demo_config.json"
+    marker = Path(args.out) / RUN_MARKER
     held = json.loads(marker.read_text()) if marker.is_file() else None
     if held is not None and not (isinstance(held, dict) and held.get("written_by") == "pretrain"):
         # a demo's run (its model in model/): replacing its marker would leave model/ undescribed, and the next

@@ -1399,8 +1399,10 @@ def run_marker(run, *, missing: str | None = None) -> dict | None:
     what the model depends on (`pipeline.run_key`), with the dataset directory under "data" when the run read a
     user's own tables. None where there is no marker, or a ValueError that ends with `missing` (what to give
     instead) when that is set."""
+    from qanchor_lab.pipeline import RUN_MARKER
+
     run = Path(run)
-    candidates = [run / "demo_config.json"] + ([run.parent / "demo_config.json"] if run_model_dir(run) == run else [])
+    candidates = [run / RUN_MARKER] + ([run.parent / RUN_MARKER] if run_model_dir(run) == run else [])
     marker = next((c for c in candidates if c.is_file()), None)
     if marker is None:
         if missing is None:

@@ -657,10 +657,6 @@ def _fmt_number(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".")
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, (bool, np.bool_))
-
-
 def profile_flag_columns(profiles: pd.DataFrame | None) -> frozenset[str]:
     """The profile columns the text names when set and leaves out when not ("has mortgage", one-hot occupation
     columns): those of boolean dtype, and, when the table has two rows or more, the numeric ones whose every
@@ -715,7 +711,7 @@ def _profile_text(row: dict[str, Any] | pd.Series | None, flags: frozenset[str] 
             continue
         label = str(k).replace("_", " ")
         numeric = isinstance(v, (int, float, np.number, np.bool_))
-        if k in flags or _is_bool(v):
+        if k in flags or isinstance(v, (bool, np.bool_)):
             if not numeric or float(v) not in (0.0, 1.0):   # a declared flag column holding a count, say
                 raise FeatureInputError(f"profile column {k!r} is a flag (0/1), but user {user!r} has {v!r}")
             if float(v) == 1.0:

@@ -311,6 +311,8 @@ def load_dataset(data_dir, *, seed: int = 0, for_evaluation: bool = True) -> Wor
     return world
 
 
+RUN_MARKER = "demo_config.json"  # in a run directory: the key of the model it holds (run_key), read by diagnostics
+
 # DemoConfig fields only the evaluation reads (prompt tuning, the text baseline, the bootstrap): a run whose config
 # differs in these alone reuses its pre-trained model.
 EVALUATION_FIELDS = ("n_prompt", "tune_epochs", "n_boot", "text_max_chars", "text_max_events", "few_labels",
@@ -354,7 +356,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     else:
         world = load_dataset(data_dir, seed=cfg.seed)
         key = run_key(cfg, data_dir)
-    marker = run_dir / "demo_config.json"
+    marker = run_dir / RUN_MARKER
     model_dir = run_dir / "model"
     stored = json.loads(marker.read_text()) if marker.exists() else None
     if isinstance(stored, dict):  # a marker written before run_key left out the evaluation fields still matches
