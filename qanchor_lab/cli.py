@@ -84,7 +84,7 @@ def _overrides_suffix(overrides: dict) -> str:
 def _cmd_pretrain(args) -> int:
     from dataclasses import replace
 
-    from qanchor_lab.pipeline import RUN_MARKER, DemoConfig, pretrain_run
+    from qanchor_lab.pipeline import DemoConfig, pretrain_run
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
     cfg.backbone = args.backbone
@@ -93,31 +93,9 @@ def _cmd_pretrain(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
-    marker = Path(args.out) / RUN_MARKER
-    held = json.loads(marker.read_text()) if marker.is_file() else None
-    if held is not None and not (isinstance(held, dict) and held.get("written_by") == "pretrain"):
-        # a demo's run (its model in model/): replacing its marker would leave model/ undescribed, and the next
-        # `demo --out` there would pre-train it again
-        raise ValueError(f"{args.out} is a demo's run directory ({marker} describes its model/); pre-train into "
-                         "another --out")
     summary = pretrain_run(args.data, args.out, cfg, resume_from=args.resume, overwrite=args.overwrite)
-    marker.write_text(json.dumps(_pretrain_marker(cfg, args.data, args.resume), indent=2))
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _pretrain_marker(cfg, data_dir, resume_from=None) -> dict:
-    """The run marker `pretrain` leaves beside its model, so that diagnose, tune-splits, label-curve and
-    refit-intervals find the data (and the seed that derives QA pairs from it) without --data: the demo's key
-    (`pipeline.run_key`, which names the dataset under "data"), tagged written_by="pretrain" so that it never equals
-    the key `pipeline.ensure_pretrained` compares with. A match there reuses RUN/model as the demo's model, but
-    `pretrain --out RUN` writes its model in RUN itself, and a resumed model's history is more than its config says."""
-    from qanchor_lab.pipeline import run_key
-
-    key = {**run_key(cfg, data_dir), "written_by": "pretrain"}
-    if resume_from is not None:
-        key["resumed_from"] = str(Path(resume_from).resolve())
-    return key
 
 
 def _cmd_demo(args) -> int:
@@ -145,7 +123,8 @@ def _cmd_demo(args) -> int:
         default += f"-seed{args.seed}"
     cfg = replace(cfg, overrides=_overrides(args.set))  # checked against the fields above
     default += _overrides_suffix(cfg.overrides)  # runs/demo-model.embed_dim16-pretrain.reconstruction1
-    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data, n_jobs=args.jobs)
+    # a run that changes only prompt tuning (--set tuning.*) copies the model of a run pre-trained with its settings
+    run_demo(args.out or RUNS_ROOT / default, cfg, data_dir=args.data, n_jobs=args.jobs, reuse_from=RUNS_ROOT)
     return 0
 
 
@@ -521,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--jobs", type=int, default=-1, help=DEMO_JOBS_HELP)
     m.add_argument("--fast", action="store_true")
     m.add_argument("--set", action="append", metavar="KEY=VALUE", help=SET_HELP + "; the run goes to "
-                   "runs/demo-KEYVALUE...")
+                   "runs/demo-KEYVALUE..., and copies the model of a run under runs/ pre-trained with the same "
+                   "settings (tuning.* changes only prompt tuning: no pre-training)")
     m.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: kv (cached-prefix speedup), prompt (tuning step cached vs full), pretrain (tokens/s vs bare backbone), explorer (new-query latency over 2,000 users), bootstrap (the report's paired bootstrap at the demo's scale), hugepages (the demo's torch work with torch's huge pages off and on)")

@@ -241,15 +241,52 @@ def untrained_beside(model: QAnchorModel, world, cfg: DemoConfig) -> QAnchorMode
 
 def pretrain_run(data_dir, out_dir, cfg: DemoConfig, *, resume_from=None, overwrite: bool = False,
                  show_progress: bool = True) -> dict:
-    """Load a dataset (a saved world, or a directory of your own tables: `load_dataset`), build (or resume) the
-    model, pre-train, and report retrieval before/after. A directory that already holds a pre-trained model is
-    replaced only with `overwrite` (or continued with `resume_from`), as Hugging Face's Trainer keeps an output
-    directory unless told to overwrite it."""
-    if resume_from is None and not overwrite and (Path(out_dir) / CONFIG_NAME).exists():
+    """`python -m qanchor_lab pretrain`: load a dataset (a saved world, or a directory of your own tables:
+    `load_dataset`), build (or resume) the model, pre-train it into `out_dir`, and report retrieval before/after.
+    A directory that already holds a pre-trained model is replaced only with `overwrite` (or continued with
+    `resume_from`), as Hugging Face's Trainer keeps an output directory unless told to overwrite it. A demo's run
+    directory, or its model/, is refused. The run marker left in `out_dir` (`pretrain_marker`) names the data, so
+    that diagnose, tune-splits, label-curve and refit-intervals need no --data."""
+    out_dir = Path(out_dir)
+    marker = out_dir / RUN_MARKER
+    if _demo_marker(marker):
+        # a demo's run (its model in model/): replacing its marker would leave model/ undescribed, and the next
+        # `demo --out` there would pre-train it again
+        raise ValueError(f"{out_dir} is a demo's run directory ({marker} describes its model/); pre-train into "
+                         "another --out")
+    if out_dir.name == "model" and _demo_marker(out_dir.parent / RUN_MARKER):
+        # its model/ itself: with --overwrite the demo's marker would go on describing the model replaced
+        raise ValueError(f"{out_dir} is the model of a demo's run ({out_dir.parent / RUN_MARKER} describes it); "
+                         "pre-train into another --out")
+    if resume_from is None and not overwrite and (out_dir / CONFIG_NAME).exists():
         raise ValueError(f"{out_dir} already holds a pre-trained model; give another --out, --overwrite to replace it, "
                          f"or --resume {out_dir} to go on training it")
     world = load_dataset(data_dir, seed=cfg.seed, for_evaluation=False)
-    return pretrain_world(world, out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
+    summary = pretrain_world(world, out_dir, cfg, resume_from=resume_from, show_progress=show_progress)[1]
+    marker.write_text(json.dumps(pretrain_marker(cfg, data_dir, resume_from), indent=2))
+    return summary
+
+
+def pretrain_marker(cfg: DemoConfig, data_dir, resume_from=None) -> dict:
+    """The run marker `pretrain_run` leaves beside its model: the demo's key (`run_key`, which names the dataset
+    under "data") tagged written_by="pretrain", so that it never equals the key `ensure_pretrained` compares with.
+    A match there would reuse RUN/model as the demo's model, but `pretrain_run` writes its model in RUN itself, and a
+    resumed model's history is more than its config says."""
+    key = {**run_key(cfg, data_dir), "written_by": "pretrain"}
+    if resume_from is not None:
+        key["resumed_from"] = str(Path(resume_from).resolve())
+    return key
+
+
+def _demo_marker(marker: Path) -> bool:
+    """Whether `marker` is a demo's run marker (one `pretrain_run` wrote carries written_by="pretrain")."""
+    if not marker.is_file():
+        return False
+    try:
+        held = json.loads(marker.read_text())
+    except json.JSONDecodeError:    # unreadable: whoever wrote it, its run is not pretrain_run's to replace
+        return True
+    return not (isinstance(held, dict) and held.get("written_by") == "pretrain")
 
 
 def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> tuple[QAnchorModel, dict]:
@@ -338,12 +375,15 @@ def run_key(cfg: DemoConfig, data_dir=None) -> dict:
     return json.loads(json.dumps(key, default=str))  # tuples as lists: what the marker file gives back
 
 
-def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None
+def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, reuse_from=None
                       ) -> tuple[QAnchorModel, object, dict]:
     """(model, world, pretrain summary) for this config: loaded from `run_dir` when it was trained with the
     same config (EVALUATION_FIELDS aside: `run_key`) and dataset, else generated/trained there. Notebooks share
     models through this.
-    `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world."""
+    `data_dir`: a user's own dataset (load_dataset) instead of the synthetic world.
+    `reuse_from`: a directory of demo runs (the command line passes RUNS_ROOT). When `run_dir` has no model for this
+    key and a run there has one, that model is copied rather than pre-trained again: a run that changes only prompt
+    tuning or the evaluation (`demo --set tuning.n_prompt=4`, its own run directory) costs no pre-training."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_NAME).is_file():
         # `pretrain --out` saves its model in the run directory itself; a demo's beside it in model/ would leave the
@@ -358,13 +398,12 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
         key = run_key(cfg, data_dir)
     marker = run_dir / RUN_MARKER
     model_dir = run_dir / "model"
-    stored = json.loads(marker.read_text()) if marker.exists() else None
-    if isinstance(stored, dict):  # a marker written before run_key left out the evaluation fields still matches
-        stored = _training_fields(stored)
-    if stored == key and (model_dir / "pretrain_summary.json").exists():
+    stored = _held_key(run_dir)
+    if stored == key:
         summary = json.loads((model_dir / "pretrain_summary.json").read_text())
         return QAnchorModel.from_pretrained(model_dir), world, summary
-    if stored is not None and (model_dir / "pretrain_summary.json").exists():   # said, never silent
+    source = _run_holding(key, reuse_from, besides=run_dir)
+    if stored is not None:   # a finished model with other settings is replaced: said, never silent
         from qanchor_lab.experiments.config import flatten
 
         old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
@@ -372,18 +411,66 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
         adapters = run_dir / "adapters"
         stale = adapters.is_dir() and any(adapters.iterdir())
         warnings.warn(f"{run_dir} holds a model pre-trained with other settings ({', '.join(changed[:5])}"
-                      f"{', ...' if len(changed) > 5 else ''}); pre-training a new one in its place"
+                      f"{', ...' if len(changed) > 5 else ''}); "
+                      + (f"copying {source}'s model, pre-trained with these," if source else "pre-training a new one")
+                      + " in its place"
                       + (" and removing the prompts tuned for the old one (adapters/)" if stale else "")
                       + " (give another run directory to keep them)", stacklevel=2)
         if stale:   # tuned on the old model's embeddings: loaded beside the new one they would score wrongly, unsaid
             shutil.rmtree(adapters)
+    if source is not None:
+        print(f"{run_dir}: pre-trained model copied from {source} (same model, pre-training and data: run_key)")
+        _copy_tree(source / "model", model_dir)
+        marker.write_text(json.dumps(key, indent=2))
+        summary = json.loads((model_dir / "pretrain_summary.json").read_text())
+        return QAnchorModel.from_pretrained(model_dir), world, summary
     model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
     marker.write_text(json.dumps(key, indent=2))
     return model, world, summary
 
 
-def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, n_jobs: int | None = None) -> dict:
+def _held_key(run_dir: Path):
+    """The key of the model a demo's run directory holds (its marker, EVALUATION_FIELDS aside), None when it holds
+    no finished model, or the marker as read when it is not a demo key (a `pretrain` marker, another JSON value)."""
+    marker, summary = run_dir / RUN_MARKER, run_dir / "model" / "pretrain_summary.json"
+    if not (marker.is_file() and summary.is_file()):  # none, or pre-training stopped before it finished
+        return None
+    try:
+        stored = json.loads(marker.read_text())
+    except json.JSONDecodeError:     # a marker cut short: it matches no key, so the model is replaced (said)
+        return {}
+    # a marker written before run_key left out the evaluation fields still matches
+    return _training_fields(stored) if isinstance(stored, dict) else stored
+
+
+def _run_holding(key: dict, runs_root, *, besides: Path) -> Path | None:
+    """The first run directory under `runs_root` (sorted by name) whose finished model was pre-trained with `key`,
+    `besides` excluded; None when there is none or `runs_root` is None. A `pretrain` command's marker never matches
+    (its written_by tag: its model is not in model/)."""
+    if runs_root is None or not Path(runs_root).is_dir():
+        return None
+    for marker in sorted(Path(runs_root).glob(f"*/{RUN_MARKER}")):
+        run = marker.parent
+        if run.resolve() != besides.resolve() and _held_key(run) == key:
+            return run
+    return None
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """`source` copied to `target` (replacing it) through a temporary sibling, so that an interrupted copy never
+    leaves a partial model where a finished one is expected."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+
+
+def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, n_jobs: int | None = None,
+             reuse_from=None) -> dict:
     """data -> pre-training -> prompt tuning -> evaluation of every method -> report.html + metrics.json.
+    `reuse_from`: a directory of runs whose model may be copied when it was pre-trained with this config's key
+    (ensure_pretrained; the command line passes RUNS_ROOT).
     `data_dir`: run on a user's own dataset (data/README.md) instead of the synthetic world. `n_jobs`: worker
     processes for the evaluation's and the diagnostics' scikit-learn fits (parallel.fit_map) and threads for the
     evaluation's torch jobs (parallel.torch_jobs; see evaluate_run). None: this process, one stage after the other;
@@ -398,7 +485,8 @@ def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=N
     out_dir = Path(out_dir)
     stages = Stopwatch()
     with stages("world_and_pretraining"):
-        model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir)
+        model, world, summary = ensure_pretrained(out_dir, cfg, show_progress=show_progress, data_dir=data_dir,
+                                                  reuse_from=reuse_from)
     if data_dir is not None:
         print(f"dataset {data_dir}: modalities {', '.join(world.modalities)}; counts {json.dumps(world.manifest['counts'])}")
     r = summary["retrieval"]

@@ -173,13 +173,14 @@ def test_pretrain_command_leaves_a_marker_the_run_readers_find_and_the_demo_neve
     world.mkdir()
     trained = []
 
-    def fake_pretrain_run(data_dir, out_dir, cfg, **kw):   # the files a pre-trained model leaves; no training
+    def fake_pretrain_world(world, out_dir, cfg, **kw):   # the files a pre-trained model leaves; no training
         trained.append(cfg)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / CONFIG_NAME).write_text("{}")
-        return {"steps": 0}
+        return None, {"steps": 0}
 
-    monkeypatch.setattr(pipeline, "pretrain_run", fake_pretrain_run)
+    monkeypatch.setattr(pipeline, "load_dataset", lambda data_dir, **kw: "the world")
+    monkeypatch.setattr(pipeline, "pretrain_world", fake_pretrain_world)
     assert main(["pretrain", "--data", str(world), "--out", str(run), "--fast", "--seed", "3"]) == 0
     assert resolve_run(run) == (run, world.resolve()) and run_demo_config(run).seed == 3
     marker = json.loads((run / "demo_config.json").read_text())
@@ -202,3 +203,8 @@ def test_pretrain_command_leaves_a_marker_the_run_readers_find_and_the_demo_neve
     err = capsys.readouterr().err
     assert "is a demo's run directory" in err and "Traceback" not in err and len(trained) == 1
     assert (demo / "demo_config.json").read_text() == before
+    # nor its model/ (with --overwrite the marker would go on describing the model replaced)
+    assert main(["pretrain", "--data", str(world), "--out", str(demo / "model"), "--fast", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is the model of a demo's run" in err and "Traceback" not in err and len(trained) == 1
+    assert not (demo / "model").exists() and (demo / "demo_config.json").read_text() == before

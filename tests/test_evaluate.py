@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 
 import numpy as np
@@ -458,6 +459,60 @@ def test_a_run_marker_from_before_the_evaluation_fields_were_dropped_still_reuse
         assert P.ensure_pretrained(run, replace(cfg, epochs=1.0), show_progress=False)[0][0] == "trained"
     assert json.loads((run / "demo_config.json").read_text()) == P.run_key(replace(cfg, epochs=1.0))
     assert not (run / "adapters").exists()  # never loaded beside a model they were not tuned on
+
+
+def test_a_run_that_changes_only_prompt_tuning_copies_the_model_of_a_run_pre_trained_with_its_settings(
+        monkeypatch, tmp_path):
+    """`demo --set tuning.n_prompt=4` writes a run directory of its own; with reuse_from (the command line's runs/)
+    it copies the model of a run whose key it shares instead of pre-training again. A changed pre-training setting,
+    no reuse_from, or a `pretrain` command's model (tagged written_by) pre-trains; replacing a run's model says so."""
+    from dataclasses import replace
+
+    import qanchor_lab.pipeline as P
+
+    cfg = P.DemoConfig()
+    monkeypatch.setattr(P, "ensure_demo_world", lambda c: "world")
+    monkeypatch.setattr(P.QAnchorModel, "from_pretrained", classmethod(lambda cls, d: ("loaded", str(d))))
+    trained = []
+
+    def fake_pretrain(world, model_dir, c, **kw):
+        trained.append(c)
+        model_dir.mkdir(parents=True)
+        (model_dir / "weights").write_text(f"run {len(trained)}")
+        (model_dir / "pretrain_summary.json").write_text(json.dumps({"run": len(trained)}))
+        return ("trained", str(model_dir)), {"run": len(trained)}
+
+    monkeypatch.setattr(P, "pretrain_world", fake_pretrain)
+    root = tmp_path / "runs"
+    P.ensure_pretrained(root / "demo", cfg, show_progress=False, reuse_from=root)
+    tuned = replace(cfg, overrides={"tuning.n_prompt": 4})
+    model, _, summary = P.ensure_pretrained(root / "demo-tuned", tuned, show_progress=False, reuse_from=root)
+    assert len(trained) == 1 and model == ("loaded", str(root / "demo-tuned" / "model")) and summary == {"run": 1}
+    assert (root / "demo-tuned" / "model" / "weights").read_text() == "run 1"
+    assert json.loads((root / "demo-tuned" / "demo_config.json").read_text()) == P.run_key(tuned)
+    assert not (root / "demo-tuned" / "model.partial").exists()
+
+    P.ensure_pretrained(root / "demo-margin", replace(cfg, overrides={"pretrain.margin": 0.2}), show_progress=False,
+                        reuse_from=root)
+    P.ensure_pretrained(tmp_path / "alone", tuned, show_progress=False)
+    assert len(trained) == 3
+    # a `pretrain` command's run with the same settings is not a demo's model/: never copied
+    other_root = tmp_path / "other-runs"
+    shutil.copytree(root / "demo", other_root / "by-pretrain")
+    marker = other_root / "by-pretrain" / "demo_config.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "written_by": "pretrain"}))
+    P.ensure_pretrained(other_root / "demo", cfg, show_progress=False, reuse_from=other_root)
+    assert len(trained) == 4 and (other_root / "demo" / "model" / "weights").read_text() == "run 4"
+
+    # a run holding another model and its prompts: replaced by the copy, and said
+    (root / "demo-margin" / "adapters").mkdir()
+    (root / "demo-margin" / "adapters" / "churn.safetensors").write_text("tuned on the old model")
+    with pytest.warns(UserWarning, match=r"holds a model pre-trained with other settings \(pretrain_config.margin\); "
+                                         r"copying .*runs/demo's model, pre-trained with these, in its place and "
+                                         r"removing the prompts tuned for the old one"):
+        P.ensure_pretrained(root / "demo-margin", cfg, show_progress=False, reuse_from=root)
+    assert len(trained) == 4 and (root / "demo-margin" / "model" / "weights").read_text() == "run 1"
+    assert not (root / "demo-margin" / "adapters").exists()
 
 
 def test_the_demo_refuses_a_run_directory_that_holds_a_pretrain_commands_model(monkeypatch, tmp_path):

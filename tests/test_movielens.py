@@ -223,12 +223,13 @@ def test_demo_epochs_option_sets_the_pretraining_length_and_the_run_name(monkeyp
     from qanchor_lab.cli import build_parser
 
     seen = {}
-    monkeypatch.setattr(P, "run_demo", lambda out, cfg, data_dir=None, n_jobs=None: seen.update(
-        out=Path(out), cfg=cfg, n_jobs=n_jobs))
+    monkeypatch.setattr(P, "run_demo", lambda out, cfg, data_dir=None, n_jobs=None, reuse_from=None: seen.update(
+        out=Path(out), cfg=cfg, n_jobs=n_jobs, reuse_from=reuse_from))
     args = build_parser().parse_args(["demo", "--epochs", "12", "--seed", "11"])
     assert args.func(args) == 0
     assert seen["cfg"].epochs == 12 and seen["cfg"].pretrain_config().epochs == 12 and seen["cfg"].seed == 11
     assert seen["out"].name == "demo-epochs12-seed11"
+    assert seen["reuse_from"] == P.RUNS_ROOT   # a run there pre-trained with the same settings is copied
     assert seen["n_jobs"] == -1                                    # the fits use every core unless --jobs says
     args = build_parser().parse_args(["demo", "--jobs", "1"])
     assert args.func(args) == 0 and seen["n_jobs"] == 1
