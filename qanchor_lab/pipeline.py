@@ -555,7 +555,8 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
                    adapters_dir: Path | None = None, with_features: bool = True,
                    with_probes: bool = True, watch: Stopwatch | None = None,
                    n_jobs: int | None = None, jobs: Jobs | None = None,
-                   embeddings: np.ndarray | None = None, seed: int = 0) -> tuple[dict[str, pd.DataFrame], dict]:
+                   embeddings: np.ndarray | None = None, seed: int = 0, feature_spec=None
+                   ) -> tuple[dict[str, pd.DataFrame], dict]:
     """Static, base (task query + probe), plus_features (the same task-query embeddings next to the
     hand-crafted features, one probe) and prompt-tuned scores of one model on the downstream users.
     `with_probes=False` skips the three probe methods (prompt-tuned scores only). `watch` (a Stopwatch) gets
@@ -564,7 +565,8 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
     one task after the other with torch's threads as they are; an integer, one torch thread per task, the same
     numbers for any value). `jobs`: an open torch_jobs to tune in instead (evaluate_run shares one).
     `embeddings`: the probes' `query_embeddings` of the tune then test users, when the caller has them already.
-    `seed`: the probes' CV folds (ProbeConfig.seed), the run's seed as for the feature baselines."""
+    `seed`: the probes' CV folds (ProbeConfig.seed), the run's seed as for the feature baselines.
+    `feature_spec`: plus_features' FeatureSpec, when the caller has fitted it (else fitted on the pre-training users)."""
     from qanchor_lab.baselines import ProbeConfig, combined_probe_scores, embedding_probe_scores
 
     watch = watch if watch is not None else Stopwatch()
@@ -596,7 +598,8 @@ def qanchor_scores(model: QAnchorModel, world, *, tuning: PromptTuningConfig | N
                                                    query_dependent=False, n_jobs=n_jobs)
         if with_features:
             with watch("plus_features"):
-                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test, probe=probe, n_jobs=n_jobs)
+                out["plus_features"] = combined_probe_scores(embed_fn, world, tune, test, probe=probe, n_jobs=n_jobs,
+                                                             feature_spec=feature_spec)
     if tuning is None:
         return out, {}
 
@@ -691,7 +694,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     text_embedding as MiniLM's own time plus its probes'; with jobs side by side the entries overlap (prompt_tuning
     is then the wait for every task) and may sum to more than the evaluation's wall time, which they never do with
     None."""
-    from qanchor_lab.baselines import (ProbeConfig, _feature_matrix, feature_scores, oracle_scores,
+    from qanchor_lab.baselines import (ProbeConfig, _feature_matrix, _world_feature_spec, feature_scores, oracle_scores,
                                        text_embedding_scores, text_embedding_vectors, tfidf_feature_scores)
     from qanchor_lab.evaluate import NO_ORACLE, evaluate_methods, oracle_available
     from qanchor_lab.label_budget import few_label_read
@@ -703,6 +706,7 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
     scores: dict[str, pd.DataFrame] = {}
     skipped: dict[str, str] = {name: SKIPPED_BY_CALLER for name in SKIPPABLE_METHODS if name in skip}
     watch = Stopwatch()
+    spec = _world_feature_spec(world)   # fitted once: every feature method reads the same one (it was fitted in each)
     if "oracle" not in skip:
         if oracle_available(world.labels, test):
             scores["oracle"] = oracle_scores(world.labels, test)
@@ -714,16 +718,18 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         # (batch-invariant), a process-wide setting, hence a process of its own beside the one-thread jobs
         text = None if "text_embedding" in skip else jobs.submit_process(
             _timed, text_embedding_vectors, world, tune + test, serialize_kw=text_serialization(cfg, world),
-            show_progress=show_progress)
+            feature_spec=spec, show_progress=show_progress)
 
         def untrained_scores() -> pd.DataFrame:
             return qanchor_scores(untrained_beside(model, world, cfg), world, tuning=None, show_progress=show_progress,
                                   with_features=False, n_jobs=n_jobs, jobs=jobs, seed=cfg.seed)[0]["base"]
 
         references = {  # every skippable method but the oracle and the text baseline's MiniLM, in the order they run
-            "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, n_jobs=n_jobs),
-            "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed, n_jobs=n_jobs),
-            "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed,
+            "gbdt_features": lambda: feature_scores(world, tune, test, model="gbdt", seed=cfg.seed, feature_spec=spec,
+                                                    n_jobs=n_jobs),
+            "logreg_features": lambda: feature_scores(world, tune, test, model="logreg", seed=cfg.seed,
+                                                      feature_spec=spec, n_jobs=n_jobs),
+            "tfidf_features": lambda: tfidf_feature_scores(world, tune, test, seed=cfg.seed, feature_spec=spec,
                                                            show_progress=show_progress, n_jobs=n_jobs),
             "untrained": untrained_scores,
         }
@@ -735,7 +741,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
             emb = query_embeddings(model.eval(), world, tune + test, show_progress=show_progress)  # (U, T+1, d)
         trained, tuning_info = qanchor_scores(model.eval(), world, tuning=cfg.tuning_config(),
                                               show_progress=show_progress, adapters_dir=out_dir / "adapters",
-                                              watch=watch, n_jobs=n_jobs, jobs=jobs, embeddings=emb, seed=cfg.seed)
+                                              watch=watch, n_jobs=n_jobs, jobs=jobs, embeddings=emb, seed=cfg.seed,
+                                              feature_spec=spec)
         if text is not None:
             vectors, seconds = text.result()    # MiniLM's own seconds, not the wait for them
             with watch("text_embedding"):       # and its probes'
@@ -758,7 +765,8 @@ def evaluate_run(model: QAnchorModel, world, cfg: DemoConfig, out_dir, *, task_i
         with watch("few_labels"):
             metrics["few_labels"] = few_label_read(
                 {"qanchor_base": emb[:, :-1], "static_embedding": emb[:, -1],
-                 **({} if "logreg_features" in skip else {"logreg_features": _feature_matrix(world, tune + test)[1]})},
+                 **({} if "logreg_features" in skip else {"logreg_features": _feature_matrix(world, tune + test,
+                                                                                             spec)[1]})},
                 world.labels, world.tasks, tune, test, budget=cfg.few_labels, draws=cfg.few_label_draws, seed=cfg.seed,
                 n_boot=cfg.n_boot, config=ProbeConfig(seed=cfg.seed), n_jobs=n_jobs)
     metrics["prompt_tuning"] = {t: {k: v for k, v in i.items() if k != "history"} for t, i in tuning_info.items()}

@@ -245,14 +245,20 @@ def test_evaluate_run_names_unknown_task_ids(small_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_run_on_a_task_subset_scores_every_method(small_world, tiny_model, tmp_path):
+def test_evaluate_run_on_a_task_subset_scores_every_method(small_world, tiny_model, tmp_path, monkeypatch):
     from dataclasses import replace
 
+    from qanchor_lab.features import FeatureSpec
     from qanchor_lab.pipeline import DemoConfig, evaluate_run
 
+    fits, fit = [], FeatureSpec.fit.__func__
+    monkeypatch.setattr(FeatureSpec, "fit", classmethod(lambda cls, *a, **k: fits.append(1) or fit(cls, *a, **k)))
     cfg = replace(DemoConfig.fast(), text_encoder="hashing", tune_epochs=1, n_boot=20, text_max_chars=100)
     ids = ["dormancy_churn", "travel_coupon"]
     metrics = evaluate_run(tiny_model.eval(), small_world, cfg, tmp_path, task_ids=ids, show_progress=False)
+    # one FeatureSpec for every feature method (features, tf-idf, the text's window, + features, the few-label read),
+    # and the untrained model's own (QAnchorModel.from_data)
+    assert len(fits) == 2
     assert set(metrics["methods"]) == set(METHODS)
     for m in metrics["methods"].values():
         assert set(m["tasks"]) == set(ids) and set(m["domains"]) == {"engagement", "marketing"}

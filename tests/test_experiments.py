@@ -70,6 +70,10 @@ def test_dict_round_trip_and_hash_stability(monkeypatch):
     assert cfg.override({"pretrain.lr": 1e-3}).key() != cfg.key()
     # bootstrap settings do not change the scores, so they do not change the cache key
     assert cfg.override({"eval.n_boot": 17}).key() == cfg.key()
+    # prompt-tuning settings shape only the prompt-tuned method's scores: a run without it is keyed without them
+    assert cfg.override({"tuning.n_prompt": 2}).key() != cfg.key()
+    base_only = cfg.override({"eval.methods": ["qanchor_base"]})
+    assert base_only.override({"tuning.n_prompt": 2}).key() == base_only.key() != cfg.key()
     # a prompt-tuning change reuses the pre-trained model, a pre-training change does not
     assert cfg.override({"tuning.n_prompt": 2}).model_key() == cfg.model_key()
     assert cfg.override({"pretrain.alpha": 0.5}).model_key() != cfg.model_key()
@@ -180,9 +184,11 @@ def test_second_run_loads_from_cache_without_training(small_world, tmp_path, mon
     second = R.run(cfg, root=tmp_path, world=small_world)
     assert second.cached and (tmp_path / cfg.key() / "run.json").stat().st_mtime_ns == stamp
     pd.testing.assert_frame_equal(second.scores, first.scores)
-    # a tuning-only change re-scores but reuses the pre-trained model (pretrain still patched to fail)
+    # without the prompt-tuned method a run never reads its tuning settings: a change there is the same run
+    assert R.run(cfg.override({"tuning.n_prompt": 1}), root=tmp_path, world=small_world).cached
+    # a change in what is scored re-scores but reuses the pre-trained model (pretrain still patched to fail)
     monkeypatch.setattr(R, "qanchor_scores", real_scores)
-    other = R.run(cfg.override({"eval.methods": ["qanchor_base"], "tuning.n_prompt": 1}), root=tmp_path, world=small_world)
+    other = R.run(cfg.override({"eval.task_ids": ["travel_coupon"]}), root=tmp_path, world=small_world)
     assert not other.cached and other.record["model_key"] == first.record["model_key"]
 
 

@@ -146,10 +146,13 @@ class RunConfig:
 
     # ----- cache keys -----
     def key(self) -> str:
-        """Hash of every field that shapes the run's scores (bootstrap settings excluded)."""
+        """Hash of every field that shapes the run's scores (bootstrap settings excluded; prompt tuning too when the
+        run scores no prompt-tuned method, which is the only one that reads it: runner.run)."""
         d = self.to_dict()
         for stage, names in NOT_HASHED.items():
             d[stage] = {k: v for k, v in d[stage].items() if k not in names}
+        if "qanchor_prompt_tuned" not in self.eval.methods:
+            del d["tuning"]
         return _hash({**d, "generator_version": GENERATOR_VERSION})
 
     def model_key(self) -> str:
