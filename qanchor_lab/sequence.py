@@ -108,7 +108,10 @@ def token_ids(tokenizer, texts: Sequence[str], max_tokens: int) -> list[list[int
     out its own <user_emb> and eos) and at most `max_tokens` each (QAnchorConfig.max_query_tokens or
     max_answer_tokens). Every path that tokenises suffix text goes through here, so the ids a cache extension,
     a prompt initialisation, the answer tower or a loss count see are the ids `build_suffix` lays out."""
-    return tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    texts = list(texts)
+    if not texts:   # a fast tokenizer fails on an empty batch
+        return []
+    return tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
 
 
 def pad_right(ids: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

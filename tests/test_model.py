@@ -311,3 +311,7 @@ def test_token_ids_are_the_ids_the_suffix_lays_out_and_pad_right_pads_them(tiny_
               return_tensors="pt")                                                 # the tokenizer's own padding
     assert torch.equal(tokens, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"].bool())
     assert [t.shape for t in pad_right([], tok.pad_token_id)] == [(0, 0), (0, 0)]
+    # no texts: no ids (the tokenizer itself fails on an empty batch), and the answer tower returns no rows
+    assert token_ids(tok, [], cfg.max_query_tokens) == []
+    with torch.no_grad():
+        assert tiny_model.embed_answers([]).shape == (0, cfg.embed_dim)
