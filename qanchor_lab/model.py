@@ -254,7 +254,8 @@ class QAnchorModel(nn.Module):
     # ----- the semantic tower -----
     def embed_answers(self, answers: Sequence[str]) -> torch.Tensor:
         if len(answers) == 0:   # no rows to run the decoder over
-            return torch.empty(0, self.config.embed_dim, device=self.device)                 # (0, d)
+            weight = self.head[0].weight        # the head's dtype, as `project` returns it
+            return torch.empty(0, self.config.embed_dim, device=weight.device, dtype=weight.dtype)   # (0, d)
         # right-padded whatever the tokenizer's padding side: the pooled state is each row's last real token
         ids, mask = pad_right(token_ids(self.tokenizer, answers, self.config.max_answer_tokens),
                               self.tokenizer.pad_token_id, self.device)          # (B, A), (B, A)

@@ -314,4 +314,5 @@ def test_token_ids_are_the_ids_the_suffix_lays_out_and_pad_right_pads_them(tiny_
     # no texts: no ids (the tokenizer itself fails on an empty batch), and the answer tower returns no rows
     assert token_ids(tok, [], cfg.max_query_tokens) == []
     with torch.no_grad():
-        assert tiny_model.embed_answers([]).shape == (0, cfg.embed_dim)
+        none, one = tiny_model.embed_answers([]), tiny_model.embed_answers(["yes"])
+    assert none.shape == (0, cfg.embed_dim) and (none.dtype, none.device) == (one.dtype, one.device)
