@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from qanchor_lab.backbone import BackboneConfig
+from qanchor_lab.backbone import BackboneConfig, write_directory_atomically
 from qanchor_lab.data import DataValidationError
 from qanchor_lab.embedder import build_prefix_cache_in_chunks
 from qanchor_lab.model import CONFIG_NAME, QAnchorConfig, QAnchorModel
@@ -279,14 +279,20 @@ def pretrain_marker(cfg: DemoConfig, data_dir, resume_from=None) -> dict:
 
 
 def _demo_marker(marker: Path) -> bool:
-    """Whether `marker` is a demo's run marker (one `pretrain_run` wrote carries written_by="pretrain")."""
+    """Whether `marker` is a demo's run marker (one `pretrain_run` wrote carries written_by="pretrain"); an unreadable
+    one counts as a demo's: whoever wrote it, its run is not pretrain_run's to replace."""
+    held = _read_marker(marker)
+    return held is not None and not (isinstance(held, dict) and held.get("written_by") == "pretrain")
+
+
+def _read_marker(marker: Path):
+    """A run marker as JSON; None when there is none, {} when it is cut short (it matches no key)."""
     if not marker.is_file():
-        return False
+        return None
     try:
-        held = json.loads(marker.read_text())
-    except json.JSONDecodeError:    # unreadable: whoever wrote it, its run is not pretrain_run's to replace
-        return True
-    return not (isinstance(held, dict) and held.get("written_by") == "pretrain")
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return {}
 
 
 def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> tuple[QAnchorModel, dict]:
@@ -399,46 +405,42 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
     marker = run_dir / RUN_MARKER
     model_dir = run_dir / "model"
     stored = _held_key(run_dir)
-    if stored == key:
-        summary = json.loads((model_dir / "pretrain_summary.json").read_text())
-        return QAnchorModel.from_pretrained(model_dir), world, summary
-    source = _run_holding(key, reuse_from, besides=run_dir)
-    if stored is not None:   # a finished model with other settings is replaced: said, never silent
-        from qanchor_lab.experiments.config import flatten
+    if stored != key:
+        source = _run_holding(key, reuse_from, besides=run_dir)
+        if stored is not None:   # a finished model with other settings is replaced: said, never silent
+            from qanchor_lab.experiments.config import flatten
 
-        old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        adapters = run_dir / "adapters"
-        stale = adapters.is_dir() and any(adapters.iterdir())
-        warnings.warn(f"{run_dir} holds a model pre-trained with other settings ({', '.join(changed[:5])}"
-                      f"{', ...' if len(changed) > 5 else ''}); "
-                      + (f"copying {source}'s model, pre-trained with these," if source else "pre-training a new one")
-                      + " in its place"
-                      + (" and removing the prompts tuned for the old one (adapters/)" if stale else "")
-                      + " (give another run directory to keep them)", stacklevel=2)
-        if stale:   # tuned on the old model's embeddings: loaded beside the new one they would score wrongly, unsaid
-            shutil.rmtree(adapters)
-    if source is not None:
+            old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            adapters = run_dir / "adapters"
+            stale = adapters.is_dir() and any(adapters.iterdir())
+            warnings.warn(f"{run_dir} holds a model pre-trained with other settings ({', '.join(changed[:5])}"
+                          f"{', ...' if len(changed) > 5 else ''}); "
+                          + (f"copying {source}'s model, pre-trained with these," if source else "pre-training a new one")
+                          + " in its place"
+                          + (" and removing the prompts tuned for the old one (adapters/)" if stale else "")
+                          + " (give another run directory to keep them)", stacklevel=2)
+            if stale:   # tuned on the old model's embeddings: loaded beside the new one they would score wrongly
+                shutil.rmtree(adapters)
+        if source is None:
+            model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
+            marker.write_text(json.dumps(key, indent=2))
+            return model, world, summary
         print(f"{run_dir}: pre-trained model copied from {source} (same model, pre-training and data: run_key)")
-        _copy_tree(source / "model", model_dir)
+        shutil.rmtree(model_dir, ignore_errors=True)   # the old model, replaced (said above)
+        # through a temporary sibling: an interrupted copy never looks like a finished model
+        write_directory_atomically(model_dir, lambda tmp: shutil.copytree(source / "model", tmp, dirs_exist_ok=True))
         marker.write_text(json.dumps(key, indent=2))
-        summary = json.loads((model_dir / "pretrain_summary.json").read_text())
-        return QAnchorModel.from_pretrained(model_dir), world, summary
-    model, summary = pretrain_world(world, model_dir, cfg, show_progress=show_progress)
-    marker.write_text(json.dumps(key, indent=2))
-    return model, world, summary
+    summary = json.loads((model_dir / "pretrain_summary.json").read_text())
+    return QAnchorModel.from_pretrained(model_dir), world, summary
 
 
 def _held_key(run_dir: Path):
     """The key of the model a demo's run directory holds (its marker, EVALUATION_FIELDS aside), None when it holds
     no finished model, or the marker as read when it is not a demo key (a `pretrain` marker, another JSON value)."""
-    marker, summary = run_dir / RUN_MARKER, run_dir / "model" / "pretrain_summary.json"
-    if not (marker.is_file() and summary.is_file()):  # none, or pre-training stopped before it finished
+    if not (run_dir / "model" / "pretrain_summary.json").is_file():  # none, or pre-training stopped before it finished
         return None
-    try:
-        stored = json.loads(marker.read_text())
-    except json.JSONDecodeError:     # a marker cut short: it matches no key, so the model is replaced (said)
-        return {}
+    stored = _read_marker(run_dir / RUN_MARKER)   # one cut short matches no key, so its model is replaced (said)
     # a marker written before run_key left out the evaluation fields still matches
     return _training_fields(stored) if isinstance(stored, dict) else stored
 
@@ -454,16 +456,6 @@ def _run_holding(key: dict, runs_root, *, besides: Path) -> Path | None:
         if run.resolve() != besides.resolve() and _held_key(run) == key:
             return run
     return None
-
-
-def _copy_tree(source: Path, target: Path) -> None:
-    """`source` copied to `target` (replacing it) through a temporary sibling, so that an interrupted copy never
-    leaves a partial model where a finished one is expected."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
 
 
 def run_demo(out_dir, cfg: DemoConfig, *, show_progress: bool = True, data_dir=None, n_jobs: int | None = None,

@@ -497,6 +497,7 @@ def test_a_run_that_changes_only_prompt_tuning_copies_the_model_of_a_run_pre_tra
     assert (root / "demo-tuned" / "model" / "weights").read_text() == "run 1"
     assert json.loads((root / "demo-tuned" / "demo_config.json").read_text()) == P.run_key(tuned)
     assert not (root / "demo-tuned" / "model.partial").exists()
+    assert sorted(p.name for p in (root / "demo-tuned").iterdir()) == ["demo_config.json", "model"]  # no copy left over
 
     P.ensure_pretrained(root / "demo-margin", replace(cfg, overrides={"pretrain.margin": 0.2}), show_progress=False,
                         reuse_from=root)
