@@ -144,6 +144,14 @@ def test_deterministic_and_cached(world, wheel, tmp_path):
     assert loaded.manifest["config"] == ML.MovieLensConfig().to_dict()
 
 
+def test_the_split_and_the_paraphrases_draw_from_streams_of_their_own(wheel, monkeypatch):
+    """One seed gives the population split and derive_qa's paraphrase picks, but never the same bits to both."""
+    seeds, real = [], np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda seed=None: seeds.append(repr(seed)) or real(seed))
+    ML.build_movielens(ML.MovieLensConfig(seed=3), wheel=wheel)
+    assert len(seeds) >= 2 and len(set(seeds)) == len(seeds), seeds
+
+
 def test_saved_world_of_another_schema_version_is_rebuilt(world, tmp_path, monkeypatch):
     """ensure_movielens reuses a saved world only under this package's schema version (one rule with the
     synthetic source: sources.common.ensure_saved); an older one is rebuilt, not read (which would fail)."""

@@ -457,19 +457,43 @@ def test_shared_device_users_keep_their_other_person_next_month(monkeypatch):
     assert not hist_kw["future"] and fut_kw["future"]
     np.testing.assert_array_equal(fut_kw.get("other"), hist_other)   # handed over by generate_world...
     np.testing.assert_array_equal(fut_other, hist_other)             # ...and used by the future window
+    # The drawn permutation of this world has fixed points (users 32 and 188): nobody shares a device with themself.
+    assert (hist_other != np.arange(len(world.users))).all()
+
+
+def test_someone_else_changes_only_the_users_a_permutation_maps_to_themselves():
+    from qanchor_lab.sources.synthetic.simulation import _someone_else
+
+    perm = np.array([0, 2, 1, 3, 4, 6, 5, 7])                         # fixed points 0, 3, 4, 7 (3 and 4 adjacent)
+    out = _someone_else(perm)
+    assert (out != np.arange(8)).all()
+    np.testing.assert_array_equal(out[[1, 2, 5, 6]], perm[[1, 2, 5, 6]])
+    np.testing.assert_array_equal(out[[0, 3, 4, 7]], perm[[1, 4, 5, 0]])
+    np.testing.assert_array_equal(perm, [0, 2, 1, 3, 4, 6, 5, 7])      # the input is left as it was
+    np.testing.assert_array_equal(_someone_else(np.array([0])), [0])   # one user has no one else
+
+
+def test_a_profile_on_a_level_edge_gets_the_level_its_wording_includes():
+    """Credit limits are whole hundreds and utilisation has three decimals, so users sit exactly on the stated
+    edges: "Medium: 5,000 to 20,000", "Moderately: 30% to 70% of the limit"."""
+    ev = pd.DataFrame({"profile:credit_limit": [4900.0, 5000.0, 20000.0, 20100.0],
+                       "profile:credit_utilisation": [0.299, 0.3, 0.7, 0.701]})
+    assert list(INTENTS["credit_limit"].claim(ev)) == ["low", "medium", "medium", "high"]
+    assert list(INTENTS["credit_use"].claim(ev)) == ["low", "moderate", "moderate", "high"]
 
 
 # sha256 (first 16 hex) of each table as CSV for WorldConfig(n_users=200, seed=5), from generator version 1:
-# version 2 changed only the QA table, so a generator change that moves any other table is caught here.
+# versions 2 and 3 changed only the QA table here (3 moves no shared-device user of this world), so a
+# generator change that moves any other table is caught here.
 V1_DIGESTS = {"events": "626eef44a5eeb2eb", "profiles": "815862e45230f022", "users": "66e272d74f2d827a",
               "labels": "27aec820e5a069d6", "tasks": "df2527db396926a3"}
 
 
-def test_generator_version_2_leaves_every_table_but_qa_as_it_was():
+def test_generator_versions_2_and_3_leave_every_table_but_qa_as_it_was():
     world = generate_world(WorldConfig(n_users=200, seed=5))
     got = {t: hashlib.sha256(world.table(t).to_csv(index=False).encode()).hexdigest()[:16] for t in V1_DIGESTS}
     assert got == V1_DIGESTS
-    assert world.manifest["generator_version"] == 2
+    assert world.manifest["generator_version"] == 3
 
 
 def test_small_world_manifest_is_strict_json(tmp_path):

@@ -60,7 +60,8 @@ from qanchor_lab.sources.common import check_split_sizes, ensure_saved
 WHEEL_REQUIREMENT = "recbole==1.2.1"
 WHEEL_NAME = "recbole-1.2.1-py3-none-any.whl"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
-SOURCE_VERSION = 3  # bump when the tables or the manifest of one config change
+SOURCE_VERSION = 4  # bump when the tables or the manifest of one config change
+# 4: the population split draws from a stream of its own, apart from derive_qa's paraphrase picks.
 MODALITIES = ("liked", "mixed", "disliked")
 MODALITY_PHRASES = {"liked": "ratings of 4 or 5 stars", "mixed": "ratings of 3 stars", "disliked": "ratings of 1 or 2 stars"}
 # The declaration the manifest carries (schema.ModalitySpec fields): amounts are the rating in stars.
@@ -247,7 +248,9 @@ def build_movielens(cfg: MovieLensConfig | None = None, *, wheel: str | Path | N
     windows = window_frame(ids, origin + pd.Timedelta(days=cfg.input_days), cfg.label_days)
     windows.loc[~observed, ["window_start", "window_end"]] = pd.NaT   # censored: no label/future window
 
-    rng = np.random.default_rng(cfg.seed)
+    # The split's stream is seeded apart from the paraphrase picks (`derive_qa` seeds its own with cfg.seed): one
+    # seed for both would draw the permutation and the picks from the same bits.
+    rng = np.random.default_rng([cfg.seed, 1])
     obs_ids = np.array(ids, dtype=object)[observed]
     perm = rng.permutation(len(obs_ids))
     n_down = round(len(obs_ids) * cfg.downstream_share)

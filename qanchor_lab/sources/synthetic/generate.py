@@ -19,7 +19,9 @@ from qanchor_lab.sources.synthetic.tasks import TASK_IDS, TASK_SPECS, _tasks_fra
 
 # Bump when the generator's output changes for a given config, so ensure_world regenerates old data.
 # 2: shared-device users' future window reuses their history's other person; "few" counts are salient QA claims.
-GENERATOR_VERSION = 2
+# 3: no shared-device user is their own other person; credit limits of exactly 20,000 and utilisation of exactly 0.7
+#    take the level whose wording includes them ("5,000 to 20,000", "30% to 70%").
+GENERATOR_VERSION = 3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,8 +259,16 @@ _PAGE_PHRASES = {"home": "the home feed", "bills_overview": "the bill summary", 
 
 
 def _levels(values: np.ndarray, valid: np.ndarray, bounds: Sequence[float], names: Sequence[str], none: str = "none"):
+    """names[i] for values in [bounds[i-1], bounds[i]): a value on a bound starts the next level (`_through` puts
+    it in the level below, where the wording says "5,000 to 20,000")."""
     out = np.asarray(names, dtype=object)[np.searchsorted(np.asarray(bounds), values, side="right")]
     return np.where(valid, out, none).astype(object)
+
+
+def _through(x: float) -> float:
+    """A bound that keeps x itself in the level below: profile columns are rounded (credit limits to hundreds,
+    utilisation to 0.001), so a user sits exactly on a level's stated upper edge."""
+    return float(np.nextafter(x, np.inf))
 
 
 def _per_month(ev: pd.DataFrame, x: np.ndarray, days_col: str = "days") -> np.ndarray:
@@ -557,7 +565,7 @@ def _build_intents() -> dict[str, Intent]:
         {"low": ("Low: under 5,000.", "A small credit line below 5,000."),
          "medium": ("Medium: 5,000 to 20,000.", "A mid-sized credit line."),
          "high": ("High: above 20,000.", "A large credit line over 20,000.")},
-        lambda ev: _levels(ev["profile:credit_limit"].to_numpy(), np.ones(len(ev), bool), [4999.0, 20000.0],
+        lambda ev: _levels(ev["profile:credit_limit"].to_numpy(), np.ones(len(ev), bool), [5000.0, _through(20000.0)],
                            ["low", "medium", "high"])))
     I.append(Intent("credit_use", "uqa", (
         "How much of the credit line does this user use?", "Is this user close to the credit limit?",
@@ -565,7 +573,7 @@ def _build_intents() -> dict[str, Intent]:
         {"low": ("Lightly: under 30% of the limit.", "Far from the limit."),
          "moderate": ("Moderately: 30% to 70% of the limit.", "Uses a fair part of the credit line."),
          "high": ("Heavily: over 70% of the limit.", "Close to the credit limit.")},
-        lambda ev: _levels(ev["profile:credit_utilisation"].to_numpy(), np.ones(len(ev), bool), [0.3, 0.7],
+        lambda ev: _levels(ev["profile:credit_utilisation"].to_numpy(), np.ones(len(ev), bool), [0.3, _through(0.7)],
                            ["low", "moderate", "high"])))
 
     # D_future: grounded in the following window

@@ -112,6 +112,16 @@ for _m, _kinds in EVENT_KINDS.items():
 del _m, _kinds, _offset
 
 
+def _someone_else(perm: np.ndarray) -> np.ndarray:
+    """Each user's other person from a permutation, never the user: a fixed point takes the next user's entry
+    instead, which is not itself (the permutation gave it to the next user). Only those users change, and no fresh
+    draw is made, so every other user's person and the rest of the stream stay as they were."""
+    users = np.arange(len(perm))
+    if len(perm) < 2:
+        return perm.copy()
+    return np.where(perm == users, perm[(users + 1) % len(perm)], perm)
+
+
 def _simulate(rng: np.random.Generator, lat: _Latents, days: int, config: WorldConfig, *, future: bool,
               user_mask: np.ndarray | None = None, other: np.ndarray | None = None) -> tuple[_Events, np.ndarray]:
     """Poisson counts per (user, kind), then one row per event with wording, time, amount and dwell.
@@ -125,7 +135,7 @@ def _simulate(rng: np.random.Generator, lat: _Latents, days: int, config: WorldC
     b_eng = _slope(lat.feats[:, _F["trend_engagement"]])
     # The search/click view of a shared-device user is someone else's: modalities disagree. The permutation is
     # drawn even when `other` is given, so the rest of this stream (and every event drawn from it) is unchanged.
-    drawn = rng.permutation(n)
+    drawn = _someone_else(rng.permutation(n))
     other = drawn if other is None else np.asarray(other)
     if other.shape != (n,):
         raise ValueError(f"_simulate: other must hold one user index per user ({n}), got shape {other.shape}")
