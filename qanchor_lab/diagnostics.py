@@ -1399,7 +1399,7 @@ def run_marker(run, *, missing: str | None = None) -> dict | None:
     what the model depends on (`pipeline.run_key`), with the dataset directory under "data" when the run read a
     user's own tables. None where there is no marker, or a ValueError that ends with `missing` (what to give
     instead) when that is set."""
-    from qanchor_lab.pipeline import RUN_MARKER
+    from qanchor_lab.pipeline import RUN_MARKER, _read_marker
 
     run = Path(run)
     candidates = [run / RUN_MARKER] + ([run.parent / RUN_MARKER] if run_model_dir(run) == run else [])
@@ -1409,7 +1409,11 @@ def run_marker(run, *, missing: str | None = None) -> dict | None:
             return None
         raise ValueError(f"no demo_config.json found for {run} (looked at {', '.join(map(str, candidates))}); "
                          + missing)
-    return json.loads(marker.read_text())
+    held = _read_marker(marker)
+    if not held:   # cut short (an interrupted write) or not a JSON object: it says nothing about the run
+        raise ValueError(f"{marker} is not a readable run marker (cut short, or not a JSON object); run the demo "
+                         f"again to rewrite it" + (f", or {missing}" if missing else ""))
+    return held
 
 
 def run_demo_config(run, *, missing: str | None = None):

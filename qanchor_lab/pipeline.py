@@ -282,17 +282,19 @@ def _demo_marker(marker: Path) -> bool:
     """Whether `marker` is a demo's run marker (one `pretrain_run` wrote carries written_by="pretrain"); an unreadable
     one counts as a demo's: whoever wrote it, its run is not pretrain_run's to replace."""
     held = _read_marker(marker)
-    return held is not None and not (isinstance(held, dict) and held.get("written_by") == "pretrain")
+    return held is not None and held.get("written_by") != "pretrain"
 
 
 def _read_marker(marker: Path):
-    """A run marker as JSON; None when there is none, {} when it is cut short (it matches no key)."""
+    """A run marker as JSON; None when there is none, {} when it is cut short or not a JSON object (it matches no
+    key). The one reader of run markers: the demo's reuse check, pretrain_run's refusals and `diagnostics.run_marker`."""
     if not marker.is_file():
         return None
     try:
-        return json.loads(marker.read_text())
-    except json.JSONDecodeError:
+        held = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return held if isinstance(held, dict) else {}
 
 
 def pretrain_world(world, out_dir, cfg: DemoConfig, *, resume_from=None, show_progress: bool = True) -> tuple[QAnchorModel, dict]:

@@ -841,6 +841,11 @@ def test_run_demo_config_reads_the_runs_marker(tmp_path):
     for where in (tmp_path / "run", tmp_path / "run" / "model"):
         cfg = D.run_demo_config(where)
         assert (cfg.n_users, cfg.seed, cfg.n_boot) == (800, 3, DemoConfig.n_boot)
+    # a marker cut short by an interrupted write, or not an object, is named rather than failing inside json
+    for text in ('{"n_users": 80', "[1, 2]"):
+        (tmp_path / "run" / "demo_config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"demo_config.json is not a readable run marker.*, or give it"):
+            D.run_demo_config(tmp_path / "run", missing="give it")
 
 
 @pytest.mark.slow
