@@ -412,7 +412,7 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
         if stored is not None:   # a finished model with other settings is replaced: said, never silent
             from qanchor_lab.experiments.config import flatten
 
-            old, new = flatten(stored) if isinstance(stored, dict) else {}, flatten(key)
+            old, new = flatten(stored), flatten(key)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             adapters = run_dir / "adapters"
             stale = adapters.is_dir() and any(adapters.iterdir())
@@ -439,12 +439,13 @@ def ensure_pretrained(run_dir, cfg: DemoConfig, *, show_progress: bool = True, d
 
 def _held_key(run_dir: Path):
     """The key of the model a demo's run directory holds (its marker, EVALUATION_FIELDS aside), None when it holds
-    no finished model, or the marker as read when it is not a demo key (a `pretrain` marker, another JSON value)."""
+    no finished model or no marker. A marker that is not a demo key (a `pretrain` marker, {} for an unreadable one)
+    comes back as read, and matches no key."""
     if not (run_dir / "model" / "pretrain_summary.json").is_file():  # none, or pre-training stopped before it finished
         return None
     stored = _read_marker(run_dir / RUN_MARKER)   # one cut short matches no key, so its model is replaced (said)
     # a marker written before run_key left out the evaluation fields still matches
-    return _training_fields(stored) if isinstance(stored, dict) else stored
+    return None if stored is None else _training_fields(stored)
 
 
 def _run_holding(key: dict, runs_root, *, besides: Path) -> Path | None:

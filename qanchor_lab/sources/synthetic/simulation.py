@@ -115,10 +115,9 @@ del _m, _kinds, _offset
 def _someone_else(perm: np.ndarray) -> np.ndarray:
     """Each user's other person from a permutation, never the user: a fixed point takes the next user's entry
     instead, which is not itself (the permutation gave it to the next user). Only those users change, and no fresh
-    draw is made, so every other user's person and the rest of the stream stay as they were."""
+    draw is made, so every other user's person and the rest of the stream stay as they were. (A world of one user
+    keeps its one entry: there is no one else.)"""
     users = np.arange(len(perm))
-    if len(perm) < 2:
-        return perm.copy()
     return np.where(perm == users, perm[(users + 1) % len(perm)], perm)
 
 
